@@ -1,0 +1,16 @@
+"""ptkernels: fused Triton kernels for prefix-tuning and prompt-tuning training.
+
+Public API (see README.md and DESIGN.md for the full contract):
+
+    prefix_attention(q, k, v, prefix_k, prefix_v, *, key_padding_mask=None, causal=False,
+                     scale=None, dropout_p=0.0, backend="auto")
+    prompt_embedding(input_ids, weight, prompt, *, backend="auto")
+    virtual_token_embedding(token_ids, weight, prompt, *, backend="auto")
+    patch(model, *, backend="auto") / unpatch(model)
+"""
+
+from .ops.prefix_attention import prefix_attention
+
+__version__ = "0.1.0"
+
+__all__ = ["prefix_attention", "__version__"]

@@ -1,0 +1,105 @@
+"""PyTorch reference for prefix attention: the CPU fallback (``backend="torch"``) and the test oracle.
+
+It materialises exactly what the fused kernels avoid (the concatenated keys, the expanded prefix,
+the repeated GQA heads and the dense visibility mask), which is what makes it easy to read.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+
+def visible_keys_mask(
+    batch: int,
+    q_len: int,
+    prefix_len: int,
+    k_len: int,
+    key_padding_mask: Optional[Tensor],
+    causal: bool,
+    device: torch.device,
+) -> Tensor:
+    """Which keys each query may see, over the concatenated keys [prefix; real].
+
+    Returns a bool tensor of shape (B, 1, Sq, P + Sk): prefix keys are always visible; real key j
+    is visible to query i iff key_padding_mask[b, j] (when given) and, when causal,
+    j <= i + (Sk - Sq) (bottom-right aligned).
+    """
+    real = torch.ones(batch, 1, q_len, k_len, dtype=torch.bool, device=device)
+    if key_padding_mask is not None:
+        real = real & key_padding_mask[:, None, None, :].to(torch.bool)
+    if causal:
+        i = torch.arange(q_len, device=device)[:, None]
+        j = torch.arange(k_len, device=device)[None, :]
+        real = real & (j <= i + (k_len - q_len))
+    prefix = torch.ones(batch, 1, q_len, prefix_len, dtype=torch.bool, device=device)
+    return torch.cat([prefix, real], dim=-1)
+
+
+def prefix_attention_reference(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    prefix_k: Optional[Tensor],
+    prefix_v: Optional[Tensor],
+    *,
+    key_padding_mask: Optional[Tensor] = None,
+    causal: bool = False,
+    scale: Optional[float] = None,
+    dropout_p: float = 0.0,
+    dropout_keep_mask: Optional[Tensor] = None,
+    upcast: bool = True,
+) -> Tensor:
+    """softmax(q [prefix_k; k]^T * scale + mask) [prefix_v; v], computed the obvious way.
+
+    Arguments:
+        q: (B, Hq, Sq, D)
+        k, v: (B, Hkv, Sk, D), Hq % Hkv == 0
+        prefix_k, prefix_v: (Hkv, P, D) shared by the batch, (B, Hkv, P, D) per example, or None (P = 0)
+        key_padding_mask: (B, Sk) bool, True = attend; prefix keys are always attended
+        causal: bottom-right aligned over the real keys (query i sees key j iff j <= i + Sk - Sq)
+        scale: softmax scale, default D ** -0.5
+        dropout_p: probability of dropping an attention weight (drawn from torch's default generator)
+        dropout_keep_mask: (B, Hq, Sq, P + Sk) bool; when given it replaces the random draw
+            (tests use it to replay the kernel's own dropout mask)
+        upcast: compute in fp32 (True, the oracle) or in the inputs' dtype (the "PyTorch in the same
+            precision" baseline of the FlashAttention error rule)
+    Returns:
+        out: (B, Hq, Sq, D) in q's dtype. A query with no visible key gets zeros.
+    """
+    batch, q_heads, q_len, head_dim = q.shape
+    kv_heads, k_len = k.shape[1], k.shape[2]
+    out_dtype = q.dtype
+    compute_dtype = torch.float32 if (upcast and q.dtype in (torch.float16, torch.bfloat16)) else q.dtype
+    if prefix_k is None:
+        prefix_k = k.new_zeros(kv_heads, 0, head_dim)
+        prefix_v = v.new_zeros(kv_heads, 0, v.shape[-1])
+    if prefix_k.dim() == 3:
+        prefix_k = prefix_k.unsqueeze(0).expand(batch, -1, -1, -1)
+        prefix_v = prefix_v.unsqueeze(0).expand(batch, -1, -1, -1)
+    prefix_len = prefix_k.shape[2]
+    scale = head_dim**-0.5 if scale is None else scale
+
+    keys = torch.cat([prefix_k, k], dim=2).to(compute_dtype)
+    values = torch.cat([prefix_v, v], dim=2).to(compute_dtype)
+    group = q_heads // kv_heads
+    if group > 1:
+        keys = keys.repeat_interleave(group, dim=1)
+        values = values.repeat_interleave(group, dim=1)
+
+    scores = torch.matmul(q.to(compute_dtype), keys.transpose(-1, -2)) * scale
+    visible = visible_keys_mask(batch, q_len, prefix_len, k_len, key_padding_mask, causal, q.device)
+    scores = scores.masked_fill(~visible, float("-inf"))
+    row_max = scores.amax(dim=-1, keepdim=True)
+    row_max = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max).detach()
+    weights = torch.exp(scores - row_max)
+    denom = weights.sum(dim=-1, keepdim=True)
+    probs = weights / torch.where(denom > 0, denom, torch.ones_like(denom))
+
+    if dropout_keep_mask is not None:
+        probs = probs * dropout_keep_mask.to(probs.dtype) / (1.0 - dropout_p)
+    elif dropout_p > 0.0:
+        probs = torch.nn.functional.dropout(probs, p=dropout_p, training=True)
+    return torch.matmul(probs, values).to(out_dtype)
