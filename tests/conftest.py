@@ -1,0 +1,29 @@
+"""Test set-up: on a machine without CUDA, run the Triton kernels in Triton's interpreter.
+
+TRITON_INTERPRET must be set before triton is first imported, so it is set here, at collection
+time, before any test module imports ptkernels' kernels. On a GPU machine the kernels are compiled.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ON_GPU = DEVICE == "cuda"
+
+
+@pytest.fixture
+def device() -> str:
+    return DEVICE
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords and not ON_GPU:
+            item.add_marker(skip_gpu)
