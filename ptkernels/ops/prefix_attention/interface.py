@@ -141,6 +141,10 @@ def prefix_attention(
             q, k, v, prefix_k, prefix_v,
             key_padding_mask=key_padding_mask, causal=causal, scale=scale, dropout_p=dropout_p,
         )
+    if q.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"q must be float16, bfloat16 or float32 for backend='triton', got {q.dtype} (float64 runs with backend='torch')")
+    if q.shape[-1] > TRITON_MAX_HEAD_DIM:
+        raise ValueError(f"backend='triton' supports head dims up to {TRITON_MAX_HEAD_DIM}, got q {tuple(q.shape)}; use backend='torch'")
     from .function import prefix_attention_triton
 
     return prefix_attention_triton(

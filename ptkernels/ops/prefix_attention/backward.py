@@ -1,0 +1,438 @@
+"""Triton backward kernels for prefix attention, and their launcher.
+
+Three kernels after a small preprocessing step (delta = rowsum(dO * O)):
+- dQ: one program per (query block, batch, query head), looping over prefix then real key blocks.
+- dK/dV of the real keys: one program per (key block, batch, kv head), looping over the GQA group
+  and the query blocks that can see the key block (causal lower bound).
+- dK/dV of the prefix: one program per (prefix block, kv head, batch split). A shared prefix loops
+  over its slice of the batch in a fixed order, so the batch reduction needs no atomics; with more
+  than one split, the fp32 partials (splits, Hkv, P, D) are summed in a fixed order afterwards.
+  The result is deterministic: the same inputs give the same bits.
+All probabilities are recomputed from the saved log-sum-exp; dropout is regenerated from the seed.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ..._backend import interpreter_enabled
+from .forward import (
+    LOG2_E,
+    _dropout_keep,
+    block_d,
+    mask_as_int8,
+    mask_strides,
+    prefix_strides,
+    upcast_in_interpreter,
+)
+
+
+@triton.jit
+def _delta_kernel(
+    O, DO, DELTA,
+    stride_ob, stride_oh, stride_om,
+    stride_dob, stride_doh, stride_dom,
+    num_heads, q_len, head_dim,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """delta[b, h, i] = sum_d dO[b, h, i, d] * O[b, h, i, d] in fp32."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // num_heads).to(tl.int64)
+    h = (pid_bh % num_heads).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m[:, None] < q_len) & (offs_d[None, :] < head_dim)
+    rows = offs_m[:, None].to(tl.int64)
+    o = tl.load(O + b * stride_ob + h * stride_oh + rows * stride_om + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + rows * stride_dom + offs_d[None, :], mask=mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + (b * num_heads + h) * q_len + offs_m, delta, mask=offs_m < q_len)
+
+
+@triton.jit
+def _dq_tile(
+    dq, q, do, lse, delta, k, v, s_visible, keep, qk_scale_log2, dropout_scale, DROPOUT: tl.constexpr,
+):
+    """dQ contribution of one key tile (before the final multiplication by the softmax scale)."""
+    s = tl.dot(q, tl.trans(k)) * qk_scale_log2
+    p = tl.where(s_visible, tl.math.exp2(s - lse[:, None]), 0.0)
+    dp = tl.dot(do, tl.trans(v))
+    if DROPOUT:
+        dp = tl.where(keep, dp * dropout_scale, 0.0)
+    ds = p * (dp - delta[:, None])
+    return dq + tl.dot(ds.to(k.dtype), k)
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _prefix_attention_bwd_dq_kernel(
+    Q, K, V, PK, PV, KPM, DO, LSE, DELTA, DQ,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_pkb, stride_pkh, stride_pkn,
+    stride_pvb, stride_pvh, stride_pvn,
+    stride_mb, stride_mn,
+    stride_dob, stride_doh, stride_dom,
+    stride_dqb, stride_dqh, stride_dqm,
+    num_q_heads, q_len, k_len, prefix_len, head_dim,
+    scale, qk_scale_log2, dropout_p, dropout_scale, seed,
+    GROUP: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_PREFIX: tl.constexpr,
+    DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // num_q_heads).to(tl.int64)
+    h = (pid_bh % num_q_heads).to(tl.int64)
+    kv_h = h // GROUP
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_valid = offs_m < q_len
+    d_valid = offs_d < head_dim
+    rows = offs_m[:, None].to(tl.int64)
+    qd_mask = m_valid[:, None] & d_valid[None, :]
+
+    q = tl.load(Q + b * stride_qb + h * stride_qh + rows * stride_qm + offs_d[None, :], mask=qd_mask, other=0.0)
+    do = tl.load(DO + b * stride_dob + h * stride_doh + rows * stride_dom + offs_d[None, :], mask=qd_mask, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    row_stat = (b * num_q_heads + h) * q_len + offs_m
+    lse = tl.load(LSE + row_stat, mask=m_valid, other=float("inf"))
+    delta = tl.load(DELTA + row_stat, mask=m_valid, other=0.0)
+    row_offsets = row_stat.to(tl.int64) * (prefix_len + k_len)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    keep = None
+
+    if HAS_PREFIX:
+        pk_base = PK + b * stride_pkb + kv_h * stride_pkh
+        pv_base = PV + b * stride_pvb + kv_h * stride_pvh
+        for start_n in range(0, prefix_len, BLOCK_N):
+            n = start_n + offs_n
+            n_valid = n < prefix_len
+            kv_mask = n_valid[:, None] & d_valid[None, :]
+            k = tl.load(pk_base + n[:, None].to(tl.int64) * stride_pkn + offs_d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(pv_base + n[:, None].to(tl.int64) * stride_pvn + offs_d[None, :], mask=kv_mask, other=0.0)
+            if UPCAST:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+            if DROPOUT:
+                keep = _dropout_keep(seed, row_offsets, n, dropout_p)
+            dq = _dq_tile(dq, q, do, lse, delta, k, v, n_valid[None, :], keep, qk_scale_log2, dropout_scale, DROPOUT)
+
+    hi = k_len
+    if CAUSAL:
+        hi = tl.minimum(k_len, (pid_m + 1) * BLOCK_M + (k_len - q_len))
+    k_base = K + b * stride_kb + kv_h * stride_kh
+    v_base = V + b * stride_vb + kv_h * stride_vh
+    for start_n in range(0, hi, BLOCK_N):
+        n = start_n + offs_n
+        n_valid = n < k_len
+        kv_mask = n_valid[:, None] & d_valid[None, :]
+        k = tl.load(k_base + n[:, None].to(tl.int64) * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + n[:, None].to(tl.int64) * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        visible = n_valid
+        if HAS_KPM:
+            attend = tl.load(KPM + b * stride_mb + n.to(tl.int64) * stride_mn, mask=n_valid, other=0)
+            visible = visible & (attend != 0)
+        visible_2d = visible[None, :]
+        if CAUSAL:
+            visible_2d = visible_2d & (n[None, :] <= offs_m[:, None] + (k_len - q_len))
+        if DROPOUT:
+            keep = _dropout_keep(seed, row_offsets, prefix_len + n, dropout_p)
+        dq = _dq_tile(dq, q, do, lse, delta, k, v, visible_2d, keep, qk_scale_log2, dropout_scale, DROPOUT)
+
+    dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + rows * stride_dqm + offs_d[None, :]
+    tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=qd_mask)
+
+
+@triton.jit
+def _dkdv_tile(
+    dk, dv, k, v, Q, DO, LSE, DELTA, q_base, do_base, stat_base, stride_qm, stride_dom,
+    start_m, q_len, offs_d, d_valid, key_visible_t, key_index, row_offset_base, key_count,
+    seed, dropout_p, dropout_scale, qk_scale_log2,
+    DROPOUT: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """dK/dV contribution of one query tile, in transposed (keys x queries) form."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    m_valid = offs_m < q_len
+    rows = offs_m[:, None].to(tl.int64)
+    qd_mask = m_valid[:, None] & d_valid[None, :]
+    q = tl.load(Q + q_base + rows * stride_qm + offs_d[None, :], mask=qd_mask, other=0.0)
+    do = tl.load(DO + do_base + rows * stride_dom + offs_d[None, :], mask=qd_mask, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    lse = tl.load(LSE + stat_base + offs_m, mask=m_valid, other=float("inf"))
+    delta = tl.load(DELTA + stat_base + offs_m, mask=m_valid, other=0.0)
+
+    s_t = tl.dot(k, tl.trans(q)) * qk_scale_log2
+    p_t = tl.where(key_visible_t, tl.math.exp2(s_t - lse[None, :]), 0.0)
+    dp_t = tl.dot(v, tl.trans(do))
+    if DROPOUT:
+        row_offsets = (row_offset_base + offs_m.to(tl.int64)) * key_count
+        keep_t = tl.trans(_dropout_keep(seed, row_offsets, key_index, dropout_p))
+        p_dropped_t = tl.where(keep_t, p_t * dropout_scale, 0.0)
+        dp_t = tl.where(keep_t, dp_t * dropout_scale, 0.0)
+    else:
+        p_dropped_t = p_t
+    dv += tl.dot(p_dropped_t.to(do.dtype), do)
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk += tl.dot(ds_t.to(q.dtype), q)
+    return dk, dv
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _prefix_attention_bwd_dkdv_kernel(
+    Q, K, V, KPM, DO, LSE, DELTA, DK, DV,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_mb, stride_mn,
+    stride_dob, stride_doh, stride_dom,
+    stride_dkb, stride_dkh, stride_dkn,
+    stride_dvb, stride_dvh, stride_dvn,
+    num_q_heads, num_kv_heads, q_len, k_len, prefix_len, head_dim,
+    scale, qk_scale_log2, dropout_p, dropout_scale, seed,
+    GROUP: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+    DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """dK, dV of the real keys: one program per (key block, batch, kv head)."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // num_kv_heads).to(tl.int64)
+    kv_h = (pid_bh % num_kv_heads).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    n_valid = offs_n < k_len
+    d_valid = offs_d < head_dim
+    keys = offs_n[:, None].to(tl.int64)
+    kd_mask = n_valid[:, None] & d_valid[None, :]
+    k = tl.load(K + b * stride_kb + kv_h * stride_kh + keys * stride_kn + offs_d[None, :], mask=kd_mask, other=0.0)
+    v = tl.load(V + b * stride_vb + kv_h * stride_vh + keys * stride_vn + offs_d[None, :], mask=kd_mask, other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    visible = n_valid
+    if HAS_KPM:
+        attend = tl.load(KPM + b * stride_mb + offs_n.to(tl.int64) * stride_mn, mask=n_valid, other=0)
+        visible = visible & (attend != 0)
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    lo = 0
+    if CAUSAL:
+        # query i sees key j iff i >= j - (Sk - Sq): skip the query blocks entirely above that.
+        first_query = tl.maximum(pid_n * BLOCK_N - (k_len - q_len), 0)
+        lo = (first_query // BLOCK_M) * BLOCK_M
+    for g in range(GROUP):
+        h = kv_h * GROUP + g
+        q_base = b * stride_qb + h * stride_qh
+        do_base = b * stride_dob + h * stride_doh
+        stat_base = (b * num_q_heads + h) * q_len
+        for start_m in range(lo, q_len, BLOCK_M):
+            visible_t = visible[:, None]
+            if CAUSAL:
+                offs_m = start_m + tl.arange(0, BLOCK_M)
+                visible_t = visible_t & (offs_n[:, None] <= offs_m[None, :] + (k_len - q_len))
+            dk, dv = _dkdv_tile(
+                dk, dv, k, v, Q, DO, LSE, DELTA, q_base, do_base, stat_base, stride_qm, stride_dom,
+                start_m, q_len, offs_d, d_valid, visible_t, prefix_len + offs_n.to(tl.int64), stat_base,
+                prefix_len + k_len, seed, dropout_p, dropout_scale, qk_scale_log2,
+                DROPOUT, UPCAST, BLOCK_M,
+            )
+    tl.store(DK + b * stride_dkb + kv_h * stride_dkh + keys * stride_dkn + offs_d[None, :],
+             (dk * scale).to(DK.dtype.element_ty), mask=kd_mask)
+    tl.store(DV + b * stride_dvb + kv_h * stride_dvh + keys * stride_dvn + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=kd_mask)
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _prefix_attention_bwd_prefix_kernel(
+    Q, PK, PV, DO, LSE, DELTA, DPK, DPV,
+    stride_qb, stride_qh, stride_qm,
+    stride_pkb, stride_pkh, stride_pkn,
+    stride_pvb, stride_pvh, stride_pvn,
+    stride_dob, stride_doh, stride_dom,
+    stride_dpks, stride_dpkh, stride_dpkn,
+    stride_dpvs, stride_dpvh, stride_dpvn,
+    batch, batch_per_split, num_q_heads, num_kv_heads, q_len, k_len, prefix_len, head_dim,
+    scale, qk_scale_log2, dropout_p, dropout_scale, seed,
+    GROUP: tl.constexpr, PER_EXAMPLE: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """dK, dV of the prefix: one program per (prefix block, kv head, batch split).
+
+    Per-example prefix: split s is batch example s. Shared prefix: split s sums examples
+    [s * batch_per_split, (s + 1) * batch_per_split) in order, into its own slice of DPK/DPV.
+    """
+    pid_n = tl.program_id(0)
+    kv_h = tl.program_id(1).to(tl.int64)
+    split = tl.program_id(2).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    n_valid = offs_n < prefix_len
+    d_valid = offs_d < head_dim
+    keys = offs_n[:, None].to(tl.int64)
+    kd_mask = n_valid[:, None] & d_valid[None, :]
+    b_start = split * batch_per_split
+    b_end = tl.minimum(b_start + batch_per_split, batch)
+    # A shared prefix has batch stride 0, so this reads the same (Hkv, P, D) rows for every split.
+    k = tl.load(PK + split * stride_pkb + kv_h * stride_pkh + keys * stride_pkn + offs_d[None, :], mask=kd_mask, other=0.0)
+    v = tl.load(PV + split * stride_pvb + kv_h * stride_pvh + keys * stride_pvn + offs_d[None, :], mask=kd_mask, other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    visible_t = n_valid[:, None]
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for b in range(b_start, b_end):
+        for g in range(GROUP):
+            h = kv_h * GROUP + g
+            q_base = b * stride_qb + h * stride_qh
+            do_base = b * stride_dob + h * stride_doh
+            stat_base = (b * num_q_heads + h) * q_len
+            for start_m in range(0, q_len, BLOCK_M):
+                dk, dv = _dkdv_tile(
+                    dk, dv, k, v, Q, DO, LSE, DELTA, q_base, do_base, stat_base, stride_qm, stride_dom,
+                    start_m, q_len, offs_d, d_valid, visible_t, offs_n.to(tl.int64), stat_base,
+                    prefix_len + k_len, seed, dropout_p, dropout_scale, qk_scale_log2,
+                    DROPOUT, UPCAST, BLOCK_M,
+                )
+    tl.store(DPK + split * stride_dpks + kv_h * stride_dpkh + keys * stride_dpkn + offs_d[None, :],
+             (dk * scale).to(DPK.dtype.element_ty), mask=kd_mask)
+    tl.store(DPV + split * stride_dpvs + kv_h * stride_dpvh + keys * stride_dpvn + offs_d[None, :],
+             dv.to(DPV.dtype.element_ty), mask=kd_mask)
+
+
+def backward_config(head_dim: int) -> dict:
+    if interpreter_enabled():
+        return dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
+    if head_dim <= 64:
+        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
+    return dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2)
+
+
+def shared_prefix_splits(batch: int, prefix_blocks: int, kv_heads: int, device: torch.device) -> int:
+    """How many batch slices reduce a shared prefix's gradient in parallel (fp32 partials, fixed order).
+
+    Enough programs to fill the GPU, at most 8 partial buffers. The interpreter uses 2 so that CI
+    exercises the partial-sum path.
+    """
+    if batch <= 1:
+        return 1
+    if device.type != "cuda":
+        return min(batch, 2)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    want = triton.cdiv(2 * sms, max(1, prefix_blocks * kv_heads))
+    return max(1, min(batch, 8, want))
+
+
+def prefix_attention_backward(
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor,
+    key_padding_mask: Optional[Tensor], out: Tensor, lse: Tensor,
+    causal: bool, scale: float, dropout_p: float, seed: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Launch the backward kernels. Returns dq, dk, dv, dprefix_k, dprefix_v (shaped like the inputs)."""
+    batch, q_heads, q_len, head_dim = q.shape
+    kv_heads, k_len = k.shape[1], k.shape[2]
+    prefix_len = prefix_k.shape[-2]
+    per_example = prefix_k.dim() == 4
+    group = q_heads // kv_heads
+    if grad_out.stride(-1) != 1:
+        grad_out = grad_out.contiguous()
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    if q.numel() == 0 or k.numel() == 0 and prefix_len == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_(), torch.zeros_like(prefix_k), torch.zeros_like(prefix_v)
+
+    cfg = backward_config(head_dim)
+    bm, bn, bd = cfg["BLOCK_M"], cfg["BLOCK_N"], block_d(head_dim)
+    launch = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    flags = dict(DROPOUT=dropout_p > 0.0, UPCAST=upcast_in_interpreter(q.dtype))
+    qk_scale_log2 = scale * LOG2_E
+    dropout_scale = 1.0 / (1.0 - dropout_p)
+    kpm = mask_as_int8(key_padding_mask)
+
+    delta = torch.empty_like(lse)
+    _delta_kernel[(triton.cdiv(q_len, bm), batch * q_heads)](
+        out, grad_out, delta,
+        out.stride(0), out.stride(1), out.stride(2),
+        grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
+        q_heads, q_len, head_dim, BLOCK_M=bm, BLOCK_D=bd,
+    )
+
+    _prefix_attention_bwd_dq_kernel[(triton.cdiv(q_len, bm), batch * q_heads)](
+        q, k, v, prefix_k, prefix_v, kpm, grad_out, lse, delta, dq,
+        q.stride(0), q.stride(1), q.stride(2),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        *prefix_strides(prefix_k), *prefix_strides(prefix_v),
+        *mask_strides(key_padding_mask),
+        grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
+        dq.stride(0), dq.stride(1), dq.stride(2),
+        q_heads, q_len, k_len, prefix_len, head_dim,
+        scale, qk_scale_log2, dropout_p, dropout_scale, seed,
+        GROUP=group, CAUSAL=causal, HAS_KPM=key_padding_mask is not None, HAS_PREFIX=prefix_len > 0,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, **flags, **launch,
+    )
+
+    if k_len > 0:
+        _prefix_attention_bwd_dkdv_kernel[(triton.cdiv(k_len, bn), batch * kv_heads)](
+            q, k, v, kpm, grad_out, lse, delta, dk, dv,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            *mask_strides(key_padding_mask),
+            grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
+            dk.stride(0), dk.stride(1), dk.stride(2),
+            dv.stride(0), dv.stride(1), dv.stride(2),
+            q_heads, kv_heads, q_len, k_len, prefix_len, head_dim,
+            scale, qk_scale_log2, dropout_p, dropout_scale, seed,
+            GROUP=group, CAUSAL=causal, HAS_KPM=key_padding_mask is not None,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, **flags, **launch,
+        )
+
+    if prefix_len == 0:
+        return dq, dk, dv, torch.zeros_like(prefix_k), torch.zeros_like(prefix_v)
+    prefix_blocks = triton.cdiv(prefix_len, bn)
+    if per_example:
+        splits, batch_per_split = batch, 1
+        dpk = torch.empty(prefix_k.shape, device=q.device, dtype=prefix_k.dtype)
+        dpv = torch.empty(prefix_v.shape, device=q.device, dtype=prefix_v.dtype)
+    else:
+        splits = shared_prefix_splits(batch, prefix_blocks, kv_heads, q.device)
+        batch_per_split = triton.cdiv(batch, splits)
+        splits = triton.cdiv(batch, batch_per_split)
+        partial_dtype = prefix_k.dtype if splits == 1 else torch.float32
+        dpk = torch.empty((splits,) + tuple(prefix_k.shape), device=q.device, dtype=partial_dtype)
+        dpv = torch.empty((splits,) + tuple(prefix_v.shape), device=q.device, dtype=partial_dtype)
+    _prefix_attention_bwd_prefix_kernel[(prefix_blocks, kv_heads, splits)](
+        q, prefix_k, prefix_v, grad_out, lse, delta, dpk, dpv,
+        q.stride(0), q.stride(1), q.stride(2),
+        *prefix_strides(prefix_k), *prefix_strides(prefix_v),
+        grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
+        dpk.stride(0), dpk.stride(1), dpk.stride(2),
+        dpv.stride(0), dpv.stride(1), dpv.stride(2),
+        batch, batch_per_split, q_heads, kv_heads, q_len, k_len, prefix_len, head_dim,
+        scale, qk_scale_log2, dropout_p, dropout_scale, seed,
+        GROUP=group, PER_EXAMPLE=per_example,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, **flags, **launch,
+    )
+    if not per_example:
+        # Fixed-order sum of at most 8 fp32 partials: deterministic.
+        dpk = dpk[0] if splits == 1 else dpk.sum(0).to(prefix_k.dtype)
+        dpv = dpv[0] if splits == 1 else dpv.sum(0).to(prefix_v.dtype)
+    return dq, dk, dv, dpk, dpv

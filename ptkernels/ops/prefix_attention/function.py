@@ -1,0 +1,95 @@
+"""Autograd wiring of the Triton path, as torch.library custom ops.
+
+``ptkernels::prefix_attention_fwd`` and ``ptkernels::prefix_attention_bwd`` are opaque to
+torch.compile (fake implementations give it the output shapes), and ``register_autograd`` connects
+them, so ``torch.compile(fullgraph=True)`` traces through ``prefix_attention`` without a graph break.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .backward import prefix_attention_backward
+from .forward import prefix_attention_forward
+
+
+def _unit_last_stride(t: Tensor) -> Tensor:
+    # Kernels address the head dim with stride 1; any other layout is used as is, without a copy.
+    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
+
+
+@torch.library.custom_op("ptkernels::prefix_attention_fwd", mutates_args=())
+def prefix_attention_fwd_op(
+    q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor,
+    key_padding_mask: Optional[Tensor], causal: bool, scale: float, dropout_p: float, seed: int,
+) -> tuple[Tensor, Tensor]:
+    return prefix_attention_forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, dropout_p, seed)
+
+
+@prefix_attention_fwd_op.register_fake
+def _(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, dropout_p, seed):
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("ptkernels::prefix_attention_bwd", mutates_args=())
+def prefix_attention_bwd_op(
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor,
+    key_padding_mask: Optional[Tensor], out: Tensor, lse: Tensor,
+    causal: bool, scale: float, dropout_p: float, seed: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return prefix_attention_backward(
+        grad_out, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, causal, scale, dropout_p, seed
+    )
+
+
+@prefix_attention_bwd_op.register_fake
+def _(grad_out, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, causal, scale, dropout_p, seed):
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
+            torch.empty_like(prefix_k), torch.empty_like(prefix_v))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, dropout_p, seed = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse)
+    ctx.causal, ctx.scale, ctx.dropout_p, ctx.seed = causal, scale, dropout_p, seed
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse = ctx.saved_tensors
+    dq, dk, dv, dpk, dpv = prefix_attention_bwd_op(
+        _unit_last_stride(grad_out), q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse,
+        ctx.causal, ctx.scale, ctx.dropout_p, ctx.seed,
+    )
+    return dq, dk, dv, dpk, dpv, None, None, None, None, None
+
+
+prefix_attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def draw_dropout_seed() -> int:
+    """The Philox seed for one dropout call, drawn from torch's default (CPU) generator."""
+    return int(torch.randint(0, 2**62, (1,), dtype=torch.int64).item())
+
+
+def prefix_attention_triton(
+    q: Tensor, k: Tensor, v: Tensor, prefix_k: Optional[Tensor], prefix_v: Optional[Tensor], *,
+    key_padding_mask: Optional[Tensor], causal: bool, scale: float, dropout_p: float,
+) -> Tensor:
+    """Triton path of ``prefix_attention`` (arguments already checked). Returns (B, Hq, Sq, D)."""
+    if prefix_k is None:
+        empty = q.new_zeros(k.shape[1], 0, q.shape[-1])
+        prefix_k, prefix_v = empty, empty.clone()
+    if key_padding_mask is not None and key_padding_mask.stride(-1) != 1:
+        key_padding_mask = key_padding_mask.contiguous()
+    seed = draw_dropout_seed() if dropout_p > 0.0 else 0
+    out, _ = prefix_attention_fwd_op(
+        _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v),
+        _unit_last_stride(prefix_k), _unit_last_stride(prefix_v),
+        key_padding_mask, causal, scale, dropout_p, seed,
+    )
+    return out

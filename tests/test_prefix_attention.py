@@ -1,0 +1,498 @@
+"""prefix_attention: Triton kernels (interpreter on CPU) vs the PyTorch reference vs a naive fp64 oracle.
+
+Every case checks the output and all five gradients (q, k, v, prefix_k, prefix_v).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import ptkernels
+from ptkernels._backend import resolve_backend
+from ptkernels.ops.prefix_attention.reference import prefix_attention_reference
+
+from conftest import DEVICE, ON_GPU
+
+
+# ----------------------------------------------------------------------------------------------
+# An independent oracle: per (batch, head) loops, explicit concatenation, fp64.
+
+
+def naive_attention_fp64(q, k, v, prefix_k, prefix_v, key_padding_mask=None, causal=False, scale=None, keep=None, dropout_p=0.0):
+    q, k, v = q.double(), k.double(), v.double()
+    batch, q_heads, q_len, head_dim = q.shape
+    kv_heads, k_len = k.shape[1], k.shape[2]
+    group = q_heads // kv_heads
+    scale = head_dim**-0.5 if scale is None else scale
+    out = torch.zeros(batch, q_heads, q_len, v.shape[-1], dtype=torch.float64, device=q.device)
+    for b in range(batch):
+        for h in range(q_heads):
+            kvh = h // group
+            if prefix_k is None:
+                pk = k.new_zeros(0, head_dim)
+                pv = v.new_zeros(0, head_dim)
+            elif prefix_k.dim() == 3:
+                pk, pv = prefix_k[kvh].double(), prefix_v[kvh].double()
+            else:
+                pk, pv = prefix_k[b, kvh].double(), prefix_v[b, kvh].double()
+            keys = torch.cat([pk, k[b, kvh]])
+            values = torch.cat([pv, v[b, kvh]])
+            prefix_len = pk.shape[0]
+            allowed = torch.zeros(q_len, prefix_len + k_len, dtype=torch.bool, device=q.device)
+            for i in range(q_len):
+                allowed[i, :prefix_len] = True
+                for j in range(k_len):
+                    ok = key_padding_mask is None or bool(key_padding_mask[b, j])
+                    if causal:
+                        ok = ok and j <= i + (k_len - q_len)
+                    allowed[i, prefix_len + j] = ok
+            scores = (q[b, h] @ keys.T) * scale
+            scores = scores.masked_fill(~allowed, float("-inf"))
+            probs = torch.softmax(scores, dim=-1)
+            probs = torch.nan_to_num(probs, nan=0.0)  # rows with no visible key
+            if keep is not None:
+                probs = probs * keep[b, h].double() / (1.0 - dropout_p)
+            out[b, h] = probs @ values
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Case grid
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    batch: int = 2
+    q_heads: int = 4
+    kv_heads: int = 2
+    q_len: int = 17
+    k_len: int = 17
+    prefix_len: int = 5
+    head_dim: int = 40
+    causal: bool = False
+    padding: str = "none"  # none | random | one | all
+    prefix: str = "shared"  # shared | per_example | none (None tensors)
+    scale: float | None = None
+
+    def __str__(self):
+        return (f"B{self.batch}-H{self.q_heads}/{self.kv_heads}-Sq{self.q_len}-Sk{self.k_len}-P{self.prefix_len}"
+                f"-D{self.head_dim}{'-causal' if self.causal else ''}-pad_{self.padding}-{self.prefix}"
+                f"{'' if self.scale is None else '-scale'}")
+
+
+CASES = [
+    Case(),
+    Case(causal=True),
+    Case(padding="random"),
+    Case(padding="random", causal=True, q_len=9, k_len=23),
+    Case(prefix="per_example", padding="random"),
+    Case(prefix="per_example", causal=True, prefix_len=19),
+    Case(prefix="none", padding="random"),
+    Case(prefix_len=0, causal=True),
+    Case(prefix_len=1, q_len=1, k_len=1),
+    Case(q_len=1, k_len=33, causal=True, padding="random"),  # a decode step against a KV cache
+    Case(padding="one", prefix_len=3),
+    Case(padding="all", prefix_len=0, prefix="shared"),  # no visible key at all: zeros, not NaN
+    Case(padding="all", prefix_len=2),  # only the prefix is visible
+    Case(q_heads=4, kv_heads=1, causal=True),  # MQA
+    Case(q_heads=3, kv_heads=3, head_dim=80, q_len=13, k_len=13),
+    Case(head_dim=16, prefix_len=40, q_len=5, k_len=7),  # prefix longer than the sequence
+    Case(head_dim=8, q_len=6, k_len=6),  # head dim below tl.dot's 16: padded in registers
+    Case(head_dim=24, batch=3, prefix_len=7, padding="random"),
+    Case(head_dim=128, batch=1, q_heads=2, kv_heads=1, q_len=19, k_len=19, prefix_len=4, causal=True),
+    Case(batch=1, q_heads=2, kv_heads=2, q_len=97, k_len=113, prefix_len=33, head_dim=32, causal=True, padding="random"),
+    Case(scale=0.3, padding="random"),
+    Case(batch=5, prefix_len=21, padding="random"),  # shared prefix reduced over 2 batch splits of 3 + 2
+]
+
+
+def make_inputs(case: Case, dtype=torch.float32, device=DEVICE, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype).requires_grad_()
+
+    q = rand(case.batch, case.q_heads, case.q_len, case.head_dim)
+    k = rand(case.batch, case.kv_heads, case.k_len, case.head_dim)
+    v = rand(case.batch, case.kv_heads, case.k_len, case.head_dim)
+    if case.prefix == "none":
+        prefix_k = prefix_v = None
+    else:
+        shape = (case.kv_heads, case.prefix_len, case.head_dim)
+        if case.prefix == "per_example":
+            shape = (case.batch,) + shape
+        prefix_k, prefix_v = rand(*shape), rand(*shape)
+    mask = None
+    if case.padding == "random":
+        mask = torch.rand(case.batch, case.k_len, generator=gen) > 0.35
+        mask[:, -1] = True
+        mask[0, :] = torch.arange(case.k_len) < max(1, case.k_len // 2)  # right padding, as a tokenizer does
+    elif case.padding == "one":
+        mask = torch.zeros(case.batch, case.k_len, dtype=torch.bool)
+        mask[:, 0] = True
+    elif case.padding == "all":
+        mask = torch.zeros(case.batch, case.k_len, dtype=torch.bool)
+    if mask is not None:
+        mask = mask.to(device)
+    return q, k, v, prefix_k, prefix_v, mask
+
+
+def grads_of(out, inputs, grad_out):
+    wanted = [t for t in inputs if t is not None]
+    return torch.autograd.grad(out, wanted, grad_out)
+
+
+def oracle_with_grads(q, k, v, pk, pv, mask, causal, scale, grad_out):
+    """fp64 oracle output and its gradients, taken w.r.t. fp64 copies (so they stay fp64)."""
+    leaves = [None if t is None else t.detach().double().requires_grad_() for t in (q, k, v, pk, pv)]
+    out = naive_attention_fp64(*leaves, mask, causal, scale)
+    return out, grads_of(out, leaves, grad_out.double())
+
+
+def max_err(a, b):
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+def run(case: Case, backend: str, q, k, v, prefix_k, prefix_v, mask, **kwargs):
+    return ptkernels.prefix_attention(
+        q, k, v, prefix_k, prefix_v, key_padding_mask=mask, causal=case.causal, scale=case.scale,
+        backend=backend, **kwargs,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# fp32: Triton vs reference vs fp64 oracle, forward and all gradients
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_reference_matches_naive_fp64(case):
+    q, k, v, pk, pv, mask = make_inputs(case, dtype=torch.float64, device="cpu")
+    out = prefix_attention_reference(q, k, v, pk, pv, key_padding_mask=mask, causal=case.causal, scale=case.scale)
+    expected = naive_attention_fp64(q, k, v, pk, pv, mask, case.causal, case.scale)
+    torch.testing.assert_close(out, expected, atol=1e-12, rtol=1e-10)
+    grad_out = torch.randn_like(out)
+    for got, want in zip(grads_of(out, (q, k, v, pk, pv), grad_out), grads_of(expected, (q, k, v, pk, pv), grad_out)):
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_triton_matches_reference_fp32(case):
+    q, k, v, pk, pv, mask = make_inputs(case)
+    out = run(case, "triton", q, k, v, pk, pv, mask)
+    ref = run(case, "torch", q, k, v, pk, pv, mask)
+    grad_out = torch.randn_like(out)
+    oracle, want64 = oracle_with_grads(q, k, v, pk, pv, mask, case.causal, case.scale, grad_out)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(out.double(), oracle, atol=2e-5, rtol=1e-4)
+
+    inputs = (q, k, v, pk, pv)
+    got = grads_of(out, inputs, grad_out)
+    want = grads_of(ref, inputs, grad_out)
+    names = [n for n, t in zip(("dq", "dk", "dv", "dprefix_k", "dprefix_v"), inputs) if t is not None]
+    for name, g, w, w64 in zip(names, got, want, want64):
+        assert g.shape == w.shape, name
+        assert torch.isfinite(g).all(), name
+        torch.testing.assert_close(g, w, atol=5e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(g.double(), w64, atol=5e-5, rtol=1e-4, msg=lambda m: f"{name} vs fp64: {m}")
+
+
+def test_fully_masked_rows_are_zero_with_zero_gradients():
+    case = Case(padding="all", prefix_len=0, causal=False)
+    q, k, v, pk, pv, mask = make_inputs(case)
+    out = run(case, "triton", q, k, v, pk, pv, mask)
+    assert torch.equal(out, torch.zeros_like(out))
+    grads = grads_of(out, (q, k, v), torch.ones_like(out))
+    for g in grads:
+        assert torch.equal(g, torch.zeros_like(g))
+
+
+# ----------------------------------------------------------------------------------------------
+# Low precision: the FlashAttention rule
+
+
+LOW_PRECISION_CASES = [
+    Case(padding="random"),
+    Case(causal=True, prefix="per_example", q_len=13, k_len=29),
+    Case(q_heads=4, kv_heads=1, head_dim=80, prefix_len=9, q_len=11, k_len=11, padding="random"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", LOW_PRECISION_CASES, ids=str)
+def test_triton_low_precision_flash_attention_rule(case, dtype):
+    q, k, v, pk, pv, mask = make_inputs(case, dtype=dtype)
+    inputs = (q, k, v, pk, pv)
+    out = run(case, "triton", q, k, v, pk, pv, mask)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.device, dtype)
+    oracle, want = oracle_with_grads(q, k, v, pk, pv, mask, case.causal, case.scale, grad_out)
+    assert out.dtype == dtype
+    same_precision = prefix_attention_reference(q, k, v, pk, pv, key_padding_mask=mask, causal=case.causal, upcast=False)
+    fwd_bound = 2 * max_err(same_precision, oracle) + 1e-5
+    assert max_err(out, oracle) <= fwd_bound, (max_err(out, oracle), fwd_bound)
+
+    got = grads_of(out, inputs, grad_out)
+    baseline = grads_of(same_precision, inputs, grad_out)
+    for name, g, b, w in zip(("dq", "dk", "dv", "dprefix_k", "dprefix_v"), got, baseline, want):
+        assert g.dtype == dtype, name
+        bound = 3 * max_err(b, w) + 1e-5
+        assert max_err(g, w) <= bound, (name, max_err(g, w), bound)
+
+
+# ----------------------------------------------------------------------------------------------
+# Layouts: HF hands over (B, S, H, D) buffers viewed as (B, H, S, D)
+
+
+def test_hf_strided_inputs_without_copies(monkeypatch):
+    batch, seq, heads, kv_heads, dim, prefix_len = 2, 19, 4, 2, 40, 6
+    gen = torch.Generator().manual_seed(3)
+    qkv = torch.randn(batch, seq, (heads + 2 * kv_heads) * dim, generator=gen).to(DEVICE).requires_grad_()
+    q_flat, k_flat, v_flat = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], dim=-1)
+    q = q_flat.view(batch, seq, heads, dim).transpose(1, 2)
+    k = k_flat.view(batch, seq, kv_heads, dim).transpose(1, 2)
+    v = v_flat.view(batch, seq, kv_heads, dim).transpose(1, 2)
+    assert not q.is_contiguous() and not k.is_contiguous()
+    prefix = torch.randn(2, kv_heads, prefix_len, dim, generator=gen).to(DEVICE).requires_grad_()
+    pk, pv = prefix[0], prefix[1]
+    mask = torch.ones(batch, seq, dtype=torch.bool, device=DEVICE)
+    mask[1, 12:] = False
+
+    copies = []
+    original = torch.Tensor.contiguous
+
+    def counting_contiguous(self, *args, **kwargs):
+        copies.append(tuple(self.shape))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "contiguous", counting_contiguous)
+    out = ptkernels.prefix_attention(q, k, v, pk, pv, key_padding_mask=mask, causal=True, backend="triton")
+    assert copies == [], f"hidden copies of {copies}"
+    # The output is laid out like q: (B, S, H, D) in memory, so HF's transpose back is free.
+    assert out.transpose(1, 2).is_contiguous()
+    monkeypatch.setattr(torch.Tensor, "contiguous", original)
+
+    ref = ptkernels.prefix_attention(q, k, v, pk, pv, key_padding_mask=mask, causal=True, backend="torch")
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+    grad_out = torch.randn_like(out).transpose(1, 2).contiguous().transpose(1, 2)  # strided upstream grad
+    (g_qkv, g_prefix) = torch.autograd.grad(out, (qkv, prefix), grad_out)
+    (r_qkv, r_prefix) = torch.autograd.grad(ref, (qkv, prefix), grad_out)
+    torch.testing.assert_close(g_qkv, r_qkv, atol=5e-5, rtol=1e-4)
+    torch.testing.assert_close(g_prefix, r_prefix, atol=5e-5, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------
+# Dropout
+
+
+def _dropout_inputs():
+    case = Case(batch=2, q_heads=2, kv_heads=1, q_len=9, k_len=13, prefix_len=6, head_dim=16, padding="random")
+    return case, make_inputs(case)
+
+
+def test_dropout_same_seed_same_output_different_seed_different_output():
+    case, (q, k, v, pk, pv, mask) = _dropout_inputs()
+    torch.manual_seed(123)
+    a = run(case, "triton", q, k, v, pk, pv, mask, dropout_p=0.3)
+    torch.manual_seed(123)
+    b = run(case, "triton", q, k, v, pk, pv, mask, dropout_p=0.3)
+    c = run(case, "triton", q, k, v, pk, pv, mask, dropout_p=0.3)
+    no_dropout = run(case, "triton", q, k, v, pk, pv, mask)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    assert not torch.allclose(a, no_dropout)
+
+
+def test_dropout_matches_reference_given_the_kernels_keep_mask():
+    from ptkernels.ops.prefix_attention.forward import dropout_keep_mask
+    from ptkernels.ops.prefix_attention.function import draw_dropout_seed
+
+    case, (q, k, v, pk, pv, mask) = _dropout_inputs()
+    p = 0.25
+    torch.manual_seed(7)
+    out = run(case, "triton", q, k, v, pk, pv, mask, dropout_p=p)
+    torch.manual_seed(7)
+    seed = draw_dropout_seed()
+    keep = dropout_keep_mask(case.batch, case.q_heads, case.q_len, case.prefix_len + case.k_len, p, seed, q.device)
+    assert 0.6 < keep.float().mean().item() < 0.9  # about 1 - p kept
+    ref = prefix_attention_reference(q, k, v, pk, pv, key_padding_mask=mask, dropout_p=p, dropout_keep_mask=keep)
+    oracle = naive_attention_fp64(q, k, v, pk, pv, mask, keep=keep, dropout_p=p)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(out.double(), oracle, atol=2e-5, rtol=1e-4)
+    grad_out = torch.randn_like(out)
+    inputs = (q, k, v, pk, pv)
+    for name, g, w in zip(("dq", "dk", "dv", "dprefix_k", "dprefix_v"), grads_of(out, inputs, grad_out), grads_of(ref, inputs, grad_out)):
+        torch.testing.assert_close(g, w, atol=5e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+def test_dropout_mean_over_seeds_approaches_no_dropout():
+    case = Case(batch=1, q_heads=1, kv_heads=1, q_len=16, k_len=12, prefix_len=4, head_dim=16)
+    q, k, v, pk, pv, mask = make_inputs(case)
+    with torch.no_grad():
+        exact = run(case, "triton", q, k, v, pk, pv, mask)
+        torch.manual_seed(0)
+        n = 300
+        mean = sum(run(case, "triton", q, k, v, pk, pv, mask, dropout_p=0.2) for _ in range(n)) / n
+        single = run(case, "triton", q, k, v, pk, pv, mask, dropout_p=0.2)
+    err_mean = (mean - exact).abs().mean().item()
+    err_single = (single - exact).abs().mean().item()
+    # The average of n independent draws shrinks the error by about sqrt(n) ~ 17.
+    assert err_mean < err_single / 6, (err_mean, err_single)
+
+
+def test_reference_dropout_follows_torch_seed():
+    case, (q, k, v, pk, pv, mask) = _dropout_inputs()
+    torch.manual_seed(5)
+    a = run(case, "torch", q, k, v, pk, pv, mask, dropout_p=0.5)
+    torch.manual_seed(5)
+    b = run(case, "torch", q, k, v, pk, pv, mask, dropout_p=0.5)
+    assert torch.equal(a, b)
+
+
+# ----------------------------------------------------------------------------------------------
+# Determinism of the shared-prefix batch reduction
+
+
+def test_backward_is_bitwise_deterministic():
+    case = Case(batch=5, prefix_len=21, padding="random", causal=True)
+    q, k, v, pk, pv, mask = make_inputs(case)
+    grad_out = torch.randn(q.shape, generator=torch.Generator().manual_seed(2)).to(q.device)
+    first = grads_of(run(case, "triton", q, k, v, pk, pv, mask), (q, k, v, pk, pv), grad_out)
+    second = grads_of(run(case, "triton", q, k, v, pk, pv, mask), (q, k, v, pk, pv), grad_out)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+# ----------------------------------------------------------------------------------------------
+# Backend selection and bad input
+
+
+def test_auto_backend_picks_reference_on_cpu_and_triton_on_cuda():
+    assert resolve_backend("auto", torch.device("cpu")) == "torch"
+    if ON_GPU:
+        assert resolve_backend("auto", torch.device("cuda")) == "triton"
+
+
+def test_triton_backend_on_cpu_without_interpreter_is_an_error(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="backend='triton' needs CUDA tensors"):
+        resolve_backend("triton", torch.device("cpu"))
+
+
+def _good():
+    q = torch.randn(2, 4, 5, 8)
+    k = torch.randn(2, 2, 7, 8)
+    v = torch.randn(2, 2, 7, 8)
+    pk = torch.randn(2, 3, 8)
+    pv = torch.randn(2, 3, 8)
+    return dict(q=q, k=k, v=v, prefix_k=pk, prefix_v=pv)
+
+
+BAD_INPUTS = [
+    ("q", dict(q=torch.randn(2, 4, 5)), ValueError, r"q must be 4-D.*\(2, 4, 5\)"),
+    ("q", dict(q=[1.0]), TypeError, "q must be a torch.Tensor"),
+    ("q dtype", dict(q=torch.randint(0, 3, (2, 4, 5, 8))), TypeError, "q must be float16"),
+    ("k dtype", dict(k=torch.randn(2, 2, 7, 8, dtype=torch.float64)), TypeError, "k must have q's dtype"),
+    ("k/v shapes", dict(v=torch.randn(2, 2, 6, 8)), ValueError, r"k and v must have the same shape.*\(2, 2, 7, 8\).*\(2, 2, 6, 8\)"),
+    ("batch", dict(k=torch.randn(3, 2, 7, 8), v=torch.randn(3, 2, 7, 8)), ValueError, "k must have q's batch size 2"),
+    ("head dim", dict(k=torch.randn(2, 2, 7, 4), v=torch.randn(2, 2, 7, 4)), ValueError, "k must have q's head dim 8"),
+    ("heads", dict(k=torch.randn(2, 3, 7, 8), v=torch.randn(2, 3, 7, 8)), ValueError, "multiple of k's.*q heads 4.*k heads 3"),
+    ("prefix heads", dict(prefix_k=torch.randn(4, 3, 8), prefix_v=torch.randn(4, 3, 8)), ValueError, r"prefix_k must be \(Hkv, P, D\).*got \(4, 3, 8\)"),
+    ("prefix batch", dict(prefix_k=torch.randn(3, 2, 3, 8), prefix_v=torch.randn(3, 2, 3, 8)), ValueError, r"prefix_k must be.*got \(3, 2, 3, 8\)"),
+    ("prefix rank", dict(prefix_k=torch.randn(3, 8), prefix_v=torch.randn(3, 8)), ValueError, "prefix_k must be 3-D or 4-D"),
+    ("prefix pair", dict(prefix_v=torch.randn(2, 4, 8)), ValueError, "prefix_k and prefix_v must have the same shape"),
+    ("prefix None", dict(prefix_v=None), ValueError, "prefix_k and prefix_v must both be tensors or both be None"),
+    ("prefix dtype", dict(prefix_k=torch.randn(2, 3, 8).half(), prefix_v=torch.randn(2, 3, 8).half()), TypeError, "prefix_k must have q's dtype"),
+    ("mask dtype", dict(key_padding_mask=torch.ones(2, 7)), TypeError, "key_padding_mask must be a bool tensor"),
+    ("mask shape", dict(key_padding_mask=torch.ones(2, 5, dtype=torch.bool)), ValueError, r"key_padding_mask must be \(B, Sk\) = \(2, 7\), got \(2, 5\)"),
+    ("mask 4d", dict(key_padding_mask=torch.ones(2, 1, 5, 7, dtype=torch.bool)), ValueError, "key_padding_mask must be"),
+    ("causal Sq > Sk", dict(q=torch.randn(2, 4, 9, 8), causal=True), ValueError, "causal.*Sq <= Sk.*Sq=9.*Sk=7"),
+    ("causal type", dict(causal="yes"), TypeError, "causal must be a bool"),
+    ("dropout", dict(dropout_p=1.0), ValueError, "dropout_p must be a float in"),
+    ("dropout neg", dict(dropout_p=-0.1), ValueError, "dropout_p must be a float in"),
+    ("scale", dict(scale="big"), TypeError, "scale must be a float"),
+    ("backend", dict(backend="cuda"), ValueError, "backend must be one of"),
+]
+
+
+@pytest.mark.parametrize("what,override,exc,match", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_bad_input_raises_naming_the_argument(what, override, exc, match, backend):
+    args = _good()
+    override = dict(override)
+    kwargs = dict(backend=backend)
+    for key in ("key_padding_mask", "causal", "dropout_p", "scale", "backend"):
+        if key in override:
+            kwargs[key] = override.pop(key)
+    args.update(override)
+    with pytest.raises(exc, match=match):
+        ptkernels.prefix_attention(args["q"], args["k"], args["v"], args["prefix_k"], args["prefix_v"], **kwargs)
+
+
+def test_float64_is_reference_only():
+    args = {n: t.double() for n, t in _good().items()}
+    out = ptkernels.prefix_attention(*args.values(), backend="torch")
+    assert out.dtype == torch.float64
+    with pytest.raises(TypeError, match="float64.*backend='torch'"):
+        ptkernels.prefix_attention(*args.values(), backend="triton")
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU only: realistic sizes, compiled kernels, and int64 offsets
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("causal", [False, True])
+def test_gpu_realistic_shape(dtype, causal):
+    case = Case(batch=8, q_heads=12, kv_heads=12, q_len=512, k_len=512, prefix_len=128, head_dim=64,
+                causal=causal, padding="random")
+    q, k, v, pk, pv, mask = make_inputs(case, dtype=dtype)
+    inputs = (q, k, v, pk, pv)
+    reference32 = prefix_attention_reference(*(t.detach().float() for t in inputs), key_padding_mask=mask, causal=causal)
+    same = prefix_attention_reference(q, k, v, pk, pv, key_padding_mask=mask, causal=causal, upcast=False)
+    out = run(case, "triton", q, k, v, pk, pv, mask)
+    assert max_err(out, reference32) <= 2 * max_err(same, reference32) + 1e-4
+    grad_out = torch.randn_like(out)
+    got = grads_of(out, inputs, grad_out)
+    base = grads_of(same, inputs, grad_out)
+    leaf32 = [t.detach().float().requires_grad_() for t in inputs]
+    ref32 = prefix_attention_reference(*leaf32, key_padding_mask=mask, causal=causal)
+    want = torch.autograd.grad(ref32, leaf32, grad_out.float())
+    for name, g, b, w in zip(("dq", "dk", "dv", "dprefix_k", "dprefix_v"), got, base, want):
+        assert max_err(g, w) <= 3 * max_err(b, w) + 1e-4, name
+
+
+@pytest.mark.gpu
+def test_gpu_int64_offsets():
+    # q/k/v with more than 2**31 elements: offsets must be computed in int64.
+    batch, heads, seq, dim = 1, 2, (2**31 // (2 * 64)) + 64, 64
+    q = torch.randn(batch, heads, 64, dim, device="cuda", dtype=torch.float16)
+    k = torch.randn(batch, heads, seq, dim, device="cuda", dtype=torch.float16)
+    v = torch.randn_like(k)
+    assert k.numel() > 2**31
+    pk = torch.randn(heads, 16, dim, device="cuda", dtype=torch.float16)
+    pv = torch.randn_like(pk)
+    # Only the last 128 keys are attended, so the reference can work on that slice.
+    tail = seq - 128
+    mask = torch.zeros(batch, seq, dtype=torch.bool, device="cuda")
+    mask[:, tail:] = True
+    out = ptkernels.prefix_attention(q, k, v, pk, pv, key_padding_mask=mask, causal=True, backend="triton")
+    ref = prefix_attention_reference(q, k[:, :, tail:], v[:, :, tail:], pk, pv, causal=True)
+    torch.testing.assert_close(out, ref, atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+def test_gpu_backward_deterministic_100x():
+    case = Case(batch=16, q_heads=8, kv_heads=4, q_len=257, k_len=257, prefix_len=64, head_dim=64, causal=True, padding="random")
+    q, k, v, pk, pv, mask = make_inputs(case, dtype=torch.bfloat16)
+    grad_out = torch.randn_like(q)
+    first = grads_of(run(case, "triton", q, k, v, pk, pv, mask), (q, k, v, pk, pv), grad_out)
+    for _ in range(100):
+        again = grads_of(run(case, "triton", q, k, v, pk, pv, mask), (q, k, v, pk, pv), grad_out)
+        for a, b in zip(first, again):
+            assert torch.equal(a, b)
+
