@@ -1,0 +1,464 @@
+"""``patch`` / ``unpatch``: run a PEFT prompt-learning model (or a plain HF model) through ptkernels.
+
+What patching does (in place; ``unpatch`` undoes every step):
+
+1. Registers the "ptkernels" attention function and 2D mask builder with transformers
+   (:mod:`ptkernels.integrations.transformers`) and sets the base model's
+   ``config._attn_implementation`` to "ptkernels". Each attention module gets the chosen backend
+   as an attribute. For a plain HF model that is all: attention runs through
+   ``ptkernels.prefix_attention`` with no prefix.
+2. For a PEFT ``PeftModel`` it replaces the instance's ``forward`` (and, for causal LMs,
+   ``prepare_inputs_for_generation``, which PEFT's ``generate`` installs on the base model):
+
+   * PREFIX_TUNING: PEFT's own prefix encoder is evaluated ONCE per forward on the un-expanded
+     virtual-token indices (:func:`ptkernels.encoders.prefix_key_values`), giving one
+     (2L, Hkv, P, D) tensor shared by the batch. It reaches every attention layer as the
+     ``ptkernels_prefix`` forward keyword (picked by ``module.layer_idx``): no ``DynamicCache``,
+     no ``torch.cat`` of K/V, no (B, P + S) mask, no ``repeat_kv``. The attention mask stays the
+     (B, S) mask of the real tokens. Since the prefix is not a cache, gradient checkpointing works.
+   * P_TUNING / PROMPT_TUNING: PEFT's prompt encoder (MLP, LSTM or plain embedding) is evaluated
+     once per forward and the (B, P + S, E) input embeddings come from one fused
+     ``prompt_embedding`` call (no ``repeat`` of the prompt, no ``torch.cat``).
+
+Position ids. PEFT's prefix sits in the KV cache, so the model counts it as past and real tokens
+get positions P, P + 1, ... (BERT/GPT-2/Llama: ``arange(S) + P``; RoBERTa: its padding-aware
+positions shifted by P). ``patch(..., shift_positions=True)`` (the default) reproduces that exactly,
+so a patched model computes what the PEFT model computes and adapters move between the two. With
+``shift_positions=False`` real tokens start at position 0 as in the base model without adapter.
+Trade-off: the default keeps PEFT equivalence but, for models with learned absolute positions
+(BERT: ``max_position_embeddings`` = 512), limits inputs to ``max_position_embeddings - P`` tokens
+and uses positions the base model saw less in pre-training; ``False`` gives the full length and the
+pre-training positions, but the adapter then is not interchangeable with an unpatched PEFT model
+(logits differ; retrain or fine-tune the adapter with the setting you will serve it with). Prompt
+tuning / P-Tuning are unaffected (the virtual tokens are real input tokens there, as in PEFT).
+
+Caches. With ``generate()`` the cache holds only the real tokens (the prefix comes from the
+keyword each step): decoding steps have Sq = 1 and Sk = cache length, the attention's causal mask
+is bottom-right aligned, and the position ids are the ones PEFT uses (generate's position ids +
+P). The ``past_key_values`` a patched forward returns therefore lack the P prefix entries PEFT's
+contain; feeding them back into the patched model works (positions are counted from the cache
+length + P).
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+import warnings
+from typing import Any, Optional
+
+import torch
+from torch import Tensor, nn
+
+from .._backend import BACKENDS
+from ..encoders import prefix_key_values, prompt_embeddings
+from .transformers import ATTN_IMPLEMENTATION, BACKEND_ATTR, PREFIX_KWARG, LayerPrefix, register
+
+__all__ = ["patch", "unpatch", "is_patched", "SUPPORTED_MODEL_TYPES"]
+
+# model_type -> how positions are derived without position_ids ("arange" or "roberta")
+SUPPORTED_MODEL_TYPES = {
+    "bert": "arange",
+    "roberta": "roberta",
+    "gpt2": "arange",
+    "llama": "arange",
+    "mistral": "arange",
+    "qwen2": "arange",
+    "qwen3": "arange",
+}
+SUPPORTED_PEFT_TYPES = ("PREFIX_TUNING", "P_TUNING", "PROMPT_TUNING")
+SUPPORTED_TASK_TYPES = ("SEQ_CLS", "TOKEN_CLS", "CAUSAL_LM", "FEATURE_EXTRACTION")
+_PEFT_CLASS_FOR_TASK = {
+    "SEQ_CLS": "PeftModelForSequenceClassification",
+    "TOKEN_CLS": "PeftModelForTokenClassification",
+    "CAUSAL_LM": "PeftModelForCausalLM",
+    "FEATURE_EXTRACTION": "PeftModelForFeatureExtraction",
+}
+_STATE = "_ptkernels_state"
+
+
+def _enum_value(x) -> Optional[str]:
+    return None if x is None else getattr(x, "value", x)
+
+
+def _is_peft_model(model) -> bool:
+    peft = sys.modules.get("peft")
+    if peft is None:
+        return False
+    return isinstance(model, peft.PeftModel)
+
+
+# --------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------
+
+
+def _attention_modules(hf_model: nn.Module) -> list[nn.Module]:
+    """The self-attention modules that call the attention interface (they carry ``layer_idx``)."""
+    mods = []
+    for m in hf_model.modules():
+        name = type(m).__name__
+        if name.endswith("Attention") and "Cross" not in name and hasattr(m, "layer_idx") and not getattr(m, "is_cross_attention", False):
+            mods.append(m)
+    return mods
+
+
+def _text_config(config):
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _kv_geometry(config) -> tuple[int, int, int]:
+    """(num_layers, num_kv_heads, head_dim) of the model's self-attention."""
+    cfg = _text_config(config)
+    layers = cfg.num_hidden_layers
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return layers, kv_heads, head_dim
+
+
+def _check_hf_model(hf_model: nn.Module) -> None:
+    config = getattr(hf_model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if config is None or model_type is None or not hasattr(config, "_attn_implementation"):
+        raise TypeError(
+            f"ptkernels.patch expects a transformers PreTrainedModel or a PEFT PeftModel, got {type(hf_model).__name__}"
+        )
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"ptkernels.patch does not support model_type {model_type!r} ({type(hf_model).__name__}); "
+            f"supported: {sorted(SUPPORTED_MODEL_TYPES)}"
+        )
+    if getattr(config, "is_encoder_decoder", False) or getattr(config, "add_cross_attention", False):
+        raise ValueError(
+            f"ptkernels.patch does not support encoder-decoder / cross-attention models ({type(hf_model).__name__})"
+        )
+    mods = _attention_modules(hf_model)
+    layers = _text_config(config).num_hidden_layers
+    idx = sorted(getattr(m, "layer_idx", None) for m in mods if getattr(m, "layer_idx", None) is not None)
+    if not mods or len(idx) != len(mods) or idx != list(range(layers)):
+        raise ValueError(
+            f"ptkernels.patch could not find one self-attention module with a layer_idx per layer in "
+            f"{type(hf_model).__name__} (found layer_idx {idx}, expected 0..{layers - 1})"
+        )
+
+
+def _check_peft_model(model) -> None:
+    peft_config = model.active_peft_config
+    peft_type = _enum_value(peft_config.peft_type)
+    if peft_type not in SUPPORTED_PEFT_TYPES:
+        raise ValueError(
+            f"ptkernels.patch supports PEFT adapters of type {SUPPORTED_PEFT_TYPES}, the active adapter "
+            f"{model.active_adapter!r} is {peft_type}"
+        )
+    task = _enum_value(peft_config.task_type)
+    cls_names = {c.__name__ for c in type(model).__mro__}
+    if task not in SUPPORTED_TASK_TYPES or _PEFT_CLASS_FOR_TASK[task] not in cls_names:
+        raise ValueError(
+            f"ptkernels.patch supports PEFT task types {SUPPORTED_TASK_TYPES}, got task_type {task} "
+            f"({type(model).__name__})"
+        )
+    if (peft_config.num_transformer_submodules or 1) != 1:
+        raise ValueError(
+            f"ptkernels.patch supports decoder-only / encoder-only models (num_transformer_submodules=1), "
+            f"got {peft_config.num_transformer_submodules}"
+        )
+    hf_model = model.get_base_model()
+    _check_hf_model(hf_model)
+    if peft_type == "PREFIX_TUNING":
+        layers, kv_heads, head_dim = _kv_geometry(hf_model.config)
+        got = (peft_config.num_layers, peft_config.num_attention_heads, peft_config.token_dim)
+        want = (layers, kv_heads, kv_heads * head_dim)
+        if got != want:
+            raise ValueError(
+                f"the prefix-tuning adapter was provisioned for (num_layers, kv heads, token_dim) = {got}, "
+                f"but the model's self-attention is {want}"
+            )
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers used by the patched forward
+# --------------------------------------------------------------------------------------------
+
+
+def _fused_prompt_embedding(input_ids: Tensor, weight: Tensor, prompt: Tensor, backend: str) -> Tensor:
+    """(B, P + S, E): prompt in front of weight[input_ids], by the fused op when it is available."""
+    try:
+        from ..ops.prompt_embedding import prompt_embedding
+    except ImportError as exc:  # the op has not landed: same semantics in plain torch
+        if "prompt_embedding" not in str(exc):
+            raise
+        prompt_embedding = None
+    if prompt.dtype != weight.dtype:
+        prompt = prompt.to(weight.dtype)
+    if prompt_embedding is not None:
+        return prompt_embedding(input_ids, weight, prompt, backend=backend)
+    tokens = nn.functional.embedding(input_ids, weight)
+    if prompt.dim() == 2:
+        prompt = prompt.unsqueeze(0).expand(input_ids.shape[0], -1, -1)
+    return torch.cat([prompt, tokens], dim=1)
+
+
+def _past_length(past_key_values) -> int:
+    if past_key_values is None:
+        return 0
+    if hasattr(past_key_values, "get_seq_length"):
+        return int(past_key_values.get_seq_length())
+    return int(past_key_values[0][0].shape[-2])  # legacy tuple
+
+
+def _default_position_ids(hf_model, input_ids, inputs_embeds, offset: int, past_len: int) -> Optional[Tensor]:
+    """The position ids the base model would compute if P prefix tokens were in its cache."""
+    if offset == 0:
+        return None  # the model's own positions (counted from its cache, which holds real tokens only)
+    ref = input_ids if input_ids is not None else inputs_embeds
+    seq_len = ref.shape[1]
+    kind = SUPPORTED_MODEL_TYPES[hf_model.config.model_type]
+    if kind == "roberta":
+        if input_ids is None:
+            return None  # RoBERTa ignores the past length for inputs_embeds
+        pad = hf_model.config.pad_token_id
+        mask = input_ids.ne(pad).int()
+        return ((torch.cumsum(mask, dim=1).type_as(mask) + past_len + offset) * mask).long() + pad
+    return (torch.arange(seq_len, device=ref.device) + (past_len + offset)).unsqueeze(0)
+
+
+def _compute_prefix(model, peft_config, state) -> LayerPrefix:
+    layers, kv_heads, head_dim = _kv_geometry(model.get_base_model().config)
+    encoder = model.prompt_encoder[model.active_adapter]
+    stacked = prefix_key_values(
+        encoder, peft_config.num_virtual_tokens, layers, kv_heads, head_dim,
+        inference_mode=bool(peft_config.inference_mode),
+        dtype=getattr(model.get_base_model(), "dtype", None),
+    )
+    return LayerPrefix(stacked)
+
+
+def _compute_prompt(model, peft_config) -> Tensor:
+    encoder = model.prompt_encoder[model.active_adapter]
+    return prompt_embeddings(encoder, peft_config.num_virtual_tokens, inference_mode=bool(peft_config.inference_mode))
+
+
+def _batch_size(input_ids, inputs_embeds) -> int:
+    if input_ids is not None:
+        return input_ids.shape[0]
+    if inputs_embeds is None:
+        raise ValueError("You have to specify either input_ids or inputs_embeds")
+    return inputs_embeds.shape[0]
+
+
+# --------------------------------------------------------------------------------------------
+# The patched PeftModel.forward / prepare_inputs_for_generation
+# --------------------------------------------------------------------------------------------
+
+
+def _patched_forward(
+    self,
+    input_ids=None,
+    attention_mask=None,
+    inputs_embeds=None,
+    labels=None,
+    output_attentions=None,
+    output_hidden_states=None,
+    return_dict=None,
+    task_ids=None,
+    **kwargs,
+):
+    state = self.__dict__[_STATE]
+    peft_config = self.active_peft_config
+    peft_type = _enum_value(peft_config.peft_type)
+    if peft_type not in SUPPORTED_PEFT_TYPES:  # another adapter became active after patching
+        raise ValueError(f"ptkernels: the active adapter is {peft_type}, which the patched model does not support")
+    task = state["task"]
+    batch_size = _batch_size(input_ids, inputs_embeds)
+    num_virtual = peft_config.num_virtual_tokens
+    if task in ("SEQ_CLS", "TOKEN_CLS") and return_dict is None:
+        return_dict = getattr(self.config, "return_dict", True) and not getattr(self.config, "torchscript", False)
+    kwargs.update(output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=return_dict)
+    if labels is not None or task != "FEATURE_EXTRACTION":
+        kwargs["labels"] = labels
+    if task not in ("SEQ_CLS", "TOKEN_CLS") and kwargs.get("token_type_ids") is not None:
+        warnings.warn("Token type ids are not supported for parameter efficient tuning. Ignoring token type ids")
+        kwargs["token_type_ids"] = None
+
+    hf_model = self.get_base_model()
+    if peft_type == "PREFIX_TUNING":
+        offset = num_virtual if state["shift_positions"] else 0
+        if kwargs.get("position_ids") is not None:
+            kwargs["position_ids"] = kwargs["position_ids"] + offset
+        else:
+            past_len = _past_length(kwargs.get("past_key_values"))
+            kwargs["position_ids"] = _default_position_ids(hf_model, input_ids, inputs_embeds, offset, past_len)
+        kwargs[PREFIX_KWARG] = _compute_prefix(self, peft_config, state)
+        return self.base_model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, **kwargs)
+
+    # P_TUNING / PROMPT_TUNING: the virtual tokens are input tokens in front of the real ones
+    if kwargs.get("position_ids") is not None:
+        warnings.warn("Position ids are not supported for parameter efficient tuning. Ignoring position ids.")
+        kwargs["position_ids"] = None
+    if attention_mask is not None:
+        ones = torch.ones(batch_size, num_virtual, dtype=attention_mask.dtype, device=attention_mask.device)
+        attention_mask = torch.cat((ones, attention_mask), dim=1)
+    if kwargs.get("token_type_ids") is not None:
+        tt = kwargs["token_type_ids"]
+        kwargs["token_type_ids"] = torch.cat((tt.new_zeros(batch_size, num_virtual), tt), dim=1).long()
+    if task == "CAUSAL_LM" and labels is not None:
+        kwargs["labels"] = torch.cat((labels.new_full((batch_size, num_virtual), -100), labels), dim=1)
+    prompt = _compute_prompt(self, peft_config)
+    if inputs_embeds is None:
+        inputs_embeds = _fused_prompt_embedding(input_ids, self.word_embeddings.weight, prompt, state["backend"])
+    else:
+        prompt = prompt.to(inputs_embeds.dtype).unsqueeze(0).expand(batch_size, -1, -1)
+        inputs_embeds = torch.cat((prompt, inputs_embeds), dim=1)
+    return self.base_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
+
+
+def _patched_prepare_inputs_for_generation(self, *args, task_ids=None, **kwargs):
+    state = self.__dict__[_STATE]
+    peft_config = self.active_peft_config
+    peft_type = _enum_value(peft_config.peft_type)
+    if peft_type not in SUPPORTED_PEFT_TYPES:
+        raise ValueError(f"ptkernels: the active adapter is {peft_type}, which the patched model does not support")
+    model_kwargs = self.base_model_prepare_inputs_for_generation(*args, **kwargs)
+    num_virtual = peft_config.num_virtual_tokens
+    cache = model_kwargs.get("past_key_values")
+    past_len = _past_length(cache)
+    if model_kwargs.get("token_type_ids") is not None:
+        warnings.warn("Token type ids are not supported for parameter efficient tuning. Ignoring token type ids")
+        model_kwargs["token_type_ids"] = None
+    hf_model = self.get_base_model()
+
+    if peft_type == "PREFIX_TUNING":
+        # the cache holds real tokens only; the prefix comes with every step as a keyword
+        offset = num_virtual if state["shift_positions"] else 0
+        if model_kwargs.get("position_ids") is not None:
+            model_kwargs["position_ids"] = model_kwargs["position_ids"] + offset
+        else:
+            model_kwargs["position_ids"] = _default_position_ids(
+                hf_model, model_kwargs.get("input_ids"), model_kwargs.get("inputs_embeds"), offset, past_len
+            )
+        model_kwargs[PREFIX_KWARG] = _compute_prefix(self, peft_config, state)
+        return model_kwargs
+
+    # prompt tuning / P-tuning: the virtual tokens are in the cache like any input token (as in PEFT)
+    input_ids = model_kwargs.get("input_ids")
+    if cache is not None and input_ids is not None and past_len >= input_ids.shape[1]:
+        model_kwargs["input_ids"] = input_ids = input_ids[:, -1:]
+    attention_mask = model_kwargs.get("attention_mask")
+    if isinstance(attention_mask, dict):
+        if len(attention_mask) != 1:
+            raise ValueError(f"Expected a single attention mask, got {len(attention_mask)}")
+        attention_mask = next(iter(attention_mask.values()))
+    if attention_mask is not None:
+        if attention_mask.dim() != 2:
+            raise NotImplementedError("ptkernels: prompt tuning generate() with a 4D attention mask (static cache)")
+        ones = torch.ones(attention_mask.shape[0], num_virtual, dtype=attention_mask.dtype, device=attention_mask.device)
+        model_kwargs["attention_mask"] = torch.cat((ones, attention_mask), dim=1)
+    model_kwargs["position_ids"] = None  # PEFT drops them for prompt learning; the model counts from the cache
+    model_kwargs.pop("cache_position", None)
+    if past_len == 0:
+        prompt = _compute_prompt(self, peft_config)
+        model_kwargs["inputs_embeds"] = _fused_prompt_embedding(
+            input_ids, self.word_embeddings.weight, prompt, state["backend"]
+        )
+        model_kwargs["input_ids"] = None
+    return model_kwargs
+
+
+# --------------------------------------------------------------------------------------------
+# patch / unpatch
+# --------------------------------------------------------------------------------------------
+
+
+def _set_backend(hf_model: nn.Module, backend: Optional[str]) -> None:
+    for m in _attention_modules(hf_model):
+        if backend is None:
+            if BACKEND_ATTR in m.__dict__:
+                delattr(m, BACKEND_ATTR)
+        else:
+            setattr(m, BACKEND_ATTR, backend)
+
+
+def patch(model, *, backend: str = "auto", shift_positions: bool = True):
+    """Run ``model`` through ptkernels' fused kernels; in place, returns the same object.
+
+    Arguments:
+        model: a PEFT ``PeftModel`` whose active adapter is PREFIX_TUNING (with or without
+            ``prefix_projection``), P_TUNING (MLP or LSTM encoder) or PROMPT_TUNING, for task types
+            SEQ_CLS, TOKEN_CLS, CAUSAL_LM or FEATURE_EXTRACTION; or a plain transformers model
+            (attention then runs through ``ptkernels.prefix_attention`` without a prefix).
+            Architectures: BERT, RoBERTa, GPT-2, Llama, Mistral, Qwen2, Qwen3. Anything else raises
+            ValueError here, at patch time.
+        backend: "auto" (Triton on CUDA, PyTorch elsewhere), "triton" or "torch", for the attention
+            and prompt-embedding ops.
+        shift_positions: True (default): real tokens get positions P, P + 1, ... after P prefix
+            tokens, as under PEFT, so outputs equal the unpatched PEFT model's and adapters are
+            interchangeable with it. For models with learned absolute positions this limits the
+            input to ``max_position_embeddings - P`` tokens (BERT: 512 - P). False: real tokens
+            start at position 0 as in the base model (the full 512 for BERT, the positions seen
+            in pre-training), but outputs then differ from the unpatched PEFT model, so train and
+            serve the adapter with the same setting. Only prefix tuning is affected.
+
+    Patching again is harmless (it updates ``backend`` / ``shift_positions``); ``unpatch`` restores
+    the original behaviour exactly. Parameters are untouched: PEFT's encoder parameters are the
+    ones trained, and ``save_pretrained`` writes the same adapter files as without patching.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"ptkernels.patch expects a torch.nn.Module, got {type(model).__name__}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    is_peft = _is_peft_model(model)
+    if is_peft:
+        _check_peft_model(model)
+        hf_model = model.get_base_model()
+    else:
+        if type(model).__module__.startswith("peft."):
+            raise ValueError(f"ptkernels.patch does not support {type(model).__name__}; pass the PeftModel")
+        _check_hf_model(model)
+        hf_model = model
+    register()
+
+    state = model.__dict__.get(_STATE)
+    if state is None:
+        state = {
+            "attn_implementation": hf_model.config._attn_implementation,
+            "is_peft": is_peft,
+        }
+        if is_peft:
+            state["task"] = _enum_value(model.active_peft_config.task_type)
+            for name in ("forward", "prepare_inputs_for_generation"):
+                state["had_" + name] = name in model.__dict__
+                state["orig_" + name] = model.__dict__.get(name)
+        model.__dict__[_STATE] = state
+    state["backend"] = backend
+    state["shift_positions"] = bool(shift_positions)
+
+    hf_model.config._attn_implementation = ATTN_IMPLEMENTATION
+    _set_backend(hf_model, backend)
+    if is_peft:
+        model.forward = types.MethodType(_patched_forward, model)
+        if state["task"] == "CAUSAL_LM":
+            model.prepare_inputs_for_generation = types.MethodType(_patched_prepare_inputs_for_generation, model)
+    return model
+
+
+def unpatch(model):
+    """Undo :func:`patch`: the original attention implementation, forward and generation hooks."""
+    state = model.__dict__.get(_STATE) if isinstance(model, nn.Module) else None
+    if state is None:
+        return model
+    hf_model = model.get_base_model() if state["is_peft"] else model
+    hf_model.config._attn_implementation = state["attn_implementation"]
+    _set_backend(hf_model, None)
+    if state["is_peft"]:
+        for name in ("forward", "prepare_inputs_for_generation"):
+            if state["had_" + name]:
+                model.__dict__[name] = state["orig_" + name]
+            else:
+                model.__dict__.pop(name, None)
+    del model.__dict__[_STATE]
+    return model
+
+
+def is_patched(model) -> bool:
+    return isinstance(model, nn.Module) and _STATE in model.__dict__
