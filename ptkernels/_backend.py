@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import functools
+import importlib.util
 import os
 
 import torch
@@ -10,15 +10,13 @@ import torch
 BACKENDS = ("auto", "triton", "torch")
 
 
-@functools.lru_cache(maxsize=None)
+# Looked up once, without importing triton (whose import reads TRITON_INTERPRET).
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
-    """True when triton imports (it does not on macOS/Windows CPU-only installs)."""
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception:  # pragma: no cover - depends on the install
-        return False
-    return True
+    """True when triton is installed (it is not on macOS/Windows CPU-only installs)."""
+    return _TRITON_INSTALLED
 
 
 def interpreter_enabled() -> bool:

@@ -98,6 +98,22 @@ def check_prefix_attention_args(q, k, v, prefix_k, prefix_v, key_padding_mask, c
         raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
 
 
+def autocast_inputs(*tensors: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
+    """Under torch.autocast, run in the autocast dtype, as scaled_dot_product_attention does.
+
+    Typically q/k/v arrive in bf16 from autocast linears while the prefix parameters are fp32: they
+    are cast here (a differentiable cast, so the fp32 parameters get fp32 gradients).
+    """
+    first = next((t for t in tensors if isinstance(t, Tensor)), None)
+    if first is None or not first.is_floating_point():
+        return tensors
+    device_type = first.device.type
+    if device_type not in ("cuda", "cpu") or not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t for t in tensors)
+
+
 def prefix_attention(
     q: Tensor,
     k: Tensor,
@@ -132,6 +148,7 @@ def prefix_attention(
     Returns:
         out: (B, Hq, Sq, D) in q's dtype. A query that sees no key at all (P = 0, all masked) gets zeros.
     """
+    q, k, v, prefix_k, prefix_v = autocast_inputs(q, k, v, prefix_k, prefix_v)
     check_prefix_attention_args(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, dropout_p)
     chosen = resolve_backend(backend, q.device)
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)

@@ -92,7 +92,10 @@ def prefix_attention_reference(
     scores = torch.matmul(q.to(compute_dtype), keys.transpose(-1, -2)) * scale
     visible = visible_keys_mask(batch, q_len, prefix_len, k_len, key_padding_mask, causal, q.device)
     scores = scores.masked_fill(~visible, float("-inf"))
-    row_max = scores.amax(dim=-1, keepdim=True)
+    if scores.shape[-1] == 0:  # no keys at all (P = Sk = 0): the output is zeros
+        row_max = scores.new_zeros(scores.shape[:-1] + (1,))
+    else:
+        row_max = scores.amax(dim=-1, keepdim=True)
     row_max = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max).detach()
     weights = torch.exp(scores - row_max)
     denom = weights.sum(dim=-1, keepdim=True)
