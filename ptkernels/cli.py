@@ -1,0 +1,202 @@
+"""The ``ptkernels`` command: ``ptkernels verify`` and ``ptkernels bench``.
+
+    ptkernels verify [--interpret] [--grid small|default|full] [--dtypes fp32,fp16,bf16] ...
+    ptkernels bench [--quick] [--config cpu|gpu|quick|FILE.json] [--out DIR] [--model bert|gpt2|llama] ...
+
+Nothing that imports triton kernels is imported at module level: ``--interpret`` must set
+TRITON_INTERPRET=1 before the first ``@triton.jit`` runs (if something imported triton earlier, the
+command re-executes itself with the variable set).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+ENV_FLAG = "_PTKERNELS_CLI_REEXEC"
+
+
+def _ensure_interpreter(argv) -> None:
+    """Set TRITON_INTERPRET=1 before triton is imported; re-exec if it is too late for this process."""
+    if os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on"):
+        return
+    os.environ["TRITON_INTERPRET"] = "1"
+    if any(m == "triton" or m.startswith("triton.") for m in sys.modules) and not os.environ.get(ENV_FLAG):
+        os.environ[ENV_FLAG] = "1"
+        os.execv(sys.executable, [sys.executable, "-m", "ptkernels.cli", *argv])
+
+
+def _csv(s: str):
+    return [x.strip() for x in s.split(",") if x.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ptkernels", description="ptkernels: verify and benchmark the fused kernels.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    v = sub.add_parser("verify", help="check every op and backend against an fp64 reference; exit 1 on failure",
+                       description="Run every op and backend available here against an fp64 reference, forward "
+                                   "and backward, over a grid of shapes; print a table; exit 1 on any failure.")
+    v.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    v.add_argument("--interpret", action="store_true",
+                   help="on CPU, also run the Triton kernels in Triton's interpreter (sets TRITON_INTERPRET=1; slow)")
+    v.add_argument("--grid", default="default", choices=["small", "default", "full"],
+                   help="shape grid: small (CI, ~6 shapes), default (~30), full (adds large shapes)")
+    v.add_argument("--dtypes", default="fp32,fp16,bf16", type=_csv, help="comma list of fp32,fp16,bf16")
+    v.add_argument("--ops", default="prefix_attention,prompt_embedding", type=_csv)
+    v.add_argument("--backends", default="torch,triton", type=_csv)
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--fp32-atol", type=float, default=None, help="fp32 tolerance (default 1e-3 x max(1,|ref|))")
+    v.add_argument("--json", default=None, help="also write every check to this JSON file")
+    v.add_argument("--failures-only", action="store_true", help="print only failing rows")
+    v.add_argument("--inject-error", action="store_true", help=argparse.SUPPRESS)  # testing: corrupt kernel output
+
+    b = sub.add_parser("bench", help="benchmark ptkernels against the usual implementations",
+                       description="Benchmark prefix attention (forward, forward+backward) and prompt embedding "
+                                   "against naive concat, the PEFT path, SDPA and FlexAttention; or, with --model, "
+                                   "one PEFT prefix-tuning training step unpatched vs patched. Writes results.json, "
+                                   "results.csv, summary.md and PNG plots under --out.")
+    b.add_argument("--quick", action="store_true", help="tiny config (seconds): checks the pipeline, not the speed")
+    b.add_argument("--config", default=None,
+                   help="cpu | gpu | quick | path to a JSON config (default: gpu on CUDA, cpu otherwise)")
+    b.add_argument("--print-config", action="store_true", help="print the config as JSON and exit")
+    b.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    b.add_argument("--dtype", default=None, choices=["auto", "float32", "float16", "bfloat16"],
+                   help="override the config's dtype")
+    b.add_argument("--sections", default="attention,prompt_embedding", type=_csv,
+                   help="comma list of attention, prompt_embedding (ignored with --model)")
+    b.add_argument("--peers", default=None, type=_csv,
+                   help="comma list of naive,peft,sdpa,flex,ptk-ref,ptk-triton (default: all)")
+    b.add_argument("--model", default=None, type=_csv,
+                   help="end-to-end mode: comma list of bert,gpt2,llama (PEFT prefix tuning, one training step)")
+    b.add_argument("--size", default="auto", choices=["auto", "small", "full"],
+                   help="e2e model size: full = BERT-base / GPT-2-small / small Llama; auto = full on CUDA, small on CPU")
+    b.add_argument("--small", action="store_const", const="small", dest="size", help="same as --size small")
+    b.add_argument("--steps", type=int, default=0, help="e2e timed steps (default 20 on GPU, 3 on CPU)")
+    b.add_argument("--backend", default="auto", help="backend passed to ptkernels.patch in e2e mode")
+    b.add_argument("--out", default=None, help="results folder (default bench-results/<timestamp>)")
+    b.add_argument("--no-plots", action="store_true")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def cmd_verify(args) -> int:
+    import torch
+
+    from .benchmarking import env, verify
+
+    device = env.pick_device(args.device)
+    bad = [d for d in args.dtypes if d not in ("fp32", "fp16", "bf16")]
+    if bad:
+        print(f"unknown dtype(s) {bad}; use fp32, fp16, bf16", file=sys.stderr)
+        return 2
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, torch.get_num_threads()))
+    plan = verify.plan(device, args.grid, args.dtypes, args.ops, args.backends, args.seed, args.inject_error,
+                       args.fp32_atol if args.fp32_atol is not None else verify.FP32_ATOL)
+    checks = verify.run(plan, verbose=not args.failures_only)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"meta": env.environment(device), "notes": plan.notes,
+                       "checks": [c.as_dict() for c in checks]}, f, indent=1)
+    return 0 if checks and all(c.passed for c in checks) else 1
+
+
+def _load_config(args, device):
+    from .benchmarking import cases
+
+    if args.quick:
+        return dict(cases.QUICK)
+    if args.config is None:
+        return dict(cases.default_config(device))
+    if args.config in cases.CONFIGS:
+        return dict(cases.CONFIGS[args.config])
+    with open(args.config) as f:
+        return json.load(f)
+
+
+def cmd_bench(args) -> int:
+    import torch
+
+    from .benchmarking import bench, cases, env, peers, report
+
+    device = env.pick_device(args.device)
+    cfg = _load_config(args, device)
+    if args.dtype:
+        cfg["dtype"] = args.dtype
+    if args.print_config:
+        print(json.dumps(cfg, indent=1))
+        return 0
+    dtype = cases.resolve_dtype(cfg.get("dtype", "auto"), device)
+    out_dir = args.out or os.path.join("bench-results", time.strftime("%Y%m%d-%H%M%S"))
+    meta = env.environment(device)
+    meta.update(config=cfg, dtype=str(dtype).replace("torch.", ""), out=out_dir)
+    progress = not args.no_progress
+    print(f"ptkernels bench on {meta['device_name']}: torch {meta['torch']}, triton {meta['triton']}, "
+          f"transformers {meta['transformers']}, peft {meta['peft']}")
+    records, summary = [], [f"# ptkernels bench\n\n{meta['date']}, {meta['device_name']}, torch {meta['torch']}, "
+                            f"triton {meta['triton']}, transformers {meta['transformers']}, peft {meta['peft']}\n"]
+    t0 = time.perf_counter()
+    if args.model:
+        from .benchmarking import e2e
+
+        meta["config"] = {"model": args.model, "size": args.size, "steps": args.steps, "backend": args.backend}
+        for name in args.model:
+            recs = e2e.run_e2e(name, device, args.size, args.steps, args.backend, progress)
+            records.extend(recs)
+        if records:
+            table = report.e2e_table(records)
+            print("\nEnd-to-end: one PEFT prefix-tuning training step (forward, backward, AdamW); speed-up vs peft\n")
+            print(table)
+            summary.append("## End-to-end training step\n\n" + report.e2e_table(records, markdown=True) + "\n")
+    else:
+        print(f"{cases.describe_config(cfg)}, dtype {meta['dtype']}; speed-up = peer time / ptkernels time "
+              f"(ptkernels = triton where it runs, else the torch reference)")
+        if "attention" in args.sections and cfg.get("attention"):
+            recs = bench.run_attention(cfg, device, dtype, args.peers, progress)
+            records.extend(recs)
+            table = report.op_tables(recs, peers.PEER_ORDER, peers.PEER_LABELS)
+            print("\nPrefix attention (median ms):\n")
+            print(table)
+            summary.append("## Prefix attention (median ms)\n\n" +
+                           report.op_tables(recs, peers.PEER_ORDER, peers.PEER_LABELS, markdown=True) + "\n")
+        if "prompt_embedding" in args.sections and cfg.get("prompt_embedding"):
+            mod, why = env.prompt_embedding_module()
+            if mod is None:
+                print(f"\nnote: prompt-embedding section skipped: {why}")
+                summary.append(f"Prompt embedding: skipped ({why}).\n")
+            else:
+                recs = bench.run_prompt_embedding(cfg, device, dtype, progress)
+                records.extend(recs)
+                print("\nPrompt embedding (median ms):\n")
+                print(report.op_tables(recs, peers.EMBEDDING_PEER_ORDER, peers.EMBEDDING_PEER_LABELS))
+                summary.append("## Prompt embedding (median ms)\n\n" + report.op_tables(
+                    recs, peers.EMBEDDING_PEER_ORDER, peers.EMBEDDING_PEER_LABELS, markdown=True) + "\n")
+    meta["elapsed_s"] = round(time.perf_counter() - t0, 1)
+    paths = report.write_results(out_dir, meta, records, "\n".join(summary))
+    if not args.no_plots:
+        try:
+            paths += report.plot_attention(out_dir, records, peers.PEER_LABELS)
+            paths += report.plot_e2e(out_dir, records)
+        except Exception as exc:
+            print(f"note: plots skipped: {type(exc).__name__}: {exc}")
+    print(f"\n{len(records)} measurements in {meta['elapsed_s']} s; wrote " + ", ".join(paths))
+    del torch
+    return 0
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    if getattr(args, "interpret", False):
+        _ensure_interpreter(argv)
+    if args.command == "verify":
+        return cmd_verify(args)
+    return cmd_bench(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
