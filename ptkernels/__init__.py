@@ -10,7 +10,8 @@ Public API (see README.md and DESIGN.md for the full contract):
 """
 
 from .ops.prefix_attention import prefix_attention
+from .ops.prompt_embedding import prompt_embedding, virtual_token_embedding
 
 __version__ = "0.1.0"
 
-__all__ = ["prefix_attention", "__version__"]
+__all__ = ["prefix_attention", "prompt_embedding", "virtual_token_embedding", "__version__"]
