@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--small", action="store_const", const="small", dest="size", help="same as --size small")
     b.add_argument("--steps", type=int, default=0, help="e2e timed steps (default 20 on GPU, 3 on CPU)")
     b.add_argument("--backend", default="auto", help="backend passed to ptkernels.patch in e2e mode")
+    b.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (default: torch's choice); 1 gives steadier numbers on a busy machine")
     b.add_argument("--out", default=None, help="results folder (default bench-results/<timestamp>)")
     b.add_argument("--no-plots", action="store_true")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -93,8 +95,6 @@ def cmd_verify(args) -> int:
     if bad:
         print(f"unknown dtype(s) {bad}; use fp32, fp16, bf16", file=sys.stderr)
         return 2
-    if device.type == "cpu":
-        torch.set_num_threads(max(1, torch.get_num_threads()))
     plan = verify.plan(device, args.grid, args.dtypes, args.ops, args.backends, args.seed, args.inject_error,
                        args.fp32_atol if args.fp32_atol is not None else verify.FP32_ATOL)
     checks = verify.run(plan, verbose=not args.failures_only)
@@ -124,6 +124,8 @@ def cmd_bench(args) -> int:
     from .benchmarking import bench, cases, env, peers, report
 
     device = env.pick_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cfg = _load_config(args, device)
     if args.dtype:
         cfg["dtype"] = args.dtype

@@ -140,8 +140,8 @@ CPU_DEFAULT = {
     "dtype": "float32",
     "timing": {"warmup": 2, "reps": 9, "max_time_s": 0.6},
     "attention": (
-        _grid("bert", 12, 64, [64, 128, 256], [16, 64], batch=2, causal=False)
-        + _grid("gpt2", 12, 64, [64, 128, 256], [16, 64], batch=2, causal=True)
+        _grid("bert", 12, 64, [64, 128, 256, 512], [16, 64], batch=2, causal=False)
+        + _grid("gpt2", 12, 64, [64, 128, 256, 512], [16, 64], batch=2, causal=True)
         + [dict(family="bert-padded", B=2, Hq=12, Hkv=12, S=128, P=16, D=64, causal=False, padding="random")]
         + _grid("llama-gqa", 16, 128, [128, 256], [16], batch=1, causal=True, Hkv=4)
     ),
@@ -154,7 +154,7 @@ CPU_DEFAULT = {
 GPU_DEFAULT = {
     "name": "gpu-default",
     "dtype": "auto",  # bfloat16 where supported, else float16
-    "timing": {"warmup": 10, "reps": 50, "max_time_s": 1.0},
+    "timing": {"warmup": 5, "reps": 30, "max_time_s": 0.5},
     # BERT-base / GPT-2-small attention: H=12, D=64; B fills the GPU (B*S = 32k tokens).
     "attention": (
         _grid("bert", 12, 64, [128, 256, 512, 1024], [16, 64, 128, 256], tokens=32768, causal=False)
@@ -224,3 +224,17 @@ def describe_config(cfg: dict) -> str:
 
 def optional(d: dict, key: str, default=None) -> Optional[object]:
     return d.get(key, default)
+
+
+def config_from_env(device: torch.device) -> dict:
+    """The config for the pytest-benchmark suite: $PTKERNELS_BENCH_CONFIG (cpu|gpu|quick|file.json) or the default."""
+    import json
+    import os
+
+    name = os.environ.get("PTKERNELS_BENCH_CONFIG")
+    if not name:
+        return default_config(device)
+    if name in CONFIGS:
+        return CONFIGS[name]
+    with open(name) as f:
+        return json.load(f)

@@ -35,7 +35,8 @@ def build_model(name: str, size: str):
                             vocab_size=2000) if small else tf.BertConfig()  # BERT-base
         return tf.BertForSequenceClassification(cfg), "SEQ_CLS", cfg
     if name == "gpt2":
-        cfg = tf.GPT2Config(n_embd=128, n_layer=2, n_head=4, vocab_size=2000) if small else tf.GPT2Config()  # small
+        cfg = (tf.GPT2Config(n_embd=128, n_layer=2, n_head=4, vocab_size=2000, bos_token_id=0, eos_token_id=0)
+               if small else tf.GPT2Config())  # GPT-2 small
         return tf.GPT2LMHeadModel(cfg), "CAUSAL_LM", cfg
     if name == "llama":
         if small:

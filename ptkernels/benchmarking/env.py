@@ -25,10 +25,16 @@ def pick_device(requested: str = "auto") -> torch.device:
 
 
 def _version(module: str) -> Optional[str]:
+    """Installed version without importing the package (transformers and peft take seconds to import)."""
     try:
-        return importlib.import_module(module).__version__
+        from importlib.metadata import version
+
+        return version(module)
     except Exception:
-        return None
+        try:
+            return importlib.import_module(module).__version__
+        except Exception:
+            return None
 
 
 def device_name(device: torch.device) -> str:

@@ -94,3 +94,16 @@ def peak_memory_mib(fn: Callable[[], object], device: torch.device) -> Optional[
     fn()
     torch.cuda.synchronize(device)
     return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+def synced(fn: Callable[[], object], device: torch.device) -> Callable[[], object]:
+    """fn followed by torch.cuda.synchronize() on GPU, so wall-clock timers (pytest-benchmark) are honest."""
+    if device.type != "cuda":
+        return fn
+
+    def run():
+        out = fn()
+        torch.cuda.synchronize(device)
+        return out
+
+    return run
