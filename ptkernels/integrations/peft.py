@@ -223,6 +223,17 @@ def _default_position_ids(hf_model, input_ids, inputs_embeds, offset: int, past_
     return (torch.arange(seq_len, device=ref.device) + (past_len + offset)).unsqueeze(0)
 
 
+def _reentrant_checkpointing(hf_model: nn.Module) -> bool:
+    """True when some layer is checkpointed with ``use_reentrant=True`` (torch's legacy mode)."""
+    for m in hf_model.modules():
+        if getattr(m, "gradient_checkpointing", False) is True:
+            fn = getattr(m, "_gradient_checkpointing_func", None)
+            keywords = getattr(fn, "keywords", None)
+            if isinstance(keywords, dict) and keywords.get("use_reentrant", True):
+                return True
+    return False
+
+
 def _compute_prefix(model, peft_config, state) -> LayerPrefix:
     layers, kv_heads, head_dim = _kv_geometry(model.get_base_model().config)
     encoder = model.prompt_encoder[model.active_adapter]
@@ -289,6 +300,15 @@ def _patched_forward(
         else:
             past_len = _past_length(kwargs.get("past_key_values"))
             kwargs["position_ids"] = _default_position_ids(hf_model, input_ids, inputs_embeds, offset, past_len)
+        if self.training and torch.is_grad_enabled() and _reentrant_checkpointing(hf_model):
+            # A reentrant checkpoint re-runs backward once per layer through the shared prefix
+            # encoder graph, which autograd refuses; the non-reentrant one (transformers' default)
+            # has no such problem. Refuse clearly rather than fail deep inside backward.
+            raise ValueError(
+                "ptkernels: prefix tuning with gradient checkpointing needs non-reentrant checkpointing: "
+                "call gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False}) "
+                "(transformers' default)"
+            )
         kwargs[PREFIX_KWARG] = _compute_prefix(self, peft_config, state)
         return self.base_model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, **kwargs)
 
