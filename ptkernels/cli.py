@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--model", default=None, type=_csv,
                    help="end-to-end mode: comma list of bert,gpt2,llama (PEFT prefix tuning, one training step)")
     b.add_argument("--size", default="auto", choices=["auto", "small", "full"],
-                   help="e2e model size: full = BERT-base / GPT-2-small / small Llama; auto = full on CUDA, small on CPU")
+                   help="e2e model size: full = BERT-base / GPT-2-small / small Llama; "
+                        "auto = full on CUDA, small on CPU")
     b.add_argument("--small", action="store_const", const="small", dest="size", help="same as --size small")
     b.add_argument("--steps", type=int, default=0, help="e2e timed steps (default 20 on GPU, 3 on CPU)")
     b.add_argument("--backend", default="auto", help="backend passed to ptkernels.patch in e2e mode")
@@ -86,8 +87,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_verify(args) -> int:
-    import torch
-
     from .benchmarking import env, verify
 
     device = env.pick_device(args.device)
@@ -186,7 +185,6 @@ def cmd_bench(args) -> int:
         except Exception as exc:
             print(f"note: plots skipped: {type(exc).__name__}: {exc}")
     print(f"\n{len(records)} measurements in {meta['elapsed_s']} s; wrote " + ", ".join(paths))
-    del torch
     return 0
 
 

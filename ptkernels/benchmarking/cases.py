@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import asdict, dataclass
-from typing import Optional
 
 import torch
 
@@ -220,10 +219,6 @@ def describe_config(cfg: dict) -> str:
     n_att = len(cfg.get("attention", []))
     n_emb = len(cfg.get("prompt_embedding", []))
     return f"config {cfg.get('name', '?')}: {n_att} attention cases, {n_emb} prompt-embedding cases"
-
-
-def optional(d: dict, key: str, default=None) -> Optional[object]:
-    return d.get(key, default)
 
 
 def config_from_env(device: torch.device) -> dict:

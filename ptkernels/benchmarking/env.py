@@ -41,7 +41,8 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     cores = os.cpu_count()
-    return f"CPU ({platform.processor() or platform.machine()}, {cores} logical cores, {torch.get_num_threads()} torch threads)"
+    arch = platform.processor() or platform.machine()
+    return f"CPU ({arch}, {cores} logical cores, {torch.get_num_threads()} torch threads)"
 
 
 def environment(device: torch.device) -> dict:

@@ -96,7 +96,9 @@ def _visible(inp: AttentionInputs) -> Optional[torch.Tensor]:
                              inp.q.device)
 
 
-def _sdpa_has_gqa() -> bool:
+@functools.lru_cache(maxsize=None)
+def sdpa_has_gqa() -> bool:
+    """torch >= 2.5: scaled_dot_product_attention(..., enable_gqa=True)."""
     try:
         q = torch.zeros(1, 2, 1, 8)
         k = torch.zeros(1, 1, 1, 8)
@@ -104,11 +106,6 @@ def _sdpa_has_gqa() -> bool:
         return True
     except Exception:
         return False
-
-
-@functools.lru_cache(maxsize=None)
-def sdpa_has_gqa() -> bool:
-    return _sdpa_has_gqa()
 
 
 @functools.lru_cache(maxsize=None)
@@ -297,4 +294,5 @@ def make_embedding_peers(case: dict, dtype: torch.dtype, device: torch.device, s
 
 
 EMBEDDING_PEER_ORDER = ["cat", "ptk-ref", "ptk-triton"]
-EMBEDDING_PEER_LABELS = {"cat": "cat(prompt, F.embedding)", "ptk-ref": "ptkernels torch", "ptk-triton": "ptkernels triton"}
+EMBEDDING_PEER_LABELS = {"cat": "cat(prompt, F.embedding)", "ptk-ref": "ptkernels torch",
+                         "ptk-triton": "ptkernels triton"}

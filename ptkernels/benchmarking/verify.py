@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -287,7 +287,7 @@ def run(p: Plan, out=sys.stdout, verbose: bool = True) -> List[Check]:
             case, backend, dt = label if label else ("?", "?", "?")
             got = [Check("prefix_attention" if isinstance(case, VerifyCase) else getattr(case, "op", "?"), backend,
                          DTYPE_NAMES.get(dt, str(dt)), getattr(case, "name", str(case)),
-                         f"raised", float("inf"), 0.0, None, False)]
+                         "raised", float("inf"), 0.0, None, False)]
             print(f"    {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200], file=out)
         for c in got:
             if verbose or not c.passed:
