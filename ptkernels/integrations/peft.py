@@ -135,8 +135,8 @@ def _check_hf_model(hf_model: nn.Module) -> None:
         )
     mods = _attention_modules(hf_model)
     layers = _text_config(config).num_hidden_layers
-    idx = sorted(getattr(m, "layer_idx", None) for m in mods if getattr(m, "layer_idx", None) is not None)
-    if not mods or len(idx) != len(mods) or idx != list(range(layers)):
+    idx = sorted({getattr(m, "layer_idx", None) for m in mods} - {None})
+    if not mods or idx != list(range(layers)):
         raise ValueError(
             f"ptkernels.patch could not find one self-attention module with a layer_idx per layer in "
             f"{type(hf_model).__name__} (found layer_idx {idx}, expected 0..{layers - 1})"
@@ -378,9 +378,14 @@ def _patched_prepare_inputs_for_generation(self, *args, task_ids=None, **kwargs)
     model_kwargs.pop("cache_position", None)
     if past_len == 0:
         prompt = _compute_prompt(self, peft_config)
-        model_kwargs["inputs_embeds"] = _fused_prompt_embedding(
-            input_ids, self.word_embeddings.weight, prompt, state["backend"]
-        )
+        embeds = model_kwargs.get("inputs_embeds")
+        if embeds is not None:  # generate(inputs_embeds=...): prefill with the given embeddings
+            prompt = prompt.to(embeds.dtype).unsqueeze(0).expand(embeds.shape[0], -1, -1)
+            model_kwargs["inputs_embeds"] = torch.cat((prompt, embeds), dim=1)
+        else:
+            model_kwargs["inputs_embeds"] = _fused_prompt_embedding(
+                input_ids, self.word_embeddings.weight, prompt, state["backend"]
+            )
         model_kwargs["input_ids"] = None
     return model_kwargs
 
