@@ -291,10 +291,37 @@ def test_prefix_matters():
     with model.disable_adapter():
         without = step(model, ids, mask, labels, "CAUSAL_LM", "prefix", backward=False)
     assert (with_prefix[1] - without[1]).abs().max() > 1e-2
-    # patched with the real tokens at position 0 differs from PEFT's shifted positions
+
+
+@pytest.mark.parametrize("arch,task", [("llama", "CAUSAL_LM"), ("gpt2", "CAUSAL_LM"), ("bert", "SEQ_CLS")])
+def test_shift_positions_false_starts_real_tokens_at_zero(arch, task):
+    model = make_model(arch, task, "prefix").eval()
+    ids, mask, labels = make_batch(arch, task)
+    shifted = step(model, ids, mask, labels, task, "prefix", backward=False)
+    # oracle: PEFT adds P to explicit position ids, so arange(S) - P lands real tokens on 0..S-1
+    positions = (torch.arange(ids.shape[1]) - P).unsqueeze(0).expand(ids.shape[0], -1)
+    model.zero_grad()
+    ref = model(input_ids=ids, attention_mask=mask, labels=labels, position_ids=positions)
     patch(model, backend="torch", shift_positions=False)
-    unshifted = step(model, ids, mask, labels, "CAUSAL_LM", "prefix", backward=False)
-    assert (with_prefix[1] - unshifted[1]).abs().max() > 1e-3
+    got = model(input_ids=ids, attention_mask=mask, labels=labels)
+    torch.testing.assert_close(got.loss, ref.loss, atol=ATOL, rtol=1e-4)
+    real = slice(None) if task == "SEQ_CLS" else mask.bool()
+    torch.testing.assert_close(got.logits[real], ref.logits[real], atol=ATOL, rtol=1e-4)
+    assert (got.logits[real].detach() - shifted[1]).abs().max() > 1e-4  # and it differs from PEFT's default
+
+
+def test_shift_positions_false_gives_bert_its_full_length():
+    model = make_model("bert", "SEQ_CLS", "prefix").eval()
+    max_pos = model.get_base_model().config.max_position_embeddings
+    ids = torch.randint(2, VOCAB - 1, (2, max_pos))
+    mask = torch.ones_like(ids)
+    with pytest.raises((IndexError, RuntimeError)):  # PEFT: positions P .. max_pos + P - 1 overflow the table
+        model(input_ids=ids, attention_mask=mask)
+    patch(model, backend="torch")
+    with pytest.raises((IndexError, RuntimeError)):  # default = PEFT's convention, same limit
+        model(input_ids=ids, attention_mask=mask)
+    patch(model, backend="torch", shift_positions=False)
+    assert model(input_ids=ids, attention_mask=mask).logits.shape == (2, 3)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -615,6 +642,18 @@ def test_sliding_window_is_refused_not_wrong():
     ids, mask, labels = make_batch("mistral", "CAUSAL_LM")
     with pytest.raises(NotImplementedError, match="sliding"):
         model(input_ids=ids, attention_mask=mask, labels=labels)
+
+
+@pytest.mark.parametrize("peft_wrapped", [False, True])
+def test_static_cache_is_refused_not_wrong(peft_wrapped):
+    model = make_model("llama", "CAUSAL_LM", "prefix") if peft_wrapped else make_base("llama", "CAUSAL_LM")
+    patch(model.eval(), backend="torch")
+    ids, mask, _ = make_batch("llama", "CAUSAL_LM", left_pad=True)
+    with pytest.raises(NotImplementedError, match="static"):
+        model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, do_sample=False, pad_token_id=0,
+                       cache_implementation="static")
+    unpatch(model)
+    assert "prepare_inputs_for_generation" not in model.__dict__
 
 
 def test_import_ptkernels_does_not_import_transformers():

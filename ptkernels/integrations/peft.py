@@ -333,6 +333,22 @@ def _patched_forward(
     return self.base_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
 
 
+def _check_cache(cache) -> None:
+    # A static (compileable) cache hands attention max_cache_len keys, partly unfilled, with a mask
+    # the 2D path cannot express; refuse it rather than attend to empty slots.
+    if getattr(cache, "is_compileable", False):
+        raise NotImplementedError(
+            f"ptkernels: generate() with a static / compileable KV cache ({type(cache).__name__}) is not supported; "
+            "use the default dynamic cache"
+        )
+
+
+def _plain_prepare_inputs_for_generation(self, *args, **kwargs):
+    model_kwargs = self.__dict__[_STATE]["orig_prepare"](*args, **kwargs)
+    _check_cache(model_kwargs.get("past_key_values"))
+    return model_kwargs
+
+
 def _patched_prepare_inputs_for_generation(self, *args, task_ids=None, **kwargs):
     state = self.__dict__[_STATE]
     peft_config = self.active_peft_config
@@ -342,6 +358,7 @@ def _patched_prepare_inputs_for_generation(self, *args, task_ids=None, **kwargs)
     model_kwargs = self.base_model_prepare_inputs_for_generation(*args, **kwargs)
     num_virtual = peft_config.num_virtual_tokens
     cache = model_kwargs.get("past_key_values")
+    _check_cache(cache)
     past_len = _past_length(cache)
     if model_kwargs.get("token_type_ids") is not None:
         warnings.warn("Token type ids are not supported for parameter efficient tuning. Ignoring token type ids")
@@ -451,9 +468,11 @@ def patch(model, *, backend: str = "auto", shift_positions: bool = True):
         }
         if is_peft:
             state["task"] = _enum_value(model.active_peft_config.task_type)
-            for name in ("forward", "prepare_inputs_for_generation"):
-                state["had_" + name] = name in model.__dict__
-                state["orig_" + name] = model.__dict__.get(name)
+        for name in ("forward", "prepare_inputs_for_generation"):
+            state["had_" + name] = name in model.__dict__
+            state["orig_" + name] = model.__dict__.get(name)
+        if not is_peft and hasattr(model, "prepare_inputs_for_generation"):
+            state["orig_prepare"] = model.prepare_inputs_for_generation
         model.__dict__[_STATE] = state
     state["backend"] = backend
     state["shift_positions"] = bool(shift_positions)
@@ -464,6 +483,8 @@ def patch(model, *, backend: str = "auto", shift_positions: bool = True):
         model.forward = types.MethodType(_patched_forward, model)
         if state["task"] == "CAUSAL_LM":
             model.prepare_inputs_for_generation = types.MethodType(_patched_prepare_inputs_for_generation, model)
+    elif "orig_prepare" in state:
+        model.prepare_inputs_for_generation = types.MethodType(_plain_prepare_inputs_for_generation, model)
     return model
 
 
@@ -475,12 +496,11 @@ def unpatch(model):
     hf_model = model.get_base_model() if state["is_peft"] else model
     hf_model.config._attn_implementation = state["attn_implementation"]
     _set_backend(hf_model, None)
-    if state["is_peft"]:
-        for name in ("forward", "prepare_inputs_for_generation"):
-            if state["had_" + name]:
-                model.__dict__[name] = state["orig_" + name]
-            else:
-                model.__dict__.pop(name, None)
+    for name in ("forward", "prepare_inputs_for_generation"):
+        if state["had_" + name]:
+            model.__dict__[name] = state["orig_" + name]
+        else:
+            model.__dict__.pop(name, None)
     del model.__dict__[_STATE]
     return model
 
