@@ -156,6 +156,10 @@ def make_batch(arch: str, task: str, batch: int = 3, seq: int = 7, left_pad: boo
     return ids, mask, labels
 
 
+def _to(device, *tensors):
+    return [None if t is None else t.to(device) for t in tensors]
+
+
 def _feature_weights(hidden: torch.Tensor) -> torch.Tensor:
     g = torch.Generator().manual_seed(7)
     return torch.randn(hidden.shape[-1], generator=g).to(hidden.device)
@@ -490,6 +494,24 @@ def test_gradient_checkpointing(arch, task, adapter):
     assert_close_results(ref, got, what="checkpointed")
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=triton_backend)])
+def test_gradient_checkpointing_replays_attention_dropout(backend):
+    """With attention dropout on, the checkpointed recompute draws the same dropout mask."""
+    torch.manual_seed(0)
+    config = make_config("bert")
+    config.attention_probs_dropout_prob = 0.1
+    config.num_labels = 3
+    model = get_peft_model(AutoModelForSequenceClassification.from_config(config), make_peft_config("prefix", "SEQ_CLS"))
+    model = patch(model.to(DEVICE), backend=backend).train()
+    ids, mask, labels = _to(DEVICE, *make_batch("bert", "SEQ_CLS", batch=2, seq=5))
+    ref = step(model, ids, mask, labels, "SEQ_CLS", "prefix", seed=5)
+    other_seed = step(model, ids, mask, labels, "SEQ_CLS", "prefix", seed=6)
+    assert (ref[0] - other_seed[0]).abs() > 1e-6  # dropout is really on
+    model.gradient_checkpointing_enable()
+    assert_close_results(ref, step(model, ids, mask, labels, "SEQ_CLS", "prefix", seed=5), atol=TRITON_ATOL,
+                         what=f"{backend} checkpointed dropout")
+
+
 def test_reentrant_checkpointing_with_prefix_is_refused():
     model = patch(make_model("gpt2", "CAUSAL_LM", "prefix"), backend="torch").train()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
@@ -668,10 +690,6 @@ def test_import_ptkernels_does_not_import_transformers():
 # ------------------------------------------------------------------------------------------------
 # backend "triton" (Triton interpreter on CPU): a subset
 # ------------------------------------------------------------------------------------------------
-
-
-def _to(device, *tensors):
-    return [None if t is None else t.to(device) for t in tensors]
 
 
 @triton_backend
