@@ -6,12 +6,13 @@ Public API (see README.md and DESIGN.md for the full contract):
                      scale=None, dropout_p=0.0, backend="auto")
     prompt_embedding(input_ids, weight, prompt, *, backend="auto")
     virtual_token_embedding(token_ids, weight, prompt, *, backend="auto")
-    patch(model, *, backend="auto") / unpatch(model)
+    patch(model, *, backend="auto", shift_positions=True) / unpatch(model)
 """
 
 from .ops.prefix_attention import prefix_attention
 from .ops.prompt_embedding import prompt_embedding, virtual_token_embedding
+from .integrations import patch, unpatch
 
 __version__ = "0.1.0"
 
-__all__ = ["prefix_attention", "prompt_embedding", "virtual_token_embedding", "__version__"]
+__all__ = ["prefix_attention", "prompt_embedding", "virtual_token_embedding", "patch", "unpatch", "__version__"]
