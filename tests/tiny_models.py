@@ -1,0 +1,108 @@
+"""Tiny HF models with PEFT prompt-learning adapters, shared by the model-level hardening tests
+(test_hardening_models.py, test_distributed.py, test_trainer.py). Not a test module.
+
+Everything is built from configs with fixed seeds (no download). Dropout is off unless asked for,
+so two builds with the same seed give the same parameters and, in train mode, the same outputs.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+from peft import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, TaskType, get_peft_model  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    BertConfig,
+    GPT2Config,
+    LlamaConfig,
+)
+
+VOCAB = 61
+P = 3  # virtual tokens
+NUM_LABELS = 3
+MAX_POSITIONS = 32
+
+
+def make_config(arch: str, *, dropout: float = 0.0, attn_dropout: float = 0.0):
+    common = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=40,
+                  max_position_embeddings=MAX_POSITIONS, pad_token_id=0)
+    if arch == "bert":
+        return BertConfig(**common, hidden_dropout_prob=dropout, attention_probs_dropout_prob=attn_dropout)
+    if arch == "gpt2":
+        return GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=MAX_POSITIONS,
+                          resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=attn_dropout,
+                          pad_token_id=0, bos_token_id=VOCAB - 1, eos_token_id=VOCAB - 1)
+    if arch == "llama":  # GQA: 4 query heads, 2 key/value heads, head dim 8
+        return LlamaConfig(**common, num_key_value_heads=2, attention_dropout=attn_dropout)
+    raise ValueError(arch)
+
+
+_AUTO = {"SEQ_CLS": AutoModelForSequenceClassification, "CAUSAL_LM": AutoModelForCausalLM, "FEATURE_EXTRACTION": AutoModel}
+
+
+def make_base(arch: str, task: str, *, seed: int = 0, **config_kwargs):
+    torch.manual_seed(seed)
+    config = make_config(arch, **config_kwargs)
+    if task == "SEQ_CLS":
+        config.num_labels = NUM_LABELS
+        config.problem_type = "single_label_classification"
+    return _AUTO[task].from_config(config, attn_implementation="sdpa")
+
+
+def make_peft_config(adapter: str, task: str):
+    task_type = getattr(TaskType, task)
+    if adapter == "prefix":
+        return PrefixTuningConfig(task_type=task_type, num_virtual_tokens=P)
+    if adapter == "prefix_proj":
+        return PrefixTuningConfig(task_type=task_type, num_virtual_tokens=P, prefix_projection=True, encoder_hidden_size=24)
+    if adapter == "ptuning_mlp":
+        return PromptEncoderConfig(task_type=task_type, num_virtual_tokens=P, encoder_hidden_size=24,
+                                   encoder_reparameterization_type="MLP")
+    if adapter == "prompt":
+        return PromptTuningConfig(task_type=task_type, num_virtual_tokens=P)
+    raise ValueError(adapter)
+
+
+def make_model(arch: str, task: str, adapter: str, *, seed: int = 0, **config_kwargs):
+    base = make_base(arch, task, seed=seed, **config_kwargs)
+    torch.manual_seed(seed + 1)
+    return get_peft_model(base, make_peft_config(adapter, task))
+
+
+def make_batch(task: str, *, batch: int = 2, seq: int = 6, pad: bool = True, seed: int = 1):
+    """(input_ids, attention_mask, labels); with ``pad`` the last example is right-padded to half length."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, VOCAB - 1, (batch, seq), generator=g)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    if pad:
+        mask[-1, seq // 2:] = 0
+    ids = ids.masked_fill(mask == 0, 0)
+    if task == "SEQ_CLS":
+        labels = torch.randint(0, NUM_LABELS, (batch,), generator=g)
+    else:
+        labels = ids.masked_fill(mask == 0, -100)
+    return ids, mask, labels
+
+
+def trainable_grads(model) -> dict:
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+
+
+def trainable_params(model) -> dict:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def real_outputs(out, mask, task: str, adapter: str):
+    """The model outputs of the real tokens (logits of real tokens; sequence logits for SEQ_CLS)."""
+    if task == "SEQ_CLS":
+        return out.logits
+    logits = out.logits
+    if adapter not in ("prefix", "prefix_proj"):  # prompt tuning: the virtual tokens are in the output
+        logits = logits[:, P:]
+    return logits[mask.bool()]
