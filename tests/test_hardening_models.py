@@ -180,16 +180,6 @@ def test_compiled_patched_model_trains_like_eager():
         torch.testing.assert_close(params[name], ref_params[name], atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=torch._dynamo.exc.Unsupported,
-    reason="integration bug: patch() registers transformers' flash_attention_mask as the 'ptkernels' mask "
-    "builder; it does `if attention_mask.all(): attention_mask = None`, a data-dependent branch, so "
-    "torch.compile(patched_model) graph-breaks (5-6 breaks per forward for BERT / GPT-2 / Llama, where the "
-    "unpatched PEFT model compiles to ONE graph) and fullgraph=True raises. Fix: register a builder that "
-    "returns attention_mask[:, -kv_length:] unchanged while torch.compiler.is_compiling() (the kernel "
-    "handles an all-True mask) and defers to flash_attention_mask otherwise.",
-)
 def test_compile_fullgraph_patched_model_like_unpatched():
     arch, task, adapter = "llama", "CAUSAL_LM", "prefix"
     ids, mask, labels = make_batch(task, batch=2, seq=6)

@@ -6,9 +6,10 @@
   module of a model whose ``config._attn_implementation == "ptkernels"`` calls
   :func:`ptkernels_attention_forward` with its projected q / k / v (k / v already concatenated
   with the KV cache when decoding), the mask built below, ``dropout`` and ``scaling``.
-* ``AttentionMaskInterface.register("ptkernels", flash_attention_mask)``: transformers then hands
-  the attention function the 2D (B, Sk) padding mask (or None when nothing is padded) instead of a
-  dense 4D mask. Without a registered mask builder transformers silently passes ``mask=None``.
+* ``AttentionMaskInterface.register("ptkernels", ptkernels_attention_mask)`` (transformers'
+  ``flash_attention_mask``, made compile-safe): transformers then hands the attention function the
+  2D (B, Sk) padding mask (or None when nothing is padded) instead of a dense 4D mask. Without a
+  registered mask builder transformers silently passes ``mask=None``.
 
 The prefix travels as a forward keyword argument, ``ptkernels_prefix`` (a :class:`LayerPrefix`),
 which transformers forwards through ``**kwargs`` from ``model(...)`` down to the attention function;
@@ -161,6 +162,27 @@ def ptkernels_attention_forward(
     return out.transpose(1, 2), None
 
 
+def ptkernels_attention_mask(*args, **kwargs):
+    """The mask builder registered for "ptkernels": the 2D (B, Sk) padding mask, or None.
+
+    Eagerly this is transformers' ``flash_attention_mask`` (which returns None when nothing is
+    padded, so the kernel skips the mask loads). Under torch.compile its ``attention_mask.all()``
+    test would be a data-dependent branch (a graph break), so the sliced mask is returned as is:
+    the kernel gives the same result for an all-True mask.
+    """
+    from transformers.masking_utils import flash_attention_mask
+
+    if not torch.compiler.is_compiling():
+        return flash_attention_mask(*args, **kwargs)
+    import inspect
+
+    bound = inspect.signature(flash_attention_mask).bind(*args, **kwargs)
+    attention_mask = bound.arguments.get("attention_mask")
+    if attention_mask is None:
+        return None
+    return attention_mask[:, -bound.arguments["kv_length"]:]
+
+
 _registered = False
 
 
@@ -170,8 +192,8 @@ def register() -> None:
     if _registered:
         return
     from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
+    from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(ATTN_IMPLEMENTATION, ptkernels_attention_forward)
-    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, flash_attention_mask)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, ptkernels_attention_mask)
     _registered = True
