@@ -496,3 +496,67 @@ def test_gpu_backward_deterministic_100x():
         for a, b in zip(first, again):
             assert torch.equal(a, b)
 
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU launch settings that the interpreter cannot exercise
+
+
+def test_launch_grids_fit_cuda_limits_when_batch_times_heads_exceeds_65535():
+    # CUDA caps grid y and z at 65535: B * H (or B, for a per-example prefix) must not sit there.
+    from ptkernels.ops.prefix_attention.aot_check import Case as LaunchCase
+    from ptkernels.ops.prefix_attention.aot_check import case_launches, check_grid
+
+    for case in [
+        LaunchCase(torch.float16, 64, batch=8192, kv_heads=4, group=4, q_len=64, k_len=64, dropout=True),
+        LaunchCase(torch.float16, 64, batch=70000, kv_heads=1, q_len=16, k_len=16, prefix="per_example"),
+        LaunchCase(torch.float16, 64, batch=70000, kv_heads=1, q_len=16, k_len=16, prefix="shared", causal=True),
+    ]:
+        launches = case_launches(case, allow_interpreted=True)
+        assert len(launches) >= 5
+        problems = [err for launch in launches if (err := check_grid(launch)) is not None]
+        assert problems == [], problems
+
+
+def test_fp32_dots_keep_fp32_accuracy_unless_tf32_is_allowed():
+    # On a GPU, tl.dot on fp32 defaults to TF32 (10-bit mantissa), which would break the fp32
+    # tolerances above: fp32 gets tf32x3 (about fp32 accuracy) unless the user allowed TF32 the torch way.
+    from ptkernels.ops.prefix_attention.forward import dot_precision
+
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert dot_precision(torch.float32) == ("ieee" if torch.version.hip else "tf32x3")
+        torch.set_float32_matmul_precision("high")
+        assert dot_precision(torch.float32) == "tf32"
+    finally:
+        torch.set_float32_matmul_precision(before)
+    for dtype in (torch.float16, torch.bfloat16):
+        assert dot_precision(dtype) == "tf32"  # ignored by tl.dot for 16-bit operands
+
+
+def test_gpu_block_configs_follow_the_device_shared_memory():
+    # Shared memory per block: H100 227 KiB, A100 163 KiB, sm_86/sm_89 (A10G, L4, RTX 4090) 99 KiB.
+    # tests/test_kernels_compile.py compiles the chosen configs and checks their real footprint.
+    from ptkernels.ops.prefix_attention.backward import gpu_backward_config
+    from ptkernels.ops.prefix_attention.forward import block_d, gpu_forward_config
+
+    h100, a100, ada = 232448, 166912, 101376
+    # The fast configs stay on H100 for 16-bit inputs; dropout gets 8 warps at D <= 64.
+    assert gpu_forward_config(64, torch.float16, h100) == dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
+    assert gpu_forward_config(64, torch.float16, h100, dropout=True) == dict(
+        BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
+    assert gpu_forward_config(128, torch.bfloat16, h100) == dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
+    assert gpu_backward_config(128, torch.float16, h100) == dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2)
+    for max_shared in (h100, a100, ada):
+        for dtype in (torch.float16, torch.bfloat16, torch.float32):
+            for head_dim in (8, 16, 40, 64, 80, 128, 256):
+                bd, size = block_d(head_dim), dtype.itemsize
+                for dropout in (False, True):
+                    f = gpu_forward_config(head_dim, dtype, max_shared, dropout)
+                    need = (f["BLOCK_M"] * bd + 2 * f["num_stages"] * f["BLOCK_N"] * bd) * size
+                    assert need <= max_shared, (max_shared, dtype, head_dim, f)
+                b = gpu_backward_config(head_dim, dtype, max_shared)
+                block = max(b["BLOCK_M"], b["BLOCK_N"])
+                need = (2 * block * bd + 2 * b["num_stages"] * block * bd) * size
+                assert need <= max_shared, (max_shared, dtype, head_dim, b)

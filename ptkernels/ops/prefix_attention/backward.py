@@ -20,13 +20,19 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..._backend import interpreter_enabled
 from .forward import (
+    BACKWARD_SHARED_MEMORY_MARGIN,
+    INTERPRETER_CONFIG,
+    KERNELS_INTERPRETED,
     LOG2_E,
     _dropout_keep,
     block_d,
+    dot_precision,
+    first_fitting,
+    head_dim_bucket,
     mask_as_int8,
     mask_strides,
+    max_shared_memory,
     prefix_strides,
     upcast_in_interpreter,
 )
@@ -41,8 +47,10 @@ def _delta_kernel(
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """delta[b, h, i] = sum_d dO[b, h, i, d] * O[b, h, i, d] in fp32."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid = tl.program_id(0)  # 1-D grid: query blocks fastest, then batch * heads
+    num_m_blocks = tl.cdiv(q_len, BLOCK_M)
+    pid_m = pid % num_m_blocks
+    pid_bh = pid // num_m_blocks
     b = (pid_bh // num_heads).to(tl.int64)
     h = (pid_bh % num_heads).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -57,16 +65,18 @@ def _delta_kernel(
 
 @triton.jit
 def _dq_tile(
-    dq, q, do, lse, delta, k, v, s_visible, keep, qk_scale_log2, dropout_scale, DROPOUT: tl.constexpr,
+    dq, q, do, lse, delta, k, v, s_visible, seed, row_offsets, key_index, dropout_p, qk_scale_log2, dropout_scale,
+    DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """dQ contribution of one key tile (before the final multiplication by the softmax scale)."""
-    s = tl.dot(q, tl.trans(k)) * qk_scale_log2
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
     p = tl.where(s_visible, tl.math.exp2(s - lse[:, None]), 0.0)
-    dp = tl.dot(do, tl.trans(v))
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
     if DROPOUT:
+        keep = _dropout_keep(seed, row_offsets, key_index, dropout_p)
         dp = tl.where(keep, dp * dropout_scale, 0.0)
     ds = p * (dp - delta[:, None])
-    return dq + tl.dot(ds.to(k.dtype), k)
+    return dq + tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -83,11 +93,13 @@ def _prefix_attention_bwd_dq_kernel(
     num_q_heads, q_len, k_len, prefix_len, head_dim,
     scale, qk_scale_log2, dropout_p, dropout_scale, seed,
     GROUP: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_PREFIX: tl.constexpr,
-    DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
+    DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid = tl.program_id(0)  # 1-D grid: query blocks fastest, then batch * query heads
+    num_m_blocks = tl.cdiv(q_len, BLOCK_M)
+    pid_m = pid % num_m_blocks
+    pid_bh = pid // num_m_blocks
     b = (pid_bh // num_q_heads).to(tl.int64)
     h = (pid_bh % num_q_heads).to(tl.int64)
     kv_h = h // GROUP
@@ -109,7 +121,6 @@ def _prefix_attention_bwd_dq_kernel(
     delta = tl.load(DELTA + row_stat, mask=m_valid, other=0.0)
     row_offsets = row_stat.to(tl.int64) * (prefix_len + k_len)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    keep = None
 
     if HAS_PREFIX:
         pk_base = PK + b * stride_pkb + kv_h * stride_pkh
@@ -123,9 +134,8 @@ def _prefix_attention_bwd_dq_kernel(
             if UPCAST:
                 k = k.to(tl.float32)
                 v = v.to(tl.float32)
-            if DROPOUT:
-                keep = _dropout_keep(seed, row_offsets, n, dropout_p)
-            dq = _dq_tile(dq, q, do, lse, delta, k, v, n_valid[None, :], keep, qk_scale_log2, dropout_scale, DROPOUT)
+            dq = _dq_tile(dq, q, do, lse, delta, k, v, n_valid[None, :], seed, row_offsets, n, dropout_p,
+                          qk_scale_log2, dropout_scale, DROPOUT, DOT_PRECISION)
 
     hi = k_len
     if CAUSAL:
@@ -148,9 +158,8 @@ def _prefix_attention_bwd_dq_kernel(
         visible_2d = visible[None, :]
         if CAUSAL:
             visible_2d = visible_2d & (n[None, :] <= offs_m[:, None] + (k_len - q_len))
-        if DROPOUT:
-            keep = _dropout_keep(seed, row_offsets, prefix_len + n, dropout_p)
-        dq = _dq_tile(dq, q, do, lse, delta, k, v, visible_2d, keep, qk_scale_log2, dropout_scale, DROPOUT)
+        dq = _dq_tile(dq, q, do, lse, delta, k, v, visible_2d, seed, row_offsets, prefix_len + n, dropout_p,
+                      qk_scale_log2, dropout_scale, DROPOUT, DOT_PRECISION)
 
     dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + rows * stride_dqm + offs_d[None, :]
     tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=qd_mask)
@@ -161,7 +170,7 @@ def _dkdv_tile(
     dk, dv, k, v, Q, DO, LSE, DELTA, q_base, do_base, stat_base, stride_qm, stride_dom,
     start_m, q_len, offs_d, d_valid, key_visible_t, key_index, row_offset_base, key_count,
     seed, dropout_p, dropout_scale, qk_scale_log2,
-    DROPOUT: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
+    DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     """dK/dV contribution of one query tile, in transposed (keys x queries) form."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -176,9 +185,9 @@ def _dkdv_tile(
     lse = tl.load(LSE + stat_base + offs_m, mask=m_valid, other=float("inf"))
     delta = tl.load(DELTA + stat_base + offs_m, mask=m_valid, other=0.0)
 
-    s_t = tl.dot(k, tl.trans(q)) * qk_scale_log2
+    s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale_log2
     p_t = tl.where(key_visible_t, tl.math.exp2(s_t - lse[None, :]), 0.0)
-    dp_t = tl.dot(v, tl.trans(do))
+    dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
     if DROPOUT:
         row_offsets = (row_offset_base + offs_m.to(tl.int64)) * key_count
         keep_t = tl.trans(_dropout_keep(seed, row_offsets, key_index, dropout_p))
@@ -186,9 +195,9 @@ def _dkdv_tile(
         dp_t = tl.where(keep_t, dp_t * dropout_scale, 0.0)
     else:
         p_dropped_t = p_t
-    dv += tl.dot(p_dropped_t.to(do.dtype), do)
+    dv += tl.dot(p_dropped_t.to(do.dtype), do, input_precision=DOT_PRECISION)
     ds_t = p_t * (dp_t - delta[None, :])
-    dk += tl.dot(ds_t.to(q.dtype), q)
+    dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
     return dk, dv
 
 
@@ -205,12 +214,14 @@ def _prefix_attention_bwd_dkdv_kernel(
     num_q_heads, num_kv_heads, q_len, k_len, prefix_len, head_dim,
     scale, qk_scale_log2, dropout_p, dropout_scale, seed,
     GROUP: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
-    DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
+    DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dK, dV of the real keys: one program per (key block, batch, kv head)."""
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid = tl.program_id(0)  # 1-D grid: key blocks fastest, then batch * kv heads
+    num_n_blocks = tl.cdiv(k_len, BLOCK_N)
+    pid_n = pid % num_n_blocks
+    pid_bh = pid // num_n_blocks
     b = (pid_bh // num_kv_heads).to(tl.int64)
     kv_h = (pid_bh % num_kv_heads).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -250,7 +261,7 @@ def _prefix_attention_bwd_dkdv_kernel(
                 dk, dv, k, v, Q, DO, LSE, DELTA, q_base, do_base, stat_base, stride_qm, stride_dom,
                 start_m, q_len, offs_d, d_valid, visible_t, prefix_len + offs_n.to(tl.int64), stat_base,
                 prefix_len + k_len, seed, dropout_p, dropout_scale, qk_scale_log2,
-                DROPOUT, UPCAST, BLOCK_M,
+                DROPOUT, UPCAST, DOT_PRECISION, BLOCK_M,
             )
     tl.store(DK + b * stride_dkb + kv_h * stride_dkh + keys * stride_dkn + offs_d[None, :],
              (dk * scale).to(DK.dtype.element_ty), mask=kd_mask)
@@ -270,6 +281,7 @@ def _prefix_attention_bwd_prefix_kernel(
     batch, batch_per_split, num_q_heads, num_kv_heads, q_len, k_len, prefix_len, head_dim,
     scale, qk_scale_log2, dropout_p, dropout_scale, seed,
     GROUP: tl.constexpr, PER_EXAMPLE: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dK, dV of the prefix: one program per (prefix block, kv head, batch split).
@@ -277,9 +289,13 @@ def _prefix_attention_bwd_prefix_kernel(
     Per-example prefix: split s is batch example s. Shared prefix: split s sums examples
     [s * batch_per_split, (s + 1) * batch_per_split) in order, into its own slice of DPK/DPV.
     """
-    pid_n = tl.program_id(0)
-    kv_h = tl.program_id(1).to(tl.int64)
-    split = tl.program_id(2).to(tl.int64)
+    # 1-D grid: prefix blocks fastest, then kv heads, then splits (a per-example prefix has one split
+    # per batch example, and CUDA caps grid y/z at 65535).
+    pid = tl.program_id(0)
+    num_n_blocks = tl.cdiv(prefix_len, BLOCK_N)
+    pid_n = pid % num_n_blocks
+    kv_h = ((pid // num_n_blocks) % num_kv_heads).to(tl.int64)
+    split = (pid // num_n_blocks // num_kv_heads).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     n_valid = offs_n < prefix_len
@@ -308,7 +324,7 @@ def _prefix_attention_bwd_prefix_kernel(
                     dk, dv, k, v, Q, DO, LSE, DELTA, q_base, do_base, stat_base, stride_qm, stride_dom,
                     start_m, q_len, offs_d, d_valid, visible_t, offs_n.to(tl.int64), stat_base,
                     prefix_len + k_len, seed, dropout_p, dropout_scale, qk_scale_log2,
-                    DROPOUT, UPCAST, BLOCK_M,
+                    DROPOUT, UPCAST, DOT_PRECISION, BLOCK_M,
                 )
     tl.store(DPK + split * stride_dpks + kv_h * stride_dpkh + keys * stride_dpkn + offs_d[None, :],
              (dk * scale).to(DPK.dtype.element_ty), mask=kd_mask)
@@ -316,19 +332,45 @@ def _prefix_attention_bwd_prefix_kernel(
              dv.to(DPV.dtype.element_ty), mask=kd_mask)
 
 
-def backward_config(head_dim: int) -> dict:
-    if interpreter_enabled():
-        return dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
-    if head_dim <= 64:
-        return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
-    return dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2)
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates, best first, by padded head dim (see forward.py).
+_BACKWARD_CANDIDATES = {
+    64: [(64, 64, 4, 2), (64, 64, 4, 1), (32, 32, 4, 2), (32, 32, 4, 1), (16, 16, 4, 1)],
+    128: [(64, 64, 8, 2), (64, 64, 8, 1), (32, 32, 4, 2), (32, 32, 4, 1), (16, 16, 4, 1)],
+    256: [(64, 64, 8, 2), (64, 64, 8, 1), (32, 32, 4, 2), (32, 32, 4, 1), (16, 16, 4, 1)],
+}
+_BACKWARD_CANDIDATES_FP32 = {
+    64: [(32, 32, 4, 2), (32, 32, 4, 1), (16, 16, 4, 1)],
+    128: [(32, 32, 8, 2), (32, 32, 8, 1), (16, 16, 4, 1)],
+    256: [(32, 32, 8, 1), (16, 16, 4, 1)],
+}
+
+
+def backward_config(head_dim: int, dtype: torch.dtype, max_shared: int) -> dict:
+    if KERNELS_INTERPRETED:
+        return dict(INTERPRETER_CONFIG)
+    return gpu_backward_config(head_dim, dtype, max_shared)
+
+
+def gpu_backward_config(head_dim: int, dtype: torch.dtype, max_shared: int) -> dict:
+    """One block config for the three backward kernels on a GPU with ``max_shared`` bytes per program."""
+    bd, size, bucket = block_d(head_dim), dtype.itemsize, head_dim_bucket(head_dim)
+    candidates = (_BACKWARD_CANDIDATES_FP32 if dtype == torch.float32 else _BACKWARD_CANDIDATES)[bucket]
+
+    def need(block_m, block_n, stages):  # two resident tiles, plus num_stages streamed tile pairs
+        block = max(block_m, block_n)
+        return (2 * block * bd + 2 * stages * block * bd) * size
+
+    return first_fitting(candidates, need, BACKWARD_SHARED_MEMORY_MARGIN[dtype], max_shared)
 
 
 def shared_prefix_splits(batch: int, prefix_blocks: int, kv_heads: int, device: torch.device) -> int:
     """How many batch slices reduce a shared prefix's gradient in parallel (fp32 partials, fixed order).
 
-    Enough programs to fill the GPU, at most 8 partial buffers. The interpreter uses 2 so that CI
-    exercises the partial-sum path.
+    About two programs per SM. There is no fixed cap: with few kv heads and a short prefix (MQA, P <= 64
+    gives prefix_blocks * kv_heads = 1) a cap of 8 left 8 programs on a 132-SM H100, each looping over
+    B / 8 examples x the GQA group x all query blocks. The partials stay small: splits * Hkv * P is
+    about 2 * SMs * BLOCK_N rows of D fp32 (17 MB at D = 128 on an H100, K and V together).
+    The interpreter uses 2 so that CI exercises the partial-sum path.
     """
     if batch <= 1:
         return 1
@@ -336,7 +378,7 @@ def shared_prefix_splits(batch: int, prefix_blocks: int, kv_heads: int, device: 
         return min(batch, 2)
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     want = triton.cdiv(2 * sms, max(1, prefix_blocks * kv_heads))
-    return max(1, min(batch, 8, want))
+    return max(1, min(batch, want))
 
 
 def prefix_attention_backward(
@@ -358,23 +400,24 @@ def prefix_attention_backward(
     if q.numel() == 0 or k.numel() == 0 and prefix_len == 0:
         return dq.zero_(), dk.zero_(), dv.zero_(), torch.zeros_like(prefix_k), torch.zeros_like(prefix_v)
 
-    cfg = backward_config(head_dim)
+    cfg = backward_config(head_dim, q.dtype, max_shared_memory(q.device))
     bm, bn, bd = cfg["BLOCK_M"], cfg["BLOCK_N"], block_d(head_dim)
     launch = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    flags = dict(DROPOUT=dropout_p > 0.0, UPCAST=upcast_in_interpreter(q.dtype))
+    flags = dict(DROPOUT=dropout_p > 0.0, UPCAST=upcast_in_interpreter(q.dtype), DOT_PRECISION=dot_precision(q.dtype))
     qk_scale_log2 = scale * LOG2_E
     dropout_scale = 1.0 / (1.0 - dropout_p)
     kpm = mask_as_int8(key_padding_mask)
 
     delta = torch.empty_like(lse)
-    _delta_kernel[(triton.cdiv(q_len, bm), batch * q_heads)](
+    # 1-D grids throughout: CUDA caps grid y/z at 65535, and B * H (or B) can exceed it.
+    _delta_kernel[(triton.cdiv(q_len, bm) * batch * q_heads,)](
         out, grad_out, delta,
         out.stride(0), out.stride(1), out.stride(2),
         grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
         q_heads, q_len, head_dim, BLOCK_M=bm, BLOCK_D=bd,
     )
 
-    _prefix_attention_bwd_dq_kernel[(triton.cdiv(q_len, bm), batch * q_heads)](
+    _prefix_attention_bwd_dq_kernel[(triton.cdiv(q_len, bm) * batch * q_heads,)](
         q, k, v, prefix_k, prefix_v, kpm, grad_out, lse, delta, dq,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
@@ -390,7 +433,7 @@ def prefix_attention_backward(
     )
 
     if k_len > 0:
-        _prefix_attention_bwd_dkdv_kernel[(triton.cdiv(k_len, bn), batch * kv_heads)](
+        _prefix_attention_bwd_dkdv_kernel[(triton.cdiv(k_len, bn) * batch * kv_heads,)](
             q, k, v, kpm, grad_out, lse, delta, dk, dv,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
@@ -419,7 +462,7 @@ def prefix_attention_backward(
         partial_dtype = prefix_k.dtype if splits == 1 else torch.float32
         dpk = torch.empty((splits,) + tuple(prefix_k.shape), device=q.device, dtype=partial_dtype)
         dpv = torch.empty((splits,) + tuple(prefix_v.shape), device=q.device, dtype=partial_dtype)
-    _prefix_attention_bwd_prefix_kernel[(prefix_blocks, kv_heads, splits)](
+    _prefix_attention_bwd_prefix_kernel[(prefix_blocks * kv_heads * splits,)](
         q, prefix_k, prefix_v, grad_out, lse, delta, dpk, dpv,
         q.stride(0), q.stride(1), q.stride(2),
         *prefix_strides(prefix_k), *prefix_strides(prefix_v),
@@ -432,7 +475,7 @@ def prefix_attention_backward(
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, **flags, **launch,
     )
     if not per_example:
-        # Fixed-order sum of at most 8 fp32 partials: deterministic.
+        # Fixed-order sum of the fp32 partials: deterministic.
         dpk = dpk[0] if splits == 1 else dpk.sum(0).to(prefix_k.dtype)
         dpv = dpv[0] if splits == 1 else dpv.sum(0).to(prefix_v.dtype)
     return dq, dk, dv, dpk, dpv

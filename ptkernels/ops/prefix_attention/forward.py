@@ -13,14 +13,14 @@ offset = ((b * Hq + h) * Sq + i) * (P + Sk) + j, where j indexes the concatenate
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-
-from ..._backend import interpreter_enabled
+from triton.runtime.jit import JITFunction
 
 LOG2_E = 1.4426950408889634
 
@@ -32,8 +32,14 @@ def _dropout_keep(seed, row_offsets, key_index, dropout_p):
 
 
 @triton.jit
-def _online_softmax_step(acc, m_i, l_i, s, v, keep, dropout_scale, DROPOUT: tl.constexpr):
-    """Fold one (BLOCK_M, BLOCK_N) tile of log2-domain scores s into the running (acc, m_i, l_i)."""
+def _online_softmax_step(
+    acc, m_i, l_i, s, v, seed, row_offsets, key_index, dropout_p, dropout_scale,
+    DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Fold one (BLOCK_M, BLOCK_N) tile of log2-domain scores s into the running (acc, m_i, l_i).
+
+    With DROPOUT, weight (row, key) is kept iff _dropout_keep(seed, row_offsets, key_index) is true.
+    """
     m_new = tl.maximum(m_i, tl.max(s, 1))
     # A row that has seen no visible key yet has m_new == -inf: subtract 0 instead, so that
     # exp2(-inf - 0) = 0 rather than exp2(-inf + inf) = NaN.
@@ -42,8 +48,9 @@ def _online_softmax_step(acc, m_i, l_i, s, v, keep, dropout_scale, DROPOUT: tl.c
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
     if DROPOUT:
+        keep = _dropout_keep(seed, row_offsets, key_index, dropout_p)
         p = tl.where(keep, p * dropout_scale, 0.0)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return acc, m_new, l_i
 
 
@@ -65,12 +72,17 @@ def _prefix_attention_fwd_kernel(
     HAS_PREFIX: tl.constexpr,
     DROPOUT: tl.constexpr,
     UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    # A 1-D grid (query blocks fastest, then batch * heads): CUDA caps grid y/z at 65535, and
+    # B * Hq can exceed that. Programs of one head stay adjacent, as with a (blocks, B * Hq) grid.
+    pid = tl.program_id(0)
+    num_m_blocks = tl.cdiv(q_len, BLOCK_M)
+    pid_m = pid % num_m_blocks
+    pid_bh = pid // num_m_blocks
     b = (pid_bh // num_q_heads).to(tl.int64)
     h = (pid_bh % num_q_heads).to(tl.int64)
     kv_h = h // GROUP
@@ -90,7 +102,6 @@ def _prefix_attention_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     row_offsets = ((b * num_q_heads + h) * q_len + offs_m.to(tl.int64)) * (prefix_len + k_len)
-    keep = None
 
     # Loop 1: prefix keys, read from their own tensor (batch stride 0 when shared).
     if HAS_PREFIX:
@@ -105,11 +116,10 @@ def _prefix_attention_fwd_kernel(
             if UPCAST:
                 k = k.to(tl.float32)
                 v = v.to(tl.float32)
-            s = tl.dot(q, tl.trans(k)) * qk_scale_log2
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
             s = tl.where(n_valid[None, :], s, float("-inf"))
-            if DROPOUT:
-                keep = _dropout_keep(seed, row_offsets, n, dropout_p)
-            acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, s, v, keep, dropout_scale, DROPOUT)
+            acc, m_i, l_i = _online_softmax_step(
+                acc, m_i, l_i, s, v, seed, row_offsets, n, dropout_p, dropout_scale, DROPOUT, DOT_PRECISION)
 
     # Loop 2: real keys, up to the causal bound of this query block.
     hi = k_len
@@ -130,14 +140,13 @@ def _prefix_attention_fwd_kernel(
         if HAS_KPM:
             attend = tl.load(KPM + b * stride_mb + n.to(tl.int64) * stride_mn, mask=n_valid, other=0)
             visible = visible & (attend != 0)
-        s = tl.dot(q, tl.trans(k)) * qk_scale_log2
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
         visible_2d = visible[None, :]
         if CAUSAL:
             visible_2d = visible_2d & (n[None, :] <= offs_m[:, None] + (k_len - q_len))
         s = tl.where(visible_2d, s, float("-inf"))
-        if DROPOUT:
-            keep = _dropout_keep(seed, row_offsets, prefix_len + n, dropout_p)
-        acc, m_i, l_i = _online_softmax_step(acc, m_i, l_i, s, v, keep, dropout_scale, DROPOUT)
+        acc, m_i, l_i = _online_softmax_step(
+            acc, m_i, l_i, s, v, seed, row_offsets, prefix_len + n, dropout_p, dropout_scale, DROPOUT, DOT_PRECISION)
 
     has_key = l_i > 0.0
     out = acc / tl.where(has_key, l_i, 1.0)[:, None]
@@ -145,6 +154,12 @@ def _prefix_attention_fwd_kernel(
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=m_valid[:, None] & d_valid[None, :])
     lse = tl.where(has_key, m_i + tl.math.log2(tl.where(has_key, l_i, 1.0)), float("inf"))
     tl.store(LSE + (b * num_q_heads + h) * q_len + offs_m, lse, mask=m_valid)
+
+
+# triton.jit chose between compiling and interpreting when this module was imported (it reads
+# TRITON_INTERPRET then), so the launch settings that differ for the interpreter follow the kernels
+# themselves, not the environment at launch time.
+KERNELS_INTERPRETED = not isinstance(_prefix_attention_fwd_kernel, JITFunction)
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -172,17 +187,91 @@ def block_d(head_dim: int) -> int:
 
 def upcast_in_interpreter(dtype: torch.dtype) -> bool:
     """Triton 3.9's interpreter computes tl.dot on bf16 operands wrongly: compute those tiles in fp32."""
-    return interpreter_enabled() and dtype == torch.bfloat16
+    return KERNELS_INTERPRETED and dtype == torch.bfloat16
 
 
-def forward_config(head_dim: int) -> dict:
-    if interpreter_enabled():
-        return dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
-    if head_dim <= 64:
-        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
-    if head_dim <= 128:
-        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
-    return dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2)
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot input precision for ``dtype`` tiles (it only matters for fp32; 16-bit tiles ignore it).
+
+    On a GPU, tl.dot on fp32 defaults to TF32 (10-bit mantissa), which torch.matmul does not do by
+    default. So fp32 follows torch's float32 matmul precision: "highest" (the default) gets tf32x3
+    (three TF32 tensor-core products, about fp32 accuracy), "high"/"medium" (TF32 allowed, e.g.
+    torch.backends.cuda.matmul.allow_tf32 = True) gets plain TF32. ROCm gets exact fp32 ("ieee").
+    """
+    if dtype != torch.float32:
+        return "tf32"
+    if torch.version.hip:
+        return "ieee"
+    return "tf32x3" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
+@functools.lru_cache(maxsize=None)
+def _device_max_shared_memory(index: int) -> int:
+    return int(triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"])
+
+
+def max_shared_memory(device: torch.device) -> int:
+    """Bytes of shared memory one program may use on ``device`` (227 KiB on H100, 163 KiB on A100,
+    99 KiB on sm_86/sm_89 parts such as A10G, L4, RTX 4090)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return 232448
+    return _device_max_shared_memory(device.index if device.index is not None else torch.cuda.current_device())
+
+
+INTERPRETER_CONFIG = dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
+
+# Block configs are (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates, best first, by padded
+# head dim (<= 64, 128, 256); a launcher takes the first whose shared-memory estimate, times the
+# margin (what the compiler allocates beyond the operand tiles: layout conversions, the hi/lo
+# halves of tf32x3 operands), fits the device. aot_check compiles them all and checks the real sizes.
+# fp32 tiles (tf32x3 dots) need more registers: smaller tiles, or they spill heavily.
+# Dropout: philox on a 128 x 64 tile spills at 4 warps (600+ bytes/thread at D=64): 8 warps.
+_FORWARD_CANDIDATES = {
+    (64, False): [(128, 64, 4, 3), (128, 64, 4, 2), (64, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2)],
+    (64, True): [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2)],
+    (128, False): [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2)],
+    (256, False): [(64, 32, 8, 2), (64, 32, 8, 1), (32, 32, 4, 1), (16, 16, 4, 1)],
+}
+_FORWARD_CANDIDATES_FP32 = {
+    64: [(64, 32, 4, 2), (32, 32, 4, 2), (16, 16, 4, 1)],
+    128: [(64, 32, 8, 2), (32, 32, 4, 2), (32, 32, 4, 1), (16, 16, 4, 1)],
+    256: [(32, 32, 8, 1), (16, 16, 4, 1)],
+}
+FORWARD_SHARED_MEMORY_MARGIN = {torch.float16: 1.25, torch.bfloat16: 1.25, torch.float32: 1.4}
+BACKWARD_SHARED_MEMORY_MARGIN = {torch.float16: 1.1, torch.bfloat16: 1.1, torch.float32: 1.4}
+
+
+def head_dim_bucket(head_dim: int) -> int:
+    return min(256, max(64, block_d(head_dim)))
+
+
+def first_fitting(candidates, need, margin: float, max_shared: int) -> dict:
+    """The first (BLOCK_M, BLOCK_N, num_warps, num_stages) whose need(...) * margin fits, else the last."""
+    for block_m, block_n, warps, stages in candidates:
+        if need(block_m, block_n, stages) * margin <= max_shared:
+            break
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+
+
+def forward_config(head_dim: int, dtype: torch.dtype, max_shared: int, dropout: bool = False) -> dict:
+    if KERNELS_INTERPRETED:
+        return dict(INTERPRETER_CONFIG)
+    return gpu_forward_config(head_dim, dtype, max_shared, dropout)
+
+
+def gpu_forward_config(head_dim: int, dtype: torch.dtype, max_shared: int, dropout: bool = False) -> dict:
+    """Forward block config on a GPU with ``max_shared`` bytes of shared memory per program."""
+    bd, size, bucket = block_d(head_dim), dtype.itemsize, head_dim_bucket(head_dim)
+    if dtype == torch.float32:
+        candidates = _FORWARD_CANDIDATES_FP32[bucket]
+    else:
+        candidates = _FORWARD_CANDIDATES.get((bucket, dropout), _FORWARD_CANDIDATES[(bucket, False)])
+
+    def need(block_m, block_n, stages):  # the Q tile, plus num_stages (K, V) tile pairs
+        return (block_m * bd + 2 * stages * block_n * bd) * size
+
+    return first_fitting(candidates, need, FORWARD_SHARED_MEMORY_MARGIN[dtype], max_shared)
 
 
 def prefix_strides(prefix: Tensor) -> tuple[int, int, int]:
@@ -217,8 +306,8 @@ def prefix_attention_forward(
     if out.numel() == 0:
         lse.fill_(float("inf"))
         return out.zero_(), lse
-    cfg = forward_config(head_dim)
-    grid = (triton.cdiv(q_len, cfg["BLOCK_M"]), batch * q_heads)
+    cfg = forward_config(head_dim, q.dtype, max_shared_memory(q.device), dropout=dropout_p > 0.0)
+    grid = (triton.cdiv(q_len, cfg["BLOCK_M"]) * batch * q_heads,)
     kpm = mask_as_int8(key_padding_mask)
     _prefix_attention_fwd_kernel[grid](
         q, k, v, prefix_k, prefix_v, kpm, out, lse,
@@ -237,6 +326,7 @@ def prefix_attention_forward(
         HAS_PREFIX=prefix_len > 0,
         DROPOUT=dropout_p > 0.0,
         UPCAST=upcast_in_interpreter(q.dtype),
+        DOT_PRECISION=dot_precision(q.dtype),
         BLOCK_D=block_d(head_dim),
         **cfg,
     )

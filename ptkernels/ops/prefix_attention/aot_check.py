@@ -1,0 +1,444 @@
+"""Compile the prefix-attention kernels for a GPU target ahead of time, without a GPU.
+
+CI runs the kernels in Triton's interpreter, which accepts code the real compiler rejects (type
+changes across constexpr branches or loop iterations, ``tl.dot`` shape/dtype rules, ...). This module
+drives the real launchers (``prefix_attention_forward`` / ``prefix_attention_backward``) with meta
+tensors, records every kernel launch instead of running it, and compiles each recorded launch with
+``triton.compile`` for a ``GPUTarget`` (sm_90, sm_80, ...), specialising the arguments exactly as a
+real launch would (ints equal to 1 and ``None`` become constants, 16-divisibility attributes, ...).
+It then checks what can be checked without a device: the kernel's shared memory fits the target, and
+the grid fits CUDA's limits.
+
+It must run in a process where TRITON_INTERPRET is unset: with it, ``@triton.jit`` builds interpreted
+functions at import time and there is nothing to compile. From the command line:
+
+    env -u TRITON_INTERPRET python -m ptkernels.ops.prefix_attention.aot_check [--full] [--arch 90 80]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import hashlib
+import itertools
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any, Iterator, Optional
+
+import torch
+
+# CUDA limits: grid y and z, and the largest dynamic shared memory one block may use, per capability.
+MAX_GRID_YZ = 65535
+MAX_GRID_X = 2**31 - 1
+MAX_SHARED_BYTES = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448}
+
+
+@dataclasses.dataclass
+class Launch:
+    """One recorded ``kernel[grid](*args, **kwargs)`` call."""
+
+    kernel: Any
+    grid: tuple
+    args: tuple
+    kwargs: dict
+
+    @property
+    def name(self) -> str:
+        return self.kernel.fn.__name__
+
+
+class _Recorder:
+    def __init__(self, kernel, sink: list):
+        self.kernel, self.sink = kernel, sink
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.sink.append(Launch(self.kernel, tuple(grid), args, dict(kwargs)))
+
+        return launch
+
+
+def _kernel_slots():
+    from . import backward, forward
+
+    return [
+        (forward, "_prefix_attention_fwd_kernel"),
+        (forward, "_dropout_keep_mask_kernel"),
+        (backward, "_delta_kernel"),
+        (backward, "_prefix_attention_bwd_dq_kernel"),
+        (backward, "_prefix_attention_bwd_dkdv_kernel"),
+        (backward, "_prefix_attention_bwd_prefix_kernel"),
+    ]
+
+
+@contextlib.contextmanager
+def record_launches(arch: int = 90, allow_interpreted: bool = False) -> Iterator[list[Launch]]:
+    """Within the block, the launchers record their kernel launches in the yielded list instead of
+    running them, and choose their block configs for sm_<arch>'s shared memory.
+
+    Under the interpreter the launchers use the interpreter's block configs; the recorded grids can
+    still be checked (allow_interpreted=True), but the launches cannot be compiled.
+    """
+    from . import backward, forward
+
+    if forward.KERNELS_INTERPRETED and not allow_interpreted:
+        raise RuntimeError("aot_check needs a process without TRITON_INTERPRET (kernels would be interpreted)")
+    launches: list[Launch] = []
+    saved = []
+    try:
+        slots = [(module, name, _Recorder(getattr(module, name), launches)) for module, name in _kernel_slots()]
+        smem = lambda device: MAX_SHARED_BYTES[arch]  # noqa: E731
+        slots += [(forward, "max_shared_memory", smem), (backward, "max_shared_memory", smem)]
+        for module, name, replacement in slots:
+            saved.append((module, name, getattr(module, name)))
+            setattr(module, name, replacement)
+        yield launches
+    finally:
+        for module, name, kernel in saved:
+            setattr(module, name, kernel)
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One call of forward + backward; the flags select the kernels' constexpr branches."""
+
+    dtype: torch.dtype
+    head_dim: int
+    causal: bool = False
+    kpm: bool = False
+    prefix: str = "shared"  # "none" | "shared" | "per_example"
+    dropout: bool = False
+    group: int = 1
+    batch: int = 2
+    kv_heads: int = 2
+    q_len: int = 97
+    k_len: int = 113
+    prefix_len: int = 20
+    layout: str = "bhsd"  # "bhsd" contiguous, or "bshd" (Hugging Face buffers viewed as BHSD)
+    seed: int = 2**40 + 12345  # an int64 seed, as draw_dropout_seed gives
+
+    def __str__(self) -> str:
+        dt = str(self.dtype).replace("torch.", "")
+        flags = [f for f, on in (("causal", self.causal), ("kpm", self.kpm), ("dropout", self.dropout)) if on]
+        return (f"{dt}-D{self.head_dim}-{self.prefix}-g{self.group}-{'+'.join(flags) or 'plain'}"
+                f"-B{self.batch}Hkv{self.kv_heads}Sq{self.q_len}Sk{self.k_len}P{self.prefix_len}-{self.layout}")
+
+
+def _meta(shape, dtype, layout):
+    if layout == "bshd" and len(shape) == 4:
+        b, h, s, d = shape
+        return torch.empty(b, s, h, d, dtype=dtype, device="meta").transpose(1, 2)
+    return torch.empty(shape, dtype=dtype, device="meta")
+
+
+def case_launches(case: Case, arch: int = 90, allow_interpreted: bool = False) -> list[Launch]:
+    """The kernel launches of one forward and one backward call on sm_<arch>, recorded (nothing runs)."""
+    from .backward import prefix_attention_backward
+    from .forward import dropout_keep_mask, prefix_attention_forward
+
+    b, hkv, d = case.batch, case.kv_heads, case.head_dim
+    hq = hkv * case.group
+    p = 0 if case.prefix == "none" else case.prefix_len
+    q = _meta((b, hq, case.q_len, d), case.dtype, case.layout)
+    k = _meta((b, hkv, case.k_len, d), case.dtype, case.layout)
+    v = _meta((b, hkv, case.k_len, d), case.dtype, case.layout)
+    prefix_shape = (b, hkv, p, d) if case.prefix == "per_example" else (hkv, p, d)
+    pk = torch.empty(prefix_shape, dtype=case.dtype, device="meta")
+    pv = torch.empty(prefix_shape, dtype=case.dtype, device="meta")
+    kpm = torch.empty(b, case.k_len, dtype=torch.bool, device="meta") if case.kpm else None
+    dropout_p = 0.1 if case.dropout else 0.0
+    seed = case.seed if case.dropout else 0
+    scale = d**-0.5
+    with record_launches(arch, allow_interpreted) as launches:
+        out, lse = prefix_attention_forward(q, k, v, pk, pv, kpm, case.causal, scale, dropout_p, seed)
+        prefix_attention_backward(torch.empty_like(out), q, k, v, pk, pv, kpm, out, lse,
+                                  case.causal, scale, dropout_p, seed)
+        if case.dropout:
+            dropout_keep_mask(b, hq, case.q_len, p + case.k_len, dropout_p, seed, "meta")
+    return launches
+
+
+# --------------------------------------------------------------------------------------------
+# Compilation
+
+
+def _specialise(launch: Launch, backend):
+    """(signature, constexprs, attrs, options) exactly as JITFunction.run computes them for a launch."""
+    from triton.runtime.jit import create_function_from_signature
+
+    kernel = launch.kernel
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound_args, specialization, options = binder(*launch.args, **launch.kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, launch.kwargs, bound_args, specialization, options)
+    return signature, constexprs, attrs, options
+
+
+def launch_key(launch: Launch, arch: int) -> str:
+    """Identifies the compiled binary: launches with the same key compile to the same kernel."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import make_backend
+
+    backend = make_backend(GPUTarget("cuda", arch, 32))
+    signature, constexprs, attrs, options = _specialise(launch, backend)
+    text = repr((launch.name, arch, sorted(signature.items()), sorted((k, repr(v)) for k, v in constexprs.items()),
+                 sorted(attrs.items()), sorted(options.__dict__.items())))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@dataclasses.dataclass
+class Result:
+    name: str
+    arch: int
+    case: str
+    ok: bool
+    stages: tuple = ()
+    shared: int = 0
+    registers: int = 0  # per thread, from cuobjdump (0 when unknown)
+    stack: int = 0  # bytes of local stack per thread: > 0 means register spills
+    num_warps: int = 0
+    num_stages: int = 0
+    error: str = ""
+    seconds: float = 0.0
+
+
+def compile_launch(launch: Launch, arch: int, case: str = "", cubin: bool = True) -> Result:
+    """Compile one recorded launch for sm_<arch>; never raises (errors go into the Result)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import ASTSource, make_backend
+
+    start = time.perf_counter()
+    target = GPUTarget("cuda", arch, 32)
+    try:
+        backend = make_backend(target)
+        signature, constexprs, attrs, options = _specialise(launch, backend)
+        src = ASTSource(launch.kernel, signature, constexprs, attrs)
+        compiled = triton.compile(src, target=target, options=options.__dict__)
+        stages = tuple(s for s in ("ttir", "ttgir", "llir", "ptx", "cubin") if s in compiled.asm)
+        need = ("ttgir", "llir", "ptx") + (("cubin",) if cubin else ())
+        missing = [s for s in need if s not in stages]
+        shared = int(compiled.metadata.shared)
+        error = ""
+        if missing:
+            error = f"missing stages {missing}"
+        limit = MAX_SHARED_BYTES.get(arch)
+        if limit is not None and shared > limit:
+            error = f"needs {shared} bytes of shared memory, sm_{arch} allows {limit} per block"
+        registers, stack = _resource_usage(compiled.asm.get("cubin"))
+        return Result(launch.name, arch, case, not error, stages, shared, registers, stack, options.num_warps,
+                      options.num_stages, error, time.perf_counter() - start)
+    except Exception as exc:  # noqa: BLE001 - reported, not raised
+        msg = f"{type(exc).__name__}: {exc}"
+        return Result(launch.name, arch, case, False, error=msg[-4000:], seconds=time.perf_counter() - start)
+
+
+def _resource_usage(cubin: Optional[bytes]) -> tuple[int, int]:
+    """(registers per thread, stack bytes per thread) of a cubin, read with the cuobjdump Triton ships."""
+    import re
+    import subprocess
+    import tempfile
+
+    if not cubin:
+        return 0, 0
+    try:
+        import triton.backends.nvidia as nvidia
+
+        tool = os.path.join(os.path.dirname(nvidia.__file__), "bin", "cuobjdump")
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(cubin)
+            f.flush()
+            text = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True, timeout=60).stdout
+        match = re.search(r"REG:(\d+) STACK:(\d+)", text)
+        return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
+    except Exception:  # noqa: BLE001 - informative only
+        return 0, 0
+
+
+def check_grid(launch: Launch) -> Optional[str]:
+    grid = tuple(launch.grid) + (1,) * (3 - len(launch.grid))
+    if not (1 <= grid[0] <= MAX_GRID_X and 1 <= grid[1] <= MAX_GRID_YZ and 1 <= grid[2] <= MAX_GRID_YZ):
+        return f"{launch.name}: grid {launch.grid} exceeds CUDA's limits (x < 2**31, y and z <= {MAX_GRID_YZ})"
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Which cases
+
+
+def quick_cases() -> list[Case]:
+    """What CI compiles (about a minute): every kernel, every constexpr flag on and off, each dtype,
+    BLOCK_D 16/64/128/256, decode shapes whose ints specialise to 1, and fp32 at D=128 (the largest
+    shared-memory footprint)."""
+    return [
+        Case(torch.float16, 64, causal=True, kpm=True, prefix="shared", dropout=True, group=4),
+        Case(torch.bfloat16, 128, causal=True, kpm=True, prefix="per_example", group=2, layout="bshd"),
+        Case(torch.float32, 128, prefix="shared"),
+        Case(torch.float16, 16, prefix="none"),
+        Case(torch.bfloat16, 256, prefix="shared"),
+        Case(torch.float16, 40, causal=True, batch=1, kv_heads=1, q_len=1, k_len=1, prefix_len=1),
+    ]
+
+
+def cases() -> list[Case]:
+    """A covering set: every dtype x BLOCK_D with all branches on and all off, plus the other mixes."""
+    out = []
+    for dtype, d in itertools.product((torch.float16, torch.bfloat16, torch.float32), (16, 64, 128)):
+        out.append(Case(dtype, d, causal=True, kpm=True, prefix="shared", dropout=True, group=4))
+        out.append(Case(dtype, d, prefix="none", group=1))
+        out.append(Case(dtype, d, causal=True, prefix="per_example", group=1, layout="bshd"))
+        out.append(Case(dtype, d, kpm=True, prefix="per_example", dropout=True, group=2))
+    # Non-power-of-two head dims, decode-like shapes whose ints specialise to 1, large head dim.
+    out += [
+        Case(torch.float16, 40, kpm=True, dropout=True, group=2, layout="bshd"),
+        Case(torch.bfloat16, 80, causal=True, prefix="per_example"),
+        Case(torch.float16, 64, causal=True, batch=1, kv_heads=1, q_len=1, k_len=1, prefix_len=1, group=1),
+        Case(torch.bfloat16, 128, kpm=True, batch=1, kv_heads=1, q_len=1, k_len=7, prefix_len=1, group=8,
+             dropout=True, seed=7),  # a seed below 2**31 is passed as i32
+        Case(torch.float16, 256, causal=True, kpm=True, dropout=True, group=2),
+        Case(torch.bfloat16, 256, prefix="per_example"),
+    ]
+    return out
+
+
+def full_cases() -> list[Case]:
+    """Every combination of the constexpr flags, dtypes and BLOCK_D 16/64/128 (slow: for a one-off run)."""
+    out = []
+    for dtype, d, causal, kpm, prefix, dropout, group in itertools.product(
+        (torch.float16, torch.bfloat16, torch.float32), (16, 64, 128, 256), (False, True), (False, True),
+        ("none", "shared", "per_example"), (False, True), (1, 4),
+    ):
+        out.append(Case(dtype, d, causal=causal, kpm=kpm, prefix=prefix, dropout=dropout, group=group))
+    return out + cases()
+
+
+def grid_limit_cases() -> list[Case]:
+    """Shapes whose batch * heads (or batch) exceeds 65535: the grid must still be launchable."""
+    return [
+        Case(torch.float16, 64, batch=8192, kv_heads=4, group=4, q_len=64, k_len=64),
+        Case(torch.float16, 64, batch=70000, kv_heads=1, group=1, q_len=16, k_len=16, prefix="per_example"),
+        Case(torch.float16, 64, batch=70000, kv_heads=1, group=1, q_len=16, k_len=16, prefix="shared"),
+    ]
+
+
+def _compile_job(job):
+    launch, arch, case, cubin = job
+    return compile_launch(launch, arch, case, cubin)
+
+
+def check_grids(cases: list[Case], archs: list[int]) -> list[str]:
+    """Grid-limit problems of the launches of ``cases`` (recorded only, nothing is compiled)."""
+    return [f"sm_{arch} {case}: {err}" for arch in archs for case in cases
+            for launch in case_launches(case, arch) if (err := check_grid(launch)) is not None]
+
+
+def run(cases: list[Case], archs: list[int], cubin: bool = True, workers: Optional[int] = None,
+        verbose: bool = False) -> tuple[list[Result], list[str]]:
+    """Compile the distinct kernels of ``cases`` for each arch. Returns (results, grid problems)."""
+    jobs, seen, grid_errors = [], set(), []
+    for arch in archs:
+        for case in cases:
+            for launch in case_launches(case, arch):
+                if (err := check_grid(launch)) is not None:
+                    grid_errors.append(f"sm_{arch} {case}: {err}")
+                key = launch_key(launch, arch)
+                if key not in seen:
+                    seen.add(key)
+                    jobs.append((launch, arch, str(case), cubin))
+    workers = workers or min(8, os.cpu_count() or 1)
+    if workers > 1 and len(jobs) > 1:
+        # Launch objects carry JITFunctions, which pickle by reference to their module.
+        with ProcessPoolExecutor(workers) as pool:
+            results = list(pool.map(_compile_job, [_picklable(j) for j in jobs], chunksize=1))
+    else:
+        results = [_compile_job(j) for j in jobs]
+    if verbose:
+        for r in results:
+            status = "ok " if r.ok else "FAIL"
+            print(f"{status} sm_{r.arch} {r.name:34s} warps={r.num_warps} stages={r.num_stages} "
+                  f"shared={r.shared:6d} regs={r.registers:3d} stack={r.stack:4d} {r.seconds:5.1f}s {r.case}"
+                  + (f"\n    {r.error}" if r.error else ""))
+    return results, grid_errors
+
+
+def _picklable(job):
+    from triton.runtime.jit import MockTensor
+
+    launch, arch, case, cubin = job
+    slot = next(f"{m.__name__}:{n}" for m, n in _kernel_slots() if n == launch.name)
+    # Argument specialisation reads a tensor's dtype and data_ptr (0 here: 16-byte aligned).
+    args = tuple(MockTensor(a.dtype, list(a.shape)) if isinstance(a, torch.Tensor) else a for a in launch.args)
+    return _PickledLaunch(slot, launch.grid, args, launch.kwargs), arch, case, cubin
+
+
+class _PickledLaunch(Launch):
+    """A Launch that pickles its kernel by name (for the worker processes)."""
+
+    def __init__(self, slot, grid, args, kwargs):
+        import importlib
+
+        module, name = slot.split(":")
+        self.slot = slot
+        super().__init__(getattr(importlib.import_module(module), name), grid, args, kwargs)
+
+    def __reduce__(self):
+        return (_PickledLaunch, (self.slot, self.grid, self.args, self.kwargs))
+
+
+def unavailable_reason() -> Optional[str]:
+    """Why this triton install cannot compile for NVIDIA targets, or None when it can."""
+    try:
+        import triton.backends
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler.compiler import make_backend
+    except Exception as exc:  # noqa: BLE001
+        return f"triton is not importable ({exc})"
+    if "nvidia" not in triton.backends.backends:
+        return f"triton has no nvidia backend (backends: {sorted(triton.backends.backends)})"
+    try:
+        make_backend(GPUTarget("cuda", 90, 32))
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        try:
+            ptxas = get_ptxas(90).path
+        except TypeError:  # older triton: get_ptxas() takes no arch
+            ptxas = get_ptxas().path
+    except Exception as exc:  # noqa: BLE001
+        return f"the nvidia backend or its ptxas is unusable ({type(exc).__name__}: {exc})"
+    if not ptxas or not os.access(ptxas, os.X_OK):
+        return f"ptxas not found or not executable ({ptxas!r})"
+    return None
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", type=int, nargs="+", default=[90, 80])
+    parser.add_argument("--quick", action="store_true", help="the small set CI compiles")
+    parser.add_argument("--full", action="store_true", help="every flag combination (slow)")
+    parser.add_argument("--skip-exit-code", type=int, default=0,
+                        help="exit with this code (not 0) when the triton install cannot compile for NVIDIA GPUs")
+    parser.add_argument("--no-cubin", action="store_true", help="stop at PTX (no ptxas)")
+    parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    if (reason := unavailable_reason()) is not None:
+        print(f"cannot compile for NVIDIA GPUs here: {reason}")
+        return args.skip_exit_code
+    selected = full_cases() if args.full else quick_cases() if args.quick else cases()
+    results, grid_errors = run(selected, args.arch, cubin=not args.no_cubin, workers=args.workers, verbose=args.verbose)
+    grid_errors += check_grids(grid_limit_cases(), args.arch)
+    failed = [r for r in results if not r.ok]
+    for r in failed:
+        print(f"FAIL sm_{r.arch} {r.name} [{r.case}]: {r.error}")
+    for e in grid_errors:
+        print(f"GRID {e}")
+    print(f"{len(results)} kernels compiled for sm_{'/sm_'.join(map(str, args.arch))} from {len(selected)} cases, "
+          f"{len(failed)} failed, {len(grid_errors)} grid problems, {time.perf_counter() - start:.1f}s")
+    return 1 if failed or grid_errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
