@@ -26,6 +26,8 @@ from .forward import (
     KERNELS_INTERPRETED,
     LOG2_E,
     _dropout_keep,
+    _load_tile,
+    _real_keys_visible,
     block_d,
     dot_precision,
     first_fitting,
@@ -111,11 +113,8 @@ def _prefix_attention_bwd_dq_kernel(
     rows = offs_m[:, None].to(tl.int64)
     qd_mask = m_valid[:, None] & d_valid[None, :]
 
-    q = tl.load(Q + b * stride_qb + h * stride_qh + rows * stride_qm + offs_d[None, :], mask=qd_mask, other=0.0)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + rows * stride_dom + offs_d[None, :], mask=qd_mask, other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
-        do = do.to(tl.float32)
+    q = _load_tile(Q + b * stride_qb + h * stride_qh, offs_m, stride_qm, offs_d, m_valid, d_valid, UPCAST)
+    do = _load_tile(DO + b * stride_dob + h * stride_doh, offs_m, stride_dom, offs_d, m_valid, d_valid, UPCAST)
     row_stat = (b * num_q_heads + h) * q_len + offs_m
     lse = tl.load(LSE + row_stat, mask=m_valid, other=float("inf"))
     delta = tl.load(DELTA + row_stat, mask=m_valid, other=0.0)
@@ -128,12 +127,8 @@ def _prefix_attention_bwd_dq_kernel(
         for start_n in range(0, prefix_len, BLOCK_N):
             n = start_n + offs_n
             n_valid = n < prefix_len
-            kv_mask = n_valid[:, None] & d_valid[None, :]
-            k = tl.load(pk_base + n[:, None].to(tl.int64) * stride_pkn + offs_d[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(pv_base + n[:, None].to(tl.int64) * stride_pvn + offs_d[None, :], mask=kv_mask, other=0.0)
-            if UPCAST:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
+            k = _load_tile(pk_base, n, stride_pkn, offs_d, n_valid, d_valid, UPCAST)
+            v = _load_tile(pv_base, n, stride_pvn, offs_d, n_valid, d_valid, UPCAST)
             dq = _dq_tile(dq, q, do, lse, delta, k, v, n_valid[None, :], seed, row_offsets, n, dropout_p,
                           qk_scale_log2, dropout_scale, DROPOUT, DOT_PRECISION)
 
@@ -145,19 +140,9 @@ def _prefix_attention_bwd_dq_kernel(
     for start_n in range(0, hi, BLOCK_N):
         n = start_n + offs_n
         n_valid = n < k_len
-        kv_mask = n_valid[:, None] & d_valid[None, :]
-        k = tl.load(k_base + n[:, None].to(tl.int64) * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + n[:, None].to(tl.int64) * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        visible = n_valid
-        if HAS_KPM:
-            attend = tl.load(KPM + b * stride_mb + n.to(tl.int64) * stride_mn, mask=n_valid, other=0)
-            visible = visible & (attend != 0)
-        visible_2d = visible[None, :]
-        if CAUSAL:
-            visible_2d = visible_2d & (n[None, :] <= offs_m[:, None] + (k_len - q_len))
+        k = _load_tile(k_base, n, stride_kn, offs_d, n_valid, d_valid, UPCAST)
+        v = _load_tile(v_base, n, stride_vn, offs_d, n_valid, d_valid, UPCAST)
+        visible_2d = _real_keys_visible(KPM, b, stride_mb, stride_mn, n, n_valid, offs_m, q_len, k_len, HAS_KPM, CAUSAL)
         dq = _dq_tile(dq, q, do, lse, delta, k, v, visible_2d, seed, row_offsets, prefix_len + n, dropout_p,
                       qk_scale_log2, dropout_scale, DROPOUT, DOT_PRECISION)
 
@@ -175,13 +160,8 @@ def _dkdv_tile(
     """dK/dV contribution of one query tile, in transposed (keys x queries) form."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     m_valid = offs_m < q_len
-    rows = offs_m[:, None].to(tl.int64)
-    qd_mask = m_valid[:, None] & d_valid[None, :]
-    q = tl.load(Q + q_base + rows * stride_qm + offs_d[None, :], mask=qd_mask, other=0.0)
-    do = tl.load(DO + do_base + rows * stride_dom + offs_d[None, :], mask=qd_mask, other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
-        do = do.to(tl.float32)
+    q = _load_tile(Q + q_base, offs_m, stride_qm, offs_d, m_valid, d_valid, UPCAST)
+    do = _load_tile(DO + do_base, offs_m, stride_dom, offs_d, m_valid, d_valid, UPCAST)
     lse = tl.load(LSE + stat_base + offs_m, mask=m_valid, other=float("inf"))
     delta = tl.load(DELTA + stat_base + offs_m, mask=m_valid, other=0.0)
 
@@ -230,11 +210,8 @@ def _prefix_attention_bwd_dkdv_kernel(
     d_valid = offs_d < head_dim
     keys = offs_n[:, None].to(tl.int64)
     kd_mask = n_valid[:, None] & d_valid[None, :]
-    k = tl.load(K + b * stride_kb + kv_h * stride_kh + keys * stride_kn + offs_d[None, :], mask=kd_mask, other=0.0)
-    v = tl.load(V + b * stride_vb + kv_h * stride_vh + keys * stride_vn + offs_d[None, :], mask=kd_mask, other=0.0)
-    if UPCAST:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
+    k = _load_tile(K + b * stride_kb + kv_h * stride_kh, offs_n, stride_kn, offs_d, n_valid, d_valid, UPCAST)
+    v = _load_tile(V + b * stride_vb + kv_h * stride_vh, offs_n, stride_vn, offs_d, n_valid, d_valid, UPCAST)
     visible = n_valid
     if HAS_KPM:
         attend = tl.load(KPM + b * stride_mb + offs_n.to(tl.int64) * stride_mn, mask=n_valid, other=0)
@@ -305,11 +282,8 @@ def _prefix_attention_bwd_prefix_kernel(
     b_start = split * batch_per_split
     b_end = tl.minimum(b_start + batch_per_split, batch)
     # A shared prefix has batch stride 0, so this reads the same (Hkv, P, D) rows for every split.
-    k = tl.load(PK + split * stride_pkb + kv_h * stride_pkh + keys * stride_pkn + offs_d[None, :], mask=kd_mask, other=0.0)
-    v = tl.load(PV + split * stride_pvb + kv_h * stride_pvh + keys * stride_pvn + offs_d[None, :], mask=kd_mask, other=0.0)
-    if UPCAST:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
+    k = _load_tile(PK + split * stride_pkb + kv_h * stride_pkh, offs_n, stride_pkn, offs_d, n_valid, d_valid, UPCAST)
+    v = _load_tile(PV + split * stride_pvb + kv_h * stride_pvh, offs_n, stride_pvn, offs_d, n_valid, d_valid, UPCAST)
     visible_t = n_valid[:, None]
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)

@@ -32,6 +32,35 @@ def _dropout_keep(seed, row_offsets, key_index, dropout_p):
 
 
 @triton.jit
+def _load_tile(base, rows, stride_row, offs_d, row_valid, d_valid, UPCAST: tl.constexpr):
+    """A (rows, BLOCK_D) tile of a row-major (S, D) matrix with unit last stride; masked entries read 0.
+
+    UPCAST: compute in fp32 (the interpreter's bf16 tl.dot is wrong)."""
+    tile = tl.load(base + rows[:, None].to(tl.int64) * stride_row + offs_d[None, :],
+                   mask=row_valid[:, None] & d_valid[None, :], other=0.0)
+    if UPCAST:
+        tile = tile.to(tl.float32)
+    return tile
+
+
+@triton.jit
+def _real_keys_visible(
+    KPM, b, stride_mb, stride_mn, n, n_valid, offs_m, q_len, k_len,
+    HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
+):
+    """(BLOCK_M, BLOCK_N)-broadcastable mask: real key n is visible to query offs_m
+    (in range, not padded, and with CAUSAL at most offs_m + Sk - Sq)."""
+    visible = n_valid
+    if HAS_KPM:
+        attend = tl.load(KPM + b * stride_mb + n.to(tl.int64) * stride_mn, mask=n_valid, other=0)
+        visible = visible & (attend != 0)
+    visible_2d = visible[None, :]
+    if CAUSAL:
+        visible_2d = visible_2d & (n[None, :] <= offs_m[:, None] + (k_len - q_len))
+    return visible_2d
+
+
+@triton.jit
 def _online_softmax_step(
     acc, m_i, l_i, s, v, seed, row_offsets, key_index, dropout_p, dropout_scale,
     DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -93,10 +122,7 @@ def _prefix_attention_fwd_kernel(
     m_valid = offs_m < q_len
     d_valid = offs_d < head_dim
 
-    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None].to(tl.int64) * stride_qm + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=m_valid[:, None] & d_valid[None, :], other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
+    q = _load_tile(Q + b * stride_qb + h * stride_qh, offs_m, stride_qm, offs_d, m_valid, d_valid, UPCAST)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -110,12 +136,8 @@ def _prefix_attention_fwd_kernel(
         for start_n in range(0, prefix_len, BLOCK_N):
             n = start_n + offs_n
             n_valid = n < prefix_len
-            kv_mask = n_valid[:, None] & d_valid[None, :]
-            k = tl.load(pk_base + n[:, None].to(tl.int64) * stride_pkn + offs_d[None, :], mask=kv_mask, other=0.0)
-            v = tl.load(pv_base + n[:, None].to(tl.int64) * stride_pvn + offs_d[None, :], mask=kv_mask, other=0.0)
-            if UPCAST:
-                k = k.to(tl.float32)
-                v = v.to(tl.float32)
+            k = _load_tile(pk_base, n, stride_pkn, offs_d, n_valid, d_valid, UPCAST)
+            v = _load_tile(pv_base, n, stride_pvn, offs_d, n_valid, d_valid, UPCAST)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
             s = tl.where(n_valid[None, :], s, float("-inf"))
             acc, m_i, l_i = _online_softmax_step(
@@ -130,20 +152,10 @@ def _prefix_attention_fwd_kernel(
     for start_n in range(0, hi, BLOCK_N):
         n = start_n + offs_n
         n_valid = n < k_len
-        kv_mask = n_valid[:, None] & d_valid[None, :]
-        k = tl.load(k_base + n[:, None].to(tl.int64) * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + n[:, None].to(tl.int64) * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        visible = n_valid
-        if HAS_KPM:
-            attend = tl.load(KPM + b * stride_mb + n.to(tl.int64) * stride_mn, mask=n_valid, other=0)
-            visible = visible & (attend != 0)
+        k = _load_tile(k_base, n, stride_kn, offs_d, n_valid, d_valid, UPCAST)
+        v = _load_tile(v_base, n, stride_vn, offs_d, n_valid, d_valid, UPCAST)
+        visible_2d = _real_keys_visible(KPM, b, stride_mb, stride_mn, n, n_valid, offs_m, q_len, k_len, HAS_KPM, CAUSAL)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
-        visible_2d = visible[None, :]
-        if CAUSAL:
-            visible_2d = visible_2d & (n[None, :] <= offs_m[:, None] + (k_len - q_len))
         s = tl.where(visible_2d, s, float("-inf"))
         acc, m_i, l_i = _online_softmax_step(
             acc, m_i, l_i, s, v, seed, row_offsets, prefix_len + n, dropout_p, dropout_scale, DROPOUT, DOT_PRECISION)
