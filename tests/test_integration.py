@@ -11,7 +11,6 @@ gradient checkpointing, and the patch-time errors. Backend "torch" runs the full
 from __future__ import annotations
 
 import importlib.util
-import warnings
 
 import pytest
 import torch
@@ -23,8 +22,6 @@ from peft import (  # noqa: E402
     LoraConfig,
     PeftModel,
     PrefixTuningConfig,
-    PromptEncoderConfig,
-    PromptTuningConfig,
     TaskType,
     get_peft_model,
 )
@@ -43,6 +40,7 @@ from transformers import (  # noqa: E402
 )
 
 import ptkernels.integrations.transformers as ptk_tf  # noqa: E402
+import tiny_models  # noqa: E402
 from ptkernels.integrations import is_patched, patch, unpatch  # noqa: E402
 
 HAS_TRITON_BACKEND = importlib.util.find_spec("ptkernels.ops.prefix_attention.function") is not None
@@ -109,20 +107,7 @@ ADAPTERS = ("prefix", "prefix_proj", "ptuning_mlp", "ptuning_lstm", "prompt")
 
 
 def make_peft_config(adapter: str, task: str):
-    task_type = getattr(TaskType, task)
-    if adapter == "prefix":
-        return PrefixTuningConfig(task_type=task_type, num_virtual_tokens=P)
-    if adapter == "prefix_proj":
-        return PrefixTuningConfig(task_type=task_type, num_virtual_tokens=P, prefix_projection=True, encoder_hidden_size=24)
-    if adapter == "ptuning_mlp":
-        return PromptEncoderConfig(task_type=task_type, num_virtual_tokens=P, encoder_hidden_size=24,
-                                   encoder_reparameterization_type="MLP")
-    if adapter == "ptuning_lstm":
-        return PromptEncoderConfig(task_type=task_type, num_virtual_tokens=P, encoder_hidden_size=24,
-                                   encoder_reparameterization_type="LSTM")
-    if adapter == "prompt":
-        return PromptTuningConfig(task_type=task_type, num_virtual_tokens=P)
-    raise ValueError(adapter)
+    return tiny_models.make_peft_config(adapter, task, num_virtual_tokens=P)
 
 
 def make_model(arch: str, task: str, adapter: str, seed: int = 0):

@@ -55,17 +55,19 @@ def make_base(arch: str, task: str, *, seed: int = 0, **config_kwargs):
     return _AUTO[task].from_config(config, attn_implementation="sdpa")
 
 
-def make_peft_config(adapter: str, task: str):
+def make_peft_config(adapter: str, task: str, num_virtual_tokens: int = P):
+    """PEFT config for adapter in ("prefix", "prefix_proj", "ptuning_mlp", "ptuning_lstm", "prompt")."""
     task_type = getattr(TaskType, task)
     if adapter == "prefix":
-        return PrefixTuningConfig(task_type=task_type, num_virtual_tokens=P)
+        return PrefixTuningConfig(task_type=task_type, num_virtual_tokens=num_virtual_tokens)
     if adapter == "prefix_proj":
-        return PrefixTuningConfig(task_type=task_type, num_virtual_tokens=P, prefix_projection=True, encoder_hidden_size=24)
-    if adapter == "ptuning_mlp":
-        return PromptEncoderConfig(task_type=task_type, num_virtual_tokens=P, encoder_hidden_size=24,
-                                   encoder_reparameterization_type="MLP")
+        return PrefixTuningConfig(task_type=task_type, num_virtual_tokens=num_virtual_tokens, prefix_projection=True,
+                                  encoder_hidden_size=24)
+    if adapter in ("ptuning_mlp", "ptuning_lstm"):
+        return PromptEncoderConfig(task_type=task_type, num_virtual_tokens=num_virtual_tokens, encoder_hidden_size=24,
+                                   encoder_reparameterization_type="MLP" if adapter == "ptuning_mlp" else "LSTM")
     if adapter == "prompt":
-        return PromptTuningConfig(task_type=task_type, num_virtual_tokens=P)
+        return PromptTuningConfig(task_type=task_type, num_virtual_tokens=num_virtual_tokens)
     raise ValueError(adapter)
 
 
