@@ -14,6 +14,12 @@ pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
 from peft import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, TaskType, get_peft_model  # noqa: E402
+from ptkernels.testing import (  # noqa: E402,F401  (the oracles, re-exported for the tests)
+    greedy_by_full_forwards,
+    peft_needs_oracle_shim,
+    with_peft_oracle_shim,
+    without_peft_oracle_shim,
+)
 from transformers import (  # noqa: E402
     AutoModel,
     AutoModelForCausalLM,
@@ -74,7 +80,7 @@ def make_peft_config(adapter: str, task: str, num_virtual_tokens: int = P):
 def make_model(arch: str, task: str, adapter: str, *, seed: int = 0, **config_kwargs):
     base = make_base(arch, task, seed=seed, **config_kwargs)
     torch.manual_seed(seed + 1)
-    return get_peft_model(base, make_peft_config(adapter, task))
+    return with_peft_oracle_shim(get_peft_model(base, make_peft_config(adapter, task)))
 
 
 def make_batch(task: str, *, batch: int = 2, seq: int = 6, pad: bool = True, seed: int = 1):
@@ -108,3 +114,4 @@ def real_outputs(out, mask, task: str, adapter: str):
     if adapter not in ("prefix", "prefix_proj"):  # prompt tuning: the virtual tokens are in the output
         logits = logits[:, P:]
     return logits[mask.bool()]
+

@@ -45,7 +45,7 @@ from __future__ import annotations
 import sys
 import types
 import warnings
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -199,6 +199,19 @@ def _fused_prompt_embedding(input_ids: Tensor, weight: Tensor, prompt: Tensor, b
     return torch.cat([prompt, tokens], dim=1)
 
 
+# The KV cache's keyword: ``cache`` from transformers 5.24 on (``past_key_values`` stays a deprecated
+# alias until 5.40), ``past_key_values`` before.
+_CACHE_KWARGS = ("cache", "past_key_values")
+
+
+def _cache_of(kwargs: dict):
+    """The KV cache among a forward's / generate step's keyword arguments, under either name."""
+    for name in _CACHE_KWARGS:
+        if kwargs.get(name) is not None:
+            return kwargs[name]
+    return None
+
+
 def _past_length(past_key_values) -> int:
     if past_key_values is None:
         return 0
@@ -298,7 +311,7 @@ def _patched_forward(
         if kwargs.get("position_ids") is not None:
             kwargs["position_ids"] = kwargs["position_ids"] + offset
         else:
-            past_len = _past_length(kwargs.get("past_key_values"))
+            past_len = _past_length(_cache_of(kwargs))
             kwargs["position_ids"] = _default_position_ids(hf_model, input_ids, inputs_embeds, offset, past_len)
         if self.training and torch.is_grad_enabled() and _reentrant_checkpointing(hf_model):
             # A reentrant checkpoint re-runs backward once per layer through the shared prefix
@@ -345,7 +358,7 @@ def _check_cache(cache) -> None:
 
 def _plain_prepare_inputs_for_generation(self, *args, **kwargs):
     model_kwargs = self.__dict__[_STATE]["orig_prepare"](*args, **kwargs)
-    _check_cache(model_kwargs.get("past_key_values"))
+    _check_cache(_cache_of(model_kwargs))
     return model_kwargs
 
 
@@ -357,7 +370,7 @@ def _patched_prepare_inputs_for_generation(self, *args, task_ids=None, **kwargs)
         raise ValueError(f"ptkernels: the active adapter is {peft_type}, which the patched model does not support")
     model_kwargs = self.base_model_prepare_inputs_for_generation(*args, **kwargs)
     num_virtual = peft_config.num_virtual_tokens
-    cache = model_kwargs.get("past_key_values")
+    cache = _cache_of(model_kwargs)
     _check_cache(cache)
     past_len = _past_length(cache)
     if model_kwargs.get("token_type_ids") is not None:
@@ -391,7 +404,6 @@ def _patched_prepare_inputs_for_generation(self, *args, task_ids=None, **kwargs)
             raise NotImplementedError("ptkernels: prompt tuning generate() with a 4D attention mask (static cache)")
         ones = torch.ones(attention_mask.shape[0], num_virtual, dtype=attention_mask.dtype, device=attention_mask.device)
         model_kwargs["attention_mask"] = torch.cat((ones, attention_mask), dim=1)
-    model_kwargs["position_ids"] = None  # PEFT drops them for prompt learning; the model counts from the cache
     model_kwargs.pop("cache_position", None)
     if past_len == 0:
         prompt = _compute_prompt(self, peft_config)
@@ -404,7 +416,23 @@ def _patched_prepare_inputs_for_generation(self, *args, task_ids=None, **kwargs)
                 input_ids, self.word_embeddings.weight, prompt, state["backend"]
             )
         model_kwargs["input_ids"] = None
+    # Positions as if each row were alone: the virtual tokens at 0 .. P-1, the real tokens after them,
+    # padding skipped (so left padding changes nothing). PEFT drops position ids here and the model
+    # counts from the cache instead, which shifts left-padded rows by their padding.
+    step_inputs = model_kwargs["input_ids"] if model_kwargs.get("input_ids") is not None else model_kwargs["inputs_embeds"]
+    extended_mask = model_kwargs.get("attention_mask")
+    model_kwargs["position_ids"] = (
+        None if extended_mask is None else _positions_from_mask(extended_mask, step_inputs.shape[1])
+    )
     return model_kwargs
+
+
+def _positions_from_mask(attention_mask: Tensor, num_new: int) -> Tensor:
+    """(B, num_new) position ids of the last ``num_new`` tokens of a (B, T) padding mask: each row
+    counts its attended tokens from 0 (padded slots get 1, as transformers' generate does)."""
+    positions = attention_mask.long().cumsum(-1) - 1
+    positions = positions.masked_fill(attention_mask == 0, 1)
+    return positions[:, -num_new:]
 
 
 # --------------------------------------------------------------------------------------------

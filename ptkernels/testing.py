@@ -1,0 +1,103 @@
+"""Oracles for checking a patched model, used by the tests, ``ptkernels verify`` and the benchmarks.
+
+* :func:`with_peft_oracle_shim`: unpatched PEFT prefix tuning made to run again on transformers
+  >= 5.24 (which renamed the models' ``past_key_values`` argument to ``cache``; PEFT 0.21.2 looks for
+  the old name and refuses or crashes), so that PEFT's own code path stays the reference.
+* :func:`greedy_by_full_forwards`: what ``generate()`` must produce: each row alone, decoded greedily
+  by full forwards (no KV cache).
+
+Nothing here changes a patched model; ``ptkernels.patch`` needs no shim.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+__all__ = ["peft_needs_oracle_shim", "with_peft_oracle_shim", "without_peft_oracle_shim", "greedy_by_full_forwards"]
+
+_SHIM = "_ptkernels_test_oracle_shim"
+
+
+def peft_needs_oracle_shim(model) -> bool:
+    """True when unpatched PEFT prefix tuning cannot run this model as it is.
+
+    transformers 5.24 renamed the models' ``past_key_values`` argument to ``cache`` (the old name
+    stays a deprecated alias until 5.40). PEFT 0.21.2 looks for ``past_key_values`` in the forward
+    signature: BERT-family models are refused ("Model does not support past key values ..."), and
+    decoders used for classification go down PEFT's encoder path and crash in the classifier.
+    """
+    base = model.get_base_model()
+    params = inspect.signature(type(base).forward).parameters
+    return "past_key_values" not in params and "cache" in _all_cache_params(base)
+
+
+def _all_cache_params(base) -> set:
+    names = set(inspect.signature(type(base).forward).parameters)
+    backbone = getattr(base, "base_model", None)
+    if backbone is not None and backbone is not base:
+        names |= set(inspect.signature(type(backbone).forward).parameters)
+    return names
+
+
+def with_peft_oracle_shim(model):
+    """Give the base model of an UNPATCHED PEFT model an instance ``forward`` whose signature shows
+    ``past_key_values`` and hands it on as ``cache``, so that PEFT's own prefix-tuning path (prefix
+    in a DynamicCache, concatenated in every layer, 4D mask) runs as it did on transformers <= 5.23.
+
+    Only the tests' oracle gets this: ``ptkernels.patch`` needs no such help (its forward does not go
+    through PEFT's signature check); the tests prove that by removing the shim before patching.
+    A no-op where PEFT runs as it is (older transformers).
+    """
+    if not peft_needs_oracle_shim(model):
+        return model
+    base = model.get_base_model()
+    original = base.forward
+
+    def forward(*args, past_key_values=None, **kwargs):
+        if past_key_values is not None:
+            kwargs["cache"] = past_key_values
+        return original(*args, **kwargs)
+
+    signature = inspect.signature(original)
+    params = list(signature.parameters.values())
+    extra = inspect.Parameter("past_key_values", inspect.Parameter.KEYWORD_ONLY, default=None)
+    at = next((i for i, p in enumerate(params) if p.kind is inspect.Parameter.VAR_KEYWORD), len(params))
+    forward.__signature__ = signature.replace(parameters=params[:at] + [extra] + params[at:])
+    base.forward = forward
+    setattr(base, _SHIM, True)
+    return model
+
+
+def without_peft_oracle_shim(model):
+    """Undo :func:`with_peft_oracle_shim` (the model is as ``get_peft_model`` made it)."""
+    base = model.get_base_model()
+    if base.__dict__.pop(_SHIM, False):
+        del base.forward
+    return model
+
+
+def greedy_by_full_forwards(model, ids, mask, max_new_tokens=6, pad_token_id=0):
+    """The generate() oracle: each row alone (its padding removed), decoded greedily by full forwards
+    of ``model`` (no KV cache), laid out as generate() lays it out (left padding kept, rows that
+    reach EOS padded with ``pad_token_id``)."""
+    eos = model.get_base_model().generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, (list, tuple)) else ([] if eos is None else [eos]))
+    rows = []
+    model.eval()
+    with torch.no_grad():
+        for b in range(ids.shape[0]):
+            seq = ids[b][mask[b].bool()][None]
+            new, done = [], False
+            for _ in range(max_new_tokens):
+                if done:
+                    new.append(pad_token_id)
+                    continue
+                logits = model(input_ids=seq, attention_mask=torch.ones_like(seq)).logits
+                token = int(logits[0, -1].argmax())
+                new.append(token)
+                done = token in eos
+                seq = torch.cat([seq, seq.new_tensor([[token]])], dim=1)
+            rows.append(torch.cat([ids[b], ids.new_tensor(new)]))
+    return torch.stack(rows)
