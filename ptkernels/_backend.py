@@ -1,4 +1,12 @@
-"""Backend selection shared by every op: "auto" | "triton" | "torch"."""
+"""Backend selection shared by every op: "auto" | "triton" | "torch" | "reference".
+
+* "triton": the fused Triton kernels (CUDA tensors; CPU tensors under TRITON_INTERPRET=1).
+* "torch": the fast PyTorch path (scaled_dot_product_attention, embedding / cat), any device and
+  float dtype, float64 included.
+* "reference": the readable PyTorch oracle (explicit concat, expand, mask, softmax), what the
+  tests compare the other two against.
+* "auto": "triton" for CUDA tensors when triton is installed, "torch" everywhere else.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +15,7 @@ import os
 
 import torch
 
-BACKENDS = ("auto", "triton", "torch")
+BACKENDS = ("auto", "triton", "torch", "reference")
 
 
 # Looked up once, without importing triton (whose import reads TRITON_INTERPRET).
@@ -25,9 +33,9 @@ def interpreter_enabled() -> bool:
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """Turn the user's ``backend`` argument into "triton" or "torch" for tensors on ``device``.
+    """Turn the user's ``backend`` argument into "triton", "torch" or "reference" for tensors on ``device``.
 
-    "auto" picks Triton for CUDA tensors (when triton is installed) and the PyTorch reference
+    "auto" picks Triton for CUDA tensors (when triton is installed) and the fast PyTorch path
     otherwise. "triton" on CPU tensors needs TRITON_INTERPRET=1 (Triton's interpreter).
     """
     if not isinstance(backend, str) or backend not in BACKENDS:

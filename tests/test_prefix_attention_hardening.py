@@ -34,7 +34,7 @@ def _inputs(batch=2, q_heads=4, kv_heads=2, q_len=9, k_len=11, prefix_len=5, dim
 # torch.compile: custom ops with fake implementations, no graph breaks
 
 
-@pytest.mark.parametrize("backend,compiler", [("triton", "inductor"), ("torch", "aot_eager")])
+@pytest.mark.parametrize("backend,compiler", [("triton", "inductor"), ("torch", "aot_eager"), ("reference", "aot_eager")])
 def test_compile_fullgraph_forward_backward(backend, compiler):
     torch._dynamo.reset()
     q, k, v, pk, pv, mask = _inputs()
@@ -57,7 +57,7 @@ def test_compile_fullgraph_forward_backward(backend, compiler):
 # Mixed precision
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", ["triton", "torch", "reference"])
 def test_autocast_bf16_with_fp32_prefix_parameters(backend):
     q, k, v, pk, pv, mask = _inputs(dtype=torch.float32)
     device_type = torch.device(DEVICE).type
@@ -120,19 +120,21 @@ EDGE_SHAPES = [
 def test_edge_shapes_match_reference(shape):
     q, k, v, pk, pv, mask = _inputs(**shape)
     outs = {}
-    for backend in ("triton", "torch"):
+    for backend in ("triton", "torch", "reference"):
         out = ptkernels.prefix_attention(q, k, v, pk, pv, key_padding_mask=mask, backend=backend)
         grads = torch.autograd.grad(out, (q, k, v, pk, pv), torch.ones_like(out), allow_unused=True)
         outs[backend] = (out, grads)
-    (out, grads), (ref, ref_grads) = outs["triton"], outs["torch"]
-    assert out.shape == q.shape
-    assert torch.isfinite(out).all()
-    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
-    for g, r, t in zip(grads, ref_grads, (q, k, v, pk, pv)):
-        g = torch.zeros_like(t) if g is None else g
-        r = torch.zeros_like(t) if r is None else r
-        assert g.shape == t.shape
-        torch.testing.assert_close(g, r, atol=5e-5, rtol=1e-4)
+    ref, ref_grads = outs["reference"]
+    for backend in ("triton", "torch"):
+        out, grads = outs[backend]
+        assert out.shape == q.shape
+        assert torch.isfinite(out).all()
+        torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+        for g, r, t in zip(grads, ref_grads, (q, k, v, pk, pv)):
+            g = torch.zeros_like(t) if g is None else g
+            r = torch.zeros_like(t) if r is None else r
+            assert g.shape == t.shape
+            torch.testing.assert_close(g, r, atol=5e-5, rtol=1e-4)
 
 
 def test_very_long_prefix():
@@ -220,10 +222,13 @@ def test_property_triton_matches_reference(p):
     elif p["padding"] == "all":
         mask = torch.zeros(b, sk, dtype=torch.bool, device=DEVICE)
     kwargs = dict(key_padding_mask=mask, causal=p["causal"])
-    out = ptkernels.prefix_attention(q, k, v, pk, pv, backend="triton", **kwargs)
-    ref = ptkernels.prefix_attention(q, k, v, pk, pv, backend="torch", **kwargs)
-    assert torch.isfinite(out).all()
-    torch.testing.assert_close(out, ref, atol=3e-5, rtol=1e-4)
-    grad_out = torch.randn(out.shape, generator=gen).to(DEVICE)
-    for g, r in zip(torch.autograd.grad(out, leaves, grad_out), torch.autograd.grad(ref, leaves, grad_out)):
-        torch.testing.assert_close(g, r, atol=5e-5, rtol=1e-4)
+    ref = ptkernels.prefix_attention(q, k, v, pk, pv, backend="reference", **kwargs)
+    grad_out = torch.randn(ref.shape, generator=gen).to(DEVICE)
+    want = torch.autograd.grad(ref, leaves, grad_out)
+    for backend in ("triton", "torch"):  # the kernels and the fast PyTorch path
+        out = ptkernels.prefix_attention(q, k, v, pk, pv, backend=backend, **kwargs)
+        assert torch.isfinite(out).all(), backend
+        torch.testing.assert_close(out, ref, atol=3e-5, rtol=1e-4)
+        got = torch.autograd.grad(out, leaves, grad_out, allow_unused=True)  # P = 0 may leave the prefix unused
+        for g, w in zip(got, want):
+            torch.testing.assert_close(torch.zeros_like(w) if g is None else g, w, atol=5e-5, rtol=1e-4)

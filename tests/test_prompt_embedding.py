@@ -291,7 +291,7 @@ def _bad_cases():
     yield "prompt_not_tensor", (ids, w, None), TypeError, "prompt must be a torch.Tensor, got NoneType"
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", ["triton", "torch", "reference"])
 @pytest.mark.parametrize("op", ["prompt_embedding", "virtual_token_embedding"])
 @pytest.mark.parametrize("case", [c[0] for c in _bad_cases()])
 def test_bad_arguments(case, op, backend):
@@ -302,7 +302,7 @@ def test_bad_arguments(case, op, backend):
         fn(*args, backend=backend)
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", ["triton", "torch", "reference"])
 def test_ids_out_of_range(backend):
     ids, w, p = _base()  # V = VOCAB, P = 3
     for bad in (-1, VOCAB):
@@ -327,3 +327,38 @@ def test_bad_backend_and_triton_float64():
         virtual_token_embedding(ids, w.double(), p.double(), backend="triton")
     # float64 is fine on the reference path
     assert prompt_embedding(ids, w.double(), p.double(), backend="torch").dtype == torch.float64
+
+
+# ------------------------------------------------------------------------------------------------ #
+# the fast PyTorch path (backend="torch") against the readable reference (backend="reference")
+
+
+@pytest.mark.parametrize("virtual", [False, True], ids=["prompt_embedding", "virtual_token_embedding"])
+@pytest.mark.parametrize("batch,seq,plen,emb,per_example,weight_grad", [
+    (3, 17, 5, 40, False, True), (2, 1, 1, 8, True, True), (4, 13, 0, 24, False, True),
+    (1, 9, 7, 33, True, False), (3, 0, 4, 16, False, True), (5, 31, 9, 64, False, False),
+])
+def test_torch_path_matches_reference(batch, seq, plen, emb, per_example, weight_grad, virtual):
+    fn = virtual_token_embedding if virtual else prompt_embedding
+    ids, weight, prompt = _make(batch, seq, plen, emb, per_example=per_example, weight_grad=weight_grad,
+                                virtual=virtual, dtype=torch.float64)
+    ids, weight, prompt = ids.cpu(), weight.detach().cpu().requires_grad_(weight_grad), prompt.detach().cpu().requires_grad_()
+    if virtual:  # make sure both tables are read
+        ids[..., ::3] = VOCAB + plen - 1 if plen else 0
+    got = fn(ids, weight, prompt, backend="torch")
+    want = fn(ids, weight, prompt, backend="reference")
+    assert torch.equal(got, want)
+    grad_out = torch.randn(got.shape, generator=torch.Generator().manual_seed(2), dtype=got.dtype)
+    for g, w in zip(_grads(got, weight, prompt, grad_out), _grads(want, weight, prompt, grad_out)):
+        if w is None:
+            assert g is None
+        else:
+            torch.testing.assert_close(g, w, atol=1e-12, rtol=1e-12)
+
+
+def test_torch_path_virtual_tokens_compile_fullgraph():
+    ids, weight, prompt = _make(2, 11, 4, 16, per_example=False, virtual=True)
+    ids, weight, prompt = ids.cpu(), weight.detach().cpu().requires_grad_(), prompt.detach().cpu().requires_grad_()
+    compiled = torch.compile(lambda i, w, p: virtual_token_embedding(i, w, p, backend="torch"), backend="aot_eager",
+                             fullgraph=True)
+    torch.testing.assert_close(compiled(ids, weight, prompt), virtual_token_embedding(ids, weight, prompt, backend="torch"))

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from ..._backend import resolve_backend
 from .reference import prefix_attention_reference
+from .torch_path import prefix_attention_torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TRITON_MAX_HEAD_DIM = 256
@@ -32,7 +33,7 @@ def check_prefix_attention_args(q, k, v, prefix_k, prefix_v, key_padding_mask, c
     _check_tensor("k", k, (4,))
     _check_tensor("v", v, (4,))
     if q.dtype not in FLOAT_DTYPES + (torch.float64,):
-        raise TypeError(f"q must be float16, bfloat16, float32 (or float64 for backend='torch'), got {q.dtype}")
+        raise TypeError(f"q must be float16, bfloat16, float32 (or float64 for backend='torch' / 'reference'), got {q.dtype}")
     for name, t in (("k", k), ("v", v)):
         if t.dtype != q.dtype:
             raise TypeError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
@@ -143,8 +144,10 @@ def prefix_attention(
         scale: softmax scale, default D ** -0.5.
         dropout_p: attention-probability dropout, drawn from torch's default generator (the same
             ``torch.manual_seed`` gives the same output), regenerated in backward, never stored.
-        backend: "auto" (Triton for CUDA tensors, the PyTorch reference otherwise), "triton" or
-            "torch". "triton" on CPU tensors runs Triton's interpreter (TRITON_INTERPRET=1).
+        backend: "auto" (Triton for CUDA tensors, the fast PyTorch path otherwise), "triton",
+            "torch" (the fast PyTorch path: scaled_dot_product_attention, any device, float64
+            included) or "reference" (the readable oracle). "triton" on CPU tensors runs Triton's
+            interpreter (TRITON_INTERPRET=1).
     Returns:
         out: (B, Hq, Sq, D) in q's dtype. A query that sees no key at all (P = 0, all masked) gets zeros.
     """
@@ -154,6 +157,11 @@ def prefix_attention(
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     dropout_p = float(dropout_p)
     if chosen == "torch":
+        return prefix_attention_torch(
+            q, k, v, prefix_k, prefix_v,
+            key_padding_mask=key_padding_mask, causal=causal, scale=scale, dropout_p=dropout_p,
+        )
+    if chosen == "reference":
         return prefix_attention_reference(
             q, k, v, prefix_k, prefix_v,
             key_padding_mask=key_padding_mask, causal=causal, scale=scale, dropout_p=dropout_p,

@@ -8,6 +8,7 @@ from torch import Tensor
 
 from ..._backend import resolve_backend
 from .reference import prompt_embedding_reference, virtual_token_embedding_reference
+from .torch_path import prompt_embedding_torch, virtual_token_embedding_torch
 
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 ID_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
@@ -79,7 +80,7 @@ def _check_triton_dtype(weight: Tensor) -> None:
     if weight.dtype not in TRITON_DTYPES:
         raise TypeError(
             f"weight must be float16, bfloat16 or float32 for backend='triton' (float64 only with "
-            f"backend='torch'), got {weight.dtype}"
+            f"backend='torch' / 'reference'), got {weight.dtype}"
         )
 
 
@@ -95,17 +96,19 @@ def prompt_embedding(input_ids: Tensor, weight: Tensor, prompt: Tensor, *, backe
             backend="torch"). Any strides. Gets a gradient only when weight.requires_grad.
         prompt: (P, E) shared by the batch, or (B, P, E) per example, weight's dtype and device;
             P may be 0. A shared prompt gets its gradient summed over the batch (deterministically).
-        backend: "auto" (Triton for CUDA tensors, the PyTorch reference otherwise), "triton" or
-            "torch". "triton" on CPU tensors runs Triton's interpreter (TRITON_INTERPRET=1).
+        backend: "auto" (Triton for CUDA tensors, the fast PyTorch path otherwise), "triton",
+            "torch" (the fast PyTorch path) or "reference" (the readable oracle). "triton" on CPU
+            tensors runs Triton's interpreter (TRITON_INTERPRET=1).
     Returns:
         out: (B, P + S, E) in weight's dtype; out[:, :P] = prompt, out[:, P:] = weight[input_ids].
     """
     check_embedding_args("input_ids", input_ids, weight, prompt)
     chosen = resolve_backend(backend, weight.device)
-    if chosen == "torch":
+    if chosen in ("torch", "reference"):
         if not _is_compiling():
             check_id_range(input_ids, weight.shape[0], "input_ids", "word ids in [0, V)")
-        return prompt_embedding_reference(input_ids, weight, prompt)
+        fn = prompt_embedding_torch if chosen == "torch" else prompt_embedding_reference
+        return fn(input_ids, weight, prompt)
     _check_triton_dtype(weight)
     from .function import prompt_embedding_triton
 
@@ -125,17 +128,19 @@ def virtual_token_embedding(token_ids: Tensor, weight: Tensor, prompt: Tensor, *
             backend="torch"). Any strides. Gets a gradient only when weight.requires_grad.
         prompt: (P, E) shared by the batch, or (B, P, E) per example, weight's dtype and device.
             Its gradient sums every position that reads a row (deterministically).
-        backend: "auto" (Triton for CUDA tensors, the PyTorch reference otherwise), "triton" or
-            "torch". "triton" on CPU tensors runs Triton's interpreter (TRITON_INTERPRET=1).
+        backend: "auto" (Triton for CUDA tensors, the fast PyTorch path otherwise), "triton",
+            "torch" (the fast PyTorch path) or "reference" (the readable oracle). "triton" on CPU
+            tensors runs Triton's interpreter (TRITON_INTERPRET=1).
     Returns:
         out: (B, S, E) in weight's dtype.
     """
     check_embedding_args("token_ids", token_ids, weight, prompt)
     chosen = resolve_backend(backend, weight.device)
-    if chosen == "torch":
+    if chosen in ("torch", "reference"):
         if not _is_compiling():
             check_id_range(token_ids, weight.shape[0] + prompt.shape[-2], "token_ids", "ids in [0, V + P)")
-        return virtual_token_embedding_reference(token_ids, weight, prompt)
+        fn = virtual_token_embedding_torch if chosen == "torch" else virtual_token_embedding_reference
+        return fn(token_ids, weight, prompt)
     _check_triton_dtype(weight)
     from .function import virtual_token_embedding_triton
 
