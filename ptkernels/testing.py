@@ -50,9 +50,9 @@ def with_peft_oracle_shim(model):
     through PEFT's signature check); the tests prove that by removing the shim before patching.
     A no-op where PEFT runs as it is (older transformers).
     """
-    if not peft_needs_oracle_shim(model):
-        return model
     base = model.get_base_model()
+    if base.__dict__.get(_SHIM) or not peft_needs_oracle_shim(model):
+        return model
     original = base.forward
 
     def forward(*args, past_key_values=None, **kwargs):

@@ -234,6 +234,34 @@ def test_torch_path_masks_only_when_needed(monkeypatch):
     assert seen[-1][0].dtype == torch.bool and seen[-1][0].shape == (2, 1, 1, 14)
 
 
+@pytest.mark.parametrize("case", [Case(padding="random", causal=True), Case(causal=True, q_len=9, k_len=23),
+                                  Case(q_heads=4, kv_heads=1, prefix="per_example"), Case(prefix_len=0, padding="all"),
+                                  Case(q_heads=6, kv_heads=3, prefix="none", padding="random")], ids=str)
+def test_torch_path_cpu_dropout_matches_reference_given_its_keep_mask(case):
+    """On CPU the fast path draws its own keep mask (16-bit lanes); replaying that mask through the
+    reference gives the same output and gradients, and the drop rate is p."""
+    from ptkernels.ops.prefix_attention.torch_path import dropout_keep_mask
+
+    q, k, v, pk, pv, mask = make_inputs(case, dtype=torch.float64, device="cpu")
+    p = 0.3
+    torch.manual_seed(11)
+    out = run(case, "torch", q, k, v, pk, pv, mask, dropout_p=p)
+    total = case.k_len + (0 if pk is None else pk.shape[-2])
+    torch.manual_seed(11)
+    keep, keep_prob = dropout_keep_mask((case.batch, case.q_heads, case.q_len, total), p, torch.device("cpu"))
+    assert abs(keep_prob - (1 - p)) < 1e-4
+    ref = prefix_attention_reference(q, k, v, pk, pv, key_padding_mask=mask, causal=case.causal, scale=case.scale,
+                                     dropout_p=1 - keep_prob, dropout_keep_mask=keep)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-10)
+    inputs = [t for t in (q, k, v, pk, pv) if t is not None]
+    grad_out = torch.randn_like(out)
+    got = torch.autograd.grad(out, inputs, grad_out, allow_unused=True)
+    for t, g, w in zip(inputs, got, torch.autograd.grad(ref, inputs, grad_out)):
+        torch.testing.assert_close(torch.zeros_like(t) if g is None else g, w, atol=1e-12, rtol=1e-10)
+    big, big_prob = dropout_keep_mask((1000, 1000), p, torch.device("cpu"))
+    assert abs(big.float().mean().item() - big_prob) < 3e-3
+
+
 def test_torch_path_dropout_follows_torch_seed():
     case = Case(padding="random", causal=True)
     q, k, v, pk, pv, mask = make_inputs(case, device="cpu")

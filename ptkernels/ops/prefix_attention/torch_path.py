@@ -14,13 +14,19 @@ kernel on CPU):
   only when padding needs one;
 * a query with no visible key (P = 0 and its keys all masked) returns zeros: its mask row is opened
   so SDPA computes finite numbers, and its output is zeroed (no NaN in the output or the gradients);
-* attention dropout through SDPA's ``dropout_p`` (torch's default generator).
+* attention dropout: on CUDA through SDPA's ``dropout_p`` (its fused kernels); on CPU, where SDPA
+  falls back to its unfused maths and one float Bernoulli draw per attention weight, by the same
+  maths written out (GQA by grouping the queries, still no repeat_kv) with a keep mask drawn four
+  16-bit lanes per 64-bit word from torch's default generator, as FlashAttention draws an integer
+  threshold: P(keep) = 1 - t / 65536 with t = round(p * 65536), kept weights scaled by 1 / P(keep).
+  Same ``torch.manual_seed``, same output.
 
 The readable oracle is :mod:`.reference` (``backend="reference"``).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -73,8 +79,9 @@ def prefix_attention_torch(
         return prefix_attention_reference(q, k, v, prefix_k, prefix_v, causal=causal, scale=scale)
     keys, values = _join(prefix_k, k), _join(prefix_v, v)
     gqa = q_heads != kv_heads
+    manual_dropout = dropout_p > 0.0 and q.device.type == "cpu"
 
-    if key_padding_mask is None:
+    if key_padding_mask is None and not manual_dropout:
         if not causal:
             mask = None
         elif q_len == total:  # Sq = P + Sk: bottom-right is top-left
@@ -85,18 +92,57 @@ def prefix_attention_torch(
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, dropout_p=dropout_p,
                                               scale=scale, enable_gqa=gqa)
 
-    real = key_padding_mask[:, None, None, :]  # (B, 1, 1, Sk)
+    mask = None
+    if key_padding_mask is not None:
+        mask = key_padding_mask[:, None, None, :]  # (B, 1, 1, Sk)
     if causal:
         i = torch.arange(q_len, device=q.device)[:, None]
         j = torch.arange(k_len, device=q.device)[None, :]
-        real = real & (j <= i + (k_len - q_len))  # (B, 1, Sq, Sk)
-    mask = F.pad(real, (prefix_len, 0), value=True) if prefix_len else real  # (B, 1, 1 or Sq, P + Sk)
+        visible = j <= i + (k_len - q_len)  # (Sq, Sk)
+        mask = visible if mask is None else mask & visible  # (B, 1, Sq, Sk) or (Sq, Sk)
+    if mask is not None and prefix_len:
+        mask = F.pad(mask, (prefix_len, 0), value=True)  # (..., P + Sk)
     dead = None
-    if prefix_len == 0:  # rows that see no key: open them for SDPA, zero them after
+    if mask is not None and prefix_len == 0:  # rows that see no key: open them for SDPA, zero them after
         dead = ~mask.any(dim=-1, keepdim=True)  # (B, 1, 1 or Sq, 1)
         mask = mask | dead
-    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, dropout_p=dropout_p,
-                                         scale=scale, enable_gqa=gqa)
+    if manual_dropout:
+        out = _attention_with_dropout(q, keys, values, mask, scale, dropout_p)
+    else:
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, dropout_p=dropout_p,
+                                             scale=scale, enable_gqa=gqa)
     if dead is not None:
         out = out.masked_fill(dead, 0.0)
     return out
+
+
+def dropout_keep_mask(shape: tuple, dropout_p: float, device: torch.device) -> tuple[Tensor, float]:
+    """(bool keep mask of ``shape``, P(keep)): four 16-bit lanes per 64-bit word drawn from torch's
+    default generator, lane >= t - 32768 with t = round(p * 65536), so P(keep) = 1 - t / 65536."""
+    n = math.prod(shape)
+    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), 2**63 - 1)
+    threshold = round(dropout_p * 65536)
+    keep = words.view(torch.int16)[:n] >= threshold - 32768
+    return keep.view(shape), 1.0 - threshold / 65536
+
+
+def _attention_with_dropout(q: Tensor, keys: Tensor, values: Tensor, mask: Optional[Tensor], scale: float,
+                            dropout_p: float) -> Tensor:
+    """softmax(q keys^T * scale, masked) with dropout, @ values, written out for CPU.
+
+    q: (B, Hq, Sq, D); keys, values: (B, Hkv, T, D); mask: bool, broadcastable to (B, 1, Sq, T), or
+    None. The Hq / Hkv query heads that share a KV head are grouped into one (G * Sq) row block, so
+    keys and values are not repeated. The keep mask is drawn over (B, Hq, Sq, T) in that order."""
+    batch, q_heads, q_len, head_dim = q.shape
+    kv_heads, total = keys.shape[1], keys.shape[2]
+    group = q_heads // kv_heads
+    grouped = q.reshape(batch, kv_heads, group * q_len, head_dim)
+    scores = torch.matmul(grouped, keys.transpose(-1, -2)).mul_(scale)  # (B, Hkv, G * Sq, T)
+    scores = scores.view(batch, kv_heads, group, q_len, total)
+    if mask is not None:  # (B, 1, 1 | Sq, T) -> (B, 1, 1, 1 | Sq, T); (Sq, T) broadcasts as it is
+        scores = scores.masked_fill(~(mask.unsqueeze(2) if mask.dim() == 4 else mask), float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    keep, keep_prob = dropout_keep_mask((batch, q_heads, q_len, total), dropout_p, q.device)
+    probs = torch.where(keep.view(batch, kv_heads, group, q_len, total), probs, 0.0) * (1.0 / keep_prob)
+    out = torch.matmul(probs.view(batch, kv_heads, group * q_len, total), values)
+    return out.view(batch, q_heads, q_len, head_dim)
