@@ -4,7 +4,7 @@ The other kernel tests run in Triton's interpreter when there is no GPU, and the
 code that the real compiler rejects. This test compiles every kernel, through the real launchers and
 with a real launch's argument specialisation, down to a cubin for sm_90 (H100) and sm_80 (A100), and
 checks that each fits the target's shared memory and that the launch grids fit CUDA's limits even for
-B * H > 65535 (see ptkernels/ops/prefix_attention/aot_check.py).
+B * H > 65535 (see benchmarks/aot_check.py, which does it with explicit sm_90 / sm_80 device limits).
 
 conftest.py sets TRITON_INTERPRET=1 on machines without CUDA, and triton.jit reads it at import time,
 so the check runs in one subprocess with TRITON_INTERPRET removed from its environment.
@@ -27,7 +27,7 @@ def test_kernels_compile_for_sm90_and_sm80():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9 warns when unset; 1 is its default
     proc = subprocess.run(
-        [sys.executable, "-m", "ptkernels.ops.prefix_attention.aot_check", "--quick", "--arch", "90", "80",
+        [sys.executable, str(ROOT / "benchmarks" / "aot_check.py"), "--quick", "--arch", "90", "80",
          "--skip-exit-code", str(SKIP_EXIT_CODE)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )
@@ -35,4 +35,26 @@ def test_kernels_compile_for_sm90_and_sm80():
     if proc.returncode == SKIP_EXIT_CODE:
         pytest.skip(output.strip().splitlines()[-1])
     assert proc.returncode == 0, output[-20000:]
-    assert "0 failed, 0 grid problems" in proc.stdout, output[-20000:]
+    assert "0 failed, 0 grid problems, 0 kernels not launched" in proc.stdout, output[-20000:]
+
+
+def test_quick_cases_launch_every_kernel_with_the_targets_limits():
+    # Recorded in this (interpreted) process, nothing compiled: the CI set reaches every kernel of
+    # the launchers' KERNELS, with the block configs chosen for each target's shared memory.
+    from benchmarks import aot_check
+    from ptkernels.ops.prefix_attention.launch import backward_config, forward_config
+
+    for arch in (90, 80):
+        limits = aot_check.target_limits(arch)
+        launched = set()
+        for case in aot_check.quick_cases():
+            for launch in aot_check.case_launches(case, arch, allow_interpreted=True):
+                launched.add(launch.name)
+                if launch.name == "_prefix_attention_fwd_kernel":
+                    want = forward_config(case.head_dim, case.dtype, limits, dropout=case.dropout)
+                elif launch.name.startswith("_prefix_attention_bwd_"):
+                    want = backward_config(case.head_dim, case.dtype, limits)
+                else:
+                    continue
+                assert {key: launch.kwargs[key] for key in want} == want, (arch, str(case), launch.name)
+        assert launched == set(aot_check.kernels()), arch

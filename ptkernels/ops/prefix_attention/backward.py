@@ -1,6 +1,6 @@
 """Triton backward kernels for prefix attention, and their launcher.
 
-Three kernels after a small preprocessing step (delta = rowsum(dO * O)):
+Three kernels after a small preprocessing step (delta = rowsum(grad_out * out)):
 - dQ: one program per (query block, batch, query head), looping over prefix then real key blocks.
 - dK/dV of the real keys: one program per (key block, batch, kv head), looping over the GQA group
   and the query blocks that can see the key block (causal lower bound).
@@ -20,47 +20,42 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .forward import (
-    BACKWARD_SHARED_MEMORY_MARGIN,
-    INTERPRETER_CONFIG,
-    KERNELS_INTERPRETED,
+from ..utils import batch_strides
+from .common import dropout_keep, load_tile, program_coordinates, real_keys_visible
+from .launch import (
     LOG2_E,
-    _dropout_keep,
-    _load_tile,
-    _real_keys_visible,
+    DeviceLimits,
+    Launcher,
+    backward_config,
     block_d,
+    device_limits,
     dot_precision,
-    first_fitting,
-    head_dim_bucket,
+    launch_kernel,
     mask_as_int8,
     mask_strides,
-    max_shared_memory,
-    prefix_strides,
+    shared_prefix_splits,
     upcast_in_interpreter,
 )
 
 
 @triton.jit
 def _delta_kernel(
-    O, DO, DELTA,
+    OUT, GRAD_OUT, DELTA,
     stride_ob, stride_oh, stride_om,
     stride_dob, stride_doh, stride_dom,
     num_heads, q_len, head_dim,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """delta[b, h, i] = sum_d dO[b, h, i, d] * O[b, h, i, d] in fp32."""
-    pid = tl.program_id(0)  # 1-D grid: query blocks fastest, then batch * heads
-    num_m_blocks = tl.cdiv(q_len, BLOCK_M)
-    pid_m = pid % num_m_blocks
-    pid_bh = pid // num_m_blocks
-    b = (pid_bh // num_heads).to(tl.int64)
-    h = (pid_bh % num_heads).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    """DELTA[b, h, i] = sum_d GRAD_OUT[b, h, i, d] * OUT[b, h, i, d] in fp32.
+
+    OUT, GRAD_OUT: (B, H, Sq, D); DELTA: (B, H, Sq) float32."""
+    # 1-D grid: query blocks fastest, then heads, then batch.
+    b, h, _, offs_m = program_coordinates(q_len, num_heads, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m[:, None] < q_len) & (offs_d[None, :] < head_dim)
     rows = offs_m[:, None].to(tl.int64)
-    o = tl.load(O + b * stride_ob + h * stride_oh + rows * stride_om + offs_d[None, :], mask=mask, other=0.0)
-    do = tl.load(DO + b * stride_dob + h * stride_doh + rows * stride_dom + offs_d[None, :], mask=mask, other=0.0)
+    o = tl.load(OUT + b * stride_ob + h * stride_oh + rows * stride_om + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(GRAD_OUT + b * stride_dob + h * stride_doh + rows * stride_dom + offs_d[None, :], mask=mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + (b * num_heads + h) * q_len + offs_m, delta, mask=offs_m < q_len)
 
@@ -75,7 +70,7 @@ def _dq_tile(
     p = tl.where(s_visible, tl.math.exp2(s - lse[:, None]), 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
     if DROPOUT:
-        keep = _dropout_keep(seed, row_offsets, key_index, dropout_p)
+        keep = dropout_keep(seed, row_offsets, key_index, dropout_p)
         dp = tl.where(keep, dp * dropout_scale, 0.0)
     ds = p * (dp - delta[:, None])
     return dq + tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
@@ -83,7 +78,7 @@ def _dq_tile(
 
 @triton.jit(do_not_specialize=["seed"])
 def _prefix_attention_bwd_dq_kernel(
-    Q, K, V, PK, PV, KPM, DO, LSE, DELTA, DQ,
+    Q, K, V, PREFIX_K, PREFIX_V, KEY_PADDING_MASK, GRAD_OUT, LSE, DELTA, DQ,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -98,14 +93,10 @@ def _prefix_attention_bwd_dq_kernel(
     DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid = tl.program_id(0)  # 1-D grid: query blocks fastest, then batch * query heads
-    num_m_blocks = tl.cdiv(q_len, BLOCK_M)
-    pid_m = pid % num_m_blocks
-    pid_bh = pid // num_m_blocks
-    b = (pid_bh // num_q_heads).to(tl.int64)
-    h = (pid_bh % num_q_heads).to(tl.int64)
+    """DQ (B, Hq, Sq, D): one program per (query block, batch, query head)."""
+    # 1-D grid: query blocks fastest, then query heads, then batch.
+    b, h, start_m, offs_m = program_coordinates(q_len, num_q_heads, BLOCK_M)
     kv_h = h // GROUP
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     m_valid = offs_m < q_len
@@ -113,8 +104,8 @@ def _prefix_attention_bwd_dq_kernel(
     rows = offs_m[:, None].to(tl.int64)
     qd_mask = m_valid[:, None] & d_valid[None, :]
 
-    q = _load_tile(Q + b * stride_qb + h * stride_qh, offs_m, stride_qm, offs_d, m_valid, d_valid, UPCAST)
-    do = _load_tile(DO + b * stride_dob + h * stride_doh, offs_m, stride_dom, offs_d, m_valid, d_valid, UPCAST)
+    q = load_tile(Q + b * stride_qb + h * stride_qh, offs_m, stride_qm, offs_d, m_valid, d_valid, UPCAST)
+    do = load_tile(GRAD_OUT + b * stride_dob + h * stride_doh, offs_m, stride_dom, offs_d, m_valid, d_valid, UPCAST)
     row_stat = (b * num_q_heads + h) * q_len + offs_m
     lse = tl.load(LSE + row_stat, mask=m_valid, other=float("inf"))
     delta = tl.load(DELTA + row_stat, mask=m_valid, other=0.0)
@@ -122,27 +113,28 @@ def _prefix_attention_bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     if HAS_PREFIX:
-        pk_base = PK + b * stride_pkb + kv_h * stride_pkh
-        pv_base = PV + b * stride_pvb + kv_h * stride_pvh
+        pk_base = PREFIX_K + b * stride_pkb + kv_h * stride_pkh
+        pv_base = PREFIX_V + b * stride_pvb + kv_h * stride_pvh
         for start_n in range(0, prefix_len, BLOCK_N):
             n = start_n + offs_n
             n_valid = n < prefix_len
-            k = _load_tile(pk_base, n, stride_pkn, offs_d, n_valid, d_valid, UPCAST)
-            v = _load_tile(pv_base, n, stride_pvn, offs_d, n_valid, d_valid, UPCAST)
+            k = load_tile(pk_base, n, stride_pkn, offs_d, n_valid, d_valid, UPCAST)
+            v = load_tile(pv_base, n, stride_pvn, offs_d, n_valid, d_valid, UPCAST)
             dq = _dq_tile(dq, q, do, lse, delta, k, v, n_valid[None, :], seed, row_offsets, n, dropout_p,
                           qk_scale_log2, dropout_scale, DROPOUT, DOT_PRECISION)
 
     hi = k_len
     if CAUSAL:
-        hi = tl.minimum(k_len, (pid_m + 1) * BLOCK_M + (k_len - q_len))
+        hi = tl.minimum(k_len, start_m + BLOCK_M + (k_len - q_len))
     k_base = K + b * stride_kb + kv_h * stride_kh
     v_base = V + b * stride_vb + kv_h * stride_vh
     for start_n in range(0, hi, BLOCK_N):
         n = start_n + offs_n
         n_valid = n < k_len
-        k = _load_tile(k_base, n, stride_kn, offs_d, n_valid, d_valid, UPCAST)
-        v = _load_tile(v_base, n, stride_vn, offs_d, n_valid, d_valid, UPCAST)
-        visible_2d = _real_keys_visible(KPM, b, stride_mb, stride_mn, n, n_valid, offs_m, q_len, k_len, HAS_KPM, CAUSAL)
+        k = load_tile(k_base, n, stride_kn, offs_d, n_valid, d_valid, UPCAST)
+        v = load_tile(v_base, n, stride_vn, offs_d, n_valid, d_valid, UPCAST)
+        visible_2d = real_keys_visible(KEY_PADDING_MASK, b, stride_mb, stride_mn, n, n_valid, offs_m, q_len, k_len,
+                                       HAS_KPM, CAUSAL)
         dq = _dq_tile(dq, q, do, lse, delta, k, v, visible_2d, seed, row_offsets, prefix_len + n, dropout_p,
                       qk_scale_log2, dropout_scale, DROPOUT, DOT_PRECISION)
 
@@ -152,7 +144,7 @@ def _prefix_attention_bwd_dq_kernel(
 
 @triton.jit
 def _dkdv_tile(
-    dk, dv, k, v, Q, DO, LSE, DELTA, q_base, do_base, stat_base, stride_qm, stride_dom,
+    dk, dv, k, v, Q, GRAD_OUT, LSE, DELTA, q_base, do_base, stat_base, stride_qm, stride_dom,
     start_m, q_len, offs_d, d_valid, key_visible_t, key_index, row_offset_base, key_count,
     seed, dropout_p, dropout_scale, qk_scale_log2,
     DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -160,8 +152,8 @@ def _dkdv_tile(
     """dK/dV contribution of one query tile, in transposed (keys x queries) form."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     m_valid = offs_m < q_len
-    q = _load_tile(Q + q_base, offs_m, stride_qm, offs_d, m_valid, d_valid, UPCAST)
-    do = _load_tile(DO + do_base, offs_m, stride_dom, offs_d, m_valid, d_valid, UPCAST)
+    q = load_tile(Q + q_base, offs_m, stride_qm, offs_d, m_valid, d_valid, UPCAST)
+    do = load_tile(GRAD_OUT + do_base, offs_m, stride_dom, offs_d, m_valid, d_valid, UPCAST)
     lse = tl.load(LSE + stat_base + offs_m, mask=m_valid, other=float("inf"))
     delta = tl.load(DELTA + stat_base + offs_m, mask=m_valid, other=0.0)
 
@@ -170,7 +162,7 @@ def _dkdv_tile(
     dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
     if DROPOUT:
         row_offsets = (row_offset_base + offs_m.to(tl.int64)) * key_count
-        keep_t = tl.trans(_dropout_keep(seed, row_offsets, key_index, dropout_p))
+        keep_t = tl.trans(dropout_keep(seed, row_offsets, key_index, dropout_p))
         p_dropped_t = tl.where(keep_t, p_t * dropout_scale, 0.0)
         dp_t = tl.where(keep_t, dp_t * dropout_scale, 0.0)
     else:
@@ -183,7 +175,7 @@ def _dkdv_tile(
 
 @triton.jit(do_not_specialize=["seed"])
 def _prefix_attention_bwd_dkdv_kernel(
-    Q, K, V, KPM, DO, LSE, DELTA, DK, DV,
+    Q, K, V, KEY_PADDING_MASK, GRAD_OUT, LSE, DELTA, DK, DV,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -197,24 +189,19 @@ def _prefix_attention_bwd_dkdv_kernel(
     DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """dK, dV of the real keys: one program per (key block, batch, kv head)."""
-    pid = tl.program_id(0)  # 1-D grid: key blocks fastest, then batch * kv heads
-    num_n_blocks = tl.cdiv(k_len, BLOCK_N)
-    pid_n = pid % num_n_blocks
-    pid_bh = pid // num_n_blocks
-    b = (pid_bh // num_kv_heads).to(tl.int64)
-    kv_h = (pid_bh % num_kv_heads).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    """DK, DV (B, Hkv, Sk, D) of the real keys: one program per (key block, batch, kv head)."""
+    # 1-D grid: key blocks fastest, then kv heads, then batch.
+    b, kv_h, start_n, offs_n = program_coordinates(k_len, num_kv_heads, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     n_valid = offs_n < k_len
     d_valid = offs_d < head_dim
     keys = offs_n[:, None].to(tl.int64)
     kd_mask = n_valid[:, None] & d_valid[None, :]
-    k = _load_tile(K + b * stride_kb + kv_h * stride_kh, offs_n, stride_kn, offs_d, n_valid, d_valid, UPCAST)
-    v = _load_tile(V + b * stride_vb + kv_h * stride_vh, offs_n, stride_vn, offs_d, n_valid, d_valid, UPCAST)
+    k = load_tile(K + b * stride_kb + kv_h * stride_kh, offs_n, stride_kn, offs_d, n_valid, d_valid, UPCAST)
+    v = load_tile(V + b * stride_vb + kv_h * stride_vh, offs_n, stride_vn, offs_d, n_valid, d_valid, UPCAST)
     visible = n_valid
     if HAS_KPM:
-        attend = tl.load(KPM + b * stride_mb + offs_n.to(tl.int64) * stride_mn, mask=n_valid, other=0)
+        attend = tl.load(KEY_PADDING_MASK + b * stride_mb + offs_n.to(tl.int64) * stride_mn, mask=n_valid, other=0)
         visible = visible & (attend != 0)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -222,7 +209,7 @@ def _prefix_attention_bwd_dkdv_kernel(
     lo = 0
     if CAUSAL:
         # query i sees key j iff i >= j - (Sk - Sq): skip the query blocks entirely above that.
-        first_query = tl.maximum(pid_n * BLOCK_N - (k_len - q_len), 0)
+        first_query = tl.maximum(start_n - (k_len - q_len), 0)
         lo = (first_query // BLOCK_M) * BLOCK_M
     for g in range(GROUP):
         h = kv_h * GROUP + g
@@ -235,7 +222,7 @@ def _prefix_attention_bwd_dkdv_kernel(
                 offs_m = start_m + tl.arange(0, BLOCK_M)
                 visible_t = visible_t & (offs_n[:, None] <= offs_m[None, :] + (k_len - q_len))
             dk, dv = _dkdv_tile(
-                dk, dv, k, v, Q, DO, LSE, DELTA, q_base, do_base, stat_base, stride_qm, stride_dom,
+                dk, dv, k, v, Q, GRAD_OUT, LSE, DELTA, q_base, do_base, stat_base, stride_qm, stride_dom,
                 start_m, q_len, offs_d, d_valid, visible_t, prefix_len + offs_n.to(tl.int64), stat_base,
                 prefix_len + k_len, seed, dropout_p, dropout_scale, qk_scale_log2,
                 DROPOUT, UPCAST, DOT_PRECISION, BLOCK_M,
@@ -248,7 +235,7 @@ def _prefix_attention_bwd_dkdv_kernel(
 
 @triton.jit(do_not_specialize=["seed"])
 def _prefix_attention_bwd_prefix_kernel(
-    Q, PK, PV, DO, LSE, DELTA, DPK, DPV,
+    Q, PREFIX_K, PREFIX_V, GRAD_OUT, LSE, DELTA, DPREFIX_K, DPREFIX_V,
     stride_qb, stride_qh, stride_qm,
     stride_pkb, stride_pkh, stride_pkn,
     stride_pvb, stride_pvh, stride_pvn,
@@ -257,23 +244,20 @@ def _prefix_attention_bwd_prefix_kernel(
     stride_dpvs, stride_dpvh, stride_dpvn,
     batch, batch_per_split, num_q_heads, num_kv_heads, q_len, k_len, prefix_len, head_dim,
     scale, qk_scale_log2, dropout_p, dropout_scale, seed,
-    GROUP: tl.constexpr, PER_EXAMPLE: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    GROUP: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """dK, dV of the prefix: one program per (prefix block, kv head, batch split).
+    """DPREFIX_K, DPREFIX_V (splits, Hkv, P, D) of the prefix: one program per (prefix block, kv head, batch split).
 
-    Per-example prefix: split s is batch example s. Shared prefix: split s sums examples
-    [s * batch_per_split, (s + 1) * batch_per_split) in order, into its own slice of DPK/DPV.
+    Per-example prefix (PREFIX_K, PREFIX_V (B, Hkv, P, D)): split s is batch example s, and
+    DPREFIX_K, DPREFIX_V are (B, Hkv, P, D).
+    Shared prefix (PREFIX_K, PREFIX_V (Hkv, P, D), batch stride 0): split s sums examples
+    [s * batch_per_split, (s + 1) * batch_per_split) in order, into its own slice of DPREFIX_K/DPREFIX_V.
+    The two differ only in the batch strides and the launch sizes, not in the code.
     """
     # 1-D grid: prefix blocks fastest, then kv heads, then splits (a per-example prefix has one split
-    # per batch example, and CUDA caps grid y/z at 65535).
-    pid = tl.program_id(0)
-    num_n_blocks = tl.cdiv(prefix_len, BLOCK_N)
-    pid_n = pid % num_n_blocks
-    kv_h = ((pid // num_n_blocks) % num_kv_heads).to(tl.int64)
-    split = (pid // num_n_blocks // num_kv_heads).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # per batch example).
+    split, kv_h, _, offs_n = program_coordinates(prefix_len, num_kv_heads, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     n_valid = offs_n < prefix_len
     d_valid = offs_d < head_dim
@@ -282,8 +266,10 @@ def _prefix_attention_bwd_prefix_kernel(
     b_start = split * batch_per_split
     b_end = tl.minimum(b_start + batch_per_split, batch)
     # A shared prefix has batch stride 0, so this reads the same (Hkv, P, D) rows for every split.
-    k = _load_tile(PK + split * stride_pkb + kv_h * stride_pkh, offs_n, stride_pkn, offs_d, n_valid, d_valid, UPCAST)
-    v = _load_tile(PV + split * stride_pvb + kv_h * stride_pvh, offs_n, stride_pvn, offs_d, n_valid, d_valid, UPCAST)
+    k = load_tile(PREFIX_K + split * stride_pkb + kv_h * stride_pkh, offs_n, stride_pkn, offs_d, n_valid, d_valid,
+                  UPCAST)
+    v = load_tile(PREFIX_V + split * stride_pvb + kv_h * stride_pvh, offs_n, stride_pvn, offs_d, n_valid, d_valid,
+                  UPCAST)
     visible_t = n_valid[:, None]
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -295,72 +281,36 @@ def _prefix_attention_bwd_prefix_kernel(
             stat_base = (b * num_q_heads + h) * q_len
             for start_m in range(0, q_len, BLOCK_M):
                 dk, dv = _dkdv_tile(
-                    dk, dv, k, v, Q, DO, LSE, DELTA, q_base, do_base, stat_base, stride_qm, stride_dom,
+                    dk, dv, k, v, Q, GRAD_OUT, LSE, DELTA, q_base, do_base, stat_base, stride_qm, stride_dom,
                     start_m, q_len, offs_d, d_valid, visible_t, offs_n.to(tl.int64), stat_base,
                     prefix_len + k_len, seed, dropout_p, dropout_scale, qk_scale_log2,
                     DROPOUT, UPCAST, DOT_PRECISION, BLOCK_M,
                 )
-    tl.store(DPK + split * stride_dpks + kv_h * stride_dpkh + keys * stride_dpkn + offs_d[None, :],
-             (dk * scale).to(DPK.dtype.element_ty), mask=kd_mask)
-    tl.store(DPV + split * stride_dpvs + kv_h * stride_dpvh + keys * stride_dpvn + offs_d[None, :],
-             dv.to(DPV.dtype.element_ty), mask=kd_mask)
-
-
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates, best first, by padded head dim (see forward.py).
-_BACKWARD_CANDIDATES = {
-    64: [(64, 64, 4, 2), (64, 64, 4, 1), (32, 32, 4, 2), (32, 32, 4, 1), (16, 16, 4, 1)],
-    128: [(64, 64, 8, 2), (64, 64, 8, 1), (32, 32, 4, 2), (32, 32, 4, 1), (16, 16, 4, 1)],
-    256: [(64, 64, 8, 2), (64, 64, 8, 1), (32, 32, 4, 2), (32, 32, 4, 1), (16, 16, 4, 1)],
-}
-_BACKWARD_CANDIDATES_FP32 = {
-    64: [(32, 32, 4, 2), (32, 32, 4, 1), (16, 16, 4, 1)],
-    128: [(32, 32, 8, 2), (32, 32, 8, 1), (16, 16, 4, 1)],
-    256: [(32, 32, 8, 1), (16, 16, 4, 1)],
-}
-
-
-def backward_config(head_dim: int, dtype: torch.dtype, max_shared: int) -> dict:
-    if KERNELS_INTERPRETED:
-        return dict(INTERPRETER_CONFIG)
-    return gpu_backward_config(head_dim, dtype, max_shared)
-
-
-def gpu_backward_config(head_dim: int, dtype: torch.dtype, max_shared: int) -> dict:
-    """One block config for the three backward kernels on a GPU with ``max_shared`` bytes per program."""
-    bd, size, bucket = block_d(head_dim), dtype.itemsize, head_dim_bucket(head_dim)
-    candidates = (_BACKWARD_CANDIDATES_FP32 if dtype == torch.float32 else _BACKWARD_CANDIDATES)[bucket]
-
-    def need(block_m, block_n, stages):  # two resident tiles, plus num_stages streamed tile pairs
-        block = max(block_m, block_n)
-        return (2 * block * bd + 2 * stages * block * bd) * size
-
-    return first_fitting(candidates, need, BACKWARD_SHARED_MEMORY_MARGIN[dtype], max_shared)
-
-
-def shared_prefix_splits(batch: int, prefix_blocks: int, kv_heads: int, device: torch.device) -> int:
-    """How many batch slices reduce a shared prefix's gradient in parallel (fp32 partials, fixed order).
-
-    About two programs per SM. There is no fixed cap: with few kv heads and a short prefix (MQA, P <= 64
-    gives prefix_blocks * kv_heads = 1) a cap of 8 left 8 programs on a 132-SM H100, each looping over
-    B / 8 examples x the GQA group x all query blocks. The partials stay small: splits * Hkv * P is
-    about 2 * SMs * BLOCK_N rows of D fp32 (17 MB at D = 128 on an H100, K and V together).
-    The interpreter uses 2 so that CI exercises the partial-sum path.
-    """
-    if batch <= 1:
-        return 1
-    if device.type != "cuda":
-        return min(batch, 2)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    want = triton.cdiv(2 * sms, max(1, prefix_blocks * kv_heads))
-    return max(1, min(batch, want))
+    tl.store(DPREFIX_K + split * stride_dpks + kv_h * stride_dpkh + keys * stride_dpkn + offs_d[None, :],
+             (dk * scale).to(DPREFIX_K.dtype.element_ty), mask=kd_mask)
+    tl.store(DPREFIX_V + split * stride_dpvs + kv_h * stride_dpvh + keys * stride_dpvn + offs_d[None, :],
+             dv.to(DPREFIX_V.dtype.element_ty), mask=kd_mask)
 
 
 def prefix_attention_backward(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor,
     key_padding_mask: Optional[Tensor], out: Tensor, lse: Tensor,
     causal: bool, scale: float, dropout_p: float, seed: int,
+    *, limits: Optional[DeviceLimits] = None, launcher: Launcher = launch_kernel,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Launch the backward kernels. Returns dq, dk, dv, dprefix_k, dprefix_v (shaped like the inputs)."""
+    """Launch the backward kernels. Inputs must have a unit last stride (grad_out is made so).
+
+    Arguments:
+        grad_out, out: (B, Hq, Sq, D); lse: (B, Hq, Sq) float32 (log2 domain), from the forward.
+        q: (B, Hq, Sq, D); k, v: (B, Hkv, Sk, D); prefix_k, prefix_v: (Hkv, P, D) shared by the
+            batch or (B, Hkv, P, D) per example (P may be 0); key_padding_mask: (B, Sk) bool or None.
+        causal, scale, dropout_p, seed: as given to the forward.
+        limits: the device's limits (default: those of q's device); launcher: runs each kernel
+            launch (default: launches it; benchmarks/aot_check.py records it instead).
+    Returns:
+        dq (B, Hq, Sq, D), dk, dv (B, Hkv, Sk, D), dprefix_k, dprefix_v shaped like prefix_k (a
+        shared prefix's gradient summed over the batch in a fixed order).
+    """
     batch, q_heads, q_len, head_dim = q.shape
     kv_heads, k_len = k.shape[1], k.shape[2]
     prefix_len = prefix_k.shape[-2]
@@ -374,40 +324,42 @@ def prefix_attention_backward(
     if q.numel() == 0 or k.numel() == 0 and prefix_len == 0:
         return dq.zero_(), dk.zero_(), dv.zero_(), torch.zeros_like(prefix_k), torch.zeros_like(prefix_v)
 
-    cfg = backward_config(head_dim, q.dtype, max_shared_memory(q.device))
+    limits = device_limits(q.device) if limits is None else limits
+    cfg = backward_config(head_dim, q.dtype, limits)
     bm, bn, bd = cfg["BLOCK_M"], cfg["BLOCK_N"], block_d(head_dim)
-    launch = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    flags = dict(DROPOUT=dropout_p > 0.0, UPCAST=upcast_in_interpreter(q.dtype), DOT_PRECISION=dot_precision(q.dtype))
+    compile_options = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    flags = dict(DROPOUT=dropout_p > 0.0, UPCAST=upcast_in_interpreter(q.dtype, limits.interpreted),
+                 DOT_PRECISION=dot_precision(q.dtype, limits.hip))
     qk_scale_log2 = scale * LOG2_E
     dropout_scale = 1.0 / (1.0 - dropout_p)
     kpm = mask_as_int8(key_padding_mask)
 
     delta = torch.empty_like(lse)
     # 1-D grids throughout: CUDA caps grid y/z at 65535, and B * H (or B) can exceed it.
-    _delta_kernel[(triton.cdiv(q_len, bm) * batch * q_heads,)](
+    launcher(_delta_kernel, (triton.cdiv(q_len, bm) * batch * q_heads,))(
         out, grad_out, delta,
         out.stride(0), out.stride(1), out.stride(2),
         grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
         q_heads, q_len, head_dim, BLOCK_M=bm, BLOCK_D=bd,
     )
 
-    _prefix_attention_bwd_dq_kernel[(triton.cdiv(q_len, bm) * batch * q_heads,)](
+    launcher(_prefix_attention_bwd_dq_kernel, (triton.cdiv(q_len, bm) * batch * q_heads,))(
         q, k, v, prefix_k, prefix_v, kpm, grad_out, lse, delta, dq,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
-        *prefix_strides(prefix_k), *prefix_strides(prefix_v),
+        *batch_strides(prefix_k, 3), *batch_strides(prefix_v, 3),
         *mask_strides(key_padding_mask),
         grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2),
         q_heads, q_len, k_len, prefix_len, head_dim,
         scale, qk_scale_log2, dropout_p, dropout_scale, seed,
         GROUP=group, CAUSAL=causal, HAS_KPM=key_padding_mask is not None, HAS_PREFIX=prefix_len > 0,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, **flags, **launch,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, **flags, **compile_options,
     )
 
     if k_len > 0:
-        _prefix_attention_bwd_dkdv_kernel[(triton.cdiv(k_len, bn) * batch * kv_heads,)](
+        launcher(_prefix_attention_bwd_dkdv_kernel, (triton.cdiv(k_len, bn) * batch * kv_heads,))(
             q, k, v, kpm, grad_out, lse, delta, dk, dv,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
@@ -419,7 +371,7 @@ def prefix_attention_backward(
             q_heads, kv_heads, q_len, k_len, prefix_len, head_dim,
             scale, qk_scale_log2, dropout_p, dropout_scale, seed,
             GROUP=group, CAUSAL=causal, HAS_KPM=key_padding_mask is not None,
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, **flags, **launch,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, **flags, **compile_options,
         )
 
     if prefix_len == 0:
@@ -430,26 +382,32 @@ def prefix_attention_backward(
         dpk = torch.empty(prefix_k.shape, device=q.device, dtype=prefix_k.dtype)
         dpv = torch.empty(prefix_v.shape, device=q.device, dtype=prefix_v.dtype)
     else:
-        splits = shared_prefix_splits(batch, prefix_blocks, kv_heads, q.device)
+        splits = shared_prefix_splits(batch, prefix_blocks, kv_heads, limits.multi_processor_count)
         batch_per_split = triton.cdiv(batch, splits)
         splits = triton.cdiv(batch, batch_per_split)
         partial_dtype = prefix_k.dtype if splits == 1 else torch.float32
         dpk = torch.empty((splits,) + tuple(prefix_k.shape), device=q.device, dtype=partial_dtype)
         dpv = torch.empty((splits,) + tuple(prefix_v.shape), device=q.device, dtype=partial_dtype)
-    _prefix_attention_bwd_prefix_kernel[(prefix_blocks * kv_heads * splits,)](
+    launcher(_prefix_attention_bwd_prefix_kernel, (prefix_blocks * kv_heads * splits,))(
         q, prefix_k, prefix_v, grad_out, lse, delta, dpk, dpv,
         q.stride(0), q.stride(1), q.stride(2),
-        *prefix_strides(prefix_k), *prefix_strides(prefix_v),
+        *batch_strides(prefix_k, 3), *batch_strides(prefix_v, 3),
         grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
         dpk.stride(0), dpk.stride(1), dpk.stride(2),
         dpv.stride(0), dpv.stride(1), dpv.stride(2),
         batch, batch_per_split, q_heads, kv_heads, q_len, k_len, prefix_len, head_dim,
         scale, qk_scale_log2, dropout_p, dropout_scale, seed,
-        GROUP=group, PER_EXAMPLE=per_example,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, **flags, **launch,
+        GROUP=group, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, **flags, **compile_options,
     )
     if not per_example:
         # Fixed-order sum of the fp32 partials: deterministic.
         dpk = dpk[0] if splits == 1 else dpk.sum(0).to(prefix_k.dtype)
         dpv = dpv[0] if splits == 1 else dpv.sum(0).to(prefix_v.dtype)
     return dq, dk, dv, dpk, dpv
+
+
+# Every kernel of this module (benchmarks/aot_check.py compiles each of them).
+KERNELS = (_delta_kernel, _prefix_attention_bwd_dq_kernel, _prefix_attention_bwd_dkdv_kernel,
+           _prefix_attention_bwd_prefix_kernel)
+
+__all__ = ["prefix_attention_backward", "KERNELS"]

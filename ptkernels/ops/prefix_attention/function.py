@@ -12,13 +12,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..utils import unit_last_stride
 from .backward import prefix_attention_backward
 from .forward import prefix_attention_forward
-
-
-def _unit_last_stride(t: Tensor) -> Tensor:
-    # Kernels address the head dim with stride 1; any other layout is used as is, without a copy.
-    return t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous()
 
 
 @torch.library.custom_op("ptkernels::prefix_attention_fwd", mutates_args=())
@@ -26,6 +22,9 @@ def prefix_attention_fwd_op(
     q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor,
     key_padding_mask: Optional[Tensor], causal: bool, scale: float, dropout_p: float, seed: int,
 ) -> tuple[Tensor, Tensor]:
+    """q (B, Hq, Sq, D), k, v (B, Hkv, Sk, D), prefix_k, prefix_v (Hkv, P, D) or (B, Hkv, P, D),
+    key_padding_mask (B, Sk) bool or None, all with a unit last stride -> out (B, Hq, Sq, D) and
+    lse (B, Hq, Sq) float32 (log2 domain, kept for the backward)."""
     return prefix_attention_forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, dropout_p, seed)
 
 
@@ -40,6 +39,8 @@ def prefix_attention_bwd_op(
     key_padding_mask: Optional[Tensor], out: Tensor, lse: Tensor,
     causal: bool, scale: float, dropout_p: float, seed: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """grad_out, out (B, Hq, Sq, D), lse (B, Hq, Sq) and the forward's inputs -> dq, dk, dv, dprefix_k,
+    dprefix_v, each shaped like its input."""
     return prefix_attention_backward(
         grad_out, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, causal, scale, dropout_p, seed
     )
@@ -62,7 +63,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out, grad_lse):
     q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse = ctx.saved_tensors
     dq, dk, dv, dpk, dpv = prefix_attention_bwd_op(
-        _unit_last_stride(grad_out), q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse,
+        unit_last_stride(grad_out), q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse,
         ctx.causal, ctx.scale, ctx.dropout_p, ctx.seed,
     )
     return dq, dk, dv, dpk, dpv, None, None, None, None, None
@@ -80,7 +81,11 @@ def prefix_attention_triton(
     q: Tensor, k: Tensor, v: Tensor, prefix_k: Optional[Tensor], prefix_v: Optional[Tensor], *,
     key_padding_mask: Optional[Tensor], causal: bool, scale: float, dropout_p: float,
 ) -> Tensor:
-    """Triton path of ``prefix_attention`` (arguments already checked). Returns (B, Hq, Sq, D)."""
+    """Triton path of ``prefix_attention`` (arguments already checked).
+
+    q: (B, Hq, Sq, D); k, v: (B, Hkv, Sk, D); prefix_k, prefix_v: (Hkv, P, D), (B, Hkv, P, D) or None;
+    key_padding_mask: (B, Sk) bool or None. Returns out (B, Hq, Sq, D).
+    """
     if prefix_k is None:
         empty = q.new_zeros(k.shape[1], 0, q.shape[-1])
         prefix_k, prefix_v = empty, empty.clone()
@@ -88,8 +93,8 @@ def prefix_attention_triton(
         key_padding_mask = key_padding_mask.contiguous()
     seed = draw_dropout_seed() if dropout_p > 0.0 else 0
     out, _ = prefix_attention_fwd_op(
-        _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v),
-        _unit_last_stride(prefix_k), _unit_last_stride(prefix_v),
+        unit_last_stride(q), unit_last_stride(k), unit_last_stride(v),
+        unit_last_stride(prefix_k), unit_last_stride(prefix_v),
         key_padding_mask, causal, scale, dropout_p, seed,
     )
     return out

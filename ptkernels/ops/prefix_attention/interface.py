@@ -8,30 +8,18 @@ import torch
 from torch import Tensor
 
 from ..._backend import resolve_backend
+from ..utils import check_tensor
 from .reference import prefix_attention_reference
 from .torch_path import prefix_attention_torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-TRITON_MAX_HEAD_DIM = 256
-
-
-def _describe(t: Tensor) -> str:
-    return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
-
-
-def _check_tensor(name: str, t, ndim: tuple[int, ...]) -> None:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dim() not in ndim:
-        want = " or ".join(f"{n}-D" for n in ndim)
-        raise ValueError(f"{name} must be {want}, got {_describe(t)}")
 
 
 def check_prefix_attention_args(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, dropout_p) -> None:
     """Raise ValueError/TypeError naming the argument for anything the op does not define."""
-    _check_tensor("q", q, (4,))
-    _check_tensor("k", k, (4,))
-    _check_tensor("v", v, (4,))
+    check_tensor("q", q, (4,))
+    check_tensor("k", k, (4,))
+    check_tensor("v", v, (4,))
     if q.dtype not in FLOAT_DTYPES + (torch.float64,):
         raise TypeError(f"q must be float16, bfloat16, float32 (or float64 for backend='torch' / 'reference'), got {q.dtype}")
     for name, t in (("k", k), ("v", v)):
@@ -55,8 +43,8 @@ def check_prefix_attention_args(q, k, v, prefix_k, prefix_v, key_padding_mask, c
     if (prefix_k is None) != (prefix_v is None):
         raise ValueError("prefix_k and prefix_v must both be tensors or both be None")
     if prefix_k is not None:
-        _check_tensor("prefix_k", prefix_k, (3, 4))
-        _check_tensor("prefix_v", prefix_v, (3, 4))
+        check_tensor("prefix_k", prefix_k, (3, 4))
+        check_tensor("prefix_v", prefix_v, (3, 4))
         if prefix_k.shape != prefix_v.shape:
             raise ValueError(
                 f"prefix_k and prefix_v must have the same shape, got prefix_k {tuple(prefix_k.shape)} "
@@ -168,10 +156,12 @@ def prefix_attention(
         )
     if q.dtype not in FLOAT_DTYPES:
         raise TypeError(f"q must be float16, bfloat16 or float32 for backend='triton', got {q.dtype} (float64 runs with backend='torch')")
+    # Imported here, not at the top: triton is needed only for backend="triton".
+    from .function import prefix_attention_triton
+    from .launch import TRITON_MAX_HEAD_DIM
+
     if q.shape[-1] > TRITON_MAX_HEAD_DIM:
         raise ValueError(f"backend='triton' supports head dims up to {TRITON_MAX_HEAD_DIM}, got q {tuple(q.shape)}; use backend='torch'")
-    from .function import prefix_attention_triton
-
     return prefix_attention_triton(
         q, k, v, prefix_k, prefix_v,
         key_padding_mask=key_padding_mask, causal=causal, scale=scale, dropout_p=dropout_p,

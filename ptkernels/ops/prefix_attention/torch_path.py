@@ -37,7 +37,7 @@ from torch.nn.attention.bias import causal_lower_right
 from .reference import prefix_attention_reference
 
 
-def _join(prefix: Optional[Tensor], real: Tensor) -> Tensor:
+def join_prefix(prefix: Optional[Tensor], real: Tensor) -> Tensor:
     """(B, Hkv, P + Sk, D): [prefix; real] along the key axis (a shared prefix broadcast to B)."""
     if prefix is None or prefix.shape[-2] == 0:
         return real
@@ -77,7 +77,7 @@ def prefix_attention_torch(
     total = prefix_len + k_len
     if total == 0:  # no keys at all: zeros, with the reference's (empty) graph
         return prefix_attention_reference(q, k, v, prefix_k, prefix_v, causal=causal, scale=scale)
-    keys, values = _join(prefix_k, k), _join(prefix_v, v)
+    keys, values = join_prefix(prefix_k, k), join_prefix(prefix_v, v)
     gqa = q_heads != kv_heads
     manual_dropout = dropout_p > 0.0 and q.device.type == "cpu"
 
@@ -136,13 +136,13 @@ def _attention_with_dropout(q: Tensor, keys: Tensor, values: Tensor, mask: Optio
     batch, q_heads, q_len, head_dim = q.shape
     kv_heads, total = keys.shape[1], keys.shape[2]
     group = q_heads // kv_heads
-    grouped = q.reshape(batch, kv_heads, group * q_len, head_dim)
-    scores = torch.matmul(grouped, keys.transpose(-1, -2)).mul_(scale)  # (B, Hkv, G * Sq, T)
+    grouped = (q * scale).reshape(batch, kv_heads, group * q_len, head_dim)  # scale the (.., D) side, not scores
+    scores = torch.matmul(grouped, keys.transpose(-1, -2))  # (B, Hkv, G * Sq, T)
     scores = scores.view(batch, kv_heads, group, q_len, total)
-    if mask is not None:  # (B, 1, 1 | Sq, T) -> (B, 1, 1, 1 | Sq, T); (Sq, T) broadcasts as it is
-        scores = scores.masked_fill(~(mask.unsqueeze(2) if mask.dim() == 4 else mask), float("-inf"))
+    if mask is not None:  # in place: matmul's backward does not need its output
+        scores.masked_fill_(~(mask.unsqueeze(2) if mask.dim() == 4 else mask), float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     keep, keep_prob = dropout_keep_mask((batch, q_heads, q_len, total), dropout_p, q.device)
-    probs = torch.where(keep.view(batch, kv_heads, group, q_len, total), probs, 0.0) * (1.0 / keep_prob)
-    out = torch.matmul(probs.view(batch, kv_heads, group * q_len, total), values)
-    return out.view(batch, q_heads, q_len, head_dim)
+    dropped = torch.where(keep.view(batch, kv_heads, group, q_len, total), probs, 0.0)
+    out = torch.matmul(dropped.view(batch, kv_heads, group * q_len, total), values)
+    return (out * (1.0 / keep_prob)).view(batch, q_heads, q_len, head_dim)  # 1 / P(keep) on the (.., D) side

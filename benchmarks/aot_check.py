@@ -1,39 +1,64 @@
 """Compile the prefix-attention kernels for a GPU target ahead of time, without a GPU.
 
 CI runs the kernels in Triton's interpreter, which accepts code the real compiler rejects (type
-changes across constexpr branches or loop iterations, ``tl.dot`` shape/dtype rules, ...). This module
+changes across constexpr branches or loop iterations, ``tl.dot`` shape/dtype rules, ...). This script
 drives the real launchers (``prefix_attention_forward`` / ``prefix_attention_backward``) with meta
-tensors, records every kernel launch instead of running it, and compiles each recorded launch with
-``triton.compile`` for a ``GPUTarget`` (sm_90, sm_80, ...), specialising the arguments exactly as a
-real launch would (ints equal to 1 and ``None`` become constants, 16-divisibility attributes, ...).
-It then checks what can be checked without a device: the kernel's shared memory fits the target, and
-the grid fits CUDA's limits.
+tensors and a target GPU's limits (``TARGETS``: sm_90 227 KiB of shared memory, sm_80 163 KiB, ...),
+passed to them as arguments, with a launcher that records every kernel launch instead of running it.
+Each recorded launch is compiled with ``triton.compile`` for a ``GPUTarget``, specialising the
+arguments exactly as a real launch would (ints equal to 1 and ``None`` become constants,
+16-divisibility attributes, ...). It then checks what can be checked without a device: the kernel's
+shared memory fits the target, the grid fits CUDA's limits, and every kernel in the launchers'
+``KERNELS`` was launched.
 
 It must run in a process where TRITON_INTERPRET is unset: with it, ``@triton.jit`` builds interpreted
-functions at import time and there is nothing to compile. From the command line:
+functions at import time and there is nothing to compile. From the checkout's root:
 
-    env -u TRITON_INTERPRET python -m ptkernels.ops.prefix_attention.aot_check [--full] [--arch 90 80]
+    env -u TRITON_INTERPRET python benchmarks/aot_check.py [--quick | --full] [--arch 90 80]
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import hashlib
 import itertools
 import os
+import pathlib
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import torch
 
-# CUDA limits: grid y and z, and the largest dynamic shared memory one block may use, per capability.
+# Run as a script (python benchmarks/aot_check.py), ptkernels comes from this checkout.
+ROOT = str(pathlib.Path(__file__).resolve().parents[1])
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+# CUDA limits: grid y and z.
 MAX_GRID_YZ = 65535
 MAX_GRID_X = 2**31 - 1
-MAX_SHARED_BYTES = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448}
+
+# Per compute capability: the largest dynamic shared memory one block may use (bytes), and the SM
+# count of a representative part (it sets how many batch slices reduce a shared prefix's gradient).
+TARGETS = {
+    80: (166912, 108),  # A100: 163 KiB
+    86: (101376, 80),  # A10G: 99 KiB
+    87: (166912, 16),  # Jetson AGX Orin
+    89: (101376, 58),  # L4
+    90: (232448, 132),  # H100 SXM: 227 KiB
+}
+
+
+def target_limits(arch: int):
+    """The ``DeviceLimits`` of sm_<arch>, for the launchers (imported here: triton may be missing,
+    and main() says so)."""
+    from ptkernels.ops.prefix_attention.launch import DeviceLimits
+
+    max_shared_memory, multi_processor_count = TARGETS[arch]
+    return DeviceLimits(max_shared_memory, multi_processor_count, interpreted=False, hip=False)
 
 
 @dataclasses.dataclass
@@ -50,55 +75,24 @@ class Launch:
         return self.kernel.fn.__name__
 
 
-class _Recorder:
-    def __init__(self, kernel, sink: list):
-        self.kernel, self.sink = kernel, sink
+def kernels() -> dict:
+    """Every prefix-attention kernel by name: the launchers' public ``KERNELS`` lists."""
+    from ptkernels.ops.prefix_attention import backward, forward
 
-    def __getitem__(self, grid):
+    return {kernel.fn.__name__: kernel for kernel in forward.KERNELS + backward.KERNELS}
+
+
+def recorder(sink: list[Launch]):
+    """A launcher (see ptkernels.ops.prefix_attention.launch) that appends each launch to ``sink``
+    instead of running it."""
+
+    def launcher(kernel, grid):
         def launch(*args, **kwargs):
-            self.sink.append(Launch(self.kernel, tuple(grid), args, dict(kwargs)))
+            sink.append(Launch(kernel, tuple(grid), args, dict(kwargs)))
 
         return launch
 
-
-def _kernel_slots():
-    from . import backward, forward
-
-    return [
-        (forward, "_prefix_attention_fwd_kernel"),
-        (forward, "_dropout_keep_mask_kernel"),
-        (backward, "_delta_kernel"),
-        (backward, "_prefix_attention_bwd_dq_kernel"),
-        (backward, "_prefix_attention_bwd_dkdv_kernel"),
-        (backward, "_prefix_attention_bwd_prefix_kernel"),
-    ]
-
-
-@contextlib.contextmanager
-def record_launches(arch: int = 90, allow_interpreted: bool = False) -> Iterator[list[Launch]]:
-    """Within the block, the launchers record their kernel launches in the yielded list instead of
-    running them, and choose their block configs for sm_<arch>'s shared memory.
-
-    Under the interpreter the launchers use the interpreter's block configs; the recorded grids can
-    still be checked (allow_interpreted=True), but the launches cannot be compiled.
-    """
-    from . import backward, forward
-
-    if forward.KERNELS_INTERPRETED and not allow_interpreted:
-        raise RuntimeError("aot_check needs a process without TRITON_INTERPRET (kernels would be interpreted)")
-    launches: list[Launch] = []
-    saved = []
-    try:
-        slots = [(module, name, _Recorder(getattr(module, name), launches)) for module, name in _kernel_slots()]
-        smem = lambda device: MAX_SHARED_BYTES[arch]  # noqa: E731
-        slots += [(forward, "max_shared_memory", smem), (backward, "max_shared_memory", smem)]
-        for module, name, replacement in slots:
-            saved.append((module, name, getattr(module, name)))
-            setattr(module, name, replacement)
-        yield launches
-    finally:
-        for module, name, kernel in saved:
-            setattr(module, name, kernel)
+    return launcher
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,9 +129,17 @@ def _meta(shape, dtype, layout):
 
 
 def case_launches(case: Case, arch: int = 90, allow_interpreted: bool = False) -> list[Launch]:
-    """The kernel launches of one forward and one backward call on sm_<arch>, recorded (nothing runs)."""
-    from .backward import prefix_attention_backward
-    from .forward import dropout_keep_mask, prefix_attention_forward
+    """The kernel launches of one forward and one backward call on sm_<arch>, recorded (nothing runs).
+
+    In a process where the kernels are interpreted (TRITON_INTERPRET=1) the launches can be recorded
+    and their grids checked (allow_interpreted=True), but not compiled.
+    """
+    from ptkernels.ops.prefix_attention.backward import prefix_attention_backward
+    from ptkernels.ops.prefix_attention.common import KERNELS_INTERPRETED
+    from ptkernels.ops.prefix_attention.forward import dropout_keep_mask, prefix_attention_forward
+
+    if KERNELS_INTERPRETED and not allow_interpreted:
+        raise RuntimeError("aot_check needs a process without TRITON_INTERPRET (kernels would be interpreted)")
 
     b, hkv, d = case.batch, case.kv_heads, case.head_dim
     hq = hkv * case.group
@@ -152,12 +154,14 @@ def case_launches(case: Case, arch: int = 90, allow_interpreted: bool = False) -
     dropout_p = 0.1 if case.dropout else 0.0
     seed = case.seed if case.dropout else 0
     scale = d**-0.5
-    with record_launches(arch, allow_interpreted) as launches:
-        out, lse = prefix_attention_forward(q, k, v, pk, pv, kpm, case.causal, scale, dropout_p, seed)
-        prefix_attention_backward(torch.empty_like(out), q, k, v, pk, pv, kpm, out, lse,
-                                  case.causal, scale, dropout_p, seed)
-        if case.dropout:
-            dropout_keep_mask(b, hq, case.q_len, p + case.k_len, dropout_p, seed, "meta")
+    limits, launches = target_limits(arch), []
+    launcher = recorder(launches)
+    out, lse = prefix_attention_forward(q, k, v, pk, pv, kpm, case.causal, scale, dropout_p, seed,
+                                        limits=limits, launcher=launcher)
+    prefix_attention_backward(torch.empty_like(out), q, k, v, pk, pv, kpm, out, lse,
+                              case.causal, scale, dropout_p, seed, limits=limits, launcher=launcher)
+    if case.dropout:
+        dropout_keep_mask(b, hq, case.q_len, p + case.k_len, dropout_p, seed, "meta", launcher=launcher)
     return launches
 
 
@@ -224,8 +228,8 @@ def compile_launch(launch: Launch, arch: int, case: str = "", cubin: bool = True
         error = ""
         if missing:
             error = f"missing stages {missing}"
-        limit = MAX_SHARED_BYTES.get(arch)
-        if limit is not None and shared > limit:
+        limit = TARGETS[arch][0]
+        if shared > limit:
             error = f"needs {shared} bytes of shared memory, sm_{arch} allows {limit} per block"
         registers, stack = _resource_usage(compiled.asm.get("cubin"))
         return Result(launch.name, arch, case, not error, stages, shared, registers, stack, options.num_warps,
@@ -328,6 +332,12 @@ def _compile_job(job):
     return compile_launch(launch, arch, case, cubin)
 
 
+def not_launched(results: list[Result], archs: list[int]) -> list[str]:
+    """The kernels of ``kernels()`` that no compiled launch exercised, per arch."""
+    compiled = {(r.arch, r.name) for r in results}
+    return [f"sm_{arch} {name}" for arch in archs for name in kernels() if (arch, name) not in compiled]
+
+
 def check_grids(cases: list[Case], archs: list[int]) -> list[str]:
     """Grid-limit problems of the launches of ``cases`` (recorded only, nothing is compiled)."""
     return [f"sm_{arch} {case}: {err}" for arch in archs for case in cases
@@ -367,24 +377,19 @@ def _picklable(job):
     from triton.runtime.jit import MockTensor
 
     launch, arch, case, cubin = job
-    slot = next(f"{m.__name__}:{n}" for m, n in _kernel_slots() if n == launch.name)
     # Argument specialisation reads a tensor's dtype and data_ptr (0 here: 16-byte aligned).
     args = tuple(MockTensor(a.dtype, list(a.shape)) if isinstance(a, torch.Tensor) else a for a in launch.args)
-    return _PickledLaunch(slot, launch.grid, args, launch.kwargs), arch, case, cubin
+    return _PickledLaunch(launch.name, launch.grid, args, launch.kwargs), arch, case, cubin
 
 
 class _PickledLaunch(Launch):
-    """A Launch that pickles its kernel by name (for the worker processes)."""
+    """A Launch that pickles its kernel by name, looked up in ``kernels()`` (for the worker processes)."""
 
-    def __init__(self, slot, grid, args, kwargs):
-        import importlib
-
-        module, name = slot.split(":")
-        self.slot = slot
-        super().__init__(getattr(importlib.import_module(module), name), grid, args, kwargs)
+    def __init__(self, kernel_name, grid, args, kwargs):
+        super().__init__(kernels()[kernel_name], grid, args, kwargs)
 
     def __reduce__(self):
-        return (_PickledLaunch, (self.slot, self.grid, self.args, self.kwargs))
+        return (_PickledLaunch, (self.name, self.grid, self.args, self.kwargs))
 
 
 def unavailable_reason() -> Optional[str]:
@@ -414,7 +419,7 @@ def unavailable_reason() -> Optional[str]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--arch", type=int, nargs="+", default=[90, 80])
+    parser.add_argument("--arch", type=int, nargs="+", default=[90, 80], choices=sorted(TARGETS))
     parser.add_argument("--quick", action="store_true", help="the small set CI compiles")
     parser.add_argument("--full", action="store_true", help="every flag combination (slow)")
     parser.add_argument("--skip-exit-code", type=int, default=0,
@@ -431,13 +436,17 @@ def main(argv=None) -> int:
     results, grid_errors = run(selected, args.arch, cubin=not args.no_cubin, workers=args.workers, verbose=args.verbose)
     grid_errors += check_grids(grid_limit_cases(), args.arch)
     failed = [r for r in results if not r.ok]
+    missing = not_launched(results, args.arch)
     for r in failed:
         print(f"FAIL sm_{r.arch} {r.name} [{r.case}]: {r.error}")
     for e in grid_errors:
         print(f"GRID {e}")
+    for m in missing:
+        print(f"NOT LAUNCHED {m}")
     print(f"{len(results)} kernels compiled for sm_{'/sm_'.join(map(str, args.arch))} from {len(selected)} cases, "
-          f"{len(failed)} failed, {len(grid_errors)} grid problems, {time.perf_counter() - start:.1f}s")
-    return 1 if failed or grid_errors else 0
+          f"{len(failed)} failed, {len(grid_errors)} grid problems, {len(missing)} kernels not launched, "
+          f"{time.perf_counter() - start:.1f}s")
+    return 1 if failed or grid_errors or missing else 0
 
 
 if __name__ == "__main__":

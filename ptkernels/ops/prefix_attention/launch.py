@@ -1,0 +1,220 @@
+"""Launch settings of the prefix-attention kernels, as pure functions of the device's limits.
+
+The launchers (forward.py, backward.py) ask ``device_limits`` (the only function here that probes
+a device) once per launch, and pass the ``DeviceLimits`` it returns to the functions below: block
+configs that fit the device's shared memory, the interpreter's settings, tl.dot's input precision,
+how many batch slices reduce a shared prefix's gradient. Given explicit limits, the same choices
+can be made for any GPU on any machine: benchmarks/aot_check.py compiles the configs chosen for
+sm_90 and sm_80 without a GPU and checks their real shared-memory footprint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Optional
+
+import torch
+import triton
+from torch import Tensor
+
+from .common import KERNELS_INTERPRETED
+
+LOG2_E = 1.4426950408889634
+
+# The largest head dim the Triton backend takes (BLOCK_D 256); backend="torch" has no limit.
+TRITON_MAX_HEAD_DIM = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceLimits:
+    """What the launch settings depend on, for one device.
+
+    max_shared_memory: bytes of shared memory one program may use (227 KiB = 232448 on H100,
+        163 KiB = 166912 on A100, 99 KiB = 101376 on sm_86/sm_89 parts such as A10G, L4, RTX 4090).
+    multi_processor_count: SMs, or None off CUDA (CPU tensors in the interpreter, meta tensors).
+    interpreted: the kernels run in Triton's interpreter (TRITON_INTERPRET=1 when triton was imported).
+    hip: a ROCm device.
+    """
+
+    max_shared_memory: int
+    multi_processor_count: Optional[int]
+    interpreted: bool
+    hip: bool = False
+
+
+def device_limits(device) -> DeviceLimits:
+    """The limits of ``device`` (a torch.device or string). The only place that probes a device."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return DeviceLimits(232448, None, KERNELS_INTERPRETED, bool(torch.version.hip))
+    return _cuda_device_limits(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_device_limits(index: int) -> DeviceLimits:
+    max_shared = int(triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"])
+    sms = torch.cuda.get_device_properties(index).multi_processor_count
+    return DeviceLimits(max_shared, sms, KERNELS_INTERPRETED, bool(torch.version.hip))
+
+
+# A launcher is given (kernel, grid) and calls what it returns with the kernel's arguments; by default
+# it launches the kernel. benchmarks/aot_check.py passes one that records the launches instead.
+Launcher = Callable[[Any, tuple], Callable[..., Any]]
+
+
+def launch_kernel(kernel, grid: tuple) -> Callable[..., Any]:
+    """The default launcher: ``kernel[grid]``."""
+    return kernel[grid]
+
+
+# --------------------------------------------------------------------------------------------
+# Block sizes and configs
+
+
+def block_d(head_dim: int) -> int:
+    """Head dims are padded in registers to a power of two >= 16 (tl.dot's minimum), not in memory."""
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def head_dim_bucket(head_dim: int) -> int:
+    return min(256, max(64, block_d(head_dim)))
+
+
+def upcast_in_interpreter(dtype: torch.dtype, interpreted: bool) -> bool:
+    """Triton 3.9's interpreter computes tl.dot on bf16 operands wrongly: compute those tiles in fp32."""
+    return interpreted and dtype == torch.bfloat16
+
+
+def dot_precision(dtype: torch.dtype, hip: bool = bool(torch.version.hip),
+                  float32_matmul_precision: Optional[str] = None) -> str:
+    """tl.dot input precision for ``dtype`` tiles (it only matters for fp32; 16-bit tiles ignore it).
+
+    On a GPU, tl.dot on fp32 defaults to TF32 (10-bit mantissa), which torch.matmul does not do by
+    default. So fp32 follows torch's float32 matmul precision (``float32_matmul_precision``, read from
+    torch.get_float32_matmul_precision() when None): "highest" (the default) gets tf32x3 (three TF32
+    tensor-core products, about fp32 accuracy), "high"/"medium" (TF32 allowed, e.g.
+    torch.backends.cuda.matmul.allow_tf32 = True) gets plain TF32. ROCm (``hip``) gets exact fp32 ("ieee").
+    """
+    if dtype != torch.float32:
+        return "tf32"
+    if hip:
+        return "ieee"
+    if float32_matmul_precision is None:
+        float32_matmul_precision = torch.get_float32_matmul_precision()
+    return "tf32x3" if float32_matmul_precision == "highest" else "tf32"
+
+
+INTERPRETER_CONFIG = dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
+
+# Block configs are (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates, best first, by padded
+# head dim (<= 64, 128, 256); a launcher takes the first whose shared-memory estimate, times the
+# margin (what the compiler allocates beyond the operand tiles: layout conversions, the hi/lo
+# halves of tf32x3 operands), fits the device. benchmarks/aot_check.py compiles them all and checks
+# the real sizes.
+# fp32 tiles (tf32x3 dots) need more registers: smaller tiles, or they spill heavily.
+# Dropout: philox on a 128 x 64 tile spills at 4 warps (600+ bytes/thread at D=64): 8 warps.
+_FORWARD_CANDIDATES = {
+    (64, False): [(128, 64, 4, 3), (128, 64, 4, 2), (64, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2)],
+    (64, True): [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2)],
+    (128, False): [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2)],
+    (256, False): [(64, 32, 8, 2), (64, 32, 8, 1), (32, 32, 4, 1), (16, 16, 4, 1)],
+}
+_FORWARD_CANDIDATES_FP32 = {
+    64: [(64, 32, 4, 2), (32, 32, 4, 2), (16, 16, 4, 1)],
+    128: [(64, 32, 8, 2), (32, 32, 4, 2), (32, 32, 4, 1), (16, 16, 4, 1)],
+    256: [(32, 32, 8, 1), (16, 16, 4, 1)],
+}
+# One config for the three backward kernels.
+_BACKWARD_CANDIDATES = {
+    64: [(64, 64, 4, 2), (64, 64, 4, 1), (32, 32, 4, 2), (32, 32, 4, 1), (16, 16, 4, 1)],
+    128: [(64, 64, 8, 2), (64, 64, 8, 1), (32, 32, 4, 2), (32, 32, 4, 1), (16, 16, 4, 1)],
+    256: [(64, 64, 8, 2), (64, 64, 8, 1), (32, 32, 4, 2), (32, 32, 4, 1), (16, 16, 4, 1)],
+}
+_BACKWARD_CANDIDATES_FP32 = {
+    64: [(32, 32, 4, 2), (32, 32, 4, 1), (16, 16, 4, 1)],
+    128: [(32, 32, 8, 2), (32, 32, 8, 1), (16, 16, 4, 1)],
+    256: [(32, 32, 8, 1), (16, 16, 4, 1)],
+}
+FORWARD_SHARED_MEMORY_MARGIN = {torch.float16: 1.25, torch.bfloat16: 1.25, torch.float32: 1.4}
+BACKWARD_SHARED_MEMORY_MARGIN = {torch.float16: 1.1, torch.bfloat16: 1.1, torch.float32: 1.4}
+
+
+def first_fitting(candidates, need, margin: float, max_shared: int) -> dict:
+    """The first (BLOCK_M, BLOCK_N, num_warps, num_stages) whose need(...) * margin fits, else the last."""
+    for block_m, block_n, warps, stages in candidates:
+        if need(block_m, block_n, stages) * margin <= max_shared:
+            break
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+
+
+def forward_config(head_dim: int, dtype: torch.dtype, limits: DeviceLimits, dropout: bool = False) -> dict:
+    """Forward block config (BLOCK_M, BLOCK_N, num_warps, num_stages) on a device with ``limits``."""
+    if limits.interpreted:
+        return dict(INTERPRETER_CONFIG)
+    return gpu_forward_config(head_dim, dtype, limits.max_shared_memory, dropout)
+
+
+def gpu_forward_config(head_dim: int, dtype: torch.dtype, max_shared: int, dropout: bool = False) -> dict:
+    """Forward block config on a GPU with ``max_shared`` bytes of shared memory per program."""
+    bd, size, bucket = block_d(head_dim), dtype.itemsize, head_dim_bucket(head_dim)
+    if dtype == torch.float32:
+        candidates = _FORWARD_CANDIDATES_FP32[bucket]
+    else:
+        candidates = _FORWARD_CANDIDATES.get((bucket, dropout), _FORWARD_CANDIDATES[(bucket, False)])
+
+    def need(block_m, block_n, stages):  # the Q tile, plus num_stages (K, V) tile pairs
+        return (block_m * bd + 2 * stages * block_n * bd) * size
+
+    return first_fitting(candidates, need, FORWARD_SHARED_MEMORY_MARGIN[dtype], max_shared)
+
+
+def backward_config(head_dim: int, dtype: torch.dtype, limits: DeviceLimits) -> dict:
+    """One block config for the three backward kernels on a device with ``limits``."""
+    if limits.interpreted:
+        return dict(INTERPRETER_CONFIG)
+    return gpu_backward_config(head_dim, dtype, limits.max_shared_memory)
+
+
+def gpu_backward_config(head_dim: int, dtype: torch.dtype, max_shared: int) -> dict:
+    """One block config for the three backward kernels on a GPU with ``max_shared`` bytes per program."""
+    bd, size, bucket = block_d(head_dim), dtype.itemsize, head_dim_bucket(head_dim)
+    candidates = (_BACKWARD_CANDIDATES_FP32 if dtype == torch.float32 else _BACKWARD_CANDIDATES)[bucket]
+
+    def need(block_m, block_n, stages):  # two resident tiles, plus num_stages streamed tile pairs
+        block = max(block_m, block_n)
+        return (2 * block * bd + 2 * stages * block * bd) * size
+
+    return first_fitting(candidates, need, BACKWARD_SHARED_MEMORY_MARGIN[dtype], max_shared)
+
+
+def shared_prefix_splits(batch: int, prefix_blocks: int, kv_heads: int, multi_processor_count: Optional[int]) -> int:
+    """How many batch slices reduce a shared prefix's gradient in parallel (fp32 partials, fixed order).
+
+    About two programs per SM. There is no fixed cap: with few kv heads and a short prefix (MQA, P <= 64
+    gives prefix_blocks * kv_heads = 1) a cap of 8 left 8 programs on a 132-SM H100, each looping over
+    B / 8 examples x the GQA group x all query blocks. The partials stay small: splits * Hkv * P is
+    about 2 * SMs * BLOCK_N rows of D fp32 (17 MB at D = 128 on an H100, K and V together).
+    Off CUDA (multi_processor_count None: the interpreter) 2, so that CI exercises the partial-sum path.
+    """
+    if batch <= 1:
+        return 1
+    if multi_processor_count is None:
+        return min(batch, 2)
+    want = triton.cdiv(2 * multi_processor_count, max(1, prefix_blocks * kv_heads))
+    return max(1, min(batch, want))
+
+
+# --------------------------------------------------------------------------------------------
+# Kernel arguments
+
+
+def mask_strides(key_padding_mask: Optional[Tensor]) -> tuple[int, int]:
+    """(batch, key) strides of a (B, Sk) key padding mask; (0, 0) without one."""
+    return (0, 0) if key_padding_mask is None else (key_padding_mask.stride(0), key_padding_mask.stride(1))
+
+
+def mask_as_int8(key_padding_mask: Optional[Tensor]) -> Optional[Tensor]:
+    """The (B, Sk) bool mask viewed as int8, which Triton loads (bool and int8 have the same size:
+    a free reinterpretation)."""
+    return None if key_padding_mask is None else key_padding_mask.view(torch.int8)
