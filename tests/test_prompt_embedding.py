@@ -237,9 +237,9 @@ def test_empty_sequence_and_int32_ids():
 @pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`")
 def test_opcheck_and_compile_fullgraph():
     ids, weight, prompt = _make(2, 5, 3, 16, per_example=False)
-    torch.library.opcheck(torch.ops.ptkernels.prompt_embedding.default, (ids, weight, prompt))
+    torch.library.opcheck(torch.ops.ptkernels.prompt_embedding_fwd.default, (ids, weight, prompt, False))
     vids = _template(2, VOCAB, 3, [0, "x", 2, 2], seed=0)
-    torch.library.opcheck(torch.ops.ptkernels.virtual_token_embedding.default, (vids, weight, prompt))
+    torch.library.opcheck(torch.ops.ptkernels.prompt_embedding_fwd.default, (vids, weight, prompt, True))
 
     def loss(ids, vids, weight, prompt):
         a = prompt_embedding(ids, weight, prompt, backend="triton")

@@ -7,6 +7,8 @@ import torch
 from torch import Tensor
 
 from ..._backend import resolve_backend
+from ..utils import describe
+from .launch import check_id_range
 from .reference import prompt_embedding_reference, virtual_token_embedding_reference
 from .torch_path import prompt_embedding_torch, virtual_token_embedding_torch
 
@@ -14,27 +16,11 @@ TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 ID_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 
-def _describe(t: Tensor) -> str:
-    return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
-
-
 def _is_compiling() -> bool:
     try:
         return torch.compiler.is_compiling()
     except AttributeError:  # pragma: no cover - very old torch
         return False
-
-
-def check_id_range(ids: Tensor, high: int, name: str, what: str) -> None:
-    """Raise ValueError unless every id is in [0, high). ``what`` says what the ids are, e.g.
-    "word ids in [0, V)". Needs a min/max over the ids (a host sync)."""
-    if ids.numel() == 0:
-        return
-    lo, hi = (int(x) for x in torch.aminmax(ids))
-    if lo < 0 or hi >= high:
-        raise ValueError(
-            f"{name} must hold {what} = [0, {high}), got ids from {lo} to {hi} ({name} shape {tuple(ids.shape)})"
-        )
 
 
 def check_embedding_args(ids_name: str, ids, weight, prompt) -> None:
@@ -47,19 +33,19 @@ def check_embedding_args(ids_name: str, ids, weight, prompt) -> None:
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if ids.dtype not in ID_DTYPES:
-        raise TypeError(f"{ids_name} must be an integer tensor (int64 or int32), got {_describe(ids)}")
+        raise TypeError(f"{ids_name} must be an integer tensor (int64 or int32), got {describe(ids)}")
     if ids.dim() != 2:
-        raise ValueError(f"{ids_name} must be 2-D (B, S), got {_describe(ids)}")
+        raise ValueError(f"{ids_name} must be 2-D (B, S), got {describe(ids)}")
     if weight.dim() != 2:
-        raise ValueError(f"weight must be 2-D (V, E), got {_describe(weight)}")
+        raise ValueError(f"weight must be 2-D (V, E), got {describe(weight)}")
     if not weight.dtype.is_floating_point:
-        raise TypeError(f"weight must be float16, bfloat16 or float32, got {_describe(weight)}")
+        raise TypeError(f"weight must be float16, bfloat16 or float32, got {describe(weight)}")
     if weight.device != ids.device:
         raise ValueError(f"weight must be on {ids_name}'s device {ids.device}, got {weight.device}")
     batch = ids.shape[0]
     emb_dim = weight.shape[1]
     if prompt.dim() not in (2, 3):
-        raise ValueError(f"prompt must be 2-D (P, E) or 3-D (B, P, E), got {_describe(prompt)}")
+        raise ValueError(f"prompt must be 2-D (P, E) or 3-D (B, P, E), got {describe(prompt)}")
     if prompt.shape[-1] != emb_dim:
         raise ValueError(
             f"prompt must have weight's embedding size E = {emb_dim} in its last dim, got prompt "
@@ -84,6 +70,25 @@ def _check_triton_dtype(weight: Tensor) -> None:
         )
 
 
+def _embedding(ids: Tensor, weight: Tensor, prompt: Tensor, backend: str, *, virtual: bool) -> Tensor:
+    """Check, pick the backend, run: prompt_embedding (virtual=False, ids are ``input_ids``) or
+    virtual_token_embedding (virtual=True, ids are ``token_ids``)."""
+    check_embedding_args("token_ids" if virtual else "input_ids", ids, weight, prompt)
+    chosen = resolve_backend(backend, weight.device)
+    if chosen in ("torch", "reference"):
+        if not _is_compiling():
+            check_id_range(ids, weight.shape[0], prompt.shape[-2], virtual)
+        if virtual:
+            fn = virtual_token_embedding_torch if chosen == "torch" else virtual_token_embedding_reference
+        else:
+            fn = prompt_embedding_torch if chosen == "torch" else prompt_embedding_reference
+        return fn(ids, weight, prompt)
+    _check_triton_dtype(weight)
+    from .function import prompt_embedding_triton  # imports triton: only on the Triton path
+
+    return prompt_embedding_triton(ids, weight, prompt, virtual=virtual)
+
+
 def prompt_embedding(input_ids: Tensor, weight: Tensor, prompt: Tensor, *, backend: str = "auto") -> Tensor:
     """Word embeddings with a soft prompt in front: ``cat([prompt, weight[input_ids]], dim=1)``.
 
@@ -102,17 +107,7 @@ def prompt_embedding(input_ids: Tensor, weight: Tensor, prompt: Tensor, *, backe
     Returns:
         out: (B, P + S, E) in weight's dtype; out[:, :P] = prompt, out[:, P:] = weight[input_ids].
     """
-    check_embedding_args("input_ids", input_ids, weight, prompt)
-    chosen = resolve_backend(backend, weight.device)
-    if chosen in ("torch", "reference"):
-        if not _is_compiling():
-            check_id_range(input_ids, weight.shape[0], "input_ids", "word ids in [0, V)")
-        fn = prompt_embedding_torch if chosen == "torch" else prompt_embedding_reference
-        return fn(input_ids, weight, prompt)
-    _check_triton_dtype(weight)
-    from .function import prompt_embedding_triton
-
-    return prompt_embedding_triton(input_ids, weight, prompt)
+    return _embedding(input_ids, weight, prompt, backend, virtual=False)
 
 
 def virtual_token_embedding(token_ids: Tensor, weight: Tensor, prompt: Tensor, *, backend: str = "auto") -> Tensor:
@@ -134,14 +129,4 @@ def virtual_token_embedding(token_ids: Tensor, weight: Tensor, prompt: Tensor, *
     Returns:
         out: (B, S, E) in weight's dtype.
     """
-    check_embedding_args("token_ids", token_ids, weight, prompt)
-    chosen = resolve_backend(backend, weight.device)
-    if chosen in ("torch", "reference"):
-        if not _is_compiling():
-            check_id_range(token_ids, weight.shape[0] + prompt.shape[-2], "token_ids", "ids in [0, V + P)")
-        fn = virtual_token_embedding_torch if chosen == "torch" else virtual_token_embedding_reference
-        return fn(token_ids, weight, prompt)
-    _check_triton_dtype(weight)
-    from .function import virtual_token_embedding_triton
-
-    return virtual_token_embedding_triton(token_ids, weight, prompt)
+    return _embedding(token_ids, weight, prompt, backend, virtual=True)

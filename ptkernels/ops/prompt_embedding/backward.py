@@ -1,11 +1,6 @@
-"""Triton kernels and their launchers for the prompt-embedding ops.
+"""Triton backward kernels of the prompt-embedding ops, and their launcher.
 
-Forward (both ops): one pass over the output rows. A program owns a (BLOCK_T rows, BLOCK_E columns)
-tile of the flattened (B * T, E) output and reads each row straight from its source: a ``prompt`` row
-(shared (P, E) via a zero batch stride, or per example (B, P, E)) or a ``weight`` row picked by the
-id. No concatenation, no intermediate gather, no batch-expanded prompt.
-
-Backward (deterministic, no float atomics):
+Deterministic, no float atomics:
 - prompt_embedding, grad of prompt: ``_prompt_grad_kernel``, one program per ([example,] BLOCK_P
   prompt rows, BLOCK_E columns) that sums grad_out[b, p] over b = 0, 1, ..., B - 1 in that fixed order
   (fp32 accumulator). Per-example prompts use the same kernel with a one-step loop.
@@ -16,8 +11,9 @@ Backward (deterministic, no float atomics):
   start of each run of equal keys sums the grad_out rows of that run in sorted order (fp32) and
   writes the target row. Same inputs -> same order -> same bits. Rows no id points to stay zero.
 
-All row/column offsets are computed in int64, so B * T * E and V * E may pass 2**31. Inputs are read
-through their strides (no copies); outputs are allocated contiguous.
+Row/column offsets are computed in int64, so B * T * E and V * E may pass 2**31. grad_out is read
+through its strides (no copies, stride 0 included); the gradients are allocated contiguous. Block
+sizes come from :mod:`.launch`.
 """
 
 from __future__ import annotations
@@ -27,51 +23,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-MAX_BLOCK_E = 2048  # columns per program (forward); E is tiled with masks above that
-TILE_ELEMS = 4096  # forward tile size target: BLOCK_T * BLOCK_E
-MAX_BLOCK_E_BWD = 1024
-
-
-@triton.jit
-def _embed_fwd_kernel(
-    ids_ptr, weight_ptr, prompt_ptr, out_ptr,
-    n_rows, out_len, num_words, prompt_len, emb_dim,
-    stride_ib, stride_is,
-    stride_wv, stride_we,
-    stride_pb, stride_pp, stride_pe,
-    VIRTUAL: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
-):
-    pid_t = tl.program_id(0)
-    pid_e = tl.program_id(1)
-    rows = pid_t.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T).to(tl.int64)  # flat (b, t) of out
-    row_mask = rows < n_rows
-    b = rows // out_len
-    t = rows % out_len
-    cols = pid_e.to(tl.int64) * BLOCK_E + tl.arange(0, BLOCK_E).to(tl.int64)
-    col_mask = cols < emb_dim
-    if VIRTUAL:
-        # out[b, t] = weight[id] if id < V else prompt[(b,) id - V], id = token_ids[b, t]
-        ids = tl.load(ids_ptr + b * stride_ib + t * stride_is, mask=row_mask, other=0).to(tl.int64)
-        is_prompt = ids >= num_words
-        p_idx = tl.where(is_prompt, ids - num_words, 0)
-        w_idx = tl.where(is_prompt, 0, ids)
-    else:
-        # out[b, t] = prompt[(b,) t] if t < P else weight[input_ids[b, t - P]]
-        is_prompt = t < prompt_len
-        s = tl.where(is_prompt, 0, t - prompt_len)
-        ids = tl.load(ids_ptr + b * stride_ib + s * stride_is, mask=row_mask & (t >= prompt_len), other=0)
-        w_idx = ids.to(tl.int64)
-        p_idx = tl.where(is_prompt, t, 0)
-    is_word = is_prompt == 0
-    word_mask = (row_mask & is_word)[:, None] & col_mask[None, :]
-    prompt_mask = (row_mask & is_prompt)[:, None] & col_mask[None, :]
-    w = tl.load(weight_ptr + w_idx[:, None] * stride_wv + cols[None, :] * stride_we, mask=word_mask, other=0.0)
-    p = tl.load(
-        prompt_ptr + b[:, None] * stride_pb + p_idx[:, None] * stride_pp + cols[None, :] * stride_pe,
-        mask=prompt_mask, other=0.0,
-    )
-    val = tl.where(is_prompt[:, None], p, w)
-    tl.store(out_ptr + rows[:, None] * emb_dim + cols[None, :], val, mask=row_mask[:, None] & col_mask[None, :])
+from .forward import nonempty
+from .launch import prompt_grad_config, segment_config
 
 
 @triton.jit
@@ -149,58 +102,6 @@ def _segment_grad_kernel(
 # launchers
 
 
-def _nonempty(t: Tensor, *fallbacks: Tensor) -> Tensor:
-    """A tensor to pass for a pointer argument that the kernel never dereferences when ``t`` is empty
-    (an empty tensor may have a null data pointer)."""
-    if t.numel() > 0:
-        return t
-    for f in fallbacks:
-        if f.numel() > 0:
-            return f
-    return t
-
-
-def _fwd_blocks(emb_dim: int) -> tuple[int, int]:
-    block_e = min(triton.next_power_of_2(max(emb_dim, 1)), MAX_BLOCK_E)
-    block_t = max(1, min(TILE_ELEMS // block_e, 64))
-    return block_t, block_e
-
-
-def _prompt_strides(prompt: Tensor) -> tuple[int, int, int]:
-    if prompt.dim() == 2:
-        return 0, prompt.stride(0), prompt.stride(1)
-    return prompt.stride(0), prompt.stride(1), prompt.stride(2)
-
-
-def embedding_forward(ids: Tensor, weight: Tensor, prompt: Tensor, virtual: bool) -> Tensor:
-    """Launch the one-pass forward.
-
-    ids: (B, S) integer; weight: (V, E); prompt: (P, E) or (B, P, E), weight's dtype.
-    Returns (B, P + S, E) (virtual=False: prompt_embedding) or (B, S, E) (virtual=True:
-    virtual_token_embedding), contiguous, in weight's dtype. Ids must already be range-checked.
-    """
-    batch, ids_len = ids.shape
-    num_words, emb_dim = weight.shape
-    prompt_len = prompt.shape[-2]
-    out_len = ids_len if virtual else prompt_len + ids_len
-    out = torch.empty(batch, out_len, emb_dim, dtype=weight.dtype, device=weight.device)
-    n_rows = batch * out_len
-    if n_rows == 0 or emb_dim == 0:
-        return out
-    block_t, block_e = _fwd_blocks(emb_dim)
-    grid = (triton.cdiv(n_rows, block_t), triton.cdiv(emb_dim, block_e))
-    _embed_fwd_kernel[grid](
-        _nonempty(ids, out), _nonempty(weight, prompt), _nonempty(prompt, weight), out,
-        n_rows, out_len, num_words, prompt_len, emb_dim,
-        ids.stride(0), ids.stride(1),
-        weight.stride(0), weight.stride(1),
-        *_prompt_strides(prompt),
-        VIRTUAL=virtual, BLOCK_T=block_t, BLOCK_E=block_e,
-        num_warps=4,
-    )
-    return out
-
-
 def _segment_reduce(
     grad_out: Tensor, keys: Tensor, ids_len: int, row_offset: int, num_words: int,
     grad_weight: Tensor, grad_prompt: Tensor, weight_grad: bool,
@@ -217,27 +118,21 @@ def _segment_reduce(
         return
     sorted_keys, perm = torch.sort(keys, stable=True)
     seg_end = torch.searchsorted(sorted_keys, sorted_keys, right=True)
-    block_e = min(triton.next_power_of_2(emb_dim), MAX_BLOCK_E_BWD)
-    grid = (n_keys, triton.cdiv(emb_dim, block_e))
+    config = segment_config(emb_dim, weight_grad)
+    grid = (n_keys, triton.cdiv(emb_dim, config["BLOCK_E"]))
     _segment_grad_kernel[grid](
         grad_out, sorted_keys, perm, seg_end,
-        _nonempty(grad_weight, grad_prompt), _nonempty(grad_prompt, grad_weight),
+        nonempty(grad_weight, grad_prompt), nonempty(grad_prompt, grad_weight),
         ids_len, row_offset, num_words, emb_dim,
         grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
-        WEIGHT_GRAD=weight_grad, BLOCK_E=block_e,
-        num_warps=4,
+        **config,
     )
 
 
-def prompt_embedding_backward(
+def _prompt_embedding_backward(
     grad_out: Tensor, input_ids: Tensor, num_words: int, prompt_len: int, per_example: bool, weight_grad: bool
 ) -> tuple[Tensor, Tensor]:
-    """Gradients of prompt_embedding.
-
-    grad_out: (B, P + S, E) any strides; input_ids: (B, S).
-    Returns grad_prompt ((B, P, E) if per_example else (P, E)) and grad_weight ((V, E) if weight_grad,
-    else an empty (0, E) placeholder), both contiguous in grad_out's dtype.
-    """
+    # grad_out (B, P + S, E): rows :P sum into the prompt, rows P: into weight by input_ids
     batch, ids_len = input_ids.shape
     emb_dim = grad_out.shape[-1]
     opts = dict(dtype=grad_out.dtype, device=grad_out.device)
@@ -247,15 +142,16 @@ def prompt_embedding_backward(
         if batch == 0:
             grad_prompt.zero_()
         else:
-            block_e = min(triton.next_power_of_2(emb_dim), 512)
-            block_p = max(1, min(triton.next_power_of_2(prompt_len), 2048 // block_e))
-            grid = (triton.cdiv(prompt_len, block_p) * (batch if per_example else 1), triton.cdiv(emb_dim, block_e))
+            config = prompt_grad_config(prompt_len, emb_dim)
+            grid = (
+                triton.cdiv(prompt_len, config["BLOCK_P"]) * (batch if per_example else 1),
+                triton.cdiv(emb_dim, config["BLOCK_E"]),
+            )
             _prompt_grad_kernel[grid](
                 grad_out, grad_prompt,
                 1 if per_example else batch, prompt_len, emb_dim,
                 grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
-                BLOCK_P=block_p, BLOCK_E=block_e,
-                num_warps=4,
+                **config,
             )
     if not weight_grad:
         return grad_prompt, torch.empty(0, emb_dim, **opts)
@@ -265,15 +161,10 @@ def prompt_embedding_backward(
     return grad_prompt, grad_weight
 
 
-def virtual_token_embedding_backward(
+def _virtual_token_embedding_backward(
     grad_out: Tensor, token_ids: Tensor, num_words: int, prompt_len: int, per_example: bool, weight_grad: bool
 ) -> tuple[Tensor, Tensor]:
-    """Gradients of virtual_token_embedding.
-
-    grad_out: (B, S, E) any strides; token_ids: (B, S).
-    Returns grad_prompt ((B, P, E) if per_example else (P, E)) and grad_weight ((V, E) if weight_grad,
-    else an empty (0, E) placeholder), both contiguous in grad_out's dtype.
-    """
+    # grad_out (B, S, E): row (b, s) sums into weight or the prompt by token_ids[b, s]
     batch, ids_len = token_ids.shape
     emb_dim = grad_out.shape[-1]
     opts = dict(dtype=grad_out.dtype, device=grad_out.device)
@@ -287,3 +178,18 @@ def virtual_token_embedding_backward(
         keys = torch.where(keys >= num_words, keys + example * prompt_len, keys)
     _segment_reduce(grad_out, keys, ids_len, 0, num_words, grad_weight, grad_prompt, weight_grad)
     return grad_prompt, grad_weight
+
+
+def embedding_backward(
+    grad_out: Tensor, ids: Tensor, num_words: int, prompt_len: int, per_example: bool, weight_grad: bool,
+    virtual: bool,
+) -> tuple[Tensor, Tensor]:
+    """Gradients of prompt_embedding (virtual=False) or virtual_token_embedding (virtual=True).
+
+    grad_out: (B, P + S, E) (virtual=False) or (B, S, E) (virtual=True), any strides; ids: (B, S),
+    the forward's input_ids / token_ids; num_words: V; prompt_len: P.
+    Returns grad_prompt ((B, P, E) if per_example else (P, E)) and grad_weight ((V, E) if weight_grad,
+    else an empty (0, E) placeholder), both contiguous in grad_out's dtype.
+    """
+    backward = _virtual_token_embedding_backward if virtual else _prompt_embedding_backward
+    return backward(grad_out, ids, num_words, prompt_len, per_example, weight_grad)
