@@ -5,7 +5,8 @@ Each case builds one randomly initialised model (BERT-, GPT-2- or Llama-shaped, 
 one PEFT adapter, and one padded batch (right padding, lengths drawn from [S/2, S], the longest S).
 The same model object is timed unpatched and patched, alternately, for ``rounds`` rounds; each
 measurement is the median of ``torch.utils.benchmark.Timer.blocked_autorange``, and the reported
-time is the median over rounds, so both variants see the same machine state. Peak memory of one
+time is the median over rounds (5 by default: robust to two disturbed rounds on a shared machine),
+so both variants see the same machine state. Peak memory of one
 step is read from the profiler's memory events (what a CPU user can measure; on CUDA,
 ``torch.cuda.max_memory_allocated``).
 
@@ -31,6 +32,11 @@ import time
 from typing import Callable, Dict, List, Optional
 
 import torch
+
+try:  # as part of the benchmarks package (ptkernels bench), or run as a script
+    from .timing import median_ms, peak_memory_mib
+except ImportError:
+    from timing import median_ms, peak_memory_mib
 
 VOCAB = 8192  # a small vocabulary keeps the LM head from dominating a CPU step; attention shapes are the models'
 
@@ -150,44 +156,7 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def peak_memory_mib(fn: Callable[[], object], device: torch.device) -> float:
-    """Peak memory allocated while ``fn()`` runs, above what was allocated before, in MiB.
-
-    CUDA: ``torch.cuda.max_memory_allocated``. CPU: the profiler's memory events (every allocation
-    and free, in time order) summed to their running maximum."""
-    if device.type == "cuda":
-        _synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        fn()
-        _synchronize(device)
-        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    deltas = sorted((e.time_range.start, e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage)
-                    for e in prof.events())
-    running = peak = 0
-    for _, delta in deltas:
-        running += delta
-        peak = max(peak, running)
-    return peak / 2**20
-
-
-def _median_ms(fn: Callable[[], object], device: torch.device, min_run_time: float) -> float:
-    if device.type == "cuda":
-        import triton.testing
-
-        return float(triton.testing.do_bench(fn, warmup=25, rep=max(100, int(min_run_time * 1000)),
-                                             return_mode="median"))
-    from torch.utils.benchmark import Timer
-
-    timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-    return timer.blocked_autorange(min_run_time=min_run_time).median * 1000.0
-
-
-def run_case(case: Case, device: torch.device, *, rounds: int = 3, min_run_time: float = 1.0,
+def run_case(case: Case, device: torch.device, *, rounds: int = 5, min_run_time: float = 1.0,
              modes=("train", "infer"), memory: bool = True) -> List[dict]:
     """Records (one per mode and variant) for one case."""
     model, batch, optimizer = build(case, device)
@@ -207,13 +176,14 @@ def run_case(case: Case, device: torch.device, *, rounds: int = 3, min_run_time:
     steps = {"train": train_step, "infer": infer_step}
     variants = ("peft", "ptkernels")
     times: Dict[tuple, List[float]] = {(m, v): [] for m in modes for v in variants}
-    for _ in range(rounds):
+    for round_index in range(rounds):
         for mode in modes:
             for variant in variants:
                 _set_variant(model, variant)
-                steps[mode]()  # warm-up after the switch
+                if round_index == 0:
+                    steps[mode]()  # warm-up
                 _synchronize(device)
-                times[(mode, variant)].append(_median_ms(steps[mode], device, min_run_time))
+                times[(mode, variant)].append(median_ms(steps[mode], device, min_run_time))
     records = []
     for mode in modes:
         for variant in variants:
@@ -327,7 +297,7 @@ def main(argv=None) -> int:
     parser.add_argument("--suite", default="default", choices=sorted(SUITES))
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=None, help="torch threads on CPU (default: all cores)")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--min-run-time", type=float, default=1.0, help="seconds per measurement (blocked_autorange)")
     parser.add_argument("--modes", default="train,infer")
     parser.add_argument("--no-memory", action="store_true")
@@ -344,5 +314,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     raise SystemExit(main())

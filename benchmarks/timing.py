@@ -1,99 +1,53 @@
-"""Time-honoured timing: warmup, then the median of repeats.
+"""Timers and memory meters shared by every benchmark, from well-kept libraries.
 
-GPU: CUDA events around each call, after torch.cuda.synchronize(); the L2 cache is flushed between
-repeats (as triton.testing.do_bench does). CPU: time.perf_counter around each call. Peak memory is
-torch.cuda.max_memory_allocated above what was allocated before the call (GPU only; on CPU it is
-reported as n/a rather than guessed).
+* GPU: ``triton.testing.do_bench`` (CUDA events, L2 flush between repeats), median.
+* CPU: ``torch.utils.benchmark.Timer.blocked_autorange`` (warm-up, blocks sized to the call), median.
+* Peak memory of one call above what was allocated before it: ``torch.cuda.max_memory_allocated``
+  on GPU; on CPU the profiler's memory events (every allocation and free, in time order) summed to
+  their running maximum, which is what a CPU user can measure.
 """
 
 from __future__ import annotations
 
-import statistics
-import time
-from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 
 
-@dataclass
-class Timing:
-    median_ms: float
-    p20_ms: float
-    p80_ms: float
-    reps: int
+def median_ms(fn: Callable[[], object], device: torch.device, min_run_time: float = 0.5) -> float:
+    """Median wall time of ``fn()`` in milliseconds (at least ``min_run_time`` seconds of calls)."""
+    if device.type == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=25, rep=max(100, int(min_run_time * 1000)),
+                                             return_mode="median"))
+    from torch.utils.benchmark import Timer
+
+    timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=min_run_time).median * 1000.0
 
 
-def _quantile(values, q):
-    values = sorted(values)
-    if len(values) == 1:
-        return values[0]
-    pos = q * (len(values) - 1)
-    lo = int(pos)
-    hi = min(lo + 1, len(values) - 1)
-    return values[lo] + (values[hi] - values[lo]) * (pos - lo)
-
-
-def time_fn(
-    fn: Callable[[], object],
-    device: torch.device,
-    *,
-    warmup: int = 3,
-    reps: int = 20,
-    min_reps: int = 3,
-    max_time_s: float = 2.0,
-) -> Timing:
-    """Median wall time of ``fn()`` in milliseconds.
-
-    Runs ``warmup`` untimed calls, then up to ``reps`` timed calls, stopping early (after at least
-    ``min_reps``) once ``max_time_s`` of timed calls have been spent.
-    """
-    for _ in range(warmup):
-        fn()
-    times = []
+def peak_memory_mib(fn: Callable[[], object], device: torch.device) -> float:
+    """Peak memory allocated while one ``fn()`` runs, above what was allocated before it, in MiB."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-        flush = torch.empty(64 * 1024 * 1024, dtype=torch.int8, device=device)  # > L2 of H100/H200
-        spent = 0.0
-        for i in range(reps):
-            flush.zero_()
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize(device)
-            ms = start.elapsed_time(end)
-            times.append(ms)
-            spent += ms / 1000.0
-            if i + 1 >= min_reps and spent > max_time_s:
-                break
-        del flush
-    else:
-        begin = time.perf_counter()
-        for i in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1000.0)
-            if i + 1 >= min_reps and time.perf_counter() - begin > max_time_s:
-                break
-    return Timing(statistics.median(times), _quantile(times, 0.2), _quantile(times, 0.8), len(times))
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    from torch.profiler import ProfilerActivity, profile
 
-
-def peak_memory_mib(fn: Callable[[], object], device: torch.device) -> Optional[float]:
-    """Peak CUDA memory allocated by one ``fn()`` call above what was allocated before it, in MiB.
-
-    None on CPU: torch has no allocator statistics there and we do not guess.
-    """
-    if device.type != "cuda":
-        return None
-    torch.cuda.synchronize(device)
-    torch.cuda.empty_cache()
-    base = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    fn()
-    torch.cuda.synchronize(device)
-    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    # frees outside any op come as "[memory]" events; an op's own allocations as its self usage
+    deltas = sorted((e.time_range.start, e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage)
+                    for e in prof.events())
+    running = peak = 0
+    for _, delta in deltas:
+        running += delta
+        peak = max(peak, running)
+    return peak / 2**20
 
 
 def synced(fn: Callable[[], object], device: torch.device) -> Callable[[], object]:

@@ -1,7 +1,12 @@
-"""The ``ptkernels`` command: ``ptkernels verify`` and ``ptkernels bench``.
+"""The ``ptkernels`` command: thin entry points into the source tree's ``benchmarks/`` folder.
 
     ptkernels verify [--interpret] [--grid small|default|full] [--dtypes fp32,fp16,bf16] ...
-    ptkernels bench [--quick] [--config cpu|gpu|quick|FILE.json] [--out DIR] [--model bert|gpt2|llama] ...
+    ptkernels bench [--quick] [--e2e SUITE|none] [--config cpu|gpu|quick|FILE.json] [--out DIR] ...
+
+``bench`` first times the end-to-end headline (a PEFT training step and an inference forward,
+unpatched against ``ptkernels.patch``, ``benchmarks/e2e.py``), then the op rows
+(``benchmarks/ops``). Both need a source checkout (``pip install -e .``), where ``benchmarks/``
+sits beside the package.
 
 Nothing that imports triton kernels is imported at module level: ``--interpret`` must set
 TRITON_INTERPRET=1 before the first ``@triton.jit`` runs (if something imported triton earlier, the
@@ -11,10 +16,12 @@ command re-executes itself with the variable set).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 import time
+from pathlib import Path
 
 ENV_FLAG = "_PTKERNELS_CLI_REEXEC"
 
@@ -27,6 +34,16 @@ def _ensure_interpreter(argv) -> None:
     if any(m == "triton" or m.startswith("triton.") for m in sys.modules) and not os.environ.get(ENV_FLAG):
         os.environ[ENV_FLAG] = "1"
         os.execv(sys.executable, [sys.executable, "-m", "ptkernels.cli", *argv])
+
+
+def _benchmarks():
+    """Make the checkout's ``benchmarks`` package importable (it is not installed with ptkernels)."""
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "benchmarks" / "__init__.py").is_file():
+        raise SystemExit("ptkernels bench / verify run from a source checkout (pip install -e .): "
+                         f"no benchmarks/ folder beside {Path(__file__).resolve().parent}")
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
 
 
 def _csv(s: str):
@@ -47,39 +64,36 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shape grid: small (CI, ~6 shapes), default (~30), full (adds large shapes)")
     v.add_argument("--dtypes", default="fp32,fp16,bf16", type=_csv, help="comma list of fp32,fp16,bf16")
     v.add_argument("--ops", default="prefix_attention,prompt_embedding", type=_csv)
-    v.add_argument("--backends", default="torch,triton", type=_csv)
+    v.add_argument("--backends", default="torch,reference,triton", type=_csv)
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--fp32-atol", type=float, default=None, help="fp32 tolerance (default 1e-3 x max(1,|ref|))")
     v.add_argument("--json", default=None, help="also write every check to this JSON file")
     v.add_argument("--failures-only", action="store_true", help="print only failing rows")
     v.add_argument("--inject-error", action="store_true", help=argparse.SUPPRESS)  # testing: corrupt kernel output
 
-    b = sub.add_parser("bench", help="benchmark ptkernels against the usual implementations",
-                       description="Benchmark prefix attention (forward, forward+backward) and prompt embedding "
-                                   "against naive concat, the PEFT path, SDPA and FlexAttention; or, with --model, "
-                                   "one PEFT prefix-tuning training step unpatched vs patched. Writes results.json, "
-                                   "results.csv, summary.md and PNG plots under --out.")
-    b.add_argument("--quick", action="store_true", help="tiny config (seconds): checks the pipeline, not the speed")
+    b = sub.add_parser("bench", help="benchmark ptkernels against PEFT and the usual implementations",
+                       description="End to end first: a PEFT training step and an inference forward, unpatched "
+                                   "against ptkernels.patch, side by side in one process (benchmarks/e2e.py). Then "
+                                   "prefix attention (forward, forward+backward) and prompt embedding against naive "
+                                   "concat, the PEFT path, SDPA and FlexAttention (benchmarks/ops). Writes "
+                                   "results.json, results.csv, summary.md and PNG plots under --out.")
+    b.add_argument("--quick", action="store_true", help="tiny configs (seconds): checks the pipeline, not the speed")
+    b.add_argument("--e2e", default=None,
+                   help="end-to-end suite: default | matrix | gpu | smoke | none (default: gpu on CUDA, default "
+                        "otherwise; smoke with --quick)")
     b.add_argument("--config", default=None,
-                   help="cpu | gpu | quick | path to a JSON config (default: gpu on CUDA, cpu otherwise)")
-    b.add_argument("--print-config", action="store_true", help="print the config as JSON and exit")
+                   help="op rows: cpu | gpu | quick | none | path to a JSON config (default: gpu on CUDA, cpu otherwise)")
+    b.add_argument("--print-config", action="store_true", help="print the op config as JSON and exit")
     b.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     b.add_argument("--dtype", default=None, choices=["auto", "float32", "float16", "bfloat16"],
-                   help="override the config's dtype")
+                   help="override the op config's dtype")
     b.add_argument("--sections", default="attention,prompt_embedding", type=_csv,
-                   help="comma list of attention, prompt_embedding (ignored with --model)")
+                   help="comma list of attention, prompt_embedding")
     b.add_argument("--peers", default=None, type=_csv,
-                   help="comma list of naive,peft,sdpa,flex,ptk-ref,ptk-triton (default: all)")
-    b.add_argument("--model", default=None, type=_csv,
-                   help="end-to-end mode: comma list of bert,gpt2,llama (PEFT prefix tuning, one training step)")
-    b.add_argument("--size", default="auto", choices=["auto", "small", "full"],
-                   help="e2e model size: full = BERT-base / GPT-2-small / small Llama; "
-                        "auto = full on CUDA, small on CPU")
-    b.add_argument("--small", action="store_const", const="small", dest="size", help="same as --size small")
-    b.add_argument("--steps", type=int, default=0, help="e2e timed steps (default 20 on GPU, 3 on CPU)")
-    b.add_argument("--backend", default="auto", help="backend passed to ptkernels.patch in e2e mode")
+                   help="comma list of naive,peft,sdpa,flex,ptk-torch,ptk-triton (default: all)")
+    b.add_argument("--rounds", type=int, default=None, help="end-to-end: interleaved rounds (default 5; 2 for the default and smoke suites)")
     b.add_argument("--threads", type=int, default=0,
-                   help="torch CPU threads (default: torch's choice); 1 gives steadier numbers on a busy machine")
+                   help="torch CPU threads (default: torch's choice)")
     b.add_argument("--out", default=None, help="results folder (default bench-results/<timestamp>)")
     b.add_argument("--no-plots", action="store_true")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -87,7 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_verify(args) -> int:
-    from .benchmarking import env, verify
+    _benchmarks()
+    from benchmarks import env
+    from benchmarks.ops import verify
 
     device = env.pick_device(args.device)
     bad = [d for d in args.dtypes if d not in ("fp32", "fp16", "bf16")]
@@ -100,13 +116,15 @@ def cmd_verify(args) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"meta": env.environment(device), "notes": plan.notes,
-                       "checks": [c.as_dict() for c in checks]}, f, indent=1)
+                       "checks": [dataclasses.asdict(c) for c in checks]}, f, indent=1)
     return 0 if checks and all(c.passed for c in checks) else 1
 
 
 def _load_config(args, device):
-    from .benchmarking import cases
+    from benchmarks.ops import registry as cases
 
+    if args.config == "none":
+        return {}
     if args.quick:
         return dict(cases.QUICK)
     if args.config is None:
@@ -120,7 +138,11 @@ def _load_config(args, device):
 def cmd_bench(args) -> int:
     import torch
 
-    from .benchmarking import bench, cases, env, peers, report
+    _benchmarks()
+    from benchmarks import e2e, env
+    from benchmarks.ops import peers, report
+    from benchmarks.ops import registry as cases
+    from benchmarks.ops import run as ops_run
 
     device = env.pick_device(args.device)
     if args.threads:
@@ -131,59 +153,56 @@ def cmd_bench(args) -> int:
     if args.print_config:
         print(json.dumps(cfg, indent=1))
         return 0
-    dtype = cases.resolve_dtype(cfg.get("dtype", "auto"), device)
+    suite = args.e2e or ("smoke" if args.quick else ("gpu" if device.type == "cuda" else "default"))
     out_dir = args.out or os.path.join("bench-results", time.strftime("%Y%m%d-%H%M%S"))
     meta = env.environment(device)
-    meta.update(config=cfg, dtype=str(dtype).replace("torch.", ""), out=out_dir)
+    meta.update(config=cfg, e2e_suite=suite, out=out_dir)
     progress = not args.no_progress
     print(f"ptkernels bench on {meta['device_name']}: torch {meta['torch']}, triton {meta['triton']}, "
           f"transformers {meta['transformers']}, peft {meta['peft']}")
     records, summary = [], [f"# ptkernels bench\n\n{meta['date']}, {meta['device_name']}, torch {meta['torch']}, "
                             f"triton {meta['triton']}, transformers {meta['transformers']}, peft {meta['peft']}\n"]
     t0 = time.perf_counter()
-    if args.model:
-        from .benchmarking import e2e
-
-        meta["config"] = {"model": args.model, "size": args.size, "steps": args.steps, "backend": args.backend}
-        for name in args.model:
-            recs = e2e.run_e2e(name, device, args.size, args.steps, args.backend, progress)
-            records.extend(recs)
-        if records:
-            table = report.e2e_table(records)
-            print("\nEnd-to-end: one PEFT prefix-tuning training step (forward, backward, AdamW); speed-up vs peft\n")
-            print(table)
-            summary.append("## End-to-end training step\n\n" + report.e2e_table(records, markdown=True) + "\n")
-    else:
-        print(f"{cases.describe_config(cfg)}, dtype {meta['dtype']}; speed-up = peer time / ptkernels time "
-              f"(ptkernels = triton where it runs, else the torch reference)")
+    if suite != "none":
+        rounds = args.rounds or (2 if suite in ("default", "smoke") else 5)
+        min_run_time = 0.1 if suite == "smoke" else 0.5
+        e2e_records = e2e.run_suite(suite, device, out_dir, rounds=rounds, min_run_time=min_run_time,
+                                    modes=("train", "infer"), progress=progress)
+        table = e2e.summary_table(e2e_records)
+        print(f"\nEnd to end ({suite}): unpatched PEFT vs ptkernels.patch, medians of {rounds} interleaved rounds; "
+              f"speed-up = PEFT time / ptkernels time\n")
+        print(table)
+        summary.append(f"## End to end ({suite}): unpatched PEFT vs ptkernels.patch\n\n{table}\n")
+        records.extend(dict(r, section="e2e") for r in e2e_records)
+    if cfg:
+        dtype = cases.resolve_dtype(cfg.get("dtype", "auto"), device)
+        meta["dtype"] = str(dtype).replace("torch.", "")
+        print(f"\nOps: {cases.describe_config(cfg)}, dtype {meta['dtype']}; speed-up = peer time / ptkernels time "
+              f"(ptkernels = triton where it runs, else the fast PyTorch path)")
         if "attention" in args.sections and cfg.get("attention"):
-            recs = bench.run_attention(cfg, device, dtype, args.peers, progress)
+            recs = ops_run.run_attention(cfg, device, dtype, args.peers, progress)
             records.extend(recs)
-            table = report.op_tables(recs, peers.PEER_ORDER, peers.PEER_LABELS)
             print("\nPrefix attention (median ms):\n")
-            print(table)
+            print(report.op_tables(recs, peers.PEER_ORDER, peers.PEER_LABELS))
             summary.append("## Prefix attention (median ms)\n\n" +
                            report.op_tables(recs, peers.PEER_ORDER, peers.PEER_LABELS, markdown=True) + "\n")
         if "prompt_embedding" in args.sections and cfg.get("prompt_embedding"):
-            mod, why = env.prompt_embedding_module()
-            if mod is None:
-                print(f"\nnote: prompt-embedding section skipped: {why}")
-                summary.append(f"Prompt embedding: skipped ({why}).\n")
-            else:
-                recs = bench.run_prompt_embedding(cfg, device, dtype, progress)
-                records.extend(recs)
-                print("\nPrompt embedding (median ms):\n")
-                print(report.op_tables(recs, peers.EMBEDDING_PEER_ORDER, peers.EMBEDDING_PEER_LABELS))
-                summary.append("## Prompt embedding (median ms)\n\n" + report.op_tables(
-                    recs, peers.EMBEDDING_PEER_ORDER, peers.EMBEDDING_PEER_LABELS, markdown=True) + "\n")
+            recs = ops_run.run_prompt_embedding(cfg, device, dtype, progress)
+            records.extend(recs)
+            print("\nPrompt embedding (median ms):\n")
+            print(report.op_tables(recs, peers.EMBEDDING_PEER_ORDER, peers.EMBEDDING_PEER_LABELS))
+            summary.append("## Prompt embedding (median ms)\n\n" + report.op_tables(
+                recs, peers.EMBEDDING_PEER_ORDER, peers.EMBEDDING_PEER_LABELS, markdown=True) + "\n")
     meta["elapsed_s"] = round(time.perf_counter() - t0, 1)
     paths = report.write_results(out_dir, meta, records, "\n".join(summary))
     if not args.no_plots:
         try:
-            paths += report.plot_attention(out_dir, records, peers.PEER_LABELS)
-            paths += report.plot_e2e(out_dir, records)
+            paths += report.plot_attention(out_dir, [r for r in records if r.get("section") == "attention"],
+                                           peers.PEER_LABELS)
         except Exception as exc:
             print(f"note: plots skipped: {type(exc).__name__}: {exc}")
+        if suite != "none":
+            paths.append(os.path.join(out_dir, "e2e.png"))
     print(f"\n{len(records)} measurements in {meta['elapsed_s']} s; wrote " + ", ".join(paths))
     return 0
 

@@ -5,6 +5,9 @@
   the old name and refuses or crashes), so that PEFT's own code path stays the reference.
 * :func:`greedy_by_full_forwards`: what ``generate()`` must produce: each row alone, decoded greedily
   by full forwards (no KV cache).
+* The FlashAttention tolerance rule (:func:`flash_attention_bound`): in float16 / bfloat16 a kernel's
+  error against an fp32 / fp64 reference may be at most 2x (outputs) or 3x (gradients) the error of
+  plain PyTorch in the same precision, plus a slack. ``ptkernels verify`` and the tests use it.
 
 Nothing here changes a patched model; ``ptkernels.patch`` needs no shim.
 """
@@ -15,7 +18,35 @@ import inspect
 
 import torch
 
-__all__ = ["peft_needs_oracle_shim", "with_peft_oracle_shim", "without_peft_oracle_shim", "greedy_by_full_forwards"]
+__all__ = [
+    "peft_needs_oracle_shim", "with_peft_oracle_shim", "without_peft_oracle_shim", "greedy_by_full_forwards",
+    "FWD_FACTOR", "GRAD_FACTOR", "max_abs_err", "flash_attention_bound", "output_rounding",
+]
+
+FWD_FACTOR = 2.0  # outputs: at most 2x the same-precision PyTorch error
+GRAD_FACTOR = 3.0  # gradients: at most 3x
+
+
+def max_abs_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |x - ref| in float64 (inf when NaN appears, 0 for empty tensors)."""
+    if x.numel() == 0:
+        return 0.0
+    diff = (x.detach().to(torch.float64) - ref.detach().to(torch.float64)).abs()
+    if torch.isnan(diff).any():
+        return float("inf")
+    return float(diff.max())
+
+
+def flash_attention_bound(same_precision_err: float, *, is_grad: bool, slack: float) -> float:
+    """The largest error the FlashAttention rule allows: FWD_FACTOR (outputs) or GRAD_FACTOR
+    (gradients) times the error of plain PyTorch in the same low precision, plus ``slack``."""
+    return (GRAD_FACTOR if is_grad else FWD_FACTOR) * same_precision_err + slack
+
+
+def output_rounding(dtype: torch.dtype, ref: torch.Tensor) -> float:
+    """One rounding of the output in ``dtype``: eps / 2 * max(1, max |ref|)."""
+    scale = max(1.0, float(ref.detach().abs().max()) if ref.numel() else 1.0)
+    return torch.finfo(dtype).eps / 2 * scale
 
 _SHIM = "_ptkernels_test_oracle_shim"
 

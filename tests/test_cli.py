@@ -15,8 +15,8 @@ import sys
 import pytest
 import torch
 
-from ptkernels.benchmarking import verify
-from ptkernels.benchmarking.cases import VERIFY_GRIDS
+from benchmarks.ops import verify
+from benchmarks.ops.registry import VERIFY_GRIDS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -119,16 +119,20 @@ def test_bench_quick_writes_json_csv_png(tmp_path):
     out = tmp_path / "res"
     r = run_cli("bench", "--quick", "--device", "cpu", "--out", str(out), "--no-progress", interpret=False)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "Prefix attention" in r.stdout and "speed-up" in r.stdout
+    assert "End to end (smoke)" in r.stdout and "Prefix attention" in r.stdout and "speed-up" in r.stdout
     data = json.loads((out / "results.json").read_text())
     meta = data["meta"]
     for key in ("device", "torch", "triton", "transformers", "peft", "date", "config"):
         assert key in meta
     att = [x for x in data["results"] if x["section"] == "attention"]
     peers = {x["peer"] for x in att if x["status"] == "ok"}
-    assert {"naive", "peft", "sdpa", "ptk-ref"} <= peers
+    assert {"naive", "peft", "sdpa", "ptk-torch"} <= peers
     assert all(x["median_ms"] > 0 for x in att if x["status"] == "ok")
-    assert all(x["peak_mem_mib"] is None for x in att)  # CPU: n/a, never invented
+    assert all(x["peak_mem_mib"] >= 0 for x in att if x["status"] == "ok")  # CPU: the profiler's memory events
+    e2e = [x for x in data["results"] if x["section"] == "e2e"]  # the headline: PEFT vs patched, train and infer
+    assert {(x["variant"], x["mode"]) for x in e2e} == {(v, m) for v in ("peft", "ptkernels") for m in ("train", "infer")}
+    assert all(x["median_ms"] > 0 and x["peak_mem_mib"] > 0 for x in e2e)
+    assert all(x["speedup_vs_peft"] > 0 for x in e2e if x["variant"] == "ptkernels")
     assert {x["mode"] for x in att} == {"fwd", "fwd+bwd"}
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))

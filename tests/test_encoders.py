@@ -15,7 +15,7 @@ peft = pytest.importorskip("peft")
 from peft import PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig, TaskType, get_peft_model  # noqa: E402
 from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from ptkernels.encoders import (  # noqa: E402
+from ptkernels.integrations.encoders import (  # noqa: E402
     PrefixEncoder,
     PromptEncoder,
     prefix_key_values,

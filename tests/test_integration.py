@@ -220,9 +220,10 @@ ARCH_TASKS = [
 ]
 
 
+@pytest.mark.parametrize("backend", ["torch", "reference"])
 @pytest.mark.parametrize("adapter", ADAPTERS)
 @pytest.mark.parametrize("arch,task", ARCH_TASKS)
-def test_matches_unpatched_peft(arch, task, adapter, monkeypatch):
+def test_matches_unpatched_peft(arch, task, adapter, backend, monkeypatch):
     model = make_model(arch, task, adapter)
     ids, mask, labels = make_batch(arch, task)
     if task == "TOKEN_CLS" and adapter not in ("prefix", "prefix_proj"):
@@ -239,7 +240,7 @@ def test_matches_unpatched_peft(arch, task, adapter, monkeypatch):
 
     ref_eval, ref_train = run("eval"), run("train")
     tiny_models.without_peft_oracle_shim(model)  # the patched model runs without the oracle's help
-    patch(model, backend="torch")
+    patch(model, backend=backend)
     spy = AttentionSpy(monkeypatch)
     got_eval, got_train = run("eval"), run("train")
     assert_close_results(ref_eval, got_eval, what=f"{arch}/{task}/{adapter} eval")
@@ -249,7 +250,7 @@ def test_matches_unpatched_peft(arch, task, adapter, monkeypatch):
     num_layers = model.get_base_model().config.num_hidden_layers
     assert len(spy.calls) == 2 * num_layers
     for call in spy.calls:
-        assert call["backend"] == "torch"
+        assert call["backend"] == backend
         if adapter in ("prefix", "prefix_proj"):
             assert call["prefix"] is not None and len(call["prefix"]) == 3 and call["prefix"][1] == P
             assert call["k"][2] == ids.shape[1]  # real keys only: the prefix is not concatenated

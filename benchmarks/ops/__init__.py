@@ -1,13 +1,12 @@
-"""Benchmark and verification machinery behind ``ptkernels verify`` and ``ptkernels bench``.
+"""The op benchmarks behind ``ptkernels bench`` (after its end-to-end headline) and ``ptkernels verify``.
 
-Nothing here is part of the public API. Modules:
+Shaped like flash-linear-attention's ``benchmarks/ops``:
 
-    env        device, library versions, optional ops (imported lazily, missing ones skipped)
-    cases      the verify grids and the embedded bench configs (CPU default, GPU default, quick)
-    peers      the implementations compared by ``bench`` (naive concat, PEFT path, SDPA, Flex, ptkernels)
-    timing     warmup + median timing (CUDA events on GPU, perf_counter on CPU), peak memory
-    verify     the kernel-vs-fp64 comparison (FlashAttention error rule) and the verify table
-    bench      the op benchmarks (prefix attention, prompt embedding)
-    e2e        one PEFT prefix-tuning training step, unpatched vs ptkernels.patch
+    registry   the cases: verify grids and the embedded bench configs (CPU default, GPU default, quick)
+    peers      the implementations compared (naive concat, PEFT's path, SDPA, FlexAttention, ptkernels)
+    run        the runner: every peer on every case, side by side, medians and peak memory
+    verify     the verifier: every op and backend against an fp64 reference (the FlashAttention rule)
     report     tables, JSON / CSV files, matplotlib plots
+
+Timers and memory meters are ``benchmarks/timing.py``; machine facts ``benchmarks/env.py``.
 """

@@ -11,7 +11,7 @@ mask) is built outside the timed call.
     sdpa     torch.cat + SDPA with no mask (enable_gqa where torch has it): SDPA's best case, only
              legal without padding and without causal masking (or P = 0 with Sq == Sk)
     flex     FlexAttention (torch.compile'd) on the concatenated K/V with a block mask (GPU only)
-    ptk-ref  ptkernels.prefix_attention(backend="torch"), the PyTorch reference
+    ptk-torch ptkernels.prefix_attention(backend="torch"), the fast PyTorch path
     ptk-triton  ptkernels.prefix_attention(backend="triton") (GPU only)
 """
 
@@ -24,15 +24,17 @@ from typing import Callable, Dict, Optional
 import torch
 import torch.nn.functional as F
 
-from . import env
+from ptkernels import prompt_embedding
 
-PEER_ORDER = ["naive", "peft", "sdpa", "flex", "ptk-ref", "ptk-triton"]
+from .. import env
+
+PEER_ORDER = ["naive", "peft", "sdpa", "flex", "ptk-torch", "ptk-triton"]
 PEER_LABELS = {
     "naive": "naive cat+eager",
     "peft": "PEFT cat+4Dmask+SDPA",
     "sdpa": "cat+SDPA no mask",
     "flex": "FlexAttention",
-    "ptk-ref": "ptkernels torch",
+    "ptk-torch": "ptkernels torch",
     "ptk-triton": "ptkernels triton",
 }
 
@@ -184,18 +186,18 @@ def make_attention_peers(inp: AttentionInputs, device: torch.device, peers=None)
         else:
             out["flex"] = _make_flex(inp, device)
 
-    if "ptk-ref" in peers:
-        def ptk_ref():
+    if "ptk-torch" in peers:
+        def ptk_torch():
             return prefix_attention(inp.q, inp.k, inp.v, inp.prefix_k, inp.prefix_v,
                                     key_padding_mask=inp.key_padding_mask, causal=inp.causal, backend="torch")
 
-        out["ptk-ref"] = ptk_ref
+        out["ptk-torch"] = ptk_torch
 
     if "ptk-triton" in peers:
         if device.type != "cuda":
             out["ptk-triton"] = "GPU only (the CPU interpreter is not a benchmark)"
         else:
-            why = env.prefix_attention_triton_status(device)
+            why = env.triton_status(device)
             if why:
                 out["ptk-triton"] = why
             else:
@@ -272,17 +274,12 @@ def make_embedding_peers(case: dict, dtype: torch.dtype, device: torch.device, s
         return torch.cat([prompt.unsqueeze(0).expand(B, -1, -1), F.embedding(ids, weight)], dim=1)
 
     peers["cat"] = cat
-    mod, why = env.prompt_embedding_module()
-    if mod is None:
-        peers["ptk-ref"] = why
-        peers["ptk-triton"] = why
+    peers["ptk-torch"] = lambda: prompt_embedding(ids, weight, prompt, backend="torch")
+    if device.type != "cuda":
+        peers["ptk-triton"] = "GPU only (the CPU interpreter is not a benchmark)"
     else:
-        peers["ptk-ref"] = lambda: mod.prompt_embedding(ids, weight, prompt, backend="torch")
-        if device.type != "cuda":
-            peers["ptk-triton"] = "GPU only (the CPU interpreter is not a benchmark)"
-        else:
-            why = env.prompt_embedding_triton_status(device)
-            peers["ptk-triton"] = why or (lambda: mod.prompt_embedding(ids, weight, prompt, backend="triton"))
+        why = env.triton_status(device)
+        peers["ptk-triton"] = why or (lambda: prompt_embedding(ids, weight, prompt, backend="triton"))
 
     def backward(fwd):
         def step():
@@ -293,6 +290,6 @@ def make_embedding_peers(case: dict, dtype: torch.dtype, device: torch.device, s
     return peers, backward
 
 
-EMBEDDING_PEER_ORDER = ["cat", "ptk-ref", "ptk-triton"]
-EMBEDDING_PEER_LABELS = {"cat": "cat(prompt, F.embedding)", "ptk-ref": "ptkernels torch",
+EMBEDDING_PEER_ORDER = ["cat", "ptk-torch", "ptk-triton"]
+EMBEDDING_PEER_LABELS = {"cat": "cat(prompt, F.embedding)", "ptk-torch": "ptkernels torch",
                          "ptk-triton": "ptkernels triton"}

@@ -86,22 +86,10 @@ def op_tables(records: List[dict], peer_order: Sequence[str], labels: Dict[str, 
     return "\n".join(out)
 
 
-def e2e_table(records: List[dict], markdown=False) -> str:
-    headers = ["model", "variant", "B", "S", "P", "step ms", "steps/s", "tokens/s", "peak MiB", "speed-up", "note"]
-    rows = []
-    for r in records:
-        ok = r["status"] == "ok"
-        rows.append([r["model"], r["variant"], r["B"], r["S"], r["P"], _ms(r["median_ms"]) if ok else "n/a",
-                     f"{r['steps_per_s']:.2f}" if ok else "n/a", f"{r['tokens_per_s']:.0f}" if ok else "n/a",
-                     f"{r['peak_mem_mib']:.0f}" if r.get("peak_mem_mib") is not None else "n/a",
-                     f"{r['speedup']:.2f}x" if r.get("speedup") else "", r.get("note", "")])
-    return format_table(headers, rows, markdown)
-
-
 # ----------------------------------------------------------------------------- files
 
 CSV_FIELDS = ["section", "family", "case", "model", "variant", "B", "Hq", "Hkv", "S", "P", "D", "V", "E", "causal",
-              "padding", "dtype", "mode", "peer", "peer_label", "status", "median_ms", "p20_ms", "p80_ms", "reps",
+              "padding", "dtype", "mode", "peer", "peer_label", "status", "median_ms",
               "tflops", "peak_mem_mib", "vs", "speedup", "steps_per_s", "tokens_per_s", "note"]
 
 
@@ -197,25 +185,3 @@ def plot_attention(out_dir: str, records: List[dict], labels: Dict[str, str]) ->
             plt.close(fig)
             paths.append(path)
     return paths
-
-
-def plot_e2e(out_dir: str, records: List[dict]) -> List[str]:
-    recs = [r for r in records if r["section"] == "e2e" and r["status"] == "ok"]
-    if not recs:
-        return []
-    plt = _pyplot()
-    has_mem = any(r.get("peak_mem_mib") is not None for r in recs)
-    fig, axes = plt.subplots(1, 2 if has_mem else 1, figsize=(9 if has_mem else 5, 3.2), squeeze=False)
-    names = [f"{r['model']}\n{r['variant']}" for r in recs]
-    axes[0][0].bar(names, [r["tokens_per_s"] for r in recs])
-    axes[0][0].set_ylabel("tokens/s")
-    if has_mem:
-        axes[0][1].bar(names, [r.get("peak_mem_mib") or 0 for r in recs])
-        axes[0][1].set_ylabel("peak MiB")
-    for ax in axes[0]:
-        ax.tick_params(axis="x", labelsize=7)
-    fig.tight_layout()
-    path = os.path.join(out_dir, "e2e.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]

@@ -1,4 +1,5 @@
-"""The op benchmarks: prefix attention (forward, forward+backward) and prompt embedding."""
+"""The op runner: prefix attention (forward, forward+backward) and prompt embedding, every peer of
+``peers`` on every case of ``registry``, side by side."""
 
 from __future__ import annotations
 
@@ -8,9 +9,9 @@ from typing import Callable, List, Optional
 
 import torch
 
-from . import cases as cases_mod
+from ..timing import median_ms, peak_memory_mib
 from . import peers as peers_mod
-from .timing import peak_memory_mib, time_fn
+from . import registry as cases_mod
 
 MODES = ("fwd", "fwd+bwd")
 
@@ -35,14 +36,12 @@ def _progress(total: int, desc: str, enabled: bool):
 
 
 def _measure(fn: Callable, device, timing: dict, count_flops: Optional[float]):
-    t = time_fn(fn, device, warmup=timing.get("warmup", 3), reps=timing.get("reps", 20),
-                max_time_s=timing.get("max_time_s", 1.0))
+    ms = median_ms(fn, device, min_run_time=timing.get("min_run_time", 0.5))
     mem = peak_memory_mib(fn, device)
     tflops = None
     if device.type == "cuda" and count_flops:
-        tflops = count_flops / (t.median_ms * 1e-3) / 1e12
-    return dict(status="ok", median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms, reps=t.reps,
-                tflops=tflops, peak_mem_mib=mem)
+        tflops = count_flops / (ms * 1e-3) / 1e12
+    return dict(status="ok", median_ms=ms, tflops=tflops, peak_mem_mib=mem)
 
 
 def _error(exc: BaseException) -> str:
@@ -56,7 +55,7 @@ def _free(device):
         torch.cuda.empty_cache()
 
 
-def add_speedups(records: List[dict], ptk_names=("ptk-triton", "ptk-ref")) -> None:
+def add_speedups(records: List[dict], ptk_names=("ptk-triton", "ptk-torch")) -> None:
     """records of one case and mode: set ``speedup`` = this peer's time / ptkernels' time."""
     by_peer = {r["peer"]: r for r in records}
     ptk = next((by_peer[n] for n in ptk_names if n in by_peer and by_peer[n]["status"] == "ok"), None)

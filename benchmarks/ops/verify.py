@@ -18,11 +18,11 @@ from typing import List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from . import env
-from .cases import DTYPE_NAMES, DTYPES, EMBEDDING_GRIDS, VERIFY_GRIDS, EmbeddingCase, VerifyCase
+from ptkernels.testing import FWD_FACTOR, GRAD_FACTOR, flash_attention_bound, max_abs_err, output_rounding
 
-FWD_FACTOR = 2.0
-GRAD_FACTOR = 3.0
+from .. import env
+from .registry import DTYPE_NAMES, DTYPES, EMBEDDING_GRIDS, VERIFY_GRIDS, EmbeddingCase, VerifyCase
+
 FP32_ATOL = 1e-3
 
 
@@ -38,27 +38,13 @@ class Check:
     base_err: Optional[float]  # error of PyTorch in the same low precision (None for fp32)
     passed: bool
 
-    def as_dict(self):
-        return dict(self.__dict__)
-
-
-def max_abs_err(x: torch.Tensor, ref: torch.Tensor) -> float:
-    if x.numel() == 0:
-        return 0.0
-    diff = (x.detach().to(torch.float64) - ref.detach().to(torch.float64)).abs()
-    if torch.isnan(diff).any():
-        return float("inf")
-    return float(diff.max())
-
 
 def tolerance(dtype: torch.dtype, is_grad: bool, ref: torch.Tensor, base_err: Optional[float],
               fp32_atol: float = FP32_ATOL) -> float:
-    """The FlashAttention rule (see the module docstring)."""
-    scale = max(1.0, float(ref.detach().abs().max()) if ref.numel() else 1.0)
+    """The FlashAttention rule (see the module docstring; the rule itself lives in ptkernels.testing)."""
     if dtype in (torch.float32, torch.float64):
-        return fp32_atol * scale
-    atol = torch.finfo(dtype).eps / 2 * scale
-    return (GRAD_FACTOR if is_grad else FWD_FACTOR) * float(base_err) + atol
+        return fp32_atol * max(1.0, float(ref.detach().abs().max()) if ref.numel() else 1.0)
+    return flash_attention_bound(float(base_err), is_grad=is_grad, slack=output_rounding(dtype, ref))
 
 
 def compare(kernel: torch.Tensor, ref64: torch.Tensor, baseline: Optional[torch.Tensor], dtype: torch.dtype,
@@ -233,7 +219,7 @@ def plan(device: torch.device, grid: str, dtypes: Sequence[str], ops: Sequence[s
     if "prefix_attention" in ops:
         avail = []
         for b in backends:
-            why = env.prefix_attention_triton_status(device) if b == "triton" else None
+            why = env.triton_status(device) if b == "triton" else None
             if why:
                 p.notes.append(f"prefix_attention triton skipped: {why}")
             else:
@@ -244,27 +230,20 @@ def plan(device: torch.device, grid: str, dtypes: Sequence[str], ops: Sequence[s
                     p.jobs.append(lambda case=case, b=b, dt=dt: check_prefix_attention(
                         case, b, dt, device, seed, inject_error, fp32_atol))
     if "prompt_embedding" in ops:
-        mod, why = env.prompt_embedding_module()
-        if mod is None:
-            p.notes.append(f"prompt_embedding skipped: {why}")
-        else:
-            avail = []
-            for b in backends:
-                why = env.prompt_embedding_triton_status(device) if b == "triton" else None
-                if why:
-                    p.notes.append(f"prompt_embedding triton skipped: {why}")
-                else:
-                    avail.append(b)
-            for b in avail:
-                for dt in dtypes_for(b):
-                    for case in EMBEDDING_GRIDS[grid]:
-                        if case.op == "virtual_token_embedding" and not hasattr(mod, case.op):
-                            note = "virtual_token_embedding skipped: not in ptkernels.ops.prompt_embedding yet"
-                            if note not in p.notes:
-                                p.notes.append(note)
-                            continue
-                        p.jobs.append(lambda case=case, b=b, dt=dt: check_embedding(
-                            case, b, dt, device, mod, seed, inject_error, fp32_atol))
+        import ptkernels.ops.prompt_embedding as mod
+
+        avail = []
+        for b in backends:
+            why = env.triton_status(device) if b == "triton" else None
+            if why:
+                p.notes.append(f"prompt_embedding triton skipped: {why}")
+            else:
+                avail.append(b)
+        for b in avail:
+            for dt in dtypes_for(b):
+                for case in EMBEDDING_GRIDS[grid]:
+                    p.jobs.append(lambda case=case, b=b, dt=dt: check_embedding(
+                        case, b, dt, device, mod, seed, inject_error, fp32_atol))
     p.notes.append("dropout_p > 0 is not compared (a random mask has no fp64 oracle); the tests cover it")
     return p
 

@@ -51,7 +51,8 @@ import torch
 from torch import Tensor, nn
 
 from .._backend import BACKENDS
-from ..encoders import prefix_key_values, prompt_embeddings
+from ..ops.prompt_embedding import prompt_embedding
+from .encoders import prefix_key_values, prompt_embeddings
 from .transformers import ATTN_IMPLEMENTATION, BACKEND_ATTR, PREFIX_KWARG, LayerPrefix, register
 
 __all__ = ["patch", "unpatch", "is_patched", "SUPPORTED_MODEL_TYPES"]
@@ -182,21 +183,8 @@ def _check_peft_model(model) -> None:
 
 
 def _fused_prompt_embedding(input_ids: Tensor, weight: Tensor, prompt: Tensor, backend: str) -> Tensor:
-    """(B, P + S, E): prompt in front of weight[input_ids], by the fused op when it is available."""
-    try:
-        from ..ops.prompt_embedding import prompt_embedding
-    except ImportError as exc:  # the op has not landed: same semantics in plain torch
-        if "prompt_embedding" not in str(exc):
-            raise
-        prompt_embedding = None
-    if prompt.dtype != weight.dtype:
-        prompt = prompt.to(weight.dtype)
-    if prompt_embedding is not None:
-        return prompt_embedding(input_ids, weight, prompt, backend=backend)
-    tokens = nn.functional.embedding(input_ids, weight)
-    if prompt.dim() == 2:
-        prompt = prompt.unsqueeze(0).expand(input_ids.shape[0], -1, -1)
-    return torch.cat([prompt, tokens], dim=1)
+    """(B, P + S, E): prompt (P, E) in front of weight[input_ids], in one ``prompt_embedding`` call."""
+    return prompt_embedding(input_ids, weight, prompt.to(weight.dtype), backend=backend)
 
 
 # The KV cache's keyword: ``cache`` from transformers 5.24 on (``past_key_values`` stays a deprecated
@@ -220,20 +208,30 @@ def _past_length(past_key_values) -> int:
     return int(past_key_values[0][0].shape[-2])  # legacy tuple
 
 
-def _default_position_ids(hf_model, input_ids, inputs_embeds, offset: int, past_len: int) -> Optional[Tensor]:
-    """The position ids the base model would compute if P prefix tokens were in its cache."""
+def _prefix_position_ids(model, kwargs: dict, input_ids, inputs_embeds) -> Optional[Tensor]:
+    """The position ids of the real tokens under prefix tuning: PEFT's convention (the P prefix
+    tokens count as past, so real tokens start at P) with ``shift_positions``, else the model's own.
+
+    Explicit ``position_ids`` in ``kwargs`` are shifted by the offset; otherwise they are computed
+    the way the base model would with P more tokens in its cache (BERT / GPT-2 / Llama: ``arange``;
+    RoBERTa: its padding-aware positions). None lets the model count (from its cache, which holds
+    real tokens only)."""
+    state = model.__dict__[_STATE]
+    offset = model.active_peft_config.num_virtual_tokens if state["shift_positions"] else 0
+    if kwargs.get("position_ids") is not None:
+        return kwargs["position_ids"] + offset
     if offset == 0:
-        return None  # the model's own positions (counted from its cache, which holds real tokens only)
+        return None
+    hf_model = model.get_base_model()
+    past_len = _past_length(_cache_of(kwargs))
     ref = input_ids if input_ids is not None else inputs_embeds
-    seq_len = ref.shape[1]
-    kind = SUPPORTED_MODEL_TYPES[hf_model.config.model_type]
-    if kind == "roberta":
+    if SUPPORTED_MODEL_TYPES[hf_model.config.model_type] == "roberta":
         if input_ids is None:
             return None  # RoBERTa ignores the past length for inputs_embeds
         pad = hf_model.config.pad_token_id
         mask = input_ids.ne(pad).int()
         return ((torch.cumsum(mask, dim=1).type_as(mask) + past_len + offset) * mask).long() + pad
-    return (torch.arange(seq_len, device=ref.device) + (past_len + offset)).unsqueeze(0)
+    return (torch.arange(ref.shape[1], device=ref.device) + (past_len + offset)).unsqueeze(0)
 
 
 def _reentrant_checkpointing(hf_model: nn.Module) -> bool:
@@ -247,7 +245,7 @@ def _reentrant_checkpointing(hf_model: nn.Module) -> bool:
     return False
 
 
-def _compute_prefix(model, peft_config, state) -> LayerPrefix:
+def _compute_prefix(model, peft_config) -> LayerPrefix:
     layers, kv_heads, head_dim = _kv_geometry(model.get_base_model().config)
     encoder = model.prompt_encoder[model.active_adapter]
     stacked = prefix_key_values(
@@ -307,12 +305,7 @@ def _patched_forward(
 
     hf_model = self.get_base_model()
     if peft_type == "PREFIX_TUNING":
-        offset = num_virtual if state["shift_positions"] else 0
-        if kwargs.get("position_ids") is not None:
-            kwargs["position_ids"] = kwargs["position_ids"] + offset
-        else:
-            past_len = _past_length(_cache_of(kwargs))
-            kwargs["position_ids"] = _default_position_ids(hf_model, input_ids, inputs_embeds, offset, past_len)
+        kwargs["position_ids"] = _prefix_position_ids(self, kwargs, input_ids, inputs_embeds)
         if self.training and torch.is_grad_enabled() and _reentrant_checkpointing(hf_model):
             # A reentrant checkpoint re-runs backward once per layer through the shared prefix
             # encoder graph, which autograd refuses; the non-reentrant one (transformers' default)
@@ -322,7 +315,7 @@ def _patched_forward(
                 "call gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False}) "
                 "(transformers' default)"
             )
-        kwargs[PREFIX_KWARG] = _compute_prefix(self, peft_config, state)
+        kwargs[PREFIX_KWARG] = _compute_prefix(self, peft_config)
         return self.base_model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, **kwargs)
 
     # P_TUNING / PROMPT_TUNING: the virtual tokens are input tokens in front of the real ones
@@ -376,18 +369,13 @@ def _patched_prepare_inputs_for_generation(self, *args, task_ids=None, **kwargs)
     if model_kwargs.get("token_type_ids") is not None:
         warnings.warn("Token type ids are not supported for parameter efficient tuning. Ignoring token type ids")
         model_kwargs["token_type_ids"] = None
-    hf_model = self.get_base_model()
 
     if peft_type == "PREFIX_TUNING":
         # the cache holds real tokens only; the prefix comes with every step as a keyword
-        offset = num_virtual if state["shift_positions"] else 0
-        if model_kwargs.get("position_ids") is not None:
-            model_kwargs["position_ids"] = model_kwargs["position_ids"] + offset
-        else:
-            model_kwargs["position_ids"] = _default_position_ids(
-                hf_model, model_kwargs.get("input_ids"), model_kwargs.get("inputs_embeds"), offset, past_len
-            )
-        model_kwargs[PREFIX_KWARG] = _compute_prefix(self, peft_config, state)
+        model_kwargs["position_ids"] = _prefix_position_ids(
+            self, model_kwargs, model_kwargs.get("input_ids"), model_kwargs.get("inputs_embeds")
+        )
+        model_kwargs[PREFIX_KWARG] = _compute_prefix(self, peft_config)
         return model_kwargs
 
     # prompt tuning / P-tuning: the virtual tokens are in the cache like any input token (as in PEFT)

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from ..ops.prefix_attention import prefix_attention
+from ..ops.prefix_attention.torch_path import join_prefix
 
 ATTN_IMPLEMENTATION = "ptkernels"
 PREFIX_KWARG = "ptkernels_prefix"
@@ -38,27 +39,22 @@ class LayerPrefix:
     """Every layer's prefix K/V for one forward, as one stacked tensor.
 
     ``stacked``: (2L, Hkv, P, D) shared by the batch (layer l's key is ``stacked[2l]``, its value
-    ``stacked[2l + 1]``), or (B, 2L, Hkv, P, D) per example. ``backend`` overrides the backend the
-    model was patched with (None: keep it).
+    ``stacked[2l + 1]``), or (B, 2L, Hkv, P, D) per example.
     """
 
-    __slots__ = ("stacked", "backend")
+    __slots__ = ("stacked",)
 
-    def __init__(self, stacked: Tensor, backend: Optional[str] = None) -> None:
+    def __init__(self, stacked: Tensor) -> None:
         if stacked.dim() not in (4, 5):
             raise ValueError(f"stacked prefix must be (2L, Hkv, P, D) or (B, 2L, Hkv, P, D), got {tuple(stacked.shape)}")
         self.stacked = stacked
-        self.backend = backend
 
     @property
     def num_layers(self) -> int:
         return self.stacked.shape[-4] // 2
 
-    @property
-    def num_tokens(self) -> int:
-        return self.stacked.shape[-2]
-
     def layer(self, layer_idx: int) -> tuple[Tensor, Tensor]:
+        """(prefix_k, prefix_v) of one layer: (Hkv, P, D) each, or (B, Hkv, P, D) per example."""
         if not 0 <= layer_idx < self.num_layers:
             raise ValueError(f"the prefix has {self.num_layers} layers, attention asked for layer {layer_idx}")
         if self.stacked.dim() == 4:
@@ -69,24 +65,15 @@ class LayerPrefix:
 _UNSUPPORTED_KWARGS = ("softcap", "s_aux", "sinks", "position_bias")
 
 
-def _fallback_4d(module, query, key, value, prefix_k, prefix_v, mask, dropout, scaling):
-    """A 4D mask (user-supplied, or from a compileable cache) cannot go through the 2D-mask kernel:
-    compute it the plain way (concat + repeat + sdpa), still exactly right."""
-    batch, q_heads = query.shape[:2]
-    kv_heads = key.shape[1]
+def _fallback_4d(query, key, value, prefix_k, prefix_v, mask, dropout, scaling):
+    """A 4D mask (user-supplied, or from a compileable cache) cannot go through the 2D-mask op:
+    SDPA over the joined keys [prefix; real] (the fast path's join), the prefix always visible."""
     if prefix_k is not None:
-        if prefix_k.dim() == 3:
-            prefix_k = prefix_k.unsqueeze(0).expand(batch, -1, -1, -1)
-            prefix_v = prefix_v.unsqueeze(0).expand(batch, -1, -1, -1)
-        key = torch.cat([prefix_k, key], dim=2)
-        value = torch.cat([prefix_v, value], dim=2)
-        visible = (mask.new_ones if mask.dtype == torch.bool else mask.new_zeros)(*mask.shape[:-1], prefix_k.shape[2])
+        key, value = join_prefix(prefix_k, key), join_prefix(prefix_v, value)
+        visible = (mask.new_ones if mask.dtype == torch.bool else mask.new_zeros)(*mask.shape[:-1], prefix_k.shape[-2])
         mask = torch.cat([visible, mask], dim=-1)
-    if q_heads != kv_heads:
-        key = key.repeat_interleave(q_heads // kv_heads, dim=1)
-        value = value.repeat_interleave(q_heads // kv_heads, dim=1)
     out = torch.nn.functional.scaled_dot_product_attention(
-        query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling
+        query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling, enable_gqa=query.shape[1] != key.shape[1]
     )
     return out.transpose(1, 2)
 
@@ -117,8 +104,6 @@ def ptkernels_attention_forward(
     backend = getattr(module, BACKEND_ATTR, "auto")
     prefix_k = prefix_v = None
     if prefix is not None:
-        if prefix.backend is not None:
-            backend = prefix.backend
         layer_idx = getattr(module, "layer_idx", None)
         if layer_idx is None:
             raise ValueError(f"{type(module).__name__} has no layer_idx, cannot pick its prefix")
@@ -140,7 +125,7 @@ def ptkernels_attention_forward(
     causal = bool(causal) and q_len > 1
 
     if attention_mask is not None and attention_mask.dim() == 4:
-        out = _fallback_4d(module, query, key, value, prefix_k, prefix_v, attention_mask, dropout, scaling)
+        out = _fallback_4d(query, key, value, prefix_k, prefix_v, attention_mask, dropout, scaling)
         return out, None
 
     key_padding_mask = None
