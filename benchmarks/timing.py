@@ -15,7 +15,8 @@ import torch
 
 
 def median_ms(fn: Callable[[], object], device: torch.device, min_run_time: float = 0.5) -> float:
-    """Median wall time of ``fn()`` in milliseconds (at least ``min_run_time`` seconds of calls)."""
+    """Median wall time of ``fn()`` in milliseconds (at least ``min_run_time`` seconds of calls; on CPU,
+    ``min_run_time <= 0`` times exactly one call, for steps that take seconds)."""
     if device.type == "cuda":
         import triton.testing
 
@@ -24,6 +25,8 @@ def median_ms(fn: Callable[[], object], device: torch.device, min_run_time: floa
     from torch.utils.benchmark import Timer
 
     timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    if min_run_time <= 0:
+        return timer.timeit(1).median * 1000.0
     return timer.blocked_autorange(min_run_time=min_run_time).median * 1000.0
 
 

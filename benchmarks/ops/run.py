@@ -35,8 +35,14 @@ def _progress(total: int, desc: str, enabled: bool):
                 mininterval=0.5)
 
 
-def _measure(fn: Callable, device, timing: dict, count_flops: Optional[float]):
-    ms = median_ms(fn, device, min_run_time=timing.get("min_run_time", 0.5))
+def _measure(fn: Callable, device, timing: dict, count_flops: Optional[float]) -> dict:
+    """status, median ms, TFLOP/s (GPU) and peak MiB of ``fn``; a peer that fails (OOM, compile
+    error) is reported as status "error" with the reason, not fatal."""
+    try:
+        ms = median_ms(fn, device, min_run_time=timing.get("min_run_time", 0.5))
+    except Exception as exc:
+        _free(device)
+        return dict(status="error", note=_error(exc))
     mem = peak_memory_mib(fn, device)
     tflops = None
     if device.type == "cuda" and count_flops:
@@ -89,11 +95,7 @@ def run_attention(cfg: dict, device, dtype, peers=None, progress=True) -> List[d
                     base.update(status="n/a" if not fn.startswith("error") else "error", note=fn)
                 else:
                     step = fn if mode == "fwd" else peers_mod.with_backward(fn, inp)
-                    try:
-                        base.update(_measure(step, device, timing, attention_flops(case, mode)))
-                    except Exception as exc:  # a peer that OOMs or fails to compile is reported, not fatal
-                        base.update(status="error", note=_error(exc))
-                        _free(device)
+                    base.update(_measure(step, device, timing, attention_flops(case, mode)))
                 group.append(base)
                 if bar is not None:
                     bar.update(1)
@@ -127,11 +129,7 @@ def run_prompt_embedding(cfg: dict, device, dtype, progress=True) -> List[dict]:
                     base.update(status="n/a", note=fn)
                 else:
                     step = fn if mode == "fwd" else backward(fn)
-                    try:
-                        base.update(_measure(step, device, timing, None))
-                    except Exception as exc:
-                        base.update(status="error", note=_error(exc))
-                        _free(device)
+                    base.update(_measure(step, device, timing, None))
                 group.append(base)
                 if bar is not None:
                     bar.update(1)

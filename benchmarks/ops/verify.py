@@ -216,15 +216,19 @@ def plan(device: torch.device, grid: str, dtypes: Sequence[str], ops: Sequence[s
             return [d for d in want if d != torch.bfloat16]
         return want
 
-    if "prefix_attention" in ops:
-        avail = []
+    def available(op: str) -> List[str]:
+        """The requested backends that run here; a note for each one that does not."""
+        ok = []
         for b in backends:
             why = env.triton_status(device) if b == "triton" else None
             if why:
-                p.notes.append(f"prefix_attention triton skipped: {why}")
+                p.notes.append(f"{op} triton skipped: {why}")
             else:
-                avail.append(b)
-        for b in avail:
+                ok.append(b)
+        return ok
+
+    if "prefix_attention" in ops:
+        for b in available("prefix_attention"):
             for dt in dtypes_for(b):
                 for case in VERIFY_GRIDS[grid]:
                     p.jobs.append(lambda case=case, b=b, dt=dt: check_prefix_attention(
@@ -232,14 +236,7 @@ def plan(device: torch.device, grid: str, dtypes: Sequence[str], ops: Sequence[s
     if "prompt_embedding" in ops:
         import ptkernels.ops.prompt_embedding as mod
 
-        avail = []
-        for b in backends:
-            why = env.triton_status(device) if b == "triton" else None
-            if why:
-                p.notes.append(f"prompt_embedding triton skipped: {why}")
-            else:
-                avail.append(b)
-        for b in avail:
+        for b in available("prompt_embedding"):
             for dt in dtypes_for(b):
                 for case in EMBEDDING_GRIDS[grid]:
                     p.jobs.append(lambda case=case, b=b, dt=dt: check_embedding(
