@@ -75,7 +75,7 @@ def op_tables(records: List[dict], peer_order: Sequence[str], labels: Dict[str, 
             mrows.append([case, mode] + [
                 f"{g[p]['peak_mem_mib']:.0f}" if p in g and g[p].get("peak_mem_mib") is not None else "n/a"
                 for p in shown])
-        out.append("\nPeak memory above the inputs (torch.cuda.max_memory_allocated):\n")
+        out.append("\nPeak memory above the inputs (GPU: torch.cuda.max_memory_allocated; CPU: the profiler's memory events):\n")
         out.append(format_table(mheaders, mrows, markdown))
     else:
         out.append("\nPeak memory: n/a on CPU (torch keeps no allocator statistics there; not estimated).")
