@@ -14,6 +14,7 @@ kernel on CPU):
   only when padding needs one;
 * a query with no visible key (P = 0 and its keys all masked) returns zeros: its mask row is opened
   so SDPA computes finite numbers, and its output is zeroed (no NaN in the output or the gradients);
+  on CPU the zeroing is skipped when no row is dead (the usual right-padded batch);
 * attention dropout: on CUDA through SDPA's ``dropout_p`` (its fused kernels); on CPU, where SDPA
   falls back to its unfused maths and one float Bernoulli draw per attention weight, by the same
   maths written out (GQA by grouping the queries, still no repeat_kv) with a keep mask drawn four
@@ -105,7 +106,10 @@ def prefix_attention_torch(
     dead = None
     if mask is not None and prefix_len == 0:  # rows that see no key: open them for SDPA, zero them after
         dead = ~mask.any(dim=-1, keepdim=True)  # (B, 1, 1 or Sq, 1)
-        mask = mask | dead
+        if q.device.type == "cpu" and not torch.compiler.is_compiling() and not bool(dead.any()):
+            dead = None  # the usual case (right padding): skip the zeroing's two full passes (no sync on CPU)
+        else:
+            mask = mask | dead
     if manual_dropout:
         out = _attention_with_dropout(q, keys, values, mask, scale, dropout_p)
     else:
@@ -130,19 +134,29 @@ def _attention_with_dropout(q: Tensor, keys: Tensor, values: Tensor, mask: Optio
                             dropout_p: float) -> Tensor:
     """softmax(q keys^T * scale, masked) with dropout, @ values, written out for CPU.
 
-    q: (B, Hq, Sq, D); keys, values: (B, Hkv, T, D); mask: bool, broadcastable to (B, 1, Sq, T), or
-    None. The Hq / Hkv query heads that share a KV head are grouped into one (G * Sq) row block, so
-    keys and values are not repeated. The keep mask is drawn over (B, Hq, Sq, T) in that order."""
+    q: (B, Hq, Sq, D); keys, values: (B, Hkv, T, D); mask: bool, (B, 1, 1, T), (Sq, T) or
+    (B, 1, Sq, T), or None. The G = Hq / Hkv query heads that share a KV head are stacked into one
+    (G * Sq) row block, so keys and values are not repeated. The keep mask is drawn over
+    (B, Hq, Sq, T) in that order, which is the memory order of the (B, Hkv, G * Sq, T) scores.
+
+    Every step is out of place or in place on a non-view, and the keep mask is a multiply: autograd
+    then saves no copies (an in-place mask on a view would make it copy the full scores in backward,
+    a ``where`` would make it allocate zeros)."""
     batch, q_heads, q_len, head_dim = q.shape
     kv_heads, total = keys.shape[1], keys.shape[2]
     group = q_heads // kv_heads
-    grouped = (q * scale).reshape(batch, kv_heads, group * q_len, head_dim)  # scale the (.., D) side, not scores
-    scores = torch.matmul(grouped, keys.transpose(-1, -2))  # (B, Hkv, G * Sq, T)
-    scores = scores.view(batch, kv_heads, group, q_len, total)
-    if mask is not None:  # in place: matmul's backward does not need its output
-        scores.masked_fill_(~(mask.unsqueeze(2) if mask.dim() == 4 else mask), float("-inf"))
+    stacked = (q * scale).reshape(batch, kv_heads, group * q_len, head_dim)  # scale the (.., D) side, not scores
+    scores = torch.matmul(stacked, keys.transpose(-1, -2))  # (B, Hkv, G * Sq, T), a fresh tensor
+    if mask is not None:
+        if group > 1 and mask.shape[-2] > 1:  # per-query rows: the same rows for each of the G heads
+            mask = mask.repeat(*([1] * (mask.dim() - 2)), group, 1)  # (..., G * Sq, T)
+        # In place and outside autograd: matmul's backward does not need its output, and the gradient
+        # of a masked score is already exactly 0 (its probability is 0), so recording the fill would
+        # only cost backward a full copy of the scores.
+        with torch.no_grad():
+            scores.masked_fill_(~mask, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
-    keep, keep_prob = dropout_keep_mask((batch, q_heads, q_len, total), dropout_p, q.device)
-    dropped = torch.where(keep.view(batch, kv_heads, group, q_len, total), probs, 0.0)
-    out = torch.matmul(dropped.view(batch, kv_heads, group * q_len, total), values)
+    keep, keep_prob = dropout_keep_mask((batch, kv_heads, group * q_len, total), dropout_p, q.device)
+    keep = keep.to(probs.dtype)  # a same-dtype multiply: a bool operand would be cast (copied) in forward and backward
+    out = torch.matmul(probs * keep, values)  # (B, Hkv, G * Sq, D)
     return (out * (1.0 / keep_prob)).view(batch, q_heads, q_len, head_dim)  # 1 / P(keep) on the (.., D) side
