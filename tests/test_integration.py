@@ -653,15 +653,16 @@ def test_unsupported_raise_at_patch_time():
     with pytest.raises(ValueError, match="PREFIX_TUNING"):
         patch(lora)
     assert not is_patched(lora)
-    # architecture
-    from transformers import OPTConfig, OPTForCausalLM
+    # architecture: an attention feature the kernels lack (Gemma-2's logit softcapping)
+    from transformers import Gemma2Config, Gemma2ForCausalLM
 
-    opt = OPTForCausalLM(OPTConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, ffn_dim=16,
-                                   num_attention_heads=2, word_embed_proj_dim=16, max_position_embeddings=32))
-    with pytest.raises(ValueError, match="model_type 'opt'"):
-        patch(opt)
-    with pytest.raises(ValueError, match="model_type 'opt'"):
-        patch(get_peft_model(opt, PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=2)))
+    gemma2 = Gemma2ForCausalLM(Gemma2Config(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, intermediate_size=16,
+                                            num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                                            max_position_embeddings=32))
+    with pytest.raises(ValueError, match="model_type 'gemma2': attention logit softcapping"):
+        patch(gemma2)
+    with pytest.raises(ValueError, match="model_type 'gemma2': attention logit softcapping"):
+        patch(get_peft_model(gemma2, PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=2)))
     # task type
     qa = get_peft_model(AutoModel.from_config(make_config("bert")), PrefixTuningConfig(task_type=TaskType.QUESTION_ANS, num_virtual_tokens=2)) \
         if hasattr(TaskType, "QUESTION_ANS") else None

@@ -52,21 +52,12 @@ from torch import Tensor, nn
 
 from .._backend import BACKENDS
 from ..ops.prompt_embedding import prompt_embedding
+from .capabilities import ModelSupport, attention_modules, check_model, text_config
 from .encoders import prefix_key_values, prompt_embeddings
 from .transformers import ATTN_IMPLEMENTATION, BACKEND_ATTR, PREFIX_KWARG, LayerPrefix, register
 
-__all__ = ["patch", "unpatch", "is_patched", "SUPPORTED_MODEL_TYPES"]
+__all__ = ["patch", "unpatch", "is_patched"]
 
-# model_type -> how positions are derived without position_ids ("arange" or "roberta")
-SUPPORTED_MODEL_TYPES = {
-    "bert": "arange",
-    "roberta": "roberta",
-    "gpt2": "arange",
-    "llama": "arange",
-    "mistral": "arange",
-    "qwen2": "arange",
-    "qwen3": "arange",
-}
 SUPPORTED_PEFT_TYPES = ("PREFIX_TUNING", "P_TUNING", "PROMPT_TUNING")
 SUPPORTED_TASK_TYPES = ("SEQ_CLS", "TOKEN_CLS", "CAUSAL_LM", "FEATURE_EXTRACTION")
 _PEFT_CLASS_FOR_TASK = {
@@ -94,23 +85,9 @@ def _is_peft_model(model) -> bool:
 # --------------------------------------------------------------------------------------------
 
 
-def _attention_modules(hf_model: nn.Module) -> list[nn.Module]:
-    """The self-attention modules that call the attention interface (they carry ``layer_idx``)."""
-    mods = []
-    for m in hf_model.modules():
-        name = type(m).__name__
-        if name.endswith("Attention") and "Cross" not in name and hasattr(m, "layer_idx") and not getattr(m, "is_cross_attention", False):
-            mods.append(m)
-    return mods
-
-
-def _text_config(config):
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
 def _kv_geometry(config) -> tuple[int, int, int]:
     """(num_layers, num_kv_heads, head_dim) of the model's self-attention."""
-    cfg = _text_config(config)
+    cfg = text_config(config)
     layers = cfg.num_hidden_layers
     heads = cfg.num_attention_heads
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
@@ -118,33 +95,7 @@ def _kv_geometry(config) -> tuple[int, int, int]:
     return layers, kv_heads, head_dim
 
 
-def _check_hf_model(hf_model: nn.Module) -> None:
-    config = getattr(hf_model, "config", None)
-    model_type = getattr(config, "model_type", None)
-    if config is None or model_type is None or not hasattr(config, "_attn_implementation"):
-        raise TypeError(
-            f"ptkernels.patch expects a transformers PreTrainedModel or a PEFT PeftModel, got {type(hf_model).__name__}"
-        )
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(
-            f"ptkernels.patch does not support model_type {model_type!r} ({type(hf_model).__name__}); "
-            f"supported: {sorted(SUPPORTED_MODEL_TYPES)}"
-        )
-    if getattr(config, "is_encoder_decoder", False) or getattr(config, "add_cross_attention", False):
-        raise ValueError(
-            f"ptkernels.patch does not support encoder-decoder / cross-attention models ({type(hf_model).__name__})"
-        )
-    mods = _attention_modules(hf_model)
-    layers = _text_config(config).num_hidden_layers
-    idx = sorted({getattr(m, "layer_idx", None) for m in mods} - {None})
-    if not mods or idx != list(range(layers)):
-        raise ValueError(
-            f"ptkernels.patch could not find one self-attention module with a layer_idx per layer in "
-            f"{type(hf_model).__name__} (found layer_idx {idx}, expected 0..{layers - 1})"
-        )
-
-
-def _check_peft_model(model) -> None:
+def _check_peft_model(model) -> ModelSupport:
     peft_config = model.active_peft_config
     peft_type = _enum_value(peft_config.peft_type)
     if peft_type not in SUPPORTED_PEFT_TYPES:
@@ -165,7 +116,7 @@ def _check_peft_model(model) -> None:
             f"got {peft_config.num_transformer_submodules}"
         )
     hf_model = model.get_base_model()
-    _check_hf_model(hf_model)
+    support = check_model(hf_model, prefix_tuning=peft_type == "PREFIX_TUNING")
     if peft_type == "PREFIX_TUNING":
         layers, kv_heads, head_dim = _kv_geometry(hf_model.config)
         got = (peft_config.num_layers, peft_config.num_attention_heads, peft_config.token_dim)
@@ -175,6 +126,7 @@ def _check_peft_model(model) -> None:
                 f"the prefix-tuning adapter was provisioned for (num_layers, kv heads, token_dim) = {got}, "
                 f"but the model's self-attention is {want}"
             )
+    return support
 
 
 # --------------------------------------------------------------------------------------------
@@ -182,9 +134,17 @@ def _check_peft_model(model) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _fused_prompt_embedding(input_ids: Tensor, weight: Tensor, prompt: Tensor, backend: str) -> Tensor:
-    """(B, P + S, E): prompt (P, E) in front of weight[input_ids], in one ``prompt_embedding`` call."""
-    return prompt_embedding(input_ids, weight, prompt.to(weight.dtype), backend=backend)
+def _prompt_and_input_embeddings(model, input_ids: Tensor, prompt: Tensor) -> Tensor:
+    """(B, P + S, E): the prompt (P, E) in front of the embedded input_ids (B, S).
+
+    A plain ``nn.Embedding`` goes through one fused ``prompt_embedding`` call; any other embedding
+    module (Gemma's and BioGPT's scale their output) is called as PEFT calls it, then concatenated."""
+    state = model.__dict__[_STATE]
+    embedding = model.word_embeddings
+    if state["support"].fused_embedding and type(embedding) is nn.Embedding:
+        return prompt_embedding(input_ids, embedding.weight, prompt.to(embedding.weight.dtype), backend=state["backend"])
+    embeds = embedding(input_ids)
+    return torch.cat((prompt.to(embeds.dtype).unsqueeze(0).expand(embeds.shape[0], -1, -1), embeds), dim=1)
 
 
 # The KV cache's keyword: ``cache`` from transformers 5.24 on (``past_key_values`` stays a deprecated
@@ -208,14 +168,17 @@ def _past_length(past_key_values) -> int:
     return int(past_key_values[0][0].shape[-2])  # legacy tuple
 
 
-def _prefix_position_ids(model, kwargs: dict, input_ids, inputs_embeds) -> Optional[Tensor]:
+def _prefix_position_ids(model, kwargs: dict, input_ids, inputs_embeds, attention_mask=None) -> Optional[Tensor]:
     """The position ids of the real tokens under prefix tuning: PEFT's convention (the P prefix
     tokens count as past, so real tokens start at P) with ``shift_positions``, else the model's own.
 
     Explicit ``position_ids`` in ``kwargs`` are shifted by the offset; otherwise they are computed
-    the way the base model would with P more tokens in its cache (BERT / GPT-2 / Llama: ``arange``;
-    RoBERTa: its padding-aware positions). None lets the model count (from its cache, which holds
-    real tokens only)."""
+    the way the base model would with P more tokens in its cache and P more ones in front of its
+    attention mask (``ModelSupport.positions``: "arange" for BERT / GPT-2 / Llama and most models;
+    "roberta", RoBERTa's padding-aware positions; "cumsum", the mask's cumulative sum as OPT and
+    BioGPT count). None lets the model count (from its cache, which holds real tokens only).
+
+    attention_mask: (B, past + S) mask of the real tokens, or None (all attended)."""
     state = model.__dict__[_STATE]
     offset = model.active_peft_config.num_virtual_tokens if state["shift_positions"] else 0
     if kwargs.get("position_ids") is not None:
@@ -225,12 +188,18 @@ def _prefix_position_ids(model, kwargs: dict, input_ids, inputs_embeds) -> Optio
     hf_model = model.get_base_model()
     past_len = _past_length(_cache_of(kwargs))
     ref = input_ids if input_ids is not None else inputs_embeds
-    if SUPPORTED_MODEL_TYPES[hf_model.config.model_type] == "roberta":
+    positions = state["support"].positions
+    if positions == "roberta":
         if input_ids is None:
             return None  # RoBERTa ignores the past length for inputs_embeds
         pad = hf_model.config.pad_token_id
         mask = input_ids.ne(pad).int()
         return ((torch.cumsum(mask, dim=1).type_as(mask) + past_len + offset) * mask).long() + pad
+    if positions == "cumsum":  # cumsum([1] * P + mask) * mask - 1, without the P prefix columns
+        if attention_mask is None:
+            attention_mask = torch.ones(ref.shape[0], past_len + ref.shape[1], dtype=torch.long, device=ref.device)
+        mask = attention_mask.long()
+        return ((torch.cumsum(mask, dim=1) + offset) * mask - 1)[:, -ref.shape[1]:]
     return (torch.arange(ref.shape[1], device=ref.device) + (past_len + offset)).unsqueeze(0)
 
 
@@ -305,7 +274,7 @@ def _patched_forward(
 
     hf_model = self.get_base_model()
     if peft_type == "PREFIX_TUNING":
-        kwargs["position_ids"] = _prefix_position_ids(self, kwargs, input_ids, inputs_embeds)
+        kwargs["position_ids"] = _prefix_position_ids(self, kwargs, input_ids, inputs_embeds, attention_mask)
         if self.training and torch.is_grad_enabled() and _reentrant_checkpointing(hf_model):
             # A reentrant checkpoint re-runs backward once per layer through the shared prefix
             # encoder graph, which autograd refuses; the non-reentrant one (transformers' default)
@@ -332,7 +301,7 @@ def _patched_forward(
         kwargs["labels"] = torch.cat((labels.new_full((batch_size, num_virtual), -100), labels), dim=1)
     prompt = _compute_prompt(self, peft_config)
     if inputs_embeds is None:
-        inputs_embeds = _fused_prompt_embedding(input_ids, self.word_embeddings.weight, prompt, state["backend"])
+        inputs_embeds = _prompt_and_input_embeddings(self, input_ids, prompt)
     else:
         prompt = prompt.to(inputs_embeds.dtype).unsqueeze(0).expand(batch_size, -1, -1)
         inputs_embeds = torch.cat((prompt, inputs_embeds), dim=1)
@@ -356,7 +325,6 @@ def _plain_prepare_inputs_for_generation(self, *args, **kwargs):
 
 
 def _patched_prepare_inputs_for_generation(self, *args, task_ids=None, **kwargs):
-    state = self.__dict__[_STATE]
     peft_config = self.active_peft_config
     peft_type = _enum_value(peft_config.peft_type)
     if peft_type not in SUPPORTED_PEFT_TYPES:
@@ -373,7 +341,8 @@ def _patched_prepare_inputs_for_generation(self, *args, task_ids=None, **kwargs)
     if peft_type == "PREFIX_TUNING":
         # the cache holds real tokens only; the prefix comes with every step as a keyword
         model_kwargs["position_ids"] = _prefix_position_ids(
-            self, model_kwargs, model_kwargs.get("input_ids"), model_kwargs.get("inputs_embeds")
+            self, model_kwargs, model_kwargs.get("input_ids"), model_kwargs.get("inputs_embeds"),
+            model_kwargs.get("attention_mask"),
         )
         model_kwargs[PREFIX_KWARG] = _compute_prefix(self, peft_config)
         return model_kwargs
@@ -400,9 +369,7 @@ def _patched_prepare_inputs_for_generation(self, *args, task_ids=None, **kwargs)
             prompt = prompt.to(embeds.dtype).unsqueeze(0).expand(embeds.shape[0], -1, -1)
             model_kwargs["inputs_embeds"] = torch.cat((prompt, embeds), dim=1)
         else:
-            model_kwargs["inputs_embeds"] = _fused_prompt_embedding(
-                input_ids, self.word_embeddings.weight, prompt, state["backend"]
-            )
+            model_kwargs["inputs_embeds"] = _prompt_and_input_embeddings(self, input_ids, prompt)
         model_kwargs["input_ids"] = None
     # Positions as if each row were alone: the virtual tokens at 0 .. P-1, the real tokens after them,
     # padding skipped (so left padding changes nothing). PEFT drops position ids here and the model
@@ -428,8 +395,20 @@ def _positions_from_mask(attention_mask: Tensor, num_new: int) -> Tensor:
 # --------------------------------------------------------------------------------------------
 
 
+def _check_every_layer_read_the_prefix(hf_model: nn.Module, args, kwargs, output) -> None:
+    """Forward hook of the patched base model: never a silent difference. If some layer did not
+    read its prefix (its decoder layer does not forward ``**kwargs`` to the attention), raise."""
+    prefix = kwargs.get(PREFIX_KWARG)
+    if isinstance(prefix, LayerPrefix) and prefix.unread_layers():
+        raise RuntimeError(
+            f"ptkernels: the prefix did not reach the attention of layers {prefix.unread_layers()} of "
+            f"{type(hf_model).__name__} (model_type {hf_model.config.model_type!r}): its layers do not forward "
+            "**kwargs to their attention, so this model cannot be prefix-tuned through ptkernels.patch"
+        )
+
+
 def _set_backend(hf_model: nn.Module, backend: Optional[str]) -> None:
-    for m in _attention_modules(hf_model):
+    for m in attention_modules(hf_model):
         if backend is None:
             if BACKEND_ATTR in m.__dict__:
                 delattr(m, BACKEND_ATTR)
@@ -445,8 +424,9 @@ def patch(model, *, backend: str = "auto", shift_positions: bool = True):
             ``prefix_projection``), P_TUNING (MLP or LSTM encoder) or PROMPT_TUNING, for task types
             SEQ_CLS, TOKEN_CLS, CAUSAL_LM or FEATURE_EXTRACTION; or a plain transformers model
             (attention then runs through ``ptkernels.prefix_attention`` without a prefix).
-            Architectures: BERT, RoBERTa, GPT-2, Llama, Mistral, Qwen2, Qwen3. Anything else raises
-            ValueError here, at patch time.
+            Architectures: decided by capability (:mod:`ptkernels.integrations.capabilities`);
+            a model without what the patched path needs raises ``UnsupportedModelError`` (a
+            ValueError) here, at patch time, naming the model type and the reason.
         backend: "auto" (Triton on CUDA, PyTorch elsewhere), "triton" or "torch", for the attention
             and prompt-embedding ops.
         shift_positions: True (default): real tokens get positions P, P + 1, ... after P prefix
@@ -467,12 +447,12 @@ def patch(model, *, backend: str = "auto", shift_positions: bool = True):
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     is_peft = _is_peft_model(model)
     if is_peft:
-        _check_peft_model(model)
+        support = _check_peft_model(model)
         hf_model = model.get_base_model()
     else:
         if type(model).__module__.startswith("peft."):
             raise ValueError(f"ptkernels.patch does not support {type(model).__name__}; pass the PeftModel")
-        _check_hf_model(model)
+        support = check_model(model, prefix_tuning=False)
         hf_model = model
     register()
 
@@ -492,9 +472,12 @@ def patch(model, *, backend: str = "auto", shift_positions: bool = True):
         model.__dict__[_STATE] = state
     state["backend"] = backend
     state["shift_positions"] = bool(shift_positions)
+    state["support"] = support
 
     hf_model.config._attn_implementation = ATTN_IMPLEMENTATION
     _set_backend(hf_model, backend)
+    if is_peft and "prefix_check" not in state:
+        state["prefix_check"] = hf_model.register_forward_hook(_check_every_layer_read_the_prefix, with_kwargs=True)
     if is_peft:
         model.forward = types.MethodType(_patched_forward, model)
         if state["task"] == "CAUSAL_LM":
@@ -512,6 +495,8 @@ def unpatch(model):
     hf_model = model.get_base_model() if state["is_peft"] else model
     hf_model.config._attn_implementation = state["attn_implementation"]
     _set_backend(hf_model, None)
+    if "prefix_check" in state:
+        state["prefix_check"].remove()
     for name in ("forward", "prepare_inputs_for_generation"):
         if state["had_" + name]:
             model.__dict__[name] = state["orig_" + name]

@@ -40,14 +40,23 @@ class LayerPrefix:
 
     ``stacked``: (2L, Hkv, P, D) shared by the batch (layer l's key is ``stacked[2l]``, its value
     ``stacked[2l + 1]``), or (B, 2L, Hkv, P, D) per example.
+
+    ``read``: the layer indices whose attention has read its prefix in this forward (the patched
+    model checks after each forward that every layer did, so a model whose layers do not forward
+    ``**kwargs`` to their attention raises instead of silently running without the prefix).
     """
 
-    __slots__ = ("stacked",)
+    __slots__ = ("stacked", "read")
 
     def __init__(self, stacked: Tensor) -> None:
         if stacked.dim() not in (4, 5):
             raise ValueError(f"stacked prefix must be (2L, Hkv, P, D) or (B, 2L, Hkv, P, D), got {tuple(stacked.shape)}")
         self.stacked = stacked
+        self.read: set = set()
+
+    def unread_layers(self) -> list[int]:
+        """The layers that have not read their prefix (in ascending order)."""
+        return sorted(set(range(self.num_layers)) - self.read)
 
     @property
     def num_layers(self) -> int:
@@ -108,6 +117,7 @@ def ptkernels_attention_forward(
         if layer_idx is None:
             raise ValueError(f"{type(module).__name__} has no layer_idx, cannot pick its prefix")
         prefix_k, prefix_v = prefix.layer(layer_idx)
+        prefix.read.add(layer_idx)
         if prefix_k.dtype != query.dtype:
             prefix_k, prefix_v = prefix_k.to(query.dtype), prefix_v.to(query.dtype)
 

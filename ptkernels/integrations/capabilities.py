@@ -1,0 +1,180 @@
+"""Which Hugging Face models ``ptkernels.patch`` can run: decided by capability, not by a list.
+
+A model is supported when what the patched path relies on is there:
+
+* **one self-attention module per layer that calls transformers' attention interface** (it looks
+  up ``ALL_ATTENTION_FUNCTIONS`` by ``config._attn_implementation``) and **forwards ``**kwargs``**
+  into that call, so the per-layer prefix arrives as the ``ptkernels_prefix`` keyword. The
+  decoder layers must forward ``**kwargs`` to their attention too; that is checked at every
+  forward (:class:`~ptkernels.integrations.transformers.LayerPrefix` records which layers read
+  the prefix, and a forward where one did not raises), because it cannot be read reliably from
+  source;
+* **positions computed one of the known ways** (see :class:`ModelSupport.positions`), so that
+  prefix tuning's shifted positions are exactly PEFT's;
+* **attention maths the kernels have**: no logit softcapping, no attention sinks, no ALiBi, keys
+  and values of one head size shared by every layer (one stacked prefix tensor), no latent
+  (MLA) attention, no linear-attention / state-space layers.
+
+Anything else is refused at patch time with :class:`UnsupportedModelError` (a ``ValueError``)
+naming the model type and the missing capability. The word embedding needs nothing: a plain
+``nn.Embedding`` goes through the fused ``prompt_embedding`` gather, any other module (Gemma's or
+BioGPT's scaled embedding) is called as the model calls it and the prompt is concatenated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import re
+import sys
+from typing import Optional
+
+from torch import nn
+
+__all__ = ["ModelSupport", "UnsupportedModelError", "check_model", "attention_modules", "text_config"]
+
+
+class UnsupportedModelError(ValueError):
+    """``patch`` cannot run this model exactly; the message names the model type and the reason."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSupport:
+    """What ``patch`` found out about a model.
+
+    positions: how the model derives positions when it is given no ``position_ids``, which is what
+        PEFT's prefix shifts: "arange" (``arange(S)`` + past length: GPT-2, Llama and most decoders,
+        BERT), "roberta" (RoBERTa's padding-aware ``create_position_ids_from_input_ids``), or
+        "cumsum" (the attention mask's cumulative sum: OPT, BioGPT).
+    fused_embedding: the input embedding is a plain ``nn.Embedding`` (else the fused gather would
+        skip what the module does, such as Gemma's sqrt(hidden) scale, so the module is called).
+    """
+
+    model_type: str
+    positions: str
+    fused_embedding: bool
+
+
+def text_config(config):
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def attention_modules(hf_model: nn.Module) -> list[nn.Module]:
+    """The self-attention modules that carry a ``layer_idx`` (one per layer in a supported model)."""
+    mods = []
+    for m in hf_model.modules():
+        name = type(m).__name__
+        if (name.endswith("Attention") and "Cross" not in name and hasattr(m, "layer_idx")
+                and not getattr(m, "is_cross_attention", False)):
+            mods.append(m)
+    return mods
+
+
+@functools.lru_cache(maxsize=None)
+def _source(obj) -> str:
+    try:
+        return inspect.getsource(obj)
+    except (OSError, TypeError):
+        return ""
+
+
+# The attention call of transformers' generated modeling code:
+#   attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, ...)
+#   attn_output, attn_weights = attention_interface(self, query_states, ..., **kwargs)
+_INTERFACE_LOOKUP = re.compile(r"ALL_ATTENTION_FUNCTIONS|_attn_implementation")
+
+
+def _interface_call_forwards_kwargs(source: str) -> bool:
+    """True when some call of ``attention_interface(...)`` passes ``**kwargs`` (balanced parentheses)."""
+    for match in re.finditer(r"attention_interface\(", source):
+        depth, i = 1, match.end()
+        while i < len(source) and depth:
+            depth += {"(": 1, ")": -1}.get(source[i], 0)
+            i += 1
+        if "**kwargs" in source[match.end():i]:
+            return True
+    return False
+
+
+def _refuse(model_type: str, reason: str) -> UnsupportedModelError:
+    return UnsupportedModelError(f"ptkernels.patch does not support model_type {model_type!r}: {reason}")
+
+
+def _positions_convention(hf_model: nn.Module) -> str:
+    module = sys.modules.get(type(hf_model).__module__)
+    source = _source(module) if module is not None else ""
+    if "create_position_ids_from_input_ids" in source:
+        return "roberta"
+    if re.search(r"cumsum\(attention_mask|attention_mask(\.long\(\)|\.int\(\))?\.cumsum", source):
+        return "cumsum"
+    return "arange"
+
+
+def check_model(hf_model: nn.Module, *, prefix_tuning: bool) -> ModelSupport:
+    """What ``patch`` needs from ``hf_model`` (a transformers ``PreTrainedModel``), or
+    :class:`UnsupportedModelError` naming the model type and the first missing capability.
+
+    ``prefix_tuning``: the prefix must reach every layer (prompt tuning / P-tuning only feed input
+    embeddings, and a plain patched model only needs the attention interface)."""
+    config = getattr(hf_model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if config is None or model_type is None or not hasattr(config, "_attn_implementation"):
+        raise TypeError(
+            f"ptkernels.patch expects a transformers PreTrainedModel or a PEFT PeftModel, got {type(hf_model).__name__}"
+        )
+    if getattr(config, "is_encoder_decoder", False) or getattr(config, "add_cross_attention", False):
+        raise _refuse(model_type, f"encoder-decoder / cross-attention models ({type(hf_model).__name__}) are not "
+                                  "supported yet")
+    cfg = text_config(config)
+
+    mods = attention_modules(hf_model)
+    layers = getattr(cfg, "num_hidden_layers", None)
+    idx = sorted({getattr(m, "layer_idx", None) for m in mods} - {None})
+    if not mods:
+        raise _refuse(model_type, f"found no self-attention module with a layer_idx in {type(hf_model).__name__} "
+                                  "(its attention does not go through transformers' attention interface, or its layers are not "
+                                  "attention layers)")
+    if layers is None or idx != list(range(layers)):
+        raise _refuse(model_type, f"found self-attention (layer_idx {idx}) in only some of its {layers} layers: "
+                                  "hybrid models with linear-attention or state-space layers are not supported")
+    for m in mods:
+        source = _source(type(m).forward)
+        if not _INTERFACE_LOOKUP.search(source) or "attention_interface" not in source:
+            raise _refuse(model_type, f"{type(m).__name__} does not call transformers' attention interface "
+                                      "(ALL_ATTENTION_FUNCTIONS)")
+        params = inspect.signature(type(m).forward).parameters.values()
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params) or not _interface_call_forwards_kwargs(source):
+            raise _refuse(model_type, f"{type(m).__name__} does not forward **kwargs to the attention function, "
+                                      "so the prefix cannot reach it")
+
+    # attention maths the kernels do not have (yet)
+    if getattr(cfg, "attn_logit_softcapping", None):
+        raise _refuse(model_type, f"attention logit softcapping (attn_logit_softcapping={cfg.attn_logit_softcapping}) "
+                                  "is not implemented in ptkernels' attention")
+    if any(isinstance(getattr(m, "sinks", None), nn.Parameter) for m in mods):
+        raise _refuse(model_type, "attention sinks (learned per-head sink logits) are not implemented in ptkernels' "
+                                  "attention")
+    if getattr(cfg, "alibi", False) or getattr(cfg, "position_embedding_type", None) == "alibi":
+        raise _refuse(model_type, "ALiBi position biases are not implemented in ptkernels' attention")
+    if getattr(cfg, "kv_lora_rank", None) is not None and getattr(cfg, "qk_rope_head_dim", None) is not None:
+        raise _refuse(model_type, "multi-head latent attention (keys and values of different head sizes) is not "
+                                  "supported")
+    geometry = {(getattr(m, "head_dim", None), getattr(getattr(m, "k_proj", None), "out_features", None))
+                for m in mods}
+    if len(geometry) > 1:
+        raise _refuse(model_type, f"head size or key width differ between layers ({sorted(geometry, key=str)}): "
+                                  "one stacked prefix tensor cannot hold them (per-layer prefixes are not "
+                                  "implemented yet)")
+
+    positions = _positions_convention(hf_model)
+    if prefix_tuning and "position_ids" not in inspect.signature(hf_model.forward).parameters:
+        raise _refuse(model_type, f"{type(hf_model).__name__}.forward takes no position_ids, so prefix tuning's "
+                                  "shifted positions cannot be given to it")
+    return ModelSupport(model_type, positions, _plain_embedding(hf_model))
+
+
+def _plain_embedding(hf_model: nn.Module) -> bool:
+    get = getattr(hf_model, "get_input_embeddings", None)
+    embedding: Optional[nn.Module] = get() if callable(get) else None
+    return type(embedding) is nn.Embedding

@@ -1,0 +1,113 @@
+"""Every family in ``families.FAMILIES`` that the installed transformers can build (issue 15): the
+patched model equals the reference exactly in float64 (logits of the real tokens, the loss and the
+gradient of every trainable parameter), or it is refused with the reason the table gives. A new
+transformers release that breaks a family shows up here.
+
+The reference is unpatched PEFT (through the signature shim on transformers >= 5.24 where PEFT
+0.21 refuses sequence classification), or, where PEFT fails, the model's own eager attention over
+explicitly concatenated prefix keys (validated against PEFT on families where both run).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+import families  # noqa: E402
+from families import ADAPTERS, FAMILIES, KWARGS, P, build_peft_model, concat_prefix_logits, make_batch  # noqa: E402
+
+from ptkernels import patch  # noqa: E402
+from ptkernels.integrations.capabilities import UnsupportedModelError  # noqa: E402
+from ptkernels.testing import with_peft_oracle_shim, without_peft_oracle_shim  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+def _available(model_type: str) -> bool:
+    from transformers import CONFIG_MAPPING
+
+    return model_type in CONFIG_MAPPING
+
+
+def _run(model, ids, mask, labels, task, adapter):
+    """(real-token logits, loss, {name: grad}) of one forward + backward."""
+    out = model(input_ids=ids, attention_mask=mask, labels=labels)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    logits = out.logits.detach()
+    if task == "CAUSAL_LM":
+        if adapter == "ptuning":
+            logits = logits[:, P:]
+        logits = logits[mask.bool()]
+    return logits, out.loss.detach(), grads
+
+
+def _assert_same(got, want, what):
+    logits, loss, grads = got
+    ref_logits, ref_loss, ref_grads = want
+    torch.testing.assert_close(logits, ref_logits, rtol=0, atol=1e-10, msg=f"{what}: logits")
+    torch.testing.assert_close(loss, ref_loss, rtol=0, atol=1e-10, msg=f"{what}: loss")
+    assert set(grads) == set(ref_grads), f"{what}: trainable parameters with a gradient differ"
+    assert any(g.abs().sum() > 0 for g in grads.values()), f"{what}: all gradients are zero"
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=0, atol=1e-10, msg=f"{what}: grad {name}")
+
+
+@pytest.mark.parametrize("adapter", ADAPTERS)
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_family(model_type, adapter):
+    if not _available(model_type):
+        pytest.skip(f"transformers has no {model_type!r}")
+    _, _, outcome = FAMILIES[model_type]
+    if outcome == KWARGS and adapter == "ptuning":
+        outcome = None  # P-tuning feeds input embeddings only: no kwargs need to reach the attention
+    model, task = build_peft_model(model_type, adapter)
+    ids, mask, labels = make_batch(task)
+
+    if outcome is not None and outcome != KWARGS:
+        with pytest.raises(UnsupportedModelError, match=f"model_type '{model_type}'.*{outcome}"):
+            patch(model, backend="reference")
+        return
+
+    if model_type in families.REFERENCE_CONCAT and adapter != "ptuning":
+        logits, loss = concat_prefix_logits(model, ids, mask, labels)
+        loss.backward()
+        want_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+        model.zero_grad(set_to_none=True)
+        want = (logits.detach()[mask.bool()] if task == "CAUSAL_LM" else logits.detach(), loss.detach(), want_grads)
+    else:
+        with_peft_oracle_shim(model)
+        want = _run(model, ids, mask, labels, task, adapter)
+        without_peft_oracle_shim(model)
+
+    for backend in ("torch", "reference"):
+        patch(model, backend=backend)
+        if outcome == KWARGS:
+            with pytest.raises(RuntimeError, match=f"{KWARGS}.*model_type '{model_type}'"):
+                model(input_ids=ids, attention_mask=mask, labels=labels)
+            return
+        _assert_same(_run(model, ids, mask, labels, task, adapter), want, f"{model_type} {adapter} {backend}")
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "opt"])
+def test_concat_reference_equals_peft(model_type):
+    """The reference used where PEFT fails is itself checked against PEFT where PEFT runs."""
+    model, task = build_peft_model(model_type, "prefix_proj")
+    ids, mask, labels = make_batch(task)
+    want = _run(model, ids, mask, labels, task, "prefix_proj")
+    logits, loss = concat_prefix_logits(model, ids, mask, labels)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+    _assert_same((logits.detach()[mask.bool()], loss.detach(), grads), want, f"{model_type} concat reference")
+
+
+def test_readme_lists_the_families():
+    import pathlib
+
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    missing = [row for row in families.markdown_table().splitlines()[2:] if row not in readme]
+    assert not missing, "README's family table is stale; paste `python tests/families.py`:\n" + "\n".join(missing)
