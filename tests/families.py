@@ -79,14 +79,15 @@ def build_config(model_type: str, overrides: dict):
     return cls(**kwargs)
 
 
-def build_peft_model(model_type: str, adapter: str, *, seed: int = 0):
-    """(PEFT model in float64, task) for one family and adapter ("prefix", "prefix_proj", "ptuning")."""
+def build_peft_model(model_type: str, adapter: str, *, seed: int = 0, task: Optional[str] = None):
+    """(PEFT model in float64, task) for one family and adapter ("prefix", "prefix_proj", "ptuning");
+    task defaults to CAUSAL_LM for decoders and SEQ_CLS for encoders."""
     import peft
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     kind, overrides, _ = FAMILIES[model_type]
     config = build_config(model_type, overrides)
-    task = "CAUSAL_LM" if kind == DEC else "SEQ_CLS"
+    task = task or ("CAUSAL_LM" if kind == DEC else "SEQ_CLS")
     if task == "SEQ_CLS":
         config.num_labels = 2
     auto = AutoModelForCausalLM if task == "CAUSAL_LM" else AutoModelForSequenceClassification
@@ -110,13 +111,14 @@ def build_peft_model(model_type: str, adapter: str, *, seed: int = 0):
     return model, task
 
 
-def make_batch(task: str, vocab: int = 97):
-    """Two rows, the second right-padded: ids (2, 7), mask (2, 7), labels."""
+def make_batch(task: str, vocab: int = 97, *, left_padding: bool = False):
+    """Two rows, the second padded (right, or left): ids (2, 7), mask (2, 7), labels."""
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(3, vocab, (2, 7), generator=g)
     mask = torch.ones(2, 7, dtype=torch.long)
-    mask[1, 5:] = 0
-    ids[1, 5:] = 0
+    pad = slice(0, 2) if left_padding else slice(5, 7)
+    mask[1, pad] = 0
+    ids[1, pad] = 0
     labels = ids.masked_fill(mask == 0, -100) if task == "CAUSAL_LM" else torch.tensor([0, 1])
     return ids, mask, labels
 

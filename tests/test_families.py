@@ -93,6 +93,37 @@ def test_family(model_type, adapter):
         _assert_same(_run(model, ids, mask, labels, task, adapter), want, f"{model_type} {adapter} {backend}")
 
 
+@pytest.mark.parametrize("adapter", ["prefix", "ptuning"])
+@pytest.mark.parametrize("model_type", ["opt", "biogpt", "roberta", "llama"])
+def test_left_padding(model_type, adapter):
+    """Positions from the mask (OPT / BioGPT: cumulative sum; RoBERTa: padding-aware) are where left
+    padding changes them: the patched model must count them as PEFT does."""
+    model, task = build_peft_model(model_type, adapter)
+    ids, mask, labels = make_batch(task, left_padding=True)
+    with_peft_oracle_shim(model)
+    want = _run(model, ids, mask, labels, task, adapter)
+    without_peft_oracle_shim(model)
+    patch(model, backend="torch")
+    _assert_same(_run(model, ids, mask, labels, task, adapter), want, f"{model_type} {adapter} left padding")
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "gpt2", "opt", "stablelm"])
+def test_decoder_for_sequence_classification(model_type):
+    """Decoders used for sequence classification: equal to PEFT, or (layers that drop **kwargs)
+    an error, never a silent difference."""
+    model, task = build_peft_model(model_type, "prefix", task="SEQ_CLS")
+    ids, mask, labels = make_batch(task)
+    with_peft_oracle_shim(model)
+    want = _run(model, ids, mask, labels, task, "prefix")
+    without_peft_oracle_shim(model)
+    patch(model, backend="torch")
+    if FAMILIES[model_type][2] == KWARGS:
+        with pytest.raises(RuntimeError, match=f"{KWARGS}.*model_type '{model_type}'"):
+            model(input_ids=ids, attention_mask=mask, labels=labels)
+        return
+    _assert_same(_run(model, ids, mask, labels, task, "prefix"), want, f"{model_type} SEQ_CLS")
+
+
 @pytest.mark.parametrize("model_type", ["llama", "gpt2", "opt"])
 def test_concat_reference_equals_peft(model_type):
     """The reference used where PEFT fails is itself checked against PEFT where PEFT runs."""

@@ -27,7 +27,6 @@ import dataclasses
 import functools
 import inspect
 import re
-import sys
 from typing import Optional
 
 from torch import nn
@@ -46,7 +45,7 @@ class ModelSupport:
     positions: how the model derives positions when it is given no ``position_ids``, which is what
         PEFT's prefix shifts: "arange" (``arange(S)`` + past length: GPT-2, Llama and most decoders,
         BERT), "roberta" (RoBERTa's padding-aware ``create_position_ids_from_input_ids``), or
-        "cumsum" (the attention mask's cumulative sum: OPT, BioGPT).
+        "cumsum" (the attention mask's cumulative sum: OPT).
     fused_embedding: the input embedding is a plain ``nn.Embedding`` (else the fused gather would
         skip what the module does, such as Gemma's sqrt(hidden) scale, so the module is called).
     """
@@ -101,13 +100,36 @@ def _refuse(model_type: str, reason: str) -> UnsupportedModelError:
     return UnsupportedModelError(f"ptkernels.patch does not support model_type {model_type!r}: {reason}")
 
 
+def _if_block(source: str, condition: str) -> Optional[str]:
+    """The body of the first ``if <condition>:`` in ``source`` (the lines indented below it)."""
+    lines = source.splitlines()
+    for i, line in enumerate(lines):
+        if line.strip().startswith(f"if {condition}"):
+            indent = len(line) - len(line.lstrip())
+            body = []
+            for follow in lines[i + 1:]:
+                if follow.strip() and len(follow) - len(follow.lstrip()) <= indent:
+                    break
+                body.append(follow)
+            return "\n".join(body)
+    return None
+
+
 def _positions_convention(hf_model: nn.Module) -> str:
-    module = sys.modules.get(type(hf_model).__module__)
-    source = _source(module) if module is not None else ""
-    if "create_position_ids_from_input_ids" in source:
-        return "roberta"
-    if re.search(r"cumsum\(attention_mask|attention_mask(\.long\(\)|\.int\(\))?\.cumsum", source):
-        return "cumsum"
+    """How the model fills in missing ``position_ids``: read from the first module (outermost
+    first, embeddings tables excluded) whose forward has an ``if position_ids is None:`` branch,
+    which is the one that runs."""
+    for module in hf_model.modules():
+        if isinstance(module, nn.Embedding):
+            continue
+        block = _if_block(_source(type(module).forward), "position_ids is None")
+        if block is None:
+            continue
+        if "create_position_ids_from_input_ids" in block:
+            return "roberta"
+        if "cumsum" in block:
+            return "cumsum"
+        return "arange"
     return "arange"
 
 

@@ -175,8 +175,8 @@ def _prefix_position_ids(model, kwargs: dict, input_ids, inputs_embeds, attentio
     Explicit ``position_ids`` in ``kwargs`` are shifted by the offset; otherwise they are computed
     the way the base model would with P more tokens in its cache and P more ones in front of its
     attention mask (``ModelSupport.positions``: "arange" for BERT / GPT-2 / Llama and most models;
-    "roberta", RoBERTa's padding-aware positions; "cumsum", the mask's cumulative sum as OPT and
-    BioGPT count). None lets the model count (from its cache, which holds real tokens only).
+    "roberta", RoBERTa's padding-aware positions; "cumsum", the mask's cumulative sum as OPT
+    count). None lets the model count (from its cache, which holds real tokens only).
 
     attention_mask: (B, past + S) mask of the real tokens, or None (all attended)."""
     state = model.__dict__[_STATE]
