@@ -182,8 +182,25 @@ def _check_peft_model(model) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def _fused_prompt_embedding(input_ids: Tensor, weight: Tensor, prompt: Tensor, backend: str) -> Tensor:
-    """(B, P + S, E): prompt (P, E) in front of weight[input_ids], in one ``prompt_embedding`` call."""
+def _is_sharded(param: Tensor) -> bool:
+    """True for an FSDP2 parameter seen outside its module's call: a DTensor shard, not the full weight."""
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    return dtensor is not None and isinstance(param, dtensor.DTensor)
+
+
+def _fused_prompt_embedding(input_ids: Tensor, word_embeddings: nn.Module, prompt: Tensor, backend: str) -> Tensor:
+    """(B, P + S, E): prompt (P, E) in front of word_embeddings(input_ids), in one ``prompt_embedding`` call.
+
+    When FSDP2 shards the word embedding in its own group (accelerate's auto-wrap does), its weight
+    is a DTensor shard outside the embedding's call; the tokens are then looked up through the module
+    (its hooks unshard the weight) and the prompt concatenated in front, as PEFT does. (DeepSpeed
+    ZeRO-3 gathers a partitioned weight read inside a forward by itself.)
+    """
+    weight = word_embeddings.weight
+    if _is_sharded(weight):
+        real = word_embeddings(input_ids)
+        prompt = prompt.to(real.dtype).unsqueeze(0).expand(real.shape[0], -1, -1)
+        return torch.cat((prompt, real), dim=1)
     return prompt_embedding(input_ids, weight, prompt.to(weight.dtype), backend=backend)
 
 
@@ -332,7 +349,7 @@ def _patched_forward(
         kwargs["labels"] = torch.cat((labels.new_full((batch_size, num_virtual), -100), labels), dim=1)
     prompt = _compute_prompt(self, peft_config)
     if inputs_embeds is None:
-        inputs_embeds = _fused_prompt_embedding(input_ids, self.word_embeddings.weight, prompt, state["backend"])
+        inputs_embeds = _fused_prompt_embedding(input_ids, self.word_embeddings, prompt, state["backend"])
     else:
         prompt = prompt.to(inputs_embeds.dtype).unsqueeze(0).expand(batch_size, -1, -1)
         inputs_embeds = torch.cat((prompt, inputs_embeds), dim=1)
@@ -401,7 +418,7 @@ def _patched_prepare_inputs_for_generation(self, *args, task_ids=None, **kwargs)
             model_kwargs["inputs_embeds"] = torch.cat((prompt, embeds), dim=1)
         else:
             model_kwargs["inputs_embeds"] = _fused_prompt_embedding(
-                input_ids, self.word_embeddings.weight, prompt, state["backend"]
+                input_ids, self.word_embeddings, prompt, state["backend"]
             )
         model_kwargs["input_ids"] = None
     # Positions as if each row were alone: the virtual tokens at 0 .. P-1, the real tokens after them,
