@@ -13,14 +13,10 @@ losses is the loss of the combined batch and the averaged gradient is its gradie
 
 from __future__ import annotations
 
-import multiprocessing
-import os
-import time
-
 import pytest
 import torch
 
-from tiny_models import make_batch, make_model, trainable_grads, trainable_params
+from tiny_models import make_batch, make_model, run_ranks, trainable_grads, trainable_params
 
 from ptkernels import patch
 
@@ -77,26 +73,6 @@ def _worker(rank, world, init_file, out_dir):
         dist.destroy_process_group()
 
 
-def _run_ranks(tmp_path):
-    import torch.multiprocessing as mp
-
-    # fork: the children inherit the imported transformers / PEFT (no re-import per rank). spawn where
-    # fork is unavailable, once CUDA is initialised here (CUDA does not survive a fork), or on request
-    # (PTKERNELS_TEST_START_METHOD=spawn, to check that path)
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    if torch.cuda.is_initialized() or os.environ.get("PTKERNELS_TEST_START_METHOD") == "spawn":
-        method = "spawn"
-    ctx = mp.start_processes(_worker, args=(WORLD, str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=WORLD,
-                             join=False, start_method=method)
-    deadline = time.monotonic() + TIMEOUT_S
-    while not ctx.join(timeout=1):  # raises if a rank failed, with its traceback
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"DDP ranks did not finish in {TIMEOUT_S} s")
-    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
-
-
 def _assert_close(got, want, what):
     """atol 1e-5, tightened for tensors whose entries are small (the prefix gradients of a tiny
     classifier are ~1e-5 themselves): at most 1e-3 of the largest reference entry."""
@@ -105,7 +81,7 @@ def _assert_close(got, want, what):
 
 
 def test_ddp_matches_single_process_on_combined_batch(tmp_path):
-    ranks = _run_ranks(tmp_path)
+    ranks = run_ranks(_worker, tmp_path, world=WORLD, timeout_s=TIMEOUT_S)
     for case, (arch, task, adapter, _) in CASES.items():
         ids, mask, labels = _batch(case)
         unpatched = make_model(arch, task, adapter).train()

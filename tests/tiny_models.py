@@ -1,11 +1,16 @@
 """Tiny HF models with PEFT prompt-learning adapters, shared by the model-level hardening tests
-(test_hardening_models.py, test_distributed.py, test_trainer.py). Not a test module.
+(test_hardening_models.py, test_distributed.py, test_fsdp.py, test_trainer.py), and the launcher
+of their CPU process groups (:func:`run_ranks`). Not a test module.
 
 Everything is built from configs with fixed seeds (no download). Dropout is off unless asked for,
 so two builds with the same seed give the same parameters and, in train mode, the same outputs.
 """
 
 from __future__ import annotations
+
+import multiprocessing
+import os
+import time
 
 import pytest
 import torch
@@ -115,3 +120,29 @@ def real_outputs(out, mask, task: str, adapter: str):
         logits = logits[:, P:]
     return logits[mask.bool()]
 
+
+
+def run_ranks(worker, tmp_path, *, world: int = 2, timeout_s: float = 240) -> list:
+    """Run ``worker(rank, world, init_file, out_dir)`` in ``world`` CPU processes and return what each
+    rank saved to ``out_dir/rank{r}.pt`` (``torch.save``), in rank order.
+
+    The worker joins a gloo group through ``init_file`` (``init_method=f"file://{init_file}"``: no
+    ports, no torchrun). fork: the children inherit the imported transformers / PEFT (no re-import
+    per rank); spawn where fork is unavailable, once CUDA is initialised here (CUDA does not survive a
+    fork), or on request (PTKERNELS_TEST_START_METHOD=spawn, to check that path). A failing rank
+    raises here with its traceback; ranks still running after ``timeout_s`` are killed and fail the test.
+    """
+    import torch.multiprocessing as mp
+
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    if torch.cuda.is_initialized() or os.environ.get("PTKERNELS_TEST_START_METHOD") == "spawn":
+        method = "spawn"
+    ctx = mp.start_processes(worker, args=(world, str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=world,
+                             join=False, start_method=method)
+    deadline = time.monotonic() + timeout_s
+    while not ctx.join(timeout=1):  # raises if a rank failed, with its traceback
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"{world} ranks did not finish in {timeout_s} s")
+    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]

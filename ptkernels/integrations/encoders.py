@@ -13,6 +13,13 @@ get trained are therefore PEFT's parameters themselves: optimizers built before 
 working, ``save_pretrained`` / ``from_pretrained`` are untouched, and ``unpatch`` has nothing to
 copy back. The batch sharing is where the saving is, and it comes from the call, not the module.
 
+Sharded training. The encoder is always evaluated as a module call, ``encoder(indices)``, never
+through ``.forward`` or by reading its weights: FSDP2 (``fully_shard`` on the encoder) unshards its
+parameters in a forward pre-hook and re-gathers them for backward from hooks on the output, and
+DeepSpeed ZeRO-3 gathers partitioned parameters in its module hooks; both only see module calls.
+(The one exception is ``inference_mode``, where PEFT stores the projected prefix in
+``embedding.weight`` and reads the weight itself, as PEFT does.)
+
 For use without PEFT, :class:`PrefixEncoder` and :class:`PromptEncoder` are small standalone
 modules with the same parameter names and shapes as PEFT's classes, so a PEFT adapter's encoder
 state dict loads into them unchanged (``load_state_dict(peft_model.prompt_encoder["default"]
@@ -75,7 +82,8 @@ def prefix_key_values(
     """Evaluate a prefix-tuning encoder once and return every layer's prefix K/V: (2L, Hkv, P, D).
 
     ``encoder`` is PEFT's ``PrefixEncoder`` or :class:`PrefixEncoder` (anything with ``embedding``
-    and a ``forward(indices)``). With ``inference_mode`` (an adapter loaded for inference) the
+    and a ``forward(indices)`` giving (1, P, L * 2 * Hkv * D) for (1, P) indices); it is called as a
+    module, so FSDP2 / ZeRO-3 hooks fire. With ``inference_mode`` (an adapter loaded for inference) the
     encoder holds the already-projected prefix in ``embedding.weight``, as PEFT reads it.
     ``dtype`` casts the result (PEFT casts the prefix to the base model's dtype).
     """
@@ -83,7 +91,7 @@ def prefix_key_values(
     if inference_mode:
         flat = weight
     else:
-        flat = getattr(encoder, "encode", encoder)(_indices(num_virtual_tokens, weight))
+        flat = encoder(_indices(num_virtual_tokens, weight))  # a module call: sharding hooks fire
     if dtype is not None:
         flat = flat.to(dtype)
     return split_prefix_key_values(flat, num_layers, num_kv_heads, head_dim)
@@ -100,13 +108,14 @@ def prompt_embeddings(
 
     ``encoder`` is PEFT's ``PromptEmbedding`` / ``PromptEncoder`` or :class:`PromptEncoder`. The
     bidirectional LSTM of P-Tuning runs over the P virtual tokens of one row, which is exactly what
-    PEFT computes before repeating it for the batch.
+    PEFT computes before repeating it for the batch. Called as a module (``encoder(indices)``), so
+    FSDP2 / ZeRO-3 hooks fire.
     """
     weight = encoder.embedding.weight
     if inference_mode:
         out = weight[:num_virtual_tokens]
     else:
-        out = getattr(encoder, "encode", encoder)(_indices(num_virtual_tokens, weight))[0]
+        out = encoder(_indices(num_virtual_tokens, weight))[0]
     if dtype is not None:
         out = out.to(dtype)
     return out
@@ -120,6 +129,7 @@ class PrefixEncoder(nn.Module):
     Linear(E, H) -> Tanh -> Linear(H, L*2*Hkv*D) (the MLP reparameterisation of P-Tuning v2).
 
     ``forward()`` returns the stacked (2L, Hkv, P, D) tensor; :meth:`layer` picks one layer.
+    ``forward(indices)`` with (N, P) indices is PEFT's forward: (N, P, L * 2 * Hkv * D).
     """
 
     def __init__(
@@ -148,13 +158,13 @@ class PrefixEncoder(nn.Module):
         else:
             self.embedding = nn.Embedding(num_virtual_tokens, out_dim)
 
-    def encode(self, indices: Tensor) -> Tensor:
-        """PEFT's forward: (N, P) indices -> (N, P, L*2*Hkv*D)."""
-        x = self.embedding(indices)
-        return self.transform(x) if self.prefix_projection else x
-
-    def forward(self) -> Tensor:
-        flat = self.encode(_indices(self.num_virtual_tokens, self.embedding.weight))
+    def forward(self, indices: Optional[Tensor] = None) -> Tensor:
+        """None -> (2L, Hkv, P, D) shared by the batch; (N, P) indices -> (N, P, L*2*Hkv*D) (PEFT's forward)."""
+        flat = self.embedding(_indices(self.num_virtual_tokens, self.embedding.weight) if indices is None else indices)
+        if self.prefix_projection:
+            flat = self.transform(flat)
+        if indices is not None:
+            return flat
         return split_prefix_key_values(flat, self.num_layers, self.num_kv_heads, self.head_dim)
 
     @staticmethod
@@ -171,6 +181,9 @@ class PromptEncoder(nn.Module):
     ``lstm_head`` = bidirectional LSTM(E, H, num_layers) followed by ``mlp_head`` = Linear(2H, 2H)
     -> ReLU -> Linear(2H, E) (``"LSTM"``). With ``encoder_type=None`` it is plain prompt tuning
     (PEFT's ``PromptEmbedding``: ``embedding`` only).
+
+    ``forward()`` returns the (P, E) prompt; ``forward(indices)`` with (N, P) indices is PEFT's
+    forward: (N, P, E).
     """
 
     def __init__(
@@ -202,14 +215,11 @@ class PromptEncoder(nn.Module):
                 nn.Linear(token_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, token_dim)
             )
 
-    def encode(self, indices: Tensor) -> Tensor:
-        """PEFT's forward: (N, P) indices -> (N, P, E)."""
-        x = self.embedding(indices)
+    def forward(self, indices: Optional[Tensor] = None) -> Tensor:
+        """None -> (P, E); (N, P) indices -> (N, P, E) (PEFT's forward)."""
+        x = self.embedding(_indices(self.num_virtual_tokens, self.embedding.weight) if indices is None else indices)
         if self.encoder_type == "LSTM":
-            return self.mlp_head(self.lstm_head(x)[0])
-        if self.encoder_type == "MLP":
-            return self.mlp_head(x)
-        return x
-
-    def forward(self) -> Tensor:
-        return self.encode(_indices(self.num_virtual_tokens, self.embedding.weight))[0]
+            x = self.mlp_head(self.lstm_head(x)[0])
+        elif self.encoder_type == "MLP":
+            x = self.mlp_head(x)
+        return x[0] if indices is None else x

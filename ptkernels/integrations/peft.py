@@ -134,14 +134,24 @@ def _check_peft_model(model) -> ModelSupport:
 # --------------------------------------------------------------------------------------------
 
 
+def _is_sharded(param: Tensor) -> bool:
+    """True for an FSDP2 parameter seen outside its module's call: a DTensor shard, not the full weight."""
+    dtensor = sys.modules.get("torch.distributed.tensor")
+    return dtensor is not None and isinstance(param, dtensor.DTensor)
+
+
 def _prompt_and_input_embeddings(model, input_ids: Tensor, prompt: Tensor) -> Tensor:
     """(B, P + S, E): the prompt (P, E) in front of the embedded input_ids (B, S).
 
-    A plain ``nn.Embedding`` goes through one fused ``prompt_embedding`` call; any other embedding
-    module (Gemma's and BioGPT's scale their output) is called as PEFT calls it, then concatenated."""
+    A plain ``nn.Embedding`` goes through one fused ``prompt_embedding`` call. The embedding module
+    itself is called (as PEFT calls it) and the prompt concatenated in front when
+    * it is not a plain ``nn.Embedding`` (Gemma's and BioGPT's scale their output), or
+    * FSDP2 shards it in its own group (accelerate's auto-wrap does): outside the module's call its
+      weight is a DTensor shard, and the module's hooks unshard it. (DeepSpeed ZeRO-3 gathers a
+      partitioned weight read inside a forward by itself.)"""
     state = model.__dict__[_STATE]
     embedding = model.word_embeddings
-    if state["support"].fused_embedding and type(embedding) is nn.Embedding:
+    if state["support"].fused_embedding and type(embedding) is nn.Embedding and not _is_sharded(embedding.weight):
         return prompt_embedding(input_ids, embedding.weight, prompt.to(embedding.weight.dtype), backend=state["backend"])
     embeds = embedding(input_ids)
     return torch.cat((prompt.to(embeds.dtype).unsqueeze(0).expand(embeds.shape[0], -1, -1), embeds), dim=1)
