@@ -161,7 +161,7 @@ def case_launches(case: Case, arch: int = 90, allow_interpreted: bool = False) -
     prefix_attention_backward(torch.empty_like(out), q, k, v, pk, pv, kpm, out, lse,
                               case.causal, scale, dropout_p, seed, limits=limits, launcher=launcher)
     if case.dropout:
-        dropout_keep_mask(b, hq, case.q_len, p + case.k_len, dropout_p, seed, "meta", launcher=launcher)
+        dropout_keep_mask(b, hq, case.q_len, p, case.k_len, dropout_p, seed, "meta", launcher=launcher)
     return launches
 
 

@@ -58,3 +58,35 @@ def test_quick_cases_launch_every_kernel_with_the_targets_limits():
                     continue
                 assert {key: launch.kwargs[key] for key in want} == want, (arch, str(case), launch.name)
         assert launched == set(aot_check.kernels()), arch
+
+
+def test_static_report_schema_and_no_spills(tmp_path):
+    """benchmarks/static_report.py --quick for sm_90: one record per compiled kernel with exactly
+    the documented keys, the matmul loops found in the SASS, and no register spills in any 16-bit
+    kernel at D <= 128 (the script exits 1 on a spill)."""
+    import json
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    report = tmp_path / "report.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "static_report.py"), "--quick", "--arch", "sm_90",
+         "--json", str(report), "--skip-exit-code", str(SKIP_EXIT_CODE)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+    )
+    output = proc.stdout + proc.stderr
+    if proc.returncode == SKIP_EXIT_CODE:
+        pytest.skip(output.strip().splitlines()[-1])
+    assert proc.returncode == 0, output[-20000:]
+    from benchmarks.static_report import KEYS
+
+    records = json.loads(report.read_text())
+    assert records and all(list(r) == list(KEYS) for r in records)
+    kinds = {k for r in records for k in ("fwd", "dq", "dkdv") if k in r["kernel"]}
+    assert kinds == {"fwd", "dq", "dkdv"}
+    for r in records:
+        if any(k in r["kernel"] for k in ("fwd", "dq", "dkdv")):
+            assert r["loops"], f"no matmul loop found in {r['kernel']}"
+            assert r["wgmma"], f"{r['kernel']} does not use warpgroup MMA on sm_90"
+        assert all(set(loop) == {"sass", "queries", "keys"} and loop["sass"] > 0 for loop in r["loops"])
+        assert r["spill_bytes"] == 0 or r["head_dim"] > 128

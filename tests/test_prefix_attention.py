@@ -394,6 +394,7 @@ def test_dropout_same_seed_same_output_different_seed_different_output(backend):
 def test_dropout_matches_reference_given_the_kernels_keep_mask():
     from ptkernels.ops.prefix_attention.forward import dropout_keep_mask
     from ptkernels.ops.prefix_attention.function import draw_dropout_seed
+    from ptkernels.ops.prefix_attention.launch import dropout_threshold
 
     case, (q, k, v, pk, pv, mask) = _dropout_inputs()
     p = 0.25
@@ -401,10 +402,12 @@ def test_dropout_matches_reference_given_the_kernels_keep_mask():
     out = run(case, "triton", q, k, v, pk, pv, mask, dropout_p=p)
     torch.manual_seed(7)
     seed = draw_dropout_seed()
-    keep = dropout_keep_mask(case.batch, case.q_heads, case.q_len, case.prefix_len + case.k_len, p, seed, q.device)
+    keep = dropout_keep_mask(case.batch, case.q_heads, case.q_len, case.prefix_len, case.k_len, p, seed, q.device)
     assert 0.6 < keep.float().mean().item() < 0.9  # about 1 - p kept
-    ref = prefix_attention_reference(q, k, v, pk, pv, key_padding_mask=mask, dropout_p=p, dropout_keep_mask=keep)
-    oracle = naive_attention_fp64(q, k, v, pk, pv, mask, keep=keep, dropout_p=p)
+    kernel_p = dropout_threshold(p)[0] / 65536  # the kernels' p, quantised to 16 bits
+    assert abs(kernel_p - p) <= 2**-17
+    ref = prefix_attention_reference(q, k, v, pk, pv, key_padding_mask=mask, dropout_p=kernel_p, dropout_keep_mask=keep)
+    oracle = naive_attention_fp64(q, k, v, pk, pv, mask, keep=keep, dropout_p=kernel_p)
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(out.double(), oracle, atol=2e-5, rtol=1e-4)
     grad_out = torch.randn_like(out)

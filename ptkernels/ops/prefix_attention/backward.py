@@ -21,7 +21,14 @@ import triton.language as tl
 from torch import Tensor
 
 from ..utils import batch_strides
-from .common import dropout_keep, load_tile, program_coordinates, real_keys_visible
+from .common import (
+    dropout_keep,
+    dropout_row_width,
+    load_full_tile,
+    load_tile,
+    program_coordinates,
+    real_keys_visible,
+)
 from .launch import (
     LOG2_E,
     DeviceLimits,
@@ -30,6 +37,7 @@ from .launch import (
     block_d,
     device_limits,
     dot_precision,
+    dropout_threshold,
     launch_kernel,
     mask_as_int8,
     mask_strides,
@@ -62,15 +70,20 @@ def _delta_kernel(
 
 @triton.jit
 def _dq_tile(
-    dq, q, do, lse, delta, k, v, s_visible, seed, row_offsets, key_index, dropout_p, qk_scale_log2, dropout_scale,
-    DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    dq, q, do, lse, delta, k, v, s_visible, seed, row_lanes, key_lane, dropout_threshold, qk_scale_log2,
+    dropout_scale, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr,
 ):
-    """dQ contribution of one key tile (before the final multiplication by the softmax scale)."""
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
-    p = tl.where(s_visible, tl.math.exp2(s - lse[:, None]), 0.0)
+    """dQ contribution of one key tile (before the final multiplication by the softmax scale).
+    MASKED=False: every key of the tile is visible (s_visible is ignored; the scale folds into an FMA)."""
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    if MASKED:
+        p = tl.where(s_visible, tl.math.exp2(qk * qk_scale_log2 - lse[:, None]), 0.0)
+    else:
+        p = tl.math.exp2(qk * qk_scale_log2 - lse[:, None])
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
     if DROPOUT:
-        keep = dropout_keep(seed, row_offsets, key_index, dropout_p)
+        keep = dropout_keep(seed, row_lanes, key_lane, dropout_threshold, BLOCK_M, BLOCK_N)
         dp = tl.where(keep, dp * dropout_scale, 0.0)
     ds = p * (dp - delta[:, None])
     return dq + tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
@@ -88,12 +101,12 @@ def _prefix_attention_bwd_dq_kernel(
     stride_dob, stride_doh, stride_dom,
     stride_dqb, stride_dqh, stride_dqm,
     num_q_heads, q_len, k_len, prefix_len, head_dim,
-    scale, qk_scale_log2, dropout_p, dropout_scale, seed,
+    scale, qk_scale_log2, dropout_threshold, dropout_scale, seed,
     GROUP: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_PREFIX: tl.constexpr,
     DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
 ):
-    """DQ (B, Hq, Sq, D): one program per (query block, batch, query head)."""
+    """DQ (B, Hq, Sq, D): one program per (query block, batch, query head). EVEN_D: head_dim == BLOCK_D."""
     # 1-D grid: query blocks fastest, then query heads, then batch.
     b, h, start_m, offs_m = program_coordinates(q_len, num_q_heads, BLOCK_M)
     kv_h = h // GROUP
@@ -109,34 +122,59 @@ def _prefix_attention_bwd_dq_kernel(
     row_stat = (b * num_q_heads + h) * q_len + offs_m
     lse = tl.load(LSE + row_stat, mask=m_valid, other=float("inf"))
     delta = tl.load(DELTA + row_stat, mask=m_valid, other=0.0)
-    row_offsets = row_stat.to(tl.int64) * (prefix_len + k_len)
+    row_lanes = row_stat.to(tl.int64) * dropout_row_width(prefix_len, k_len)
+    real_lane = (prefix_len + 7) // 8 * 8  # the dropout lane of real key 0
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
+    # Prefix keys, then real keys, as in the forward: full tiles without mask arithmetic (every key
+    # of the tile visible to every query of the block), then the masked boundary tiles.
+    all_visible = tl.full([BLOCK_M, BLOCK_N], 1, tl.int1)
     if HAS_PREFIX:
         pk_base = PREFIX_K + b * stride_pkb + kv_h * stride_pkh
         pv_base = PREFIX_V + b * stride_pvb + kv_h * stride_pvh
-        for start_n in range(0, prefix_len, BLOCK_N):
+        prefix_full = (prefix_len // BLOCK_N) * BLOCK_N
+        for start_n in range(0, prefix_full, BLOCK_N):
             n = start_n + offs_n
+            k = load_full_tile(pk_base, n, stride_pkn, offs_d, d_valid, EVEN_D, UPCAST)
+            v = load_full_tile(pv_base, n, stride_pvn, offs_d, d_valid, EVEN_D, UPCAST)
+            dq = _dq_tile(dq, q, do, lse, delta, k, v, all_visible, seed, row_lanes, start_n, dropout_threshold,
+                          qk_scale_log2, dropout_scale, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N, False)
+        if prefix_full < prefix_len:
+            n = prefix_full + offs_n
             n_valid = n < prefix_len
             k = load_tile(pk_base, n, stride_pkn, offs_d, n_valid, d_valid, UPCAST)
             v = load_tile(pv_base, n, stride_pvn, offs_d, n_valid, d_valid, UPCAST)
-            dq = _dq_tile(dq, q, do, lse, delta, k, v, n_valid[None, :], seed, row_offsets, n, dropout_p,
-                          qk_scale_log2, dropout_scale, DROPOUT, DOT_PRECISION)
+            dq = _dq_tile(dq, q, do, lse, delta, k, v, n_valid[None, :], seed, row_lanes, prefix_full,
+                          dropout_threshold, qk_scale_log2, dropout_scale, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N,
+                          True)
 
     hi = k_len
     if CAUSAL:
         hi = tl.minimum(k_len, start_m + BLOCK_M + (k_len - q_len))
     k_base = K + b * stride_kb + kv_h * stride_kh
     v_base = V + b * stride_vb + kv_h * stride_vh
-    for start_n in range(0, hi, BLOCK_N):
+    full = 0
+    if not HAS_KPM:
+        full_end = k_len
+        if CAUSAL:
+            full_end = tl.minimum(k_len, start_m + (k_len - q_len) + 1)
+        full = tl.maximum(full_end, 0) // BLOCK_N * BLOCK_N
+        for start_n in range(0, full, BLOCK_N):
+            n = start_n + offs_n
+            k = load_full_tile(k_base, n, stride_kn, offs_d, d_valid, EVEN_D, UPCAST)
+            v = load_full_tile(v_base, n, stride_vn, offs_d, d_valid, EVEN_D, UPCAST)
+            dq = _dq_tile(dq, q, do, lse, delta, k, v, all_visible, seed, row_lanes, real_lane + start_n,
+                          dropout_threshold, qk_scale_log2, dropout_scale, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N,
+                          False)
+    for start_n in range(full, hi, BLOCK_N):
         n = start_n + offs_n
         n_valid = n < k_len
         k = load_tile(k_base, n, stride_kn, offs_d, n_valid, d_valid, UPCAST)
         v = load_tile(v_base, n, stride_vn, offs_d, n_valid, d_valid, UPCAST)
         visible_2d = real_keys_visible(KEY_PADDING_MASK, b, stride_mb, stride_mn, n, n_valid, offs_m, q_len, k_len,
                                        HAS_KPM, CAUSAL)
-        dq = _dq_tile(dq, q, do, lse, delta, k, v, visible_2d, seed, row_offsets, prefix_len + n, dropout_p,
-                      qk_scale_log2, dropout_scale, DROPOUT, DOT_PRECISION)
+        dq = _dq_tile(dq, q, do, lse, delta, k, v, visible_2d, seed, row_lanes, real_lane + start_n,
+                      dropout_threshold, qk_scale_log2, dropout_scale, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N, True)
 
     dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + rows * stride_dqm + offs_d[None, :]
     tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=qd_mask)
@@ -145,24 +183,36 @@ def _prefix_attention_bwd_dq_kernel(
 @triton.jit
 def _dkdv_tile(
     dk, dv, k, v, Q, GRAD_OUT, LSE, DELTA, q_base, do_base, stat_base, stride_qm, stride_dom,
-    start_m, q_len, offs_d, d_valid, key_visible_t, key_index, row_offset_base, key_count,
-    seed, dropout_p, dropout_scale, qk_scale_log2,
+    start_m, q_len, offs_d, d_valid, key_visible_t, key_lane, row_base, row_width,
+    seed, dropout_threshold, dropout_scale, qk_scale_log2,
     DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr,
 ):
-    """dK/dV contribution of one query tile, in transposed (keys x queries) form."""
+    """dK/dV contribution of one query tile, in transposed (keys x queries) form.
+    MASKED=False: the tile's queries are all < q_len and see every key of the block
+    (key_visible_t is ignored, loads are unmasked)."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    m_valid = offs_m < q_len
-    q = load_tile(Q + q_base, offs_m, stride_qm, offs_d, m_valid, d_valid, UPCAST)
-    do = load_tile(GRAD_OUT + do_base, offs_m, stride_dom, offs_d, m_valid, d_valid, UPCAST)
-    lse = tl.load(LSE + stat_base + offs_m, mask=m_valid, other=float("inf"))
-    delta = tl.load(DELTA + stat_base + offs_m, mask=m_valid, other=0.0)
+    if MASKED:
+        m_valid = offs_m < q_len
+        q = load_tile(Q + q_base, offs_m, stride_qm, offs_d, m_valid, d_valid, UPCAST)
+        do = load_tile(GRAD_OUT + do_base, offs_m, stride_dom, offs_d, m_valid, d_valid, UPCAST)
+        lse = tl.load(LSE + stat_base + offs_m, mask=m_valid, other=float("inf"))
+        delta = tl.load(DELTA + stat_base + offs_m, mask=m_valid, other=0.0)
+    else:
+        q = load_full_tile(Q + q_base, offs_m, stride_qm, offs_d, d_valid, EVEN_D, UPCAST)
+        do = load_full_tile(GRAD_OUT + do_base, offs_m, stride_dom, offs_d, d_valid, EVEN_D, UPCAST)
+        lse = tl.load(LSE + stat_base + offs_m)
+        delta = tl.load(DELTA + stat_base + offs_m)
 
-    s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale_log2
-    p_t = tl.where(key_visible_t, tl.math.exp2(s_t - lse[None, :]), 0.0)
+    qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
+    if MASKED:
+        p_t = tl.where(key_visible_t, tl.math.exp2(qk_t * qk_scale_log2 - lse[None, :]), 0.0)
+    else:
+        p_t = tl.math.exp2(qk_t * qk_scale_log2 - lse[None, :])
     dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
     if DROPOUT:
-        row_offsets = (row_offset_base + offs_m.to(tl.int64)) * key_count
-        keep_t = tl.trans(dropout_keep(seed, row_offsets, key_index, dropout_p))
+        row_lanes = (row_base + offs_m.to(tl.int64)) * row_width
+        keep_t = tl.trans(dropout_keep(seed, row_lanes, key_lane, dropout_threshold, BLOCK_M, BLOCK_N))
         p_dropped_t = tl.where(keep_t, p_t * dropout_scale, 0.0)
         dp_t = tl.where(keep_t, dp_t * dropout_scale, 0.0)
     else:
@@ -184,10 +234,10 @@ def _prefix_attention_bwd_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn,
     num_q_heads, num_kv_heads, q_len, k_len, prefix_len, head_dim,
-    scale, qk_scale_log2, dropout_p, dropout_scale, seed,
+    scale, qk_scale_log2, dropout_threshold, dropout_scale, seed,
     GROUP: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
     DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
 ):
     """DK, DV (B, Hkv, Sk, D) of the real keys: one program per (key block, batch, kv head)."""
     # 1-D grid: key blocks fastest, then kv heads, then batch.
@@ -206,26 +256,56 @@ def _prefix_attention_bwd_dkdv_kernel(
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    # Query tiles: [lo, full_start) and [full_stop, q_len) with masks (above the causal diagonal of
+    # this key block, the last partial query tile, or a key block that is partial or padded), and
+    # [full_start, full_stop) without any (every query sees every key of the block).
     lo = 0
     if CAUSAL:
         # query i sees key j iff i >= j - (Sk - Sq): skip the query blocks entirely above that.
         first_query = tl.maximum(start_n - (k_len - q_len), 0)
         lo = (first_query // BLOCK_M) * BLOCK_M
+    full_start = lo
+    if CAUSAL:
+        last_key_query = tl.maximum(start_n + BLOCK_N - 1 - (k_len - q_len), 0)  # first query seeing all keys
+        full_start = tl.minimum(tl.maximum(lo, tl.cdiv(last_key_query, BLOCK_M) * BLOCK_M),
+                                tl.cdiv(q_len, BLOCK_M) * BLOCK_M)
+    full_stop = (q_len // BLOCK_M) * BLOCK_M
+    if HAS_KPM or start_n + BLOCK_N > k_len:
+        full_stop = full_start
+    full_stop = tl.maximum(full_stop, full_start)
+    real_lane = (prefix_len + 7) // 8 * 8 + start_n
+    width = dropout_row_width(prefix_len, k_len)
     for g in range(GROUP):
         h = kv_h * GROUP + g
         q_base = b * stride_qb + h * stride_qh
         do_base = b * stride_dob + h * stride_doh
         stat_base = (b * num_q_heads + h) * q_len
-        for start_m in range(lo, q_len, BLOCK_M):
+        for start_m in range(lo, full_start, BLOCK_M):
             visible_t = visible[:, None]
             if CAUSAL:
                 offs_m = start_m + tl.arange(0, BLOCK_M)
                 visible_t = visible_t & (offs_n[:, None] <= offs_m[None, :] + (k_len - q_len))
             dk, dv = _dkdv_tile(
                 dk, dv, k, v, Q, GRAD_OUT, LSE, DELTA, q_base, do_base, stat_base, stride_qm, stride_dom,
-                start_m, q_len, offs_d, d_valid, visible_t, prefix_len + offs_n.to(tl.int64), stat_base,
-                prefix_len + k_len, seed, dropout_p, dropout_scale, qk_scale_log2,
-                DROPOUT, UPCAST, DOT_PRECISION, BLOCK_M,
+                start_m, q_len, offs_d, d_valid, visible_t, real_lane, stat_base, width, seed, dropout_threshold,
+                dropout_scale, qk_scale_log2, DROPOUT, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, True, EVEN_D,
+            )
+        for start_m in range(full_start, full_stop, BLOCK_M):
+            dk, dv = _dkdv_tile(
+                dk, dv, k, v, Q, GRAD_OUT, LSE, DELTA, q_base, do_base, stat_base, stride_qm, stride_dom,
+                start_m, q_len, offs_d, d_valid, visible[:, None], real_lane, stat_base, width, seed,
+                dropout_threshold, dropout_scale, qk_scale_log2, DROPOUT, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N,
+                False, EVEN_D,
+            )
+        for start_m in range(full_stop, q_len, BLOCK_M):
+            visible_t = visible[:, None]
+            if CAUSAL:
+                offs_m = start_m + tl.arange(0, BLOCK_M)
+                visible_t = visible_t & (offs_n[:, None] <= offs_m[None, :] + (k_len - q_len))
+            dk, dv = _dkdv_tile(
+                dk, dv, k, v, Q, GRAD_OUT, LSE, DELTA, q_base, do_base, stat_base, stride_qm, stride_dom,
+                start_m, q_len, offs_d, d_valid, visible_t, real_lane, stat_base, width, seed, dropout_threshold,
+                dropout_scale, qk_scale_log2, DROPOUT, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, True, EVEN_D,
             )
     tl.store(DK + b * stride_dkb + kv_h * stride_dkh + keys * stride_dkn + offs_d[None, :],
              (dk * scale).to(DK.dtype.element_ty), mask=kd_mask)
@@ -234,7 +314,7 @@ def _prefix_attention_bwd_dkdv_kernel(
 
 
 @triton.jit(do_not_specialize=["seed"])
-def _prefix_attention_bwd_prefix_kernel(
+def _prefix_attention_bwd_prefix_dkdv_kernel(
     Q, PREFIX_K, PREFIX_V, GRAD_OUT, LSE, DELTA, DPREFIX_K, DPREFIX_V,
     stride_qb, stride_qh, stride_qm,
     stride_pkb, stride_pkh, stride_pkn,
@@ -243,9 +323,9 @@ def _prefix_attention_bwd_prefix_kernel(
     stride_dpks, stride_dpkh, stride_dpkn,
     stride_dpvs, stride_dpvh, stride_dpvn,
     batch, batch_per_split, num_q_heads, num_kv_heads, q_len, k_len, prefix_len, head_dim,
-    scale, qk_scale_log2, dropout_p, dropout_scale, seed,
+    scale, qk_scale_log2, dropout_threshold, dropout_scale, seed,
     GROUP: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
 ):
     """DPREFIX_K, DPREFIX_V (splits, Hkv, P, D) of the prefix: one program per (prefix block, kv head, batch split).
 
@@ -257,7 +337,7 @@ def _prefix_attention_bwd_prefix_kernel(
     """
     # 1-D grid: prefix blocks fastest, then kv heads, then splits (a per-example prefix has one split
     # per batch example).
-    split, kv_h, _, offs_n = program_coordinates(prefix_len, num_kv_heads, BLOCK_N)
+    split, kv_h, start_n, offs_n = program_coordinates(prefix_len, num_kv_heads, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     n_valid = offs_n < prefix_len
     d_valid = offs_d < head_dim
@@ -273,18 +353,28 @@ def _prefix_attention_bwd_prefix_kernel(
     visible_t = n_valid[:, None]
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    # Full query tiles of a full prefix block without masks, then the last partial query tile.
+    full_stop = (q_len // BLOCK_M) * BLOCK_M
+    if start_n + BLOCK_N > prefix_len:
+        full_stop = 0
+    width = dropout_row_width(prefix_len, k_len)
     for b in range(b_start, b_end):
         for g in range(GROUP):
             h = kv_h * GROUP + g
             q_base = b * stride_qb + h * stride_qh
             do_base = b * stride_dob + h * stride_doh
             stat_base = (b * num_q_heads + h) * q_len
-            for start_m in range(0, q_len, BLOCK_M):
+            for start_m in range(0, full_stop, BLOCK_M):
                 dk, dv = _dkdv_tile(
                     dk, dv, k, v, Q, GRAD_OUT, LSE, DELTA, q_base, do_base, stat_base, stride_qm, stride_dom,
-                    start_m, q_len, offs_d, d_valid, visible_t, offs_n.to(tl.int64), stat_base,
-                    prefix_len + k_len, seed, dropout_p, dropout_scale, qk_scale_log2,
-                    DROPOUT, UPCAST, DOT_PRECISION, BLOCK_M,
+                    start_m, q_len, offs_d, d_valid, visible_t, start_n, stat_base, width, seed, dropout_threshold,
+                    dropout_scale, qk_scale_log2, DROPOUT, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, False, EVEN_D,
+                )
+            for start_m in range(full_stop, q_len, BLOCK_M):
+                dk, dv = _dkdv_tile(
+                    dk, dv, k, v, Q, GRAD_OUT, LSE, DELTA, q_base, do_base, stat_base, stride_qm, stride_dom,
+                    start_m, q_len, offs_d, d_valid, visible_t, start_n, stat_base, width, seed, dropout_threshold,
+                    dropout_scale, qk_scale_log2, DROPOUT, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, True, EVEN_D,
                 )
     tl.store(DPREFIX_K + split * stride_dpks + kv_h * stride_dpkh + keys * stride_dpkn + offs_d[None, :],
              (dk * scale).to(DPREFIX_K.dtype.element_ty), mask=kd_mask)
@@ -331,7 +421,7 @@ def prefix_attention_backward(
     flags = dict(DROPOUT=dropout_p > 0.0, UPCAST=upcast_in_interpreter(q.dtype, limits.interpreted),
                  DOT_PRECISION=dot_precision(q.dtype, limits.hip))
     qk_scale_log2 = scale * LOG2_E
-    dropout_scale = 1.0 / (1.0 - dropout_p)
+    threshold, dropout_scale = dropout_threshold(dropout_p)
     kpm = mask_as_int8(key_padding_mask)
 
     delta = torch.empty_like(lse)
@@ -353,9 +443,9 @@ def prefix_attention_backward(
         grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2),
         q_heads, q_len, k_len, prefix_len, head_dim,
-        scale, qk_scale_log2, dropout_p, dropout_scale, seed,
+        scale, qk_scale_log2, threshold, dropout_scale, seed,
         GROUP=group, CAUSAL=causal, HAS_KPM=key_padding_mask is not None, HAS_PREFIX=prefix_len > 0,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, **flags, **compile_options,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, EVEN_D=bd == head_dim, **flags, **compile_options,
     )
 
     if k_len > 0:
@@ -369,9 +459,9 @@ def prefix_attention_backward(
             dk.stride(0), dk.stride(1), dk.stride(2),
             dv.stride(0), dv.stride(1), dv.stride(2),
             q_heads, kv_heads, q_len, k_len, prefix_len, head_dim,
-            scale, qk_scale_log2, dropout_p, dropout_scale, seed,
+            scale, qk_scale_log2, threshold, dropout_scale, seed,
             GROUP=group, CAUSAL=causal, HAS_KPM=key_padding_mask is not None,
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, **flags, **compile_options,
+            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, EVEN_D=bd == head_dim, **flags, **compile_options,
         )
 
     if prefix_len == 0:
@@ -388,7 +478,7 @@ def prefix_attention_backward(
         partial_dtype = prefix_k.dtype if splits == 1 else torch.float32
         dpk = torch.empty((splits,) + tuple(prefix_k.shape), device=q.device, dtype=partial_dtype)
         dpv = torch.empty((splits,) + tuple(prefix_v.shape), device=q.device, dtype=partial_dtype)
-    launcher(_prefix_attention_bwd_prefix_kernel, (prefix_blocks * kv_heads * splits,))(
+    launcher(_prefix_attention_bwd_prefix_dkdv_kernel, (prefix_blocks * kv_heads * splits,))(
         q, prefix_k, prefix_v, grad_out, lse, delta, dpk, dpv,
         q.stride(0), q.stride(1), q.stride(2),
         *batch_strides(prefix_k, 3), *batch_strides(prefix_v, 3),
@@ -396,8 +486,8 @@ def prefix_attention_backward(
         dpk.stride(0), dpk.stride(1), dpk.stride(2),
         dpv.stride(0), dpv.stride(1), dpv.stride(2),
         batch, batch_per_split, q_heads, kv_heads, q_len, k_len, prefix_len, head_dim,
-        scale, qk_scale_log2, dropout_p, dropout_scale, seed,
-        GROUP=group, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, **flags, **compile_options,
+        scale, qk_scale_log2, threshold, dropout_scale, seed,
+        GROUP=group, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, EVEN_D=bd == head_dim, **flags, **compile_options,
     )
     if not per_example:
         # Fixed-order sum of the fp32 partials: deterministic.
@@ -408,6 +498,6 @@ def prefix_attention_backward(
 
 # Every kernel of this module (benchmarks/aot_check.py compiles each of them).
 KERNELS = (_delta_kernel, _prefix_attention_bwd_dq_kernel, _prefix_attention_bwd_dkdv_kernel,
-           _prefix_attention_bwd_prefix_kernel)
+           _prefix_attention_bwd_prefix_dkdv_kernel)
 
 __all__ = ["prefix_attention_backward", "KERNELS"]

@@ -28,12 +28,25 @@ def program_coordinates(num_rows, num_heads, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def dropout_keep(seed, row_offsets, key_index, dropout_p):
-    """Keep mask for a (rows, keys) tile: philox uniform >= p, shared by forward and backward.
+def dropout_row_width(prefix_len, k_len):
+    """Lanes per query row in the dropout numbering: the prefix keys, then the real keys, each run
+    padded to a multiple of 8 so that every key tile starts on a philox counter."""
+    return (prefix_len + 7) // 8 * 8 + (k_len + 7) // 8 * 8
 
-    row_offsets: (rows,) int64 philox offset of each row's key 0; key_index: (keys,) key positions
-    in the concatenated [prefix; real] keys."""
-    return tl.rand(seed, row_offsets[:, None] + key_index[None, :]) >= dropout_p
+
+@triton.jit
+def dropout_keep(seed, row_lanes, key_lane, threshold, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(BLOCK_R, BLOCK_K) keep mask, shared by forward and backward: 16-bit random lane >= threshold.
+
+    row_lanes: (BLOCK_R,) int64 lane of each row's first key (row * dropout_row_width);
+    key_lane: the tile's first key (prefix key n: n; real key n: round_up(P, 8) + n), a multiple
+    of 8. One philox call (tl.randint4x: 4 x 32 bits) gives the 16-bit lanes of 8 keys, so a
+    tile costs BLOCK_R * BLOCK_K / 8 philox calls; P(keep) = 1 - threshold / 65536."""
+    counters = (row_lanes[:, None] + key_lane) // 8 + tl.arange(0, BLOCK_K // 8)[None, :]
+    r0, r1, r2, r3 = tl.randint4x(seed, counters)
+    words = tl.join(tl.join(r0, r1), tl.join(r2, r3))  # (BLOCK_R, BLOCK_K / 8, 2, 2)
+    lanes = tl.join(words & 0xFFFF, words >> 16)  # (BLOCK_R, BLOCK_K / 8, 2, 2, 2)
+    return tl.reshape(lanes, (BLOCK_R, BLOCK_K)) >= threshold
 
 
 @triton.jit
@@ -43,6 +56,20 @@ def load_tile(base, rows, stride_row, offs_d, row_valid, d_valid, UPCAST: tl.con
     UPCAST: compute in fp32 (the interpreter's bf16 tl.dot is wrong)."""
     tile = tl.load(base + rows[:, None].to(tl.int64) * stride_row + offs_d[None, :],
                    mask=row_valid[:, None] & d_valid[None, :], other=0.0)
+    if UPCAST:
+        tile = tile.to(tl.float32)
+    return tile
+
+
+@triton.jit
+def load_full_tile(base, rows, stride_row, offs_d, d_valid, EVEN_D: tl.constexpr, UPCAST: tl.constexpr):
+    """``load_tile`` for rows known to be in range: no row mask, and no mask at all when EVEN_D
+    (head_dim == BLOCK_D)."""
+    ptrs = base + rows[:, None].to(tl.int64) * stride_row + offs_d[None, :]
+    if EVEN_D:
+        tile = tl.load(ptrs)
+    else:
+        tile = tl.load(ptrs, mask=d_valid[None, :], other=0.0)
     if UPCAST:
         tile = tile.to(tl.float32)
     return tile

@@ -21,10 +21,18 @@ import triton.language as tl
 from torch import Tensor
 
 from ..utils import batch_strides
-from .common import dropout_keep, load_tile, program_coordinates, real_keys_visible
+from .common import (
+    dropout_keep,
+    dropout_row_width,
+    load_full_tile,
+    load_tile,
+    program_coordinates,
+    real_keys_visible,
+)
 from .launch import (
     LOG2_E,
     DeviceLimits,
+    dropout_threshold,
     Launcher,
     block_d,
     device_limits,
@@ -39,12 +47,12 @@ from .launch import (
 
 @triton.jit
 def _online_softmax_step(
-    acc, m_i, l_i, s, v, seed, row_offsets, key_index, dropout_p, dropout_scale,
-    DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    acc, m_i, l_i, s, v, seed, row_lanes, key_lane, dropout_threshold, dropout_scale,
+    DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Fold one (BLOCK_M, BLOCK_N) tile of log2-domain scores s into the running (acc, m_i, l_i).
 
-    With DROPOUT, weight (row, key) is kept iff dropout_keep(seed, row_offsets, key_index) is true.
+    With DROPOUT, weight (row, key) is kept iff dropout_keep(seed, row_lanes, key_lane) is true.
     """
     m_new = tl.maximum(m_i, tl.max(s, 1))
     # A row that has seen no visible key yet has m_new == -inf: subtract 0 instead, so that
@@ -54,7 +62,26 @@ def _online_softmax_step(
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
     if DROPOUT:
-        keep = dropout_keep(seed, row_offsets, key_index, dropout_p)
+        keep = dropout_keep(seed, row_lanes, key_lane, dropout_threshold, BLOCK_M, BLOCK_N)
+        p = tl.where(keep, p * dropout_scale, 0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _online_softmax_step_full(
+    acc, m_i, l_i, qk, v, qk_scale_log2, seed, row_lanes, key_lane, dropout_threshold, dropout_scale,
+    DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """``_online_softmax_step`` for a tile where every key is visible to every query: no mask, so
+    the row maximum is finite and the scale folds into one multiply-add (as in Triton's tutorial).
+    qk: the raw (BLOCK_M, BLOCK_N) q k^T, not yet scaled."""
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale_log2)
+    p = tl.math.exp2(qk * qk_scale_log2 - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if DROPOUT:
+        keep = dropout_keep(seed, row_lanes, key_lane, dropout_threshold, BLOCK_M, BLOCK_N)
         p = tl.where(keep, p * dropout_scale, 0.0)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return acc, m_new, l_i
@@ -71,7 +98,7 @@ def _prefix_attention_fwd_kernel(
     stride_mb, stride_mn,
     stride_ob, stride_oh, stride_om,
     num_q_heads, q_len, k_len, prefix_len, head_dim,
-    qk_scale_log2, dropout_p, dropout_scale, seed,
+    qk_scale_log2, dropout_threshold, dropout_scale, seed,
     GROUP: tl.constexpr,
     CAUSAL: tl.constexpr,
     HAS_KPM: tl.constexpr,
@@ -82,8 +109,10 @@ def _prefix_attention_fwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    EVEN_D: tl.constexpr,
 ):
-    """OUT (B, Hq, Sq, D) and LSE (B, Hq, Sq): one program per (query block, batch, query head)."""
+    """OUT (B, Hq, Sq, D) and LSE (B, Hq, Sq): one program per (query block, batch, query head).
+    EVEN_D: head_dim == BLOCK_D (no head-dim mask on full tiles)."""
     # 1-D grid: query blocks fastest, then query heads, then batch (programs of one head adjacent).
     b, h, start_m, offs_m = program_coordinates(q_len, num_q_heads, BLOCK_M)
     kv_h = h // GROUP
@@ -98,29 +127,57 @@ def _prefix_attention_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    row_offsets = ((b * num_q_heads + h) * q_len + offs_m.to(tl.int64)) * (prefix_len + k_len)
+    row_lanes = ((b * num_q_heads + h) * q_len + offs_m.to(tl.int64)) * dropout_row_width(prefix_len, k_len)
+    real_lane = (prefix_len + 7) // 8 * 8  # the dropout lane of real key 0
 
-    # Loop 1: prefix keys, read from their own tensor (batch stride 0 when shared).
+    # Loop 1: prefix keys, read from their own tensor (batch stride 0 when shared): full blocks
+    # without masks, then the last partial block.
     if HAS_PREFIX:
         pk_base = PREFIX_K + b * stride_pkb + kv_h * stride_pkh
         pv_base = PREFIX_V + b * stride_pvb + kv_h * stride_pvh
-        for start_n in range(0, prefix_len, BLOCK_N):
+        prefix_full = (prefix_len // BLOCK_N) * BLOCK_N
+        for start_n in range(0, prefix_full, BLOCK_N):
             n = start_n + offs_n
+            k = load_full_tile(pk_base, n, stride_pkn, offs_d, d_valid, EVEN_D, UPCAST)
+            v = load_full_tile(pv_base, n, stride_pvn, offs_d, d_valid, EVEN_D, UPCAST)
+            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+            acc, m_i, l_i = _online_softmax_step_full(
+                acc, m_i, l_i, qk, v, qk_scale_log2, seed, row_lanes, start_n, dropout_threshold, dropout_scale,
+                DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N)
+        if prefix_full < prefix_len:
+            n = prefix_full + offs_n
             n_valid = n < prefix_len
             k = load_tile(pk_base, n, stride_pkn, offs_d, n_valid, d_valid, UPCAST)
             v = load_tile(pv_base, n, stride_pvn, offs_d, n_valid, d_valid, UPCAST)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
             s = tl.where(n_valid[None, :], s, float("-inf"))
             acc, m_i, l_i = _online_softmax_step(
-                acc, m_i, l_i, s, v, seed, row_offsets, n, dropout_p, dropout_scale, DROPOUT, DOT_PRECISION)
+                acc, m_i, l_i, s, v, seed, row_lanes, prefix_full, dropout_threshold, dropout_scale, DROPOUT,
+                DOT_PRECISION, BLOCK_M, BLOCK_N)
 
-    # Loop 2: real keys, up to the causal bound of this query block.
+    # Loop 2: real keys, up to the causal bound of this query block. Without a key padding mask the
+    # blocks that every query of this block sees in full (inside Sk, below the causal diagonal) run
+    # without mask arithmetic; the rest (the diagonal, the last partial block, any padded key) do.
     hi = k_len
     if CAUSAL:
         hi = tl.minimum(k_len, start_m + BLOCK_M + (k_len - q_len))
     k_base = K + b * stride_kb + kv_h * stride_kh
     v_base = V + b * stride_vb + kv_h * stride_vh
-    for start_n in range(0, hi, BLOCK_N):
+    full = 0
+    if not HAS_KPM:
+        full_end = k_len
+        if CAUSAL:
+            full_end = tl.minimum(k_len, start_m + (k_len - q_len) + 1)
+        full = tl.maximum(full_end, 0) // BLOCK_N * BLOCK_N
+        for start_n in range(0, full, BLOCK_N):
+            n = start_n + offs_n
+            k = load_full_tile(k_base, n, stride_kn, offs_d, d_valid, EVEN_D, UPCAST)
+            v = load_full_tile(v_base, n, stride_vn, offs_d, d_valid, EVEN_D, UPCAST)
+            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+            acc, m_i, l_i = _online_softmax_step_full(
+                acc, m_i, l_i, qk, v, qk_scale_log2, seed, row_lanes, real_lane + start_n, dropout_threshold,
+                dropout_scale, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N)
+    for start_n in range(full, hi, BLOCK_N):
         n = start_n + offs_n
         n_valid = n < k_len
         k = load_tile(k_base, n, stride_kn, offs_d, n_valid, d_valid, UPCAST)
@@ -130,7 +187,8 @@ def _prefix_attention_fwd_kernel(
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
         s = tl.where(visible_2d, s, float("-inf"))
         acc, m_i, l_i = _online_softmax_step(
-            acc, m_i, l_i, s, v, seed, row_offsets, prefix_len + n, dropout_p, dropout_scale, DROPOUT, DOT_PRECISION)
+            acc, m_i, l_i, s, v, seed, row_lanes, real_lane + start_n, dropout_threshold, dropout_scale, DROPOUT,
+            DOT_PRECISION, BLOCK_M, BLOCK_N)
 
     has_key = l_i > 0.0
     out = acc / tl.where(has_key, l_i, 1.0)[:, None]
@@ -142,16 +200,22 @@ def _prefix_attention_fwd_kernel(
 
 @triton.jit(do_not_specialize=["seed"])
 def _dropout_keep_mask_kernel(
-    OUT, num_rows, num_keys, dropout_p, seed,
+    OUT, num_rows, prefix_len, k_len, dropout_threshold, seed,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Materialise the keep mask the attention kernels use (tests replay it through the reference)."""
+    """Materialise the keep mask the attention kernels use, OUT (rows, P + Sk) int8 over the
+    concatenated keys [prefix; real] (tests replay it through the reference). One program per
+    (row block, block of BLOCK_N dropout lanes)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    keys = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_offsets = rows.to(tl.int64) * num_keys
-    keep = dropout_keep(seed, row_offsets, keys.to(tl.int64), dropout_p)
-    mask = (rows[:, None] < num_rows) & (keys[None, :] < num_keys)
-    tl.store(OUT + row_offsets[:, None] + keys[None, :], keep.to(tl.int8), mask=mask)
+    width = dropout_row_width(prefix_len, k_len)
+    lane0 = tl.program_id(1) * BLOCK_N
+    keep = dropout_keep(seed, rows.to(tl.int64) * width, lane0, dropout_threshold, BLOCK_M, BLOCK_N)
+    lanes = lane0 + tl.arange(0, BLOCK_N)
+    real_lane = (prefix_len + 7) // 8 * 8
+    key = tl.where(lanes < real_lane, lanes, lanes - real_lane + prefix_len)  # index in [prefix; real]
+    valid = tl.where(lanes < real_lane, lanes < prefix_len, lanes - real_lane < k_len)
+    mask = (rows[:, None] < num_rows) & valid[None, :]
+    tl.store(OUT + rows[:, None].to(tl.int64) * (prefix_len + k_len) + key[None, :], keep.to(tl.int8), mask=mask)
 
 
 def prefix_attention_forward(
@@ -192,7 +256,7 @@ def prefix_attention_forward(
         *mask_strides(key_padding_mask),
         out.stride(0), out.stride(1), out.stride(2),
         q_heads, q_len, k_len, prefix_len, head_dim,
-        scale * LOG2_E, dropout_p, 1.0 / (1.0 - dropout_p), seed,
+        scale * LOG2_E, *dropout_threshold(dropout_p), seed,
         GROUP=q_heads // kv_heads,
         CAUSAL=causal,
         HAS_KPM=key_padding_mask is not None,
@@ -201,23 +265,26 @@ def prefix_attention_forward(
         UPCAST=upcast_in_interpreter(q.dtype, limits.interpreted),
         DOT_PRECISION=dot_precision(q.dtype, limits.hip),
         BLOCK_D=block_d(head_dim),
+        EVEN_D=block_d(head_dim) == head_dim,
         **cfg,
     )
     return out, lse
 
 
 def dropout_keep_mask(
-    batch: int, q_heads: int, q_len: int, num_keys: int, dropout_p: float, seed: int, device,
+    batch: int, q_heads: int, q_len: int, prefix_len: int, k_len: int, dropout_p: float, seed: int, device,
     *, launcher: Launcher = launch_kernel,
 ) -> Tensor:
-    """The (B, Hq, Sq, P + Sk) bool keep mask that the kernels draw for ``seed`` (for tests/debugging);
-    ``num_keys`` is P + Sk."""
+    """The (B, Hq, Sq, P + Sk) bool keep mask that the kernels draw for ``seed`` (for tests/debugging).
+    Its P(keep) is 1 - t / 65536 with t = ``dropout_threshold(dropout_p)[0]``."""
     num_rows = batch * q_heads * q_len
-    out = torch.empty(num_rows, num_keys, dtype=torch.int8, device=device)
+    out = torch.empty(num_rows, prefix_len + k_len, dtype=torch.int8, device=device)
     if out.numel():
-        grid = (triton.cdiv(num_rows, 16), triton.cdiv(num_keys, 16))
-        launcher(_dropout_keep_mask_kernel, grid)(out, num_rows, num_keys, dropout_p, seed, BLOCK_M=16, BLOCK_N=16)
-    return out.view(batch, q_heads, q_len, num_keys).bool()
+        width = (prefix_len + 7) // 8 * 8 + (k_len + 7) // 8 * 8
+        grid = (triton.cdiv(num_rows, 16), triton.cdiv(width, 16))
+        launcher(_dropout_keep_mask_kernel, grid)(out, num_rows, prefix_len, k_len, dropout_threshold(dropout_p)[0],
+                                                  seed, BLOCK_M=16, BLOCK_N=16)
+    return out.view(batch, q_heads, q_len, prefix_len + k_len).bool()
 
 
 # Every kernel of this module (benchmarks/aot_check.py compiles each of them).

@@ -148,6 +148,14 @@ def first_fitting(candidates, need, margin: float, max_shared: int) -> dict:
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
 
 
+def dropout_threshold(dropout_p: float) -> tuple[int, float]:
+    """(t, scale) of the kernels' dropout: a weight is kept iff its 16-bit random lane is >= t,
+    t = round(p * 65536), so P(keep) = 1 - t / 65536 (within 2**-17 of 1 - p, as FlashAttention
+    quantises p, to 8 bits there), and kept weights are scaled by 1 / P(keep)."""
+    t = min(round(dropout_p * 65536), 65535)
+    return t, 65536.0 / (65536 - t)
+
+
 def forward_config(head_dim: int, dtype: torch.dtype, limits: DeviceLimits, dropout: bool = False) -> dict:
     """Forward block config (BLOCK_M, BLOCK_N, num_warps, num_stages) on a device with ``limits``."""
     if limits.interpreted:

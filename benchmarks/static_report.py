@@ -1,0 +1,272 @@
+"""Static cost report of the prefix-attention kernels, without a GPU.
+
+Every kernel variant the launchers choose for fp16 and bf16 at head dims 64 and 128, over the
+feature sets in ``FEATURE_SETS`` ("prefix", "per_example_prefix", "causal", "padding", "dropout",
+"gqa"), is compiled ahead of time for one target (``--arch sm_90`` by default) through the real
+launchers (``benchmarks/aot_check.py``), down to SASS with the cuobjdump that ships inside the triton
+wheel. For each distinct compiled kernel it records one JSON object with exactly these keys:
+
+    kernel       the kernel's name (contains "fwd", "dq" or "dkdv" for those three kinds)
+    dtype        "fp16" / "bf16"
+    head_dim     64 / 128
+    features     list of the feature strings of the case that produced it
+    block_m, block_n, num_warps, num_stages
+    registers    per thread (cuobjdump -res-usage)
+    spill_bytes  spill stores + spill loads reported by ptxas -v for the kernel's PTX
+    shared_bytes dynamic shared memory
+    wgmma        the SASS has warpgroup MMAs (HGMMA)
+    tma          the SASS has TMA loads (UTMALDG / UBLKCP)
+    loops        one entry per innermost loop that holds a matmul:
+                 {"sass": instructions in the loop body, "queries": query rows one iteration covers,
+                  "keys": key columns one iteration covers}
+
+An innermost loop is the span [target, branch] of a backward branch that contains no other such
+span; it holds a matmul when an HMMA / HGMMA instruction lies in it. The forward and dQ kernels
+iterate over key blocks (queries = BLOCK_M, keys = BLOCK_N per iteration); the dK/dV kernels over
+query blocks (queries = BLOCK_M, keys = BLOCK_N).
+
+It also prints a readable table with SASS instructions per (query x key) against Triton's
+fused-attention tutorial compiled the same way (``TUTORIAL``: triton's
+``python/tutorials/06-fused-attention.py``, bf16, sm_90, triton 3.9: forward D=64 522 per 128x64,
+D=128 521 per 128x128; backward D=64 dK/dV 339 per 32x128, dQ 269 per 128x32). Exit status 1 when a
+16-bit kernel at D <= 128 spills (CI fails on that), ``--skip-exit-code`` when this triton cannot
+compile for NVIDIA GPUs.
+
+    env -u TRITON_INTERPRET python benchmarks/static_report.py --arch sm_90 --json report.json [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from typing import Optional
+
+import torch
+
+ROOT = str(pathlib.Path(__file__).resolve().parents[1])
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from benchmarks import aot_check  # noqa: E402
+
+FEATURES = ("prefix", "per_example_prefix", "causal", "padding", "dropout", "gqa")
+FEATURE_SETS = (
+    (),
+    ("prefix",),
+    ("per_example_prefix",),
+    ("prefix", "causal"),
+    ("prefix", "padding"),
+    ("prefix", "dropout"),
+    ("prefix", "gqa"),
+    ("prefix", "causal", "padding", "dropout", "gqa"),
+    ("per_example_prefix", "causal", "padding", "dropout"),
+)
+QUICK_FEATURE_SETS = (("prefix",), ("prefix", "causal", "padding", "dropout", "gqa"),
+                      ("per_example_prefix", "causal", "padding", "dropout"))
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+HEAD_DIMS = (64, 128)
+KEYS = ("kernel", "dtype", "head_dim", "features", "block_m", "block_n", "num_warps", "num_stages", "registers",
+        "spill_bytes", "shared_bytes", "wgmma", "tma", "loops")
+
+# Triton's fused-attention tutorial, bf16, sm_90, triton 3.9 (issue 14's measurement):
+# (kind, head_dim) -> (SASS instructions per iteration, queries, keys)
+TUTORIAL = {
+    ("fwd", 64): (522, 128, 64),
+    ("fwd", 128): (521, 128, 128),
+    ("dkdv", 64): (339, 32, 128),
+    ("dq", 64): (269, 128, 32),
+}
+
+_MMA = re.compile(r"\b(HGMMA|HMMA)\b")
+_INSTR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;")
+_BRANCH = re.compile(r"\bBRA\b[^;]*?(0x[0-9a-f]+)")
+
+
+def case_for(dtype: str, head_dim: int, features: tuple) -> aot_check.Case:
+    prefix = "per_example" if "per_example_prefix" in features else "shared" if "prefix" in features else "none"
+    return aot_check.Case(DTYPES[dtype], head_dim, causal="causal" in features, kpm="padding" in features,
+                          prefix=prefix, dropout="dropout" in features, group=4 if "gqa" in features else 1)
+
+
+def kind(kernel: str) -> Optional[str]:
+    for k in ("dkdv", "dq", "fwd"):
+        if k in kernel:
+            return k
+    return None
+
+
+def sass_loops(sass: str, block_m: int, block_n: int) -> list[dict]:
+    """The innermost loops holding a matmul in cuobjdump -sass text (see the module docstring)."""
+    instrs = []  # (address, text)
+    for match in _INSTR.finditer(sass):
+        instrs.append((int(match.group(1), 16), match.group(2)))
+    spans = []
+    for address, text in instrs:
+        branch = _BRANCH.search(text)
+        if branch:
+            target = int(branch.group(1), 16)
+            if target <= address:
+                spans.append((target, address))
+    innermost = [s for s in spans if not any(o != s and s[0] <= o[0] and o[1] <= s[1] for o in spans)]
+    loops = []
+    for lo, hi in sorted(set(innermost)):
+        body = [text for address, text in instrs if lo <= address <= hi]
+        if any(_MMA.search(text) for text in body):
+            loops.append({"sass": len(body), "queries": block_m, "keys": block_n})
+    return loops
+
+
+def _tool(name: str) -> str:
+    import triton.backends.nvidia as nvidia
+
+    return os.path.join(os.path.dirname(nvidia.__file__), "bin", name)
+
+
+def _spill_bytes(ptx: str, arch: int) -> int:
+    """Spill stores + loads reported by ptxas -v for the PTX (the same ptxas triton uses)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        with open(src, "w") as f:
+            f.write(ptx)
+        suffix = "a" if arch == 90 else ""
+        proc = subprocess.run([_tool("ptxas"), "-v", f"--gpu-name=sm_{arch}{suffix}", src, "-o",
+                               os.path.join(tmp, "k.cubin")], capture_output=True, text=True, timeout=300)
+    found = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", proc.stdout + proc.stderr)
+    return sum(int(a) + int(b) for a, b in found)
+
+
+def _sass(cubin: bytes) -> str:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run([_tool("cuobjdump"), "-sass", f.name], capture_output=True, text=True,
+                              timeout=300).stdout
+
+
+def _report_job(job) -> dict:
+    """Compile one launch and measure it (runs in a worker process)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import ASTSource, make_backend
+
+    launch, arch, dtype, head_dim, features = job
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    signature, constexprs, attrs, options = aot_check._specialise(launch, backend)
+    compiled = triton.compile(ASTSource(launch.kernel, signature, constexprs, attrs), target=target,
+                              options=options.__dict__)
+    sass = _sass(compiled.asm["cubin"])
+    registers, _ = aot_check._resource_usage(compiled.asm["cubin"])
+    block_m = int(launch.kwargs.get("BLOCK_M", 0))
+    block_n = int(launch.kwargs.get("BLOCK_N", 0))
+    return {
+        "kernel": launch.name,
+        "dtype": dtype,
+        "head_dim": head_dim,
+        "features": list(features),
+        "block_m": block_m,
+        "block_n": block_n,
+        "num_warps": int(options.num_warps),
+        "num_stages": int(options.num_stages),
+        "registers": int(registers),
+        "spill_bytes": _spill_bytes(compiled.asm["ptx"], arch),
+        "shared_bytes": int(compiled.metadata.shared),
+        "wgmma": "HGMMA" in sass,
+        "tma": bool(re.search(r"\b(UTMALDG|UBLKCP)\b", sass)),
+        "loops": sass_loops(sass, block_m, block_n),
+    }
+
+
+def jobs(arch: int, feature_sets) -> list[tuple]:
+    """One job per distinct compiled kernel over dtypes x head dims x feature sets (first case wins)."""
+    out, seen = [], set()
+    for dtype in DTYPES:
+        for head_dim in HEAD_DIMS:
+            for features in feature_sets:
+                for launch in aot_check.case_launches(case_for(dtype, head_dim, features), arch):
+                    key = aot_check.launch_key(launch, arch)
+                    if key not in seen:
+                        seen.add(key)
+                        out.append((launch, arch, dtype, head_dim, features))
+    return out
+
+
+def run(arch: int, feature_sets, workers: Optional[int] = None) -> list[dict]:
+    todo = jobs(arch, feature_sets)
+    workers = workers or min(8, os.cpu_count() or 1)
+    if workers > 1 and len(todo) > 1:
+        picklable = [(aot_check._picklable((launch, arch, "", True))[0], arch, dt, d, f)
+                     for launch, arch, dt, d, f in todo]
+        with ProcessPoolExecutor(workers) as pool:
+            return list(pool.map(_report_job, picklable, chunksize=1))
+    return [_report_job(job) for job in todo]
+
+
+def per_pair(loop: dict) -> float:
+    return loop["sass"] / (loop["queries"] * loop["keys"])
+
+
+def table(records: list[dict]) -> str:
+    """Markdown: one row per kernel and loop, with SASS per (query x key) against the tutorial's."""
+    lines = ["| kernel | dtype | D | features | tile m x n | warps/stages | regs | spill B | smem B | wgmma/tma "
+             "| loop SASS / (q x k) | per q x k | tutorial | ratio |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        head = (f"| {r['kernel']} | {r['dtype']} | {r['head_dim']} | {'+'.join(r['features']) or 'none'} | "
+                f"{r['block_m']}x{r['block_n']} | {r['num_warps']}/{r['num_stages']} | {r['registers']} | "
+                f"{r['spill_bytes']} | {r['shared_bytes']} | {int(r['wgmma'])}/{int(r['tma'])} |")
+        if not r["loops"]:
+            lines.append(head + " no matmul loop | | | |")
+        tutorial = TUTORIAL.get((kind(r["kernel"]), r["head_dim"]))
+        reference = tutorial[0] / (tutorial[1] * tutorial[2]) if tutorial else None
+        for loop in r["loops"]:
+            ours = per_pair(loop)
+            cells = [f"{loop['sass']} / ({loop['queries']}x{loop['keys']})", f"{ours:.4f}"]
+            cells += [f"{reference:.4f}", f"{ours / reference:.2f}x"] if reference else ["", ""]
+            lines.append(head + " " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def spilling(records: list[dict]) -> list[dict]:
+    return [r for r in records if r["dtype"] in ("fp16", "bf16") and r["head_dim"] <= 128 and r["spill_bytes"] > 0]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", default="sm_90", help="sm_90 (default) or sm_80, ...")
+    parser.add_argument("--json", default=None, help="write the records here (a JSON list)")
+    parser.add_argument("--quick", action="store_true", help=f"only the feature sets {QUICK_FEATURE_SETS} (CI)")
+    parser.add_argument("--workers", type=int, default=None)
+    parser.add_argument("--skip-exit-code", type=int, default=0,
+                        help="exit with this code when this triton cannot compile for NVIDIA GPUs")
+    args = parser.parse_args(argv)
+    arch = int(args.arch.lower().replace("sm_", "").replace("sm", ""))
+    if arch not in aot_check.TARGETS:
+        parser.error(f"--arch must be one of {['sm_%d' % a for a in aot_check.TARGETS]}, got {args.arch!r}")
+    if (reason := aot_check.unavailable_reason()) is not None:
+        print(f"cannot compile for NVIDIA GPUs here: {reason}")
+        return args.skip_exit_code
+    start = time.perf_counter()
+    records = run(arch, QUICK_FEATURE_SETS if args.quick else FEATURE_SETS, args.workers)
+    print(table(records))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(records, f, indent=1)
+    bad = spilling(records)
+    for r in bad:
+        print(f"SPILL {r['kernel']} {r['dtype']} D={r['head_dim']} {'+'.join(r['features'])}: {r['spill_bytes']} bytes")
+    print(f"{len(records)} kernels for sm_{arch}, {len(bad)} spilling 16-bit kernels at D <= 128, "
+          f"{time.perf_counter() - start:.0f}s")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
