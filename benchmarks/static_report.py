@@ -28,7 +28,10 @@ query blocks (queries = BLOCK_M, keys = BLOCK_N).
 It also prints a readable table with SASS instructions per (query x key) against Triton's
 fused-attention tutorial compiled the same way (``TUTORIAL``: triton's
 ``python/tutorials/06-fused-attention.py``, bf16, sm_90, triton 3.9: forward D=64 522 per 128x64,
-D=128 521 per 128x128; backward D=64 dK/dV 339 per 32x128, dQ 269 per 128x32). Exit status 1 when a
+D=128 521 per 128x128; backward D=64 dK/dV 339 per 32x128, dQ 269 per 128x32; the tutorial's
+forward at D=64 and its backward use 4 warps, its D=128 forward 8), and, since each of a kernel's
+warps runs the loop body once per iteration, the same count times num_warps (issue slots per query
+x key: the fair comparison between configs with different warp counts). Exit status 1 when a
 16-bit kernel at D <= 128 spills (CI fails on that), ``--skip-exit-code`` when this triton cannot
 compile for NVIDIA GPUs.
 
@@ -217,20 +220,21 @@ def per_pair(loop: dict) -> float:
 def table(records: list[dict]) -> str:
     """Markdown: one row per kernel and loop, with SASS per (query x key) against the tutorial's."""
     lines = ["| kernel | dtype | D | features | tile m x n | warps/stages | regs | spill B | smem B | wgmma/tma "
-             "| loop SASS / (q x k) | per q x k | tutorial | ratio |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| loop SASS / (q x k) | per q x k | tutorial | ratio | x warps per q x k |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         head = (f"| {r['kernel']} | {r['dtype']} | {r['head_dim']} | {'+'.join(r['features']) or 'none'} | "
                 f"{r['block_m']}x{r['block_n']} | {r['num_warps']}/{r['num_stages']} | {r['registers']} | "
                 f"{r['spill_bytes']} | {r['shared_bytes']} | {int(r['wgmma'])}/{int(r['tma'])} |")
         if not r["loops"]:
-            lines.append(head + " no matmul loop | | | |")
+            lines.append(head + " no matmul loop | | | | |")
         tutorial = TUTORIAL.get((kind(r["kernel"]), r["head_dim"]))
         reference = tutorial[0] / (tutorial[1] * tutorial[2]) if tutorial else None
         for loop in r["loops"]:
             ours = per_pair(loop)
             cells = [f"{loop['sass']} / ({loop['queries']}x{loop['keys']})", f"{ours:.4f}"]
             cells += [f"{reference:.4f}", f"{ours / reference:.2f}x"] if reference else ["", ""]
+            cells.append(f"{ours * r['num_warps']:.3f}")
             lines.append(head + " " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -96,6 +96,8 @@ CASES = [
     Case(prefix_len=1, q_len=1, k_len=1),
     Case(q_len=1, k_len=33, causal=True, padding="random"),  # a decode step against a KV cache
     Case(padding="one", prefix_len=3),
+    Case(padding="runs", batch=4, q_len=37, k_len=53, prefix_len=21),  # key bounds: edges inside tiles
+    Case(padding="runs", batch=4, q_len=41, k_len=41, prefix_len=0, causal=True, q_heads=4, kv_heads=2),
     Case(padding="all", prefix_len=0, prefix="shared"),  # no visible key at all: zeros, not NaN
     Case(padding="all", prefix_len=2),  # only the prefix is visible
     Case(q_heads=4, kv_heads=1, causal=True),  # MQA
@@ -138,6 +140,11 @@ def make_inputs(case: Case, dtype=torch.float32, device=DEVICE, seed=0):
         mask = torch.rand(case.batch, case.k_len, generator=gen) > 0.35
         mask[:, -1] = True
         mask[0, :] = torch.arange(case.k_len) < max(1, case.k_len // 2)  # right padding, as a tokenizer does
+    elif case.padding == "runs":  # one run of attended keys per example: right, left and both-sided padding
+        keys = torch.arange(case.k_len)
+        lo = torch.tensor([0, 5, 19, 0])[torch.arange(case.batch) % 4]
+        hi = case.k_len - torch.tensor([7, 0, 3, 0])[torch.arange(case.batch) % 4]
+        mask = (keys[None, :] >= lo[:, None]) & (keys[None, :] < hi[:, None])
     elif case.padding == "one":
         mask = torch.zeros(case.batch, case.k_len, dtype=torch.bool)
         mask[:, 0] = True
@@ -625,7 +632,11 @@ def test_gpu_block_configs_follow_the_device_shared_memory():
     assert gpu_forward_config(64, torch.float16, h100) == dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
     assert gpu_forward_config(64, torch.float16, h100, dropout=True) == dict(
         BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
-    assert gpu_forward_config(128, torch.bfloat16, h100) == dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
+    # D = 128: 128 x 128 tiles where shared memory allows (as Triton's tutorial), 128 x 64 with dropout
+    assert gpu_forward_config(128, torch.bfloat16, h100) == dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2)
+    assert gpu_forward_config(128, torch.bfloat16, a100) == dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
+    assert gpu_forward_config(128, torch.bfloat16, h100, dropout=True) == dict(
+        BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
     assert gpu_backward_config(128, torch.float16, h100) == dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2)
     for max_shared in (h100, a100, ada):
         for dtype in (torch.float16, torch.bfloat16, torch.float32):

@@ -22,8 +22,10 @@ from torch import Tensor
 
 from ..utils import batch_strides
 from .common import (
+    bounded_keys_visible,
     dropout_keep,
     dropout_row_width,
+    key_bounds,
     load_full_tile,
     load_tile,
     program_coordinates,
@@ -38,6 +40,7 @@ from .launch import (
     device_limits,
     dot_precision,
     dropout_threshold,
+    key_bounds_of,
     launch_kernel,
     mask_as_int8,
     mask_strides,
@@ -91,7 +94,7 @@ def _dq_tile(
 
 @triton.jit(do_not_specialize=["seed"])
 def _prefix_attention_bwd_dq_kernel(
-    Q, K, V, PREFIX_K, PREFIX_V, KEY_PADDING_MASK, GRAD_OUT, LSE, DELTA, DQ,
+    Q, K, V, PREFIX_K, PREFIX_V, KEY_PADDING_MASK, KEY_BOUNDS, GRAD_OUT, LSE, DELTA, DQ,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -148,33 +151,57 @@ def _prefix_attention_bwd_dq_kernel(
                           dropout_threshold, qk_scale_log2, dropout_scale, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N,
                           True)
 
+    # Real keys: as in the forward (full tiles of a contiguous run of attended keys without masks,
+    # bounds-masked edge tiles, padded tiles skipped; mask loads only for other masks).
     hi = k_len
     if CAUSAL:
         hi = tl.minimum(k_len, start_m + BLOCK_M + (k_len - q_len))
     k_base = K + b * stride_kb + kv_h * stride_kh
     v_base = V + b * stride_vb + kv_h * stride_vh
-    full = 0
-    if not HAS_KPM:
-        full_end = k_len
+    lo_b, hi_b, contiguous = key_bounds(KEY_BOUNDS, b, k_len, HAS_KPM)
+    if contiguous:
+        full_end = hi_b
         if CAUSAL:
-            full_end = tl.minimum(k_len, start_m + (k_len - q_len) + 1)
-        full = tl.maximum(full_end, 0) // BLOCK_N * BLOCK_N
-        for start_n in range(0, full, BLOCK_N):
+            full_end = tl.minimum(hi_b, start_m + (k_len - q_len) + 1)
+        full_lo = tl.cdiv(lo_b, BLOCK_N) * BLOCK_N
+        full_hi = tl.maximum(tl.maximum(full_end, 0) // BLOCK_N * BLOCK_N, full_lo)
+        edge_hi = tl.minimum(hi, hi_b)
+        for start_n in range(lo_b // BLOCK_N * BLOCK_N, tl.minimum(full_lo, edge_hi), BLOCK_N):
+            n = start_n + offs_n
+            n_valid = n < hi_b
+            k = load_tile(k_base, n, stride_kn, offs_d, n_valid, d_valid, UPCAST)
+            v = load_tile(v_base, n, stride_vn, offs_d, n_valid, d_valid, UPCAST)
+            visible_2d = bounded_keys_visible(n, lo_b, hi_b, offs_m, q_len, k_len, CAUSAL)
+            dq = _dq_tile(dq, q, do, lse, delta, k, v, visible_2d, seed, row_lanes, real_lane + start_n,
+                          dropout_threshold, qk_scale_log2, dropout_scale, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N,
+                          True)
+        for start_n in range(full_lo, full_hi, BLOCK_N):
             n = start_n + offs_n
             k = load_full_tile(k_base, n, stride_kn, offs_d, d_valid, EVEN_D, UPCAST)
             v = load_full_tile(v_base, n, stride_vn, offs_d, d_valid, EVEN_D, UPCAST)
             dq = _dq_tile(dq, q, do, lse, delta, k, v, all_visible, seed, row_lanes, real_lane + start_n,
                           dropout_threshold, qk_scale_log2, dropout_scale, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N,
                           False)
-    for start_n in range(full, hi, BLOCK_N):
-        n = start_n + offs_n
-        n_valid = n < k_len
-        k = load_tile(k_base, n, stride_kn, offs_d, n_valid, d_valid, UPCAST)
-        v = load_tile(v_base, n, stride_vn, offs_d, n_valid, d_valid, UPCAST)
-        visible_2d = real_keys_visible(KEY_PADDING_MASK, b, stride_mb, stride_mn, n, n_valid, offs_m, q_len, k_len,
-                                       HAS_KPM, CAUSAL)
-        dq = _dq_tile(dq, q, do, lse, delta, k, v, visible_2d, seed, row_lanes, real_lane + start_n,
-                      dropout_threshold, qk_scale_log2, dropout_scale, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N, True)
+        for start_n in range(full_hi, edge_hi, BLOCK_N):
+            n = start_n + offs_n
+            n_valid = n < hi_b
+            k = load_tile(k_base, n, stride_kn, offs_d, n_valid, d_valid, UPCAST)
+            v = load_tile(v_base, n, stride_vn, offs_d, n_valid, d_valid, UPCAST)
+            visible_2d = bounded_keys_visible(n, lo_b, hi_b, offs_m, q_len, k_len, CAUSAL)
+            dq = _dq_tile(dq, q, do, lse, delta, k, v, visible_2d, seed, row_lanes, real_lane + start_n,
+                          dropout_threshold, qk_scale_log2, dropout_scale, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N,
+                          True)
+    else:
+        for start_n in range(0, hi, BLOCK_N):
+            n = start_n + offs_n
+            n_valid = n < k_len
+            k = load_tile(k_base, n, stride_kn, offs_d, n_valid, d_valid, UPCAST)
+            v = load_tile(v_base, n, stride_vn, offs_d, n_valid, d_valid, UPCAST)
+            visible_2d = real_keys_visible(KEY_PADDING_MASK, b, stride_mb, stride_mn, n, n_valid, offs_m, q_len,
+                                           k_len, HAS_KPM, CAUSAL)
+            dq = _dq_tile(dq, q, do, lse, delta, k, v, visible_2d, seed, row_lanes, real_lane + start_n,
+                          dropout_threshold, qk_scale_log2, dropout_scale, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N,
+                          True)
 
     dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + rows * stride_dqm + offs_d[None, :]
     tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=qd_mask)
@@ -225,7 +252,7 @@ def _dkdv_tile(
 
 @triton.jit(do_not_specialize=["seed"])
 def _prefix_attention_bwd_dkdv_kernel(
-    Q, K, V, KEY_PADDING_MASK, GRAD_OUT, LSE, DELTA, DK, DV,
+    Q, K, V, KEY_PADDING_MASK, KEY_BOUNDS, GRAD_OUT, LSE, DELTA, DK, DV,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -270,9 +297,14 @@ def _prefix_attention_bwd_dkdv_kernel(
         full_start = tl.minimum(tl.maximum(lo, tl.cdiv(last_key_query, BLOCK_M) * BLOCK_M),
                                 tl.cdiv(q_len, BLOCK_M) * BLOCK_M)
     full_stop = (q_len // BLOCK_M) * BLOCK_M
-    if HAS_KPM or start_n + BLOCK_N > k_len:
-        full_stop = full_start
-    full_stop = tl.maximum(full_stop, full_start)
+    lo_b, hi_b, contiguous = key_bounds(KEY_BOUNDS, b, k_len, HAS_KPM)
+    # every key of the block is padding: nothing to do (dK = dV = 0)
+    skip = contiguous & ((start_n >= hi_b) | (start_n + BLOCK_N <= lo_b))
+    lo = tl.where(skip, q_len, lo)
+    full_start = tl.where(skip, q_len, full_start)
+    # only a block of attended keys has unmasked query tiles
+    key_full = contiguous & (start_n >= lo_b) & (start_n + BLOCK_N <= hi_b)
+    full_stop = tl.where(key_full, tl.maximum(full_stop, full_start), full_start)
     real_lane = (prefix_len + 7) // 8 * 8 + start_n
     width = dropout_row_width(prefix_len, k_len)
     for g in range(GROUP):
@@ -423,6 +455,7 @@ def prefix_attention_backward(
     qk_scale_log2 = scale * LOG2_E
     threshold, dropout_scale = dropout_threshold(dropout_p)
     kpm = mask_as_int8(key_padding_mask)
+    bounds = key_bounds_of(key_padding_mask)
 
     delta = torch.empty_like(lse)
     # 1-D grids throughout: CUDA caps grid y/z at 65535, and B * H (or B) can exceed it.
@@ -434,7 +467,7 @@ def prefix_attention_backward(
     )
 
     launcher(_prefix_attention_bwd_dq_kernel, (triton.cdiv(q_len, bm) * batch * q_heads,))(
-        q, k, v, prefix_k, prefix_v, kpm, grad_out, lse, delta, dq,
+        q, k, v, prefix_k, prefix_v, kpm, bounds, grad_out, lse, delta, dq,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -450,7 +483,7 @@ def prefix_attention_backward(
 
     if k_len > 0:
         launcher(_prefix_attention_bwd_dkdv_kernel, (triton.cdiv(k_len, bn) * batch * kv_heads,))(
-            q, k, v, kpm, grad_out, lse, delta, dk, dv,
+            q, k, v, kpm, bounds, grad_out, lse, delta, dk, dv,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),

@@ -76,6 +76,31 @@ def load_full_tile(base, rows, stride_row, offs_d, d_valid, EVEN_D: tl.constexpr
 
 
 @triton.jit
+def key_bounds(KEY_BOUNDS, b, k_len, HAS_KPM: tl.constexpr):
+    """(lo, hi, contiguous) of example b's attended real keys: with a key padding mask, its
+    KEY_BOUNDS row (first attended key, one past the last, 1 when every key in between is attended:
+    right or left padding); without one, (0, Sk, True)."""
+    lo = 0
+    hi = k_len
+    contiguous = True
+    if HAS_KPM:
+        lo = tl.load(KEY_BOUNDS + b * 3)
+        hi = tl.load(KEY_BOUNDS + b * 3 + 1)
+        contiguous = tl.load(KEY_BOUNDS + b * 3 + 2) != 0
+    return lo, hi, contiguous
+
+
+@triton.jit
+def bounded_keys_visible(n, lo, hi, offs_m, q_len, k_len, CAUSAL: tl.constexpr):
+    """(BLOCK_M, BLOCK_N)-broadcastable mask of real keys n in [lo, hi) (and, with CAUSAL, at most
+    offs_m + Sk - Sq): ``real_keys_visible`` for a contiguous run of attended keys, with no mask loads."""
+    visible_2d = ((n >= lo) & (n < hi))[None, :]
+    if CAUSAL:
+        visible_2d = visible_2d & (n[None, :] <= offs_m[:, None] + (k_len - q_len))
+    return visible_2d
+
+
+@triton.jit
 def real_keys_visible(
     KEY_PADDING_MASK, b, stride_mb, stride_mn, n, n_valid, offs_m, q_len, k_len,
     HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,

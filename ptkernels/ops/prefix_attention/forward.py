@@ -22,8 +22,10 @@ from torch import Tensor
 
 from ..utils import batch_strides
 from .common import (
+    bounded_keys_visible,
     dropout_keep,
     dropout_row_width,
+    key_bounds,
     load_full_tile,
     load_tile,
     program_coordinates,
@@ -38,6 +40,7 @@ from .launch import (
     device_limits,
     dot_precision,
     forward_config,
+    key_bounds_of,
     launch_kernel,
     mask_as_int8,
     mask_strides,
@@ -89,7 +92,7 @@ def _online_softmax_step_full(
 
 @triton.jit(do_not_specialize=["seed"])
 def _prefix_attention_fwd_kernel(
-    Q, K, V, PREFIX_K, PREFIX_V, KEY_PADDING_MASK, OUT, LSE,
+    Q, K, V, PREFIX_K, PREFIX_V, KEY_PADDING_MASK, KEY_BOUNDS, OUT, LSE,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -155,21 +158,36 @@ def _prefix_attention_fwd_kernel(
                 acc, m_i, l_i, s, v, seed, row_lanes, prefix_full, dropout_threshold, dropout_scale, DROPOUT,
                 DOT_PRECISION, BLOCK_M, BLOCK_N)
 
-    # Loop 2: real keys, up to the causal bound of this query block. Without a key padding mask the
-    # blocks that every query of this block sees in full (inside Sk, below the causal diagonal) run
-    # without mask arithmetic; the rest (the diagonal, the last partial block, any padded key) do.
+    # Loop 2: real keys, up to the causal bound of this query block. When the attended keys are one
+    # run [lo, hi) (no mask, or right / left padding: KEY_BOUNDS), the tiles that every query of this
+    # block sees in full (inside the run, below the causal diagonal) have no mask arithmetic, the
+    # edge tiles a bounds mask and no mask loads, and the tiles outside the run are skipped. Any
+    # other mask: every tile loads its mask.
     hi = k_len
     if CAUSAL:
         hi = tl.minimum(k_len, start_m + BLOCK_M + (k_len - q_len))
     k_base = K + b * stride_kb + kv_h * stride_kh
     v_base = V + b * stride_vb + kv_h * stride_vh
-    full = 0
-    if not HAS_KPM:
-        full_end = k_len
+    lo_b, hi_b, contiguous = key_bounds(KEY_BOUNDS, b, k_len, HAS_KPM)
+    if contiguous:
+        full_end = hi_b
         if CAUSAL:
-            full_end = tl.minimum(k_len, start_m + (k_len - q_len) + 1)
-        full = tl.maximum(full_end, 0) // BLOCK_N * BLOCK_N
-        for start_n in range(0, full, BLOCK_N):
+            full_end = tl.minimum(hi_b, start_m + (k_len - q_len) + 1)
+        full_lo = tl.cdiv(lo_b, BLOCK_N) * BLOCK_N
+        full_hi = tl.maximum(tl.maximum(full_end, 0) // BLOCK_N * BLOCK_N, full_lo)
+        edge_hi = tl.minimum(hi, hi_b)
+        for start_n in range(lo_b // BLOCK_N * BLOCK_N, tl.minimum(full_lo, edge_hi), BLOCK_N):
+            n = start_n + offs_n
+            n_valid = n < hi_b
+            k = load_tile(k_base, n, stride_kn, offs_d, n_valid, d_valid, UPCAST)
+            v = load_tile(v_base, n, stride_vn, offs_d, n_valid, d_valid, UPCAST)
+            visible_2d = bounded_keys_visible(n, lo_b, hi_b, offs_m, q_len, k_len, CAUSAL)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
+            s = tl.where(visible_2d, s, float("-inf"))
+            acc, m_i, l_i = _online_softmax_step(
+                acc, m_i, l_i, s, v, seed, row_lanes, real_lane + start_n, dropout_threshold, dropout_scale, DROPOUT,
+                DOT_PRECISION, BLOCK_M, BLOCK_N)
+        for start_n in range(full_lo, full_hi, BLOCK_N):
             n = start_n + offs_n
             k = load_full_tile(k_base, n, stride_kn, offs_d, d_valid, EVEN_D, UPCAST)
             v = load_full_tile(v_base, n, stride_vn, offs_d, d_valid, EVEN_D, UPCAST)
@@ -177,18 +195,30 @@ def _prefix_attention_fwd_kernel(
             acc, m_i, l_i = _online_softmax_step_full(
                 acc, m_i, l_i, qk, v, qk_scale_log2, seed, row_lanes, real_lane + start_n, dropout_threshold,
                 dropout_scale, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N)
-    for start_n in range(full, hi, BLOCK_N):
-        n = start_n + offs_n
-        n_valid = n < k_len
-        k = load_tile(k_base, n, stride_kn, offs_d, n_valid, d_valid, UPCAST)
-        v = load_tile(v_base, n, stride_vn, offs_d, n_valid, d_valid, UPCAST)
-        visible_2d = real_keys_visible(KEY_PADDING_MASK, b, stride_mb, stride_mn, n, n_valid, offs_m, q_len, k_len,
-                                       HAS_KPM, CAUSAL)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
-        s = tl.where(visible_2d, s, float("-inf"))
-        acc, m_i, l_i = _online_softmax_step(
-            acc, m_i, l_i, s, v, seed, row_lanes, real_lane + start_n, dropout_threshold, dropout_scale, DROPOUT,
-            DOT_PRECISION, BLOCK_M, BLOCK_N)
+        for start_n in range(full_hi, edge_hi, BLOCK_N):
+            n = start_n + offs_n
+            n_valid = n < hi_b
+            k = load_tile(k_base, n, stride_kn, offs_d, n_valid, d_valid, UPCAST)
+            v = load_tile(v_base, n, stride_vn, offs_d, n_valid, d_valid, UPCAST)
+            visible_2d = bounded_keys_visible(n, lo_b, hi_b, offs_m, q_len, k_len, CAUSAL)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
+            s = tl.where(visible_2d, s, float("-inf"))
+            acc, m_i, l_i = _online_softmax_step(
+                acc, m_i, l_i, s, v, seed, row_lanes, real_lane + start_n, dropout_threshold, dropout_scale, DROPOUT,
+                DOT_PRECISION, BLOCK_M, BLOCK_N)
+    else:
+        for start_n in range(0, hi, BLOCK_N):
+            n = start_n + offs_n
+            n_valid = n < k_len
+            k = load_tile(k_base, n, stride_kn, offs_d, n_valid, d_valid, UPCAST)
+            v = load_tile(v_base, n, stride_vn, offs_d, n_valid, d_valid, UPCAST)
+            visible_2d = real_keys_visible(KEY_PADDING_MASK, b, stride_mb, stride_mn, n, n_valid, offs_m, q_len,
+                                           k_len, HAS_KPM, CAUSAL)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
+            s = tl.where(visible_2d, s, float("-inf"))
+            acc, m_i, l_i = _online_softmax_step(
+                acc, m_i, l_i, s, v, seed, row_lanes, real_lane + start_n, dropout_threshold, dropout_scale, DROPOUT,
+                DOT_PRECISION, BLOCK_M, BLOCK_N)
 
     has_key = l_i > 0.0
     out = acc / tl.where(has_key, l_i, 1.0)[:, None]
@@ -247,7 +277,7 @@ def prefix_attention_forward(
     grid = (triton.cdiv(q_len, cfg["BLOCK_M"]) * batch * q_heads,)
     kpm = mask_as_int8(key_padding_mask)
     launcher(_prefix_attention_fwd_kernel, grid)(
-        q, k, v, prefix_k, prefix_v, kpm, out, lse,
+        q, k, v, prefix_k, prefix_v, kpm, key_bounds_of(key_padding_mask), out, lse,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),

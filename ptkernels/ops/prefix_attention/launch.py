@@ -117,7 +117,8 @@ INTERPRETER_CONFIG = dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
 _FORWARD_CANDIDATES = {
     (64, False): [(128, 64, 4, 3), (128, 64, 4, 2), (64, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2)],
     (64, True): [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2)],
-    (128, False): [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2)],
+    (128, False): [(128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2)],
+    (128, True): [(128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 2)],
     (256, False): [(64, 32, 8, 2), (64, 32, 8, 1), (32, 32, 4, 1), (16, 16, 4, 1)],
 }
 _FORWARD_CANDIDATES_FP32 = {
@@ -220,6 +221,26 @@ def shared_prefix_splits(batch: int, prefix_blocks: int, kv_heads: int, multi_pr
 def mask_strides(key_padding_mask: Optional[Tensor]) -> tuple[int, int]:
     """(batch, key) strides of a (B, Sk) key padding mask; (0, 0) without one."""
     return (0, 0) if key_padding_mask is None else (key_padding_mask.stride(0), key_padding_mask.stride(1))
+
+
+def key_bounds_of(key_padding_mask: Optional[Tensor]) -> Optional[Tensor]:
+    """(B, 3) int32 per example: first attended key, one past the last, and 1 when every key in
+    between is attended (right or left padding, the usual case; the kernels then need no mask loads
+    and skip the padded tiles), else 0. Computed on the mask's device, no host sync; None without
+    a mask."""
+    if key_padding_mask is None:
+        return None
+    mask = key_padding_mask.to(torch.int32)
+    batch, k_len = mask.shape
+    if k_len == 0:
+        return torch.zeros(batch, 3, dtype=torch.int32, device=mask.device)
+    count = mask.sum(1)
+    first = mask.argmax(1)
+    last = k_len - mask.flip(1).argmax(1)
+    empty = count == 0
+    first = torch.where(empty, 0, first)
+    last = torch.where(empty, 0, last)
+    return torch.stack([first, last, (count == last - first).to(first.dtype)], 1).to(torch.int32)
 
 
 def mask_as_int8(key_padding_mask: Optional[Tensor]) -> Optional[Tensor]:
