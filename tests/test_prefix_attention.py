@@ -650,3 +650,38 @@ def test_gpu_block_configs_follow_the_device_shared_memory():
                 block = max(b["BLOCK_M"], b["BLOCK_N"])
                 need = (2 * block * bd + 2 * b["num_stages"] * block * bd) * size
                 assert need <= max_shared, (max_shared, dtype, head_dim, b)
+
+
+def test_autotune_keeps_the_fastest_config_measured_once_per_key():
+    from ptkernels.ops.prefix_attention.launch import tuned_config
+
+    calls = []
+    times = {1: 2.0, 2: 1.0, 3: 1.0}
+
+    def measure(config):
+        calls.append(config["BLOCK_M"])
+        return times[config["BLOCK_M"]]
+
+    configs = [dict(BLOCK_M=1), dict(BLOCK_M=2), dict(BLOCK_M=3)]
+    key = ("test_autotune", id(calls))
+    assert tuned_config(key, configs, measure) == dict(BLOCK_M=2)  # the fastest; a tie keeps the earlier
+    assert tuned_config(key, configs, measure) == dict(BLOCK_M=2)
+    assert calls == [1, 2, 3]  # measured once per key
+
+
+def test_autotune_is_opt_in_and_its_space_starts_with_the_heuristic(monkeypatch):
+    from ptkernels.ops.prefix_attention.launch import (
+        AUTOTUNE_ENV, DeviceLimits, autotune_requested, gpu_backward_config, gpu_backward_configs,
+        gpu_forward_config, gpu_forward_configs)
+
+    compiled = DeviceLimits(232448, 132, interpreted=False, hip=False)
+    interpreted = DeviceLimits(232448, None, interpreted=True, hip=False)
+    monkeypatch.delenv(AUTOTUNE_ENV, raising=False)
+    assert not autotune_requested(compiled)
+    monkeypatch.setenv(AUTOTUNE_ENV, "1")
+    assert autotune_requested(compiled) and not autotune_requested(interpreted)
+    for dtype in (torch.float16, torch.float32):
+        for head_dim in (64, 128):
+            space = gpu_forward_configs(head_dim, dtype, 232448)
+            assert space[0] == gpu_forward_config(head_dim, dtype, 232448) and len(space) >= 2
+            assert gpu_backward_configs(head_dim, dtype, 232448)[0] == gpu_backward_config(head_dim, dtype, 232448)

@@ -35,16 +35,20 @@ from .launch import (
     LOG2_E,
     DeviceLimits,
     Launcher,
+    autotune_requested,
     backward_config,
     block_d,
     device_limits,
     dot_precision,
     dropout_threshold,
+    gpu_backward_configs,
     key_bounds_of,
     launch_kernel,
     mask_as_int8,
     mask_strides,
+    shape_bucket,
     shared_prefix_splits,
+    tuned_config,
     upcast_in_interpreter,
 )
 
@@ -418,7 +422,7 @@ def prefix_attention_backward(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor,
     key_padding_mask: Optional[Tensor], out: Tensor, lse: Tensor,
     causal: bool, scale: float, dropout_p: float, seed: int,
-    *, limits: Optional[DeviceLimits] = None, launcher: Launcher = launch_kernel,
+    *, limits: Optional[DeviceLimits] = None, launcher: Launcher = launch_kernel, config: Optional[dict] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Launch the backward kernels. Inputs must have a unit last stride (grad_out is made so).
 
@@ -428,7 +432,8 @@ def prefix_attention_backward(
             batch or (B, Hkv, P, D) per example (P may be 0); key_padding_mask: (B, Sk) bool or None.
         causal, scale, dropout_p, seed: as given to the forward.
         limits: the device's limits (default: those of q's device); launcher: runs each kernel
-            launch (default: launches it; benchmarks/aot_check.py records it instead).
+            launch (default: launches it; benchmarks/aot_check.py records it instead); config: the
+            block config (default: the heuristic's, or with PTKERNELS_AUTOTUNE=1 the fastest).
     Returns:
         dq (B, Hq, Sq, D), dk, dv (B, Hkv, Sk, D), dprefix_k, dprefix_v shaped like prefix_k (a
         shared prefix's gradient summed over the batch in a fixed order).
@@ -447,7 +452,17 @@ def prefix_attention_backward(
         return dq.zero_(), dk.zero_(), dv.zero_(), torch.zeros_like(prefix_k), torch.zeros_like(prefix_v)
 
     limits = device_limits(q.device) if limits is None else limits
-    cfg = backward_config(head_dim, q.dtype, limits)
+    cfg = backward_config(head_dim, q.dtype, limits) if config is None else config
+    if config is None and autotune_requested(limits) and launcher is launch_kernel:
+        key = ("bwd", str(q.device), q.dtype, head_dim, group, causal, key_padding_mask is None, prefix_len > 0,
+               per_example, dropout_p > 0.0, shape_bucket(q_len), shape_bucket(prefix_len + k_len))
+
+        def measure(c):
+            return triton.testing.do_bench(lambda: prefix_attention_backward(
+                grad_out, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, causal, scale, dropout_p, seed,
+                limits=limits, config=c), warmup=3, rep=20)
+
+        cfg = tuned_config(key, gpu_backward_configs(head_dim, q.dtype, limits.max_shared_memory), measure)
     bm, bn, bd = cfg["BLOCK_M"], cfg["BLOCK_N"], block_d(head_dim)
     compile_options = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     flags = dict(DROPOUT=dropout_p > 0.0, UPCAST=upcast_in_interpreter(q.dtype, limits.interpreted),

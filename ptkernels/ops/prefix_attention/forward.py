@@ -34,16 +34,20 @@ from .common import (
 from .launch import (
     LOG2_E,
     DeviceLimits,
-    dropout_threshold,
     Launcher,
+    autotune_requested,
     block_d,
     device_limits,
     dot_precision,
+    dropout_threshold,
     forward_config,
+    gpu_forward_configs,
     key_bounds_of,
     launch_kernel,
     mask_as_int8,
     mask_strides,
+    shape_bucket,
+    tuned_config,
     upcast_in_interpreter,
 )
 
@@ -273,31 +277,41 @@ def prefix_attention_forward(
         lse.fill_(float("inf"))
         return out.zero_(), lse
     limits = device_limits(q.device) if limits is None else limits
-    cfg = forward_config(head_dim, q.dtype, limits, dropout=dropout_p > 0.0)
-    grid = (triton.cdiv(q_len, cfg["BLOCK_M"]) * batch * q_heads,)
     kpm = mask_as_int8(key_padding_mask)
-    launcher(_prefix_attention_fwd_kernel, grid)(
-        q, k, v, prefix_k, prefix_v, kpm, key_bounds_of(key_padding_mask), out, lse,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        *batch_strides(prefix_k, 3),
-        *batch_strides(prefix_v, 3),
-        *mask_strides(key_padding_mask),
-        out.stride(0), out.stride(1), out.stride(2),
-        q_heads, q_len, k_len, prefix_len, head_dim,
-        scale * LOG2_E, *dropout_threshold(dropout_p), seed,
-        GROUP=q_heads // kv_heads,
-        CAUSAL=causal,
-        HAS_KPM=key_padding_mask is not None,
-        HAS_PREFIX=prefix_len > 0,
-        DROPOUT=dropout_p > 0.0,
-        UPCAST=upcast_in_interpreter(q.dtype, limits.interpreted),
-        DOT_PRECISION=dot_precision(q.dtype, limits.hip),
-        BLOCK_D=block_d(head_dim),
-        EVEN_D=block_d(head_dim) == head_dim,
-        **cfg,
-    )
+    bounds = key_bounds_of(key_padding_mask)
+
+    def run(cfg):
+        grid = (triton.cdiv(q_len, cfg["BLOCK_M"]) * batch * q_heads,)
+        launcher(_prefix_attention_fwd_kernel, grid)(
+            q, k, v, prefix_k, prefix_v, kpm, bounds, out, lse,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            *batch_strides(prefix_k, 3),
+            *batch_strides(prefix_v, 3),
+            *mask_strides(key_padding_mask),
+            out.stride(0), out.stride(1), out.stride(2),
+            q_heads, q_len, k_len, prefix_len, head_dim,
+            scale * LOG2_E, *dropout_threshold(dropout_p), seed,
+            GROUP=q_heads // kv_heads,
+            CAUSAL=causal,
+            HAS_KPM=key_padding_mask is not None,
+            HAS_PREFIX=prefix_len > 0,
+            DROPOUT=dropout_p > 0.0,
+            UPCAST=upcast_in_interpreter(q.dtype, limits.interpreted),
+            DOT_PRECISION=dot_precision(q.dtype, limits.hip),
+            BLOCK_D=block_d(head_dim),
+            EVEN_D=block_d(head_dim) == head_dim,
+            **cfg,
+        )
+
+    cfg = forward_config(head_dim, q.dtype, limits, dropout=dropout_p > 0.0)
+    if autotune_requested(limits) and launcher is launch_kernel:
+        key = ("fwd", str(q.device), q.dtype, head_dim, q_heads // kv_heads, causal, kpm is None, prefix_len > 0,
+               dropout_p > 0.0, shape_bucket(q_len), shape_bucket(prefix_len + k_len))
+        configs = gpu_forward_configs(head_dim, q.dtype, limits.max_shared_memory, dropout_p > 0.0)
+        cfg = tuned_config(key, configs, lambda c: triton.testing.do_bench(lambda: run(c), warmup=5, rep=20))
+    run(cfg)
     return out, lse
 
 

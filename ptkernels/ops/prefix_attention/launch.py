@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from typing import Any, Callable, Optional
 
 import torch
@@ -143,10 +144,43 @@ BACKWARD_SHARED_MEMORY_MARGIN = {torch.float16: 1.1, torch.bfloat16: 1.1, torch.
 
 def first_fitting(candidates, need, margin: float, max_shared: int) -> dict:
     """The first (BLOCK_M, BLOCK_N, num_warps, num_stages) whose need(...) * margin fits, else the last."""
-    for block_m, block_n, warps, stages in candidates:
-        if need(block_m, block_n, stages) * margin <= max_shared:
-            break
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+    return all_fitting(candidates, need, margin, max_shared)[0]
+
+
+def all_fitting(candidates, need, margin: float, max_shared: int) -> list[dict]:
+    """Every candidate whose need(...) * margin fits, in the candidates' order (else the last one)."""
+    fits = [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=st) for m, n, w, st in candidates
+            if need(m, n, st) * margin <= max_shared]
+    if not fits:
+        m, n, w, st = candidates[-1]
+        fits = [dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=st)]
+    return fits
+
+
+# Opt-in autotuning: PTKERNELS_AUTOTUNE=1 makes the launchers time every fitting candidate config
+# once per process and shape bucket (triton.testing.do_bench on the real inputs) and keep the
+# fastest. Off by default: the heuristic choice above is deterministic and compiles one kernel.
+AUTOTUNE_ENV = "PTKERNELS_AUTOTUNE"
+_tuned_configs: dict = {}
+
+
+def autotune_requested(limits: "DeviceLimits") -> bool:
+    """True when PTKERNELS_AUTOTUNE=1 and the kernels are compiled (autotuning the interpreter is moot)."""
+    return os.environ.get(AUTOTUNE_ENV, "0") == "1" and not limits.interpreted
+
+
+def tuned_config(key: tuple, configs: list[dict], measure: Callable[[dict], float]) -> dict:
+    """The config of ``configs`` with the smallest ``measure(config)`` (milliseconds), measured once
+    per ``key`` and process; a tie keeps the earlier (heuristic-first) config."""
+    if key not in _tuned_configs:
+        times = [measure(config) for config in configs]
+        _tuned_configs[key] = configs[times.index(min(times))]
+    return _tuned_configs[key]
+
+
+def shape_bucket(n: int) -> int:
+    """Sequence lengths share a tuned config per power of two."""
+    return 1 << max(n - 1, 0).bit_length()
 
 
 def dropout_threshold(dropout_p: float) -> tuple[int, float]:
@@ -166,6 +200,11 @@ def forward_config(head_dim: int, dtype: torch.dtype, limits: DeviceLimits, drop
 
 def gpu_forward_config(head_dim: int, dtype: torch.dtype, max_shared: int, dropout: bool = False) -> dict:
     """Forward block config on a GPU with ``max_shared`` bytes of shared memory per program."""
+    return gpu_forward_configs(head_dim, dtype, max_shared, dropout)[0]
+
+
+def gpu_forward_configs(head_dim: int, dtype: torch.dtype, max_shared: int, dropout: bool = False) -> list[dict]:
+    """Every forward candidate that fits, the heuristic choice first (the autotuning space)."""
     bd, size, bucket = block_d(head_dim), dtype.itemsize, head_dim_bucket(head_dim)
     if dtype == torch.float32:
         candidates = _FORWARD_CANDIDATES_FP32[bucket]
@@ -175,7 +214,7 @@ def gpu_forward_config(head_dim: int, dtype: torch.dtype, max_shared: int, dropo
     def need(block_m, block_n, stages):  # the Q tile, plus num_stages (K, V) tile pairs
         return (block_m * bd + 2 * stages * block_n * bd) * size
 
-    return first_fitting(candidates, need, FORWARD_SHARED_MEMORY_MARGIN[dtype], max_shared)
+    return all_fitting(candidates, need, FORWARD_SHARED_MEMORY_MARGIN[dtype], max_shared)
 
 
 def backward_config(head_dim: int, dtype: torch.dtype, limits: DeviceLimits) -> dict:
@@ -187,6 +226,11 @@ def backward_config(head_dim: int, dtype: torch.dtype, limits: DeviceLimits) -> 
 
 def gpu_backward_config(head_dim: int, dtype: torch.dtype, max_shared: int) -> dict:
     """One block config for the three backward kernels on a GPU with ``max_shared`` bytes per program."""
+    return gpu_backward_configs(head_dim, dtype, max_shared)[0]
+
+
+def gpu_backward_configs(head_dim: int, dtype: torch.dtype, max_shared: int) -> list[dict]:
+    """Every backward candidate that fits, the heuristic choice first (the autotuning space)."""
     bd, size, bucket = block_d(head_dim), dtype.itemsize, head_dim_bucket(head_dim)
     candidates = (_BACKWARD_CANDIDATES_FP32 if dtype == torch.float32 else _BACKWARD_CANDIDATES)[bucket]
 
@@ -194,7 +238,7 @@ def gpu_backward_config(head_dim: int, dtype: torch.dtype, max_shared: int) -> d
         block = max(block_m, block_n)
         return (2 * block * bd + 2 * stages * block * bd) * size
 
-    return first_fitting(candidates, need, BACKWARD_SHARED_MEMORY_MARGIN[dtype], max_shared)
+    return all_fitting(candidates, need, BACKWARD_SHARED_MEMORY_MARGIN[dtype], max_shared)
 
 
 def shared_prefix_splits(batch: int, prefix_blocks: int, kv_heads: int, multi_processor_count: Optional[int]) -> int:
