@@ -139,9 +139,9 @@ def _attention_with_dropout(q: Tensor, keys: Tensor, values: Tensor, mask: Optio
     (G * Sq) row block, so keys and values are not repeated. The keep mask is drawn over
     (B, Hq, Sq, T) in that order, which is the memory order of the (B, Hkv, G * Sq, T) scores.
 
-    Every step is out of place or in place on a non-view, and the keep mask is a multiply: autograd
-    then saves no copies (an in-place mask on a view would make it copy the full scores in backward,
-    a ``where`` would make it allocate zeros)."""
+    Every step is out of place or in place on a non-view (an in-place mask on a view would make
+    autograd copy the full scores in backward), and the dropout + values product saves only the bool
+    mask (``_DroppedMatmul``)."""
     batch, q_heads, q_len, head_dim = q.shape
     kv_heads, total = keys.shape[1], keys.shape[2]
     group = q_heads // kv_heads
@@ -157,6 +157,29 @@ def _attention_with_dropout(q: Tensor, keys: Tensor, values: Tensor, mask: Optio
             scores.masked_fill_(~mask, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     keep, keep_prob = dropout_keep_mask((batch, kv_heads, group * q_len, total), dropout_p, q.device)
-    keep = keep.to(probs.dtype)  # a same-dtype multiply: a bool operand would be cast (copied) in forward and backward
-    out = torch.matmul(probs * keep, values)  # (B, Hkv, G * Sq, D)
+    out = _DroppedMatmul.apply(probs, keep.logical_not_(), values)  # (B, Hkv, G * Sq, D)
     return (out * (1.0 / keep_prob)).view(batch, q_heads, q_len, head_dim)  # 1 / P(keep) on the (.., D) side
+
+
+class _DroppedMatmul(torch.autograd.Function):
+    """probs.masked_fill(drop, 0) @ values that saves the bool drop mask, not the dropped weights.
+
+    probs: (..., M, T) (the softmax output, which softmax's backward saves anyway), drop: (..., M, T)
+    bool, values: (..., T, D). Backward recomputes the dropped weights for the values' gradient and
+    zeroes the dropped entries of the probabilities' gradient in place: no float mask, no copy of
+    the weights kept for backward, so a step's peak memory stays below PEFT's."""
+
+    @staticmethod
+    def forward(ctx, probs: Tensor, drop: Tensor, values: Tensor) -> Tensor:
+        ctx.save_for_backward(probs, drop, values)
+        return torch.matmul(probs.masked_fill(drop, 0.0), values)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        probs, drop, values = ctx.saved_tensors
+        grad_probs = grad_values = None
+        if ctx.needs_input_grad[0]:
+            grad_probs = torch.matmul(grad_out, values.transpose(-1, -2)).masked_fill_(drop, 0.0)
+        if ctx.needs_input_grad[2]:
+            grad_values = torch.matmul(probs.masked_fill(drop, 0.0).transpose(-1, -2), grad_out)
+        return grad_probs, None, grad_values
