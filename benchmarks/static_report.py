@@ -32,7 +32,8 @@ D=128 521 per 128x128; backward D=64 dK/dV 339 per 32x128, dQ 269 per 128x32; th
 forward at D=64 and its backward use 4 warps, its D=128 forward 8), and, since each of a kernel's
 warps runs the loop body once per iteration, the same count times num_warps (issue slots per query
 x key: the fair comparison between configs with different warp counts). Exit status 1 when a
-16-bit kernel at D <= 128 spills (CI fails on that), ``--skip-exit-code`` when this triton cannot
+16-bit kernel at D <= 128 spills or a kernel needs more shared memory than the target has (CI
+fails on that), ``--skip-exit-code`` when this triton cannot
 compile for NVIDIA GPUs.
 
     env -u TRITON_INTERPRET python benchmarks/static_report.py --arch sm_90 --json report.json [--quick]
@@ -267,9 +268,14 @@ def main(argv=None) -> int:
     bad = spilling(records)
     for r in bad:
         print(f"SPILL {r['kernel']} {r['dtype']} D={r['head_dim']} {'+'.join(r['features'])}: {r['spill_bytes']} bytes")
+    limit = aot_check.TARGETS[arch][0]
+    too_big = [r for r in records if r["shared_bytes"] > limit]
+    for r in too_big:
+        print(f"SHARED {r['kernel']} {r['dtype']} D={r['head_dim']} {'+'.join(r['features'])}: {r['shared_bytes']} bytes "
+              f"> {limit}")
     print(f"{len(records)} kernels for sm_{arch}, {len(bad)} spilling 16-bit kernels at D <= 128, "
-          f"{time.perf_counter() - start:.0f}s")
-    return 1 if bad else 0
+          f"{len(too_big)} over the shared memory limit, {time.perf_counter() - start:.0f}s")
+    return 1 if bad or too_big else 0
 
 
 if __name__ == "__main__":
