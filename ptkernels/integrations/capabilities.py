@@ -46,13 +46,10 @@ class ModelSupport:
         PEFT's prefix shifts: "arange" (``arange(S)`` + past length: GPT-2, Llama and most decoders,
         BERT), "roberta" (RoBERTa's padding-aware ``create_position_ids_from_input_ids``), or
         "cumsum" (the attention mask's cumulative sum: OPT).
-    fused_embedding: the input embedding is a plain ``nn.Embedding`` (else the fused gather would
-        skip what the module does, such as Gemma's sqrt(hidden) scale, so the module is called).
     """
 
     model_type: str
     positions: str
-    fused_embedding: bool
 
 
 def text_config(config):
@@ -193,10 +190,5 @@ def check_model(hf_model: nn.Module, *, prefix_tuning: bool) -> ModelSupport:
     if prefix_tuning and "position_ids" not in inspect.signature(hf_model.forward).parameters:
         raise _refuse(model_type, f"{type(hf_model).__name__}.forward takes no position_ids, so prefix tuning's "
                                   "shifted positions cannot be given to it")
-    return ModelSupport(model_type, positions, _plain_embedding(hf_model))
+    return ModelSupport(model_type, positions)
 
-
-def _plain_embedding(hf_model: nn.Module) -> bool:
-    get = getattr(hf_model, "get_input_embeddings", None)
-    embedding: Optional[nn.Module] = get() if callable(get) else None
-    return type(embedding) is nn.Embedding

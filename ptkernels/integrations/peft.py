@@ -149,11 +149,15 @@ def _prompt_and_input_embeddings(model, input_ids: Tensor, prompt: Tensor) -> Te
     * FSDP2 shards it in its own group (accelerate's auto-wrap does): outside the module's call its
       weight is a DTensor shard, and the module's hooks unshard it. (DeepSpeed ZeRO-3 gathers a
       partitioned weight read inside a forward by itself.)"""
-    state = model.__dict__[_STATE]
     embedding = model.word_embeddings
-    if state["support"].fused_embedding and type(embedding) is nn.Embedding and not _is_sharded(embedding.weight):
-        return prompt_embedding(input_ids, embedding.weight, prompt.to(embedding.weight.dtype), backend=state["backend"])
-    embeds = embedding(input_ids)
+    if type(embedding) is nn.Embedding and not _is_sharded(embedding.weight):
+        weight = embedding.weight
+        return prompt_embedding(input_ids, weight, prompt.to(weight.dtype), backend=model.__dict__[_STATE]["backend"])
+    return _prepend_prompt(prompt, embedding(input_ids))
+
+
+def _prepend_prompt(prompt: Tensor, embeds: Tensor) -> Tensor:
+    """(B, P + S, E): the shared prompt (P, E) in front of input embeddings (B, S, E), unfused."""
     return torch.cat((prompt.to(embeds.dtype).unsqueeze(0).expand(embeds.shape[0], -1, -1), embeds), dim=1)
 
 
@@ -313,8 +317,7 @@ def _patched_forward(
     if inputs_embeds is None:
         inputs_embeds = _prompt_and_input_embeddings(self, input_ids, prompt)
     else:
-        prompt = prompt.to(inputs_embeds.dtype).unsqueeze(0).expand(batch_size, -1, -1)
-        inputs_embeds = torch.cat((prompt, inputs_embeds), dim=1)
+        inputs_embeds = _prepend_prompt(prompt, inputs_embeds)
     return self.base_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
 
 
@@ -376,8 +379,7 @@ def _patched_prepare_inputs_for_generation(self, *args, task_ids=None, **kwargs)
         prompt = _compute_prompt(self, peft_config)
         embeds = model_kwargs.get("inputs_embeds")
         if embeds is not None:  # generate(inputs_embeds=...): prefill with the given embeddings
-            prompt = prompt.to(embeds.dtype).unsqueeze(0).expand(embeds.shape[0], -1, -1)
-            model_kwargs["inputs_embeds"] = torch.cat((prompt, embeds), dim=1)
+            model_kwargs["inputs_embeds"] = _prepend_prompt(prompt, embeds)
         else:
             model_kwargs["inputs_embeds"] = _prompt_and_input_embeddings(self, input_ids, prompt)
         model_kwargs["input_ids"] = None
