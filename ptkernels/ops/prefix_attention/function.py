@@ -80,12 +80,15 @@ def draw_dropout_seed() -> int:
 def prefix_attention_triton(
     q: Tensor, k: Tensor, v: Tensor, prefix_k: Optional[Tensor], prefix_v: Optional[Tensor], *,
     key_padding_mask: Optional[Tensor], causal: bool, scale: float, dropout_p: float,
+    prefix_index: Optional[Tensor] = None, prefix_lengths: Optional[Tensor] = None, prefix_dropout_p: float = 0.0,
 ) -> Tensor:
     """Triton path of ``prefix_attention`` (arguments already checked).
 
     q: (B, Hq, Sq, D); k, v: (B, Hkv, Sk, D); prefix_k, prefix_v: (Hkv, P, D), (B, Hkv, P, D) or None;
     key_padding_mask: (B, Sk) bool or None. Returns out (B, Hq, Sq, D).
     """
+    if prefix_index is not None or prefix_lengths is not None or prefix_dropout_p > 0.0:
+        raise NotImplementedError("prefix banks / lengths / prefix dropout are not in the Triton kernels yet")
     if prefix_k is None:
         empty = q.new_zeros(k.shape[1], 0, q.shape[-1])
         prefix_k, prefix_v = empty, empty.clone()

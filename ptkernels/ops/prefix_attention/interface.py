@@ -15,7 +15,8 @@ from .torch_path import prefix_attention_torch
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def check_prefix_attention_args(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, dropout_p) -> None:
+def check_prefix_attention_args(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, dropout_p,
+                                prefix_index=None, prefix_lengths=None, prefix_dropout_p=0.0) -> None:
     """Raise ValueError/TypeError naming the argument for anything the op does not define."""
     check_tensor("q", q, (4,))
     check_tensor("k", k, (4,))
@@ -52,17 +53,20 @@ def check_prefix_attention_args(q, k, v, prefix_k, prefix_v, key_padding_mask, c
             )
         want = (kv_heads, prefix_k.shape[-2], head_dim)
         if prefix_k.dim() == 4:
-            want = (batch,) + want
+            # a bank (A, Hkv, P, D) with prefix_index, else per example (B, Hkv, P, D)
+            want = (prefix_k.shape[0] if prefix_index is not None else batch,) + want
         if tuple(prefix_k.shape) != want:
+            lead = "A (bank entries, with prefix_index)" if prefix_index is not None else f"B = {batch}"
             raise ValueError(
-                f"prefix_k must be (Hkv, P, D) = (B?, {kv_heads}, P, {head_dim}) to match k {tuple(k.shape)}, "
-                f"got {tuple(prefix_k.shape)}"
+                f"prefix_k must be (Hkv, P, D) = ({kv_heads}, P, {head_dim}) shared, or ({lead}, {kv_heads}, P, "
+                f"{head_dim}), to match k {tuple(k.shape)}, got {tuple(prefix_k.shape)}"
             )
         for name, t in (("prefix_k", prefix_k), ("prefix_v", prefix_v)):
             if t.dtype != q.dtype:
                 raise TypeError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
             if t.device != q.device:
                 raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
+    check_prefix_bank_args(prefix_k, prefix_index, prefix_lengths, prefix_dropout_p, batch, q.device)
     if key_padding_mask is not None:
         if not isinstance(key_padding_mask, Tensor):
             raise TypeError(f"key_padding_mask must be a bool tensor or None, got {type(key_padding_mask).__name__}")
@@ -85,6 +89,62 @@ def check_prefix_attention_args(q, k, v, prefix_k, prefix_v, key_padding_mask, c
         raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+
+
+def _check_integer_vector(name: str, t, length: int, length_desc: str, device) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be an integer torch.Tensor or None, got {type(t).__name__}")
+    if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
+        raise TypeError(f"{name} must be an integer tensor (int32 or int64), got dtype {t.dtype}")
+    if t.dim() != 1 or t.shape[0] != length:
+        raise ValueError(f"{name} must be 1-D of length {length_desc} = {length}, got shape {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} must be on q's device {device}, got {t.device}")
+
+
+def check_prefix_bank_args(prefix_k, prefix_index, prefix_lengths, prefix_dropout_p, batch: int, device) -> None:
+    """Checks of the prefix-bank arguments (DESIGN.md, "Prefix banks"); prefix_k already checked.
+
+    Value checks (indices in [0, A), lengths in [0, P]) read the tensors on the host: one device
+    sync per call on CUDA."""
+    if isinstance(prefix_dropout_p, bool) or not isinstance(prefix_dropout_p, (int, float)) \
+            or not 0.0 <= prefix_dropout_p < 1.0:
+        raise ValueError(f"prefix_dropout_p must be a float in [0, 1), got {prefix_dropout_p!r}")
+    if prefix_k is None:
+        for name, t in (("prefix_index", prefix_index), ("prefix_lengths", prefix_lengths)):
+            if t is not None:
+                raise ValueError(f"{name} needs a prefix, but prefix_k and prefix_v are None")
+        return
+    if prefix_index is not None:
+        if prefix_k.dim() != 4:
+            raise ValueError(
+                f"prefix_index needs a bank prefix_k (A, Hkv, P, D); got a shared prefix of shape "
+                f"{tuple(prefix_k.shape)}"
+            )
+        _check_integer_vector("prefix_index", prefix_index, batch, "B", device)
+        entries = prefix_k.shape[0]
+        if batch:
+            lo, hi = int(prefix_index.min()), int(prefix_index.max())
+            if lo < 0 or hi >= entries:
+                raise ValueError(
+                    f"prefix_index must be in [0, A) = [0, {entries}) for a bank of {entries} entries, got values "
+                    f"from {lo} to {hi}"
+                )
+    if prefix_lengths is not None:
+        if prefix_index is not None:
+            want, desc = prefix_k.shape[0], "A (bank entries)"
+        elif prefix_k.dim() == 4:
+            want, desc = batch, "B (one per example)"
+        else:
+            want, desc = 1, "1 (a shared prefix)"
+        _check_integer_vector("prefix_lengths", prefix_lengths, want, desc, device)
+        prefix_len = prefix_k.shape[-2]
+        if prefix_lengths.numel():
+            lo, hi = int(prefix_lengths.min()), int(prefix_lengths.max())
+            if lo < 0 or hi > prefix_len:
+                raise ValueError(
+                    f"prefix_lengths must be in [0, P] = [0, {prefix_len}], got values from {lo} to {hi}"
+                )
 
 
 def autocast_inputs(*tensors: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
@@ -114,6 +174,9 @@ def prefix_attention(
     causal: bool = False,
     scale: Optional[float] = None,
     dropout_p: float = 0.0,
+    prefix_index: Optional[Tensor] = None,
+    prefix_lengths: Optional[Tensor] = None,
+    prefix_dropout_p: float = 0.0,
     backend: str = "auto",
 ) -> Tensor:
     """Attention over [prefix keys; real keys], with the prefix read from its own tensor.
@@ -124,14 +187,25 @@ def prefix_attention(
     Arguments:
         q: (B, Hq, Sq, D) float16 / bfloat16 / float32. Any strides with a unit last stride.
         k, v: (B, Hkv, Sk, D), same dtype and device as q; Hq % Hkv == 0 (GQA / MQA).
-        prefix_k, prefix_v: (Hkv, P, D) shared by the batch, or (B, Hkv, P, D) per example; P may be
-            0, and None means no prefix. A shared prefix gets its gradient summed over the batch.
+        prefix_k, prefix_v: (Hkv, P, D) shared by the batch, (B, Hkv, P, D) per example, or a bank
+            (A, Hkv, P, D) read through ``prefix_index``; P may be 0, and None means no prefix. A
+            shared prefix (a bank entry) gets its gradient summed over the batch (the examples that
+            use it), in a fixed order.
         key_padding_mask: (B, Sk) bool, True = attend. Prefix keys are always attended.
         causal: bottom-right aligned over the real keys: query i sees real key j iff
             j <= i + (Sk - Sq); prefix keys are visible to every query. Needs Sq <= Sk.
         scale: softmax scale, default D ** -0.5.
         dropout_p: attention-probability dropout, drawn from torch's default generator (the same
             ``torch.manual_seed`` gives the same output), regenerated in backward, never stored.
+        prefix_index: (B,) int32/int64 or None: example b reads bank entry prefix_index[b].
+        prefix_lengths: (A,) with a bank, (B,) with a per-example prefix, (1,) with a shared one,
+            int32/int64, or None: entry a has only its first prefix_lengths[a] prefix keys (the
+            rest are masked), so adapters with different P share one bank.
+        prefix_dropout_p: P-Tuning v2's dropout on the prefix keys and values themselves: every
+            element of example b's prefix K and V is kept with probability 1 - p and scaled by
+            1 / (1 - p), independently per example, KV head, position and channel, identically for
+            every query and query head reading it. Drawn from torch's default generator,
+            regenerated in backward; the Triton path never materialises B copies.
         backend: "auto" (Triton for CUDA tensors, the fast PyTorch path otherwise), "triton",
             "torch" (the fast PyTorch path: scaled_dot_product_attention, any device, float64
             included) or "reference" (the readable oracle). "triton" on CPU tensors runs Triton's
@@ -140,19 +214,21 @@ def prefix_attention(
         out: (B, Hq, Sq, D) in q's dtype. A query that sees no key at all (P = 0, all masked) gets zeros.
     """
     q, k, v, prefix_k, prefix_v = autocast_inputs(q, k, v, prefix_k, prefix_v)
-    check_prefix_attention_args(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, dropout_p)
+    check_prefix_attention_args(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, dropout_p,
+                                prefix_index, prefix_lengths, prefix_dropout_p)
     chosen = resolve_backend(backend, q.device)
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     dropout_p = float(dropout_p)
+    bank = dict(prefix_index=prefix_index, prefix_lengths=prefix_lengths, prefix_dropout_p=float(prefix_dropout_p))
     if chosen == "torch":
         return prefix_attention_torch(
             q, k, v, prefix_k, prefix_v,
-            key_padding_mask=key_padding_mask, causal=causal, scale=scale, dropout_p=dropout_p,
+            key_padding_mask=key_padding_mask, causal=causal, scale=scale, dropout_p=dropout_p, **bank,
         )
     if chosen == "reference":
         return prefix_attention_reference(
             q, k, v, prefix_k, prefix_v,
-            key_padding_mask=key_padding_mask, causal=causal, scale=scale, dropout_p=dropout_p,
+            key_padding_mask=key_padding_mask, causal=causal, scale=scale, dropout_p=dropout_p, **bank,
         )
     if q.dtype not in FLOAT_DTYPES:
         raise TypeError(f"q must be float16, bfloat16 or float32 for backend='triton', got {q.dtype} (float64 runs with backend='torch')")
@@ -164,5 +240,5 @@ def prefix_attention(
         raise ValueError(f"backend='triton' supports head dims up to {TRITON_MAX_HEAD_DIM}, got q {tuple(q.shape)}; use backend='torch'")
     return prefix_attention_triton(
         q, k, v, prefix_k, prefix_v,
-        key_padding_mask=key_padding_mask, causal=causal, scale=scale, dropout_p=dropout_p,
+        key_padding_mask=key_padding_mask, causal=causal, scale=scale, dropout_p=dropout_p, **bank,
     )

@@ -12,6 +12,25 @@ import torch
 from torch import Tensor
 
 
+def example_prefix_lengths(
+    batch: int, prefix_index: Optional[Tensor], prefix_lengths: Optional[Tensor]
+) -> Optional[Tensor]:
+    """(B,) int64 number of prefix keys example b sees, or None (all P): a bank's lengths read
+    through prefix_index, a per-example prefix's lengths as they are, a shared prefix's (1,) broadcast."""
+    if prefix_lengths is None:
+        return None
+    if prefix_index is not None:
+        return prefix_lengths.long()[prefix_index.long()]
+    return prefix_lengths.long().expand(batch)
+
+
+def select_prefix(prefix: Optional[Tensor], prefix_index: Optional[Tensor]) -> Optional[Tensor]:
+    """A bank (A, Hkv, P, D) read by prefix_index (B,) as (B, Hkv, P, D); any other prefix as it is."""
+    if prefix is None or prefix_index is None:
+        return prefix
+    return prefix[prefix_index.long()]
+
+
 def visible_keys_mask(
     batch: int,
     q_len: int,
@@ -20,12 +39,13 @@ def visible_keys_mask(
     key_padding_mask: Optional[Tensor],
     causal: bool,
     device: torch.device,
+    prefix_visible: Optional[Tensor] = None,
 ) -> Tensor:
     """Which keys each query may see, over the concatenated keys [prefix; real].
 
-    Returns a bool tensor of shape (B, 1, Sq, P + Sk): prefix keys are always visible; real key j
-    is visible to query i iff key_padding_mask[b, j] (when given) and, when causal,
-    j <= i + (Sk - Sq) (bottom-right aligned).
+    Returns a bool tensor of shape (B, 1, Sq, P + Sk): prefix key n is visible iff
+    prefix_visible[b, n] ((B, P) bool; None: always); real key j is visible to query i iff
+    key_padding_mask[b, j] (when given) and, when causal, j <= i + (Sk - Sq) (bottom-right aligned).
     """
     real = torch.ones(batch, 1, q_len, k_len, dtype=torch.bool, device=device)
     if key_padding_mask is not None:
@@ -35,6 +55,8 @@ def visible_keys_mask(
         j = torch.arange(k_len, device=device)[None, :]
         real = real & (j <= i + (k_len - q_len))
     prefix = torch.ones(batch, 1, q_len, prefix_len, dtype=torch.bool, device=device)
+    if prefix_visible is not None:
+        prefix = prefix & prefix_visible[:, None, None, :]
     return torch.cat([prefix, real], dim=-1)
 
 
@@ -50,6 +72,10 @@ def prefix_attention_reference(
     scale: Optional[float] = None,
     dropout_p: float = 0.0,
     dropout_keep_mask: Optional[Tensor] = None,
+    prefix_index: Optional[Tensor] = None,
+    prefix_lengths: Optional[Tensor] = None,
+    prefix_dropout_p: float = 0.0,
+    prefix_dropout_keep_mask: Optional[Tensor] = None,
     upcast: bool = True,
 ) -> Tensor:
     """softmax(q [prefix_k; k]^T * scale + mask) [prefix_v; v], computed the obvious way.
@@ -57,13 +83,20 @@ def prefix_attention_reference(
     Arguments:
         q: (B, Hq, Sq, D)
         k, v: (B, Hkv, Sk, D), Hq % Hkv == 0
-        prefix_k, prefix_v: (Hkv, P, D) shared by the batch, (B, Hkv, P, D) per example, or None (P = 0)
+        prefix_k, prefix_v: (Hkv, P, D) shared by the batch, (B, Hkv, P, D) per example, a bank
+            (A, Hkv, P, D) with prefix_index, or None (P = 0)
         key_padding_mask: (B, Sk) bool, True = attend; prefix keys are always attended
         causal: bottom-right aligned over the real keys (query i sees key j iff j <= i + Sk - Sq)
         scale: softmax scale, default D ** -0.5
         dropout_p: probability of dropping an attention weight (drawn from torch's default generator)
         dropout_keep_mask: (B, Hq, Sq, P + Sk) bool; when given it replaces the random draw
             (tests use it to replay the kernel's own dropout mask)
+        prefix_index: (B,) integers: example b reads bank entry prefix_index[b]
+        prefix_lengths: (A,) with a bank, (B,) per example, (1,) shared: entry a's prefix keys at
+            positions >= prefix_lengths[a] are masked
+        prefix_dropout_p: dropout on the prefix K / V elements themselves, per example (P-Tuning v2)
+        prefix_dropout_keep_mask: (2, B, Hkv, P, D) bool (keys, values); when given it replaces the
+            random draw of the prefix dropout
         upcast: compute in fp32 (True, the oracle) or in the inputs' dtype (the "PyTorch in the same
             precision" baseline of the FlashAttention error rule)
     Returns:
@@ -76,10 +109,21 @@ def prefix_attention_reference(
     if prefix_k is None:
         prefix_k = k.new_zeros(kv_heads, 0, head_dim)
         prefix_v = v.new_zeros(kv_heads, 0, v.shape[-1])
+    lengths = example_prefix_lengths(batch, prefix_index, prefix_lengths)
+    prefix_k, prefix_v = select_prefix(prefix_k, prefix_index), select_prefix(prefix_v, prefix_index)
     if prefix_k.dim() == 3:
         prefix_k = prefix_k.unsqueeze(0).expand(batch, -1, -1, -1)
         prefix_v = prefix_v.unsqueeze(0).expand(batch, -1, -1, -1)
     prefix_len = prefix_k.shape[2]
+    if prefix_dropout_keep_mask is not None:
+        keep = prefix_dropout_keep_mask.to(prefix_k.dtype) / (1.0 - prefix_dropout_p)
+        prefix_k, prefix_v = prefix_k * keep[0], prefix_v * keep[1]
+    elif prefix_dropout_p > 0.0:
+        prefix_k = torch.nn.functional.dropout(prefix_k, p=prefix_dropout_p, training=True)
+        prefix_v = torch.nn.functional.dropout(prefix_v, p=prefix_dropout_p, training=True)
+    prefix_visible = None
+    if lengths is not None:
+        prefix_visible = torch.arange(prefix_len, device=q.device)[None, :] < lengths.to(q.device)[:, None]
     scale = head_dim**-0.5 if scale is None else scale
 
     keys = torch.cat([prefix_k, k], dim=2).to(compute_dtype)
@@ -90,7 +134,7 @@ def prefix_attention_reference(
         values = values.repeat_interleave(group, dim=1)
 
     scores = torch.matmul(q.to(compute_dtype), keys.transpose(-1, -2)) * scale
-    visible = visible_keys_mask(batch, q_len, prefix_len, k_len, key_padding_mask, causal, q.device)
+    visible = visible_keys_mask(batch, q_len, prefix_len, k_len, key_padding_mask, causal, q.device, prefix_visible)
     scores = scores.masked_fill(~visible, float("-inf"))
     if scores.shape[-1] == 0:  # no keys at all (P = Sk = 0): the output is zeros
         row_max = scores.new_zeros(scores.shape[:-1] + (1,))

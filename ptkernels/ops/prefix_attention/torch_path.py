@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention.bias import causal_lower_right
 
-from .reference import prefix_attention_reference
+from .reference import example_prefix_lengths, prefix_attention_reference, select_prefix
 
 
 def join_prefix(prefix: Optional[Tensor], real: Tensor) -> Tensor:
@@ -58,17 +58,25 @@ def prefix_attention_torch(
     causal: bool,
     scale: float,
     dropout_p: float,
+    prefix_index: Optional[Tensor] = None,
+    prefix_lengths: Optional[Tensor] = None,
+    prefix_dropout_p: float = 0.0,
 ) -> Tensor:
     """Fast PyTorch prefix attention (arguments already checked by the interface).
 
     Arguments:
         q: (B, Hq, Sq, D)
         k, v: (B, Hkv, Sk, D), Hq % Hkv == 0
-        prefix_k, prefix_v: (Hkv, P, D) shared, (B, Hkv, P, D) per example, or None
+        prefix_k, prefix_v: (Hkv, P, D) shared, (B, Hkv, P, D) per example, (A, Hkv, P, D) a bank
+            read by prefix_index (B,), or None
         key_padding_mask: (B, Sk) bool, True = attend, or None
         causal: bottom-right aligned over the real keys (Sq <= Sk)
         scale: softmax scale
         dropout_p: attention-probability dropout
+        prefix_lengths: (A,) / (B,) / (1,) visible prefix keys per bank entry / example / shared prefix
+        prefix_dropout_p: dropout on the prefix K / V elements, per example: the keep mask
+            (2, B, Hkv, P, D) (keys, values) is drawn first, as ``dropout_keep_mask`` draws it,
+            then the attention dropout's.
     Returns:
         out: (B, Hq, Sq, D) in q's dtype.
     """
@@ -78,11 +86,17 @@ def prefix_attention_torch(
     total = prefix_len + k_len
     if total == 0:  # no keys at all: zeros, with the reference's (empty) graph
         return prefix_attention_reference(q, k, v, prefix_k, prefix_v, causal=causal, scale=scale)
+    lengths = example_prefix_lengths(batch, prefix_index, prefix_lengths) if prefix_len else None
+    prefix_k, prefix_v = select_prefix(prefix_k, prefix_index), select_prefix(prefix_v, prefix_index)
+    if prefix_dropout_p > 0.0 and prefix_len:
+        keep, keep_prob = dropout_keep_mask((2, batch) + tuple(prefix_k.shape[-3:]), prefix_dropout_p, q.device)
+        prefix_k = prefix_k * keep[0].to(prefix_k.dtype) * (1.0 / keep_prob)  # (B, Hkv, P, D), broadcasting a shared one
+        prefix_v = prefix_v * keep[1].to(prefix_v.dtype) * (1.0 / keep_prob)
     keys, values = join_prefix(prefix_k, k), join_prefix(prefix_v, v)
     gqa = q_heads != kv_heads
     manual_dropout = dropout_p > 0.0 and q.device.type == "cpu"
 
-    if key_padding_mask is None and not manual_dropout:
+    if key_padding_mask is None and lengths is None and not manual_dropout:
         if not causal:
             mask = None
         elif q_len == total:  # Sq = P + Sk: bottom-right is top-left
@@ -101,10 +115,18 @@ def prefix_attention_torch(
         j = torch.arange(k_len, device=q.device)[None, :]
         visible = j <= i + (k_len - q_len)  # (Sq, Sk)
         mask = visible if mask is None else mask & visible  # (B, 1, Sq, Sk) or (Sq, Sk)
-    if mask is not None and prefix_len:
+    if lengths is not None:  # the prefix keys each example sees: (B, 1, 1, P)
+        prefix_visible = (torch.arange(prefix_len, device=q.device) < lengths.to(q.device)[:, None])[:, None, None, :]
+        if mask is None:
+            mask = F.pad(prefix_visible, (0, k_len), value=True)  # (B, 1, 1, P + Sk)
+        else:
+            mask = mask if mask.dim() == 4 else mask[None, None]  # (B or 1, 1, Sq or 1, Sk)
+            lead = torch.broadcast_shapes(prefix_visible.shape[:3], mask.shape[:3])
+            mask = torch.cat([prefix_visible.expand(*lead, prefix_len), mask.expand(*lead, k_len)], dim=-1)
+    elif mask is not None and prefix_len:
         mask = F.pad(mask, (prefix_len, 0), value=True)  # (..., P + Sk)
     dead = None
-    if mask is not None and prefix_len == 0:  # rows that see no key: open them for SDPA, zero them after
+    if mask is not None and (prefix_len == 0 or lengths is not None):  # rows that see no key: open them for SDPA, zero them after
         dead = ~mask.any(dim=-1, keepdim=True)  # (B, 1, 1 or Sq, 1)
         if q.device.type == "cpu" and not torch.compiler.is_compiling() and not bool(dead.any()):
             dead = None  # the usual case (right padding): skip the zeroing's two full passes (no sync on CPU)
