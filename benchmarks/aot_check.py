@@ -103,8 +103,10 @@ class Case:
     head_dim: int
     causal: bool = False
     kpm: bool = False
-    prefix: str = "shared"  # "none" | "shared" | "per_example"
+    prefix: str = "shared"  # "none" | "shared" | "per_example" | "bank" (3 entries read through an index)
     dropout: bool = False
+    lengths: bool = False  # prefix_lengths (per entry / example)
+    prefix_dropout: bool = False  # P-Tuning v2's dropout on the prefix K/V
     group: int = 1
     batch: int = 2
     kv_heads: int = 2
@@ -116,7 +118,8 @@ class Case:
 
     def __str__(self) -> str:
         dt = str(self.dtype).replace("torch.", "")
-        flags = [f for f, on in (("causal", self.causal), ("kpm", self.kpm), ("dropout", self.dropout)) if on]
+        flags = [f for f, on in (("causal", self.causal), ("kpm", self.kpm), ("dropout", self.dropout),
+                                 ("lengths", self.lengths), ("prefix_dropout", self.prefix_dropout)) if on]
         return (f"{dt}-D{self.head_dim}-{self.prefix}-g{self.group}-{'+'.join(flags) or 'plain'}"
                 f"-B{self.batch}Hkv{self.kv_heads}Sq{self.q_len}Sk{self.k_len}P{self.prefix_len}-{self.layout}")
 
@@ -136,7 +139,11 @@ def case_launches(case: Case, arch: int = 90, allow_interpreted: bool = False) -
     """
     from ptkernels.ops.prefix_attention.backward import prefix_attention_backward
     from ptkernels.ops.prefix_attention.common import KERNELS_INTERPRETED
-    from ptkernels.ops.prefix_attention.forward import dropout_keep_mask, prefix_attention_forward
+    from ptkernels.ops.prefix_attention.forward import (
+        dropout_keep_mask,
+        prefix_attention_forward,
+        prefix_dropout_keep_mask,
+    )
 
     if KERNELS_INTERPRETED and not allow_interpreted:
         raise RuntimeError("aot_check needs a process without TRITON_INTERPRET (kernels would be interpreted)")
@@ -147,21 +154,29 @@ def case_launches(case: Case, arch: int = 90, allow_interpreted: bool = False) -
     q = _meta((b, hq, case.q_len, d), case.dtype, case.layout)
     k = _meta((b, hkv, case.k_len, d), case.dtype, case.layout)
     v = _meta((b, hkv, case.k_len, d), case.dtype, case.layout)
-    prefix_shape = (b, hkv, p, d) if case.prefix == "per_example" else (hkv, p, d)
+    entries = {"per_example": b, "bank": 3}.get(case.prefix)
+    prefix_shape = (hkv, p, d) if entries is None else (entries, hkv, p, d)
     pk = torch.empty(prefix_shape, dtype=case.dtype, device="meta")
     pv = torch.empty(prefix_shape, dtype=case.dtype, device="meta")
+    index = torch.empty(b, dtype=torch.int32, device="meta") if case.prefix == "bank" else None
+    lengths = torch.empty(entries or 1, dtype=torch.int32, device="meta") if case.lengths else None
+    prefix_dropout_p = 0.1 if case.prefix_dropout else 0.0
+    prefix_seed = case.seed + 1 if case.prefix_dropout else 0
     kpm = torch.empty(b, case.k_len, dtype=torch.bool, device="meta") if case.kpm else None
     dropout_p = 0.1 if case.dropout else 0.0
     seed = case.seed if case.dropout else 0
     scale = d**-0.5
     limits, launches = target_limits(arch), []
     launcher = recorder(launches)
-    out, lse = prefix_attention_forward(q, k, v, pk, pv, kpm, case.causal, scale, dropout_p, seed,
+    bank = (index, lengths, prefix_dropout_p, prefix_seed)
+    out, lse = prefix_attention_forward(q, k, v, pk, pv, kpm, case.causal, scale, dropout_p, seed, *bank,
                                         limits=limits, launcher=launcher)
     prefix_attention_backward(torch.empty_like(out), q, k, v, pk, pv, kpm, out, lse,
-                              case.causal, scale, dropout_p, seed, limits=limits, launcher=launcher)
+                              case.causal, scale, dropout_p, seed, *bank, limits=limits, launcher=launcher)
     if case.dropout:
         dropout_keep_mask(b, hq, case.q_len, p, case.k_len, dropout_p, seed, "meta", launcher=launcher)
+    if case.prefix_dropout:
+        prefix_dropout_keep_mask(b, hkv, p, d, prefix_dropout_p, prefix_seed, "meta", launcher=launcher)
     return launches
 
 
@@ -283,6 +298,7 @@ def quick_cases() -> list[Case]:
         Case(torch.float16, 16, prefix="none"),
         Case(torch.bfloat16, 256, prefix="shared"),
         Case(torch.float16, 40, causal=True, batch=1, kv_heads=1, q_len=1, k_len=1, prefix_len=1),
+        Case(torch.bfloat16, 64, causal=True, kpm=True, prefix="bank", lengths=True, prefix_dropout=True, group=2),
     ]
 
 
@@ -303,6 +319,10 @@ def cases() -> list[Case]:
              dropout=True, seed=7),  # a seed below 2**31 is passed as i32
         Case(torch.float16, 256, causal=True, kpm=True, dropout=True, group=2),
         Case(torch.bfloat16, 256, prefix="per_example"),
+        Case(torch.float16, 64, causal=True, kpm=True, prefix="bank", lengths=True, group=4),
+        Case(torch.bfloat16, 128, prefix="bank", prefix_dropout=True, dropout=True, group=2, layout="bshd"),
+        Case(torch.float16, 64, prefix="shared", lengths=True, prefix_dropout=True, group=1),
+        Case(torch.float32, 64, causal=True, prefix="per_example", lengths=True, prefix_dropout=True),
     ]
     return out
 

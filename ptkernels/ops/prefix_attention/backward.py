@@ -23,11 +23,14 @@ from torch import Tensor
 from ..utils import batch_strides
 from .common import (
     bounded_keys_visible,
+    drop_prefix_tile,
     dropout_keep,
     dropout_row_width,
+    example_prefix,
     key_bounds,
     load_full_tile,
     load_tile,
+    prefix_dropout_keep,
     program_coordinates,
     real_keys_visible,
 )
@@ -41,12 +44,14 @@ from .launch import (
     device_limits,
     dot_precision,
     dropout_threshold,
+    entry_step,
     gpu_backward_configs,
     key_bounds_of,
     launch_kernel,
     mask_as_int8,
     mask_strides,
     shape_bucket,
+    bank_splits,
     shared_prefix_splits,
     tuned_config,
     upcast_in_interpreter,
@@ -98,7 +103,7 @@ def _dq_tile(
 
 @triton.jit(do_not_specialize=["seed"])
 def _prefix_attention_bwd_dq_kernel(
-    Q, K, V, PREFIX_K, PREFIX_V, KEY_PADDING_MASK, KEY_BOUNDS, GRAD_OUT, LSE, DELTA, DQ,
+    Q, K, V, PREFIX_K, PREFIX_V, PREFIX_INDEX, PREFIX_LENGTHS, KEY_PADDING_MASK, KEY_BOUNDS, GRAD_OUT, LSE, DELTA, DQ,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -107,13 +112,16 @@ def _prefix_attention_bwd_dq_kernel(
     stride_mb, stride_mn,
     stride_dob, stride_doh, stride_dom,
     stride_dqb, stride_dqh, stride_dqm,
-    num_q_heads, q_len, k_len, prefix_len, head_dim,
+    num_q_heads, q_len, k_len, prefix_len, head_dim, entry_step,
     scale, qk_scale_log2, dropout_threshold, dropout_scale, seed,
+    prefix_dropout_threshold, prefix_dropout_scale, prefix_seed,
     GROUP: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_PREFIX: tl.constexpr,
+    HAS_INDEX: tl.constexpr, HAS_LENGTHS: tl.constexpr, PREFIX_DROPOUT: tl.constexpr,
     DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
 ):
-    """DQ (B, Hq, Sq, D): one program per (query block, batch, query head). EVEN_D: head_dim == BLOCK_D."""
+    """DQ (B, Hq, Sq, D): one program per (query block, batch, query head). EVEN_D: head_dim == BLOCK_D.
+    Example b's prefix (bank entry, length, prefix dropout) as in the forward kernel."""
     # 1-D grid: query blocks fastest, then query heads, then batch.
     b, h, start_m, offs_m = program_coordinates(q_len, num_q_heads, BLOCK_M)
     kv_h = h // GROUP
@@ -137,20 +145,31 @@ def _prefix_attention_bwd_dq_kernel(
     # of the tile visible to every query of the block), then the masked boundary tiles.
     all_visible = tl.full([BLOCK_M, BLOCK_N], 1, tl.int1)
     if HAS_PREFIX:
-        pk_base = PREFIX_K + b * stride_pkb + kv_h * stride_pkh
-        pv_base = PREFIX_V + b * stride_pvb + kv_h * stride_pvh
-        prefix_full = (prefix_len // BLOCK_N) * BLOCK_N
+        entry, example_prefix_len = example_prefix(PREFIX_INDEX, PREFIX_LENGTHS, b, entry_step, prefix_len,
+                                                   HAS_INDEX, HAS_LENGTHS)
+        pk_base = PREFIX_K + entry * stride_pkb + kv_h * stride_pkh
+        pv_base = PREFIX_V + entry * stride_pvb + kv_h * stride_pvh
+        num_kv_heads = num_q_heads // GROUP
+        prefix_full = (example_prefix_len // BLOCK_N) * BLOCK_N
         for start_n in range(0, prefix_full, BLOCK_N):
             n = start_n + offs_n
             k = load_full_tile(pk_base, n, stride_pkn, offs_d, d_valid, EVEN_D, UPCAST)
             v = load_full_tile(pv_base, n, stride_pvn, offs_d, d_valid, EVEN_D, UPCAST)
+            k = drop_prefix_tile(k, prefix_seed, b, kv_h, 0, num_kv_heads, prefix_len, head_dim, n,
+                                 prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT, BLOCK_N, BLOCK_D)
+            v = drop_prefix_tile(v, prefix_seed, b, kv_h, 1, num_kv_heads, prefix_len, head_dim, n,
+                                 prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT, BLOCK_N, BLOCK_D)
             dq = _dq_tile(dq, q, do, lse, delta, k, v, all_visible, seed, row_lanes, start_n, dropout_threshold,
                           qk_scale_log2, dropout_scale, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N, False)
-        if prefix_full < prefix_len:
+        if prefix_full < example_prefix_len:
             n = prefix_full + offs_n
-            n_valid = n < prefix_len
+            n_valid = n < example_prefix_len
             k = load_tile(pk_base, n, stride_pkn, offs_d, n_valid, d_valid, UPCAST)
             v = load_tile(pv_base, n, stride_pvn, offs_d, n_valid, d_valid, UPCAST)
+            k = drop_prefix_tile(k, prefix_seed, b, kv_h, 0, num_kv_heads, prefix_len, head_dim, n,
+                                 prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT, BLOCK_N, BLOCK_D)
+            v = drop_prefix_tile(v, prefix_seed, b, kv_h, 1, num_kv_heads, prefix_len, head_dim, n,
+                                 prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT, BLOCK_N, BLOCK_D)
             dq = _dq_tile(dq, q, do, lse, delta, k, v, n_valid[None, :], seed, row_lanes, prefix_full,
                           dropout_threshold, qk_scale_log2, dropout_scale, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N,
                           True)
@@ -349,72 +368,115 @@ def _prefix_attention_bwd_dkdv_kernel(
              dv.to(DV.dtype.element_ty), mask=kd_mask)
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit(do_not_specialize=["seed", "prefix_seed"])
 def _prefix_attention_bwd_prefix_dkdv_kernel(
-    Q, PREFIX_K, PREFIX_V, GRAD_OUT, LSE, DELTA, DPREFIX_K, DPREFIX_V,
+    Q, PREFIX_K, PREFIX_V, PREFIX_LENGTHS, EXAMPLE_ORDER, ENTRY_OFFSETS, GRAD_OUT, LSE, DELTA, DPREFIX_K, DPREFIX_V,
     stride_qb, stride_qh, stride_qm,
     stride_pkb, stride_pkh, stride_pkn,
     stride_pvb, stride_pvh, stride_pvn,
     stride_dob, stride_doh, stride_dom,
     stride_dpks, stride_dpkh, stride_dpkn,
     stride_dpvs, stride_dpvh, stride_dpvn,
-    batch, batch_per_split, num_q_heads, num_kv_heads, q_len, k_len, prefix_len, head_dim,
+    examples_per_entry, examples_per_split, splits, num_q_heads, num_kv_heads, q_len, k_len, prefix_len, head_dim,
     scale, qk_scale_log2, dropout_threshold, dropout_scale, seed,
-    GROUP: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    prefix_dropout_threshold, prefix_dropout_scale, prefix_seed,
+    GROUP: tl.constexpr, HAS_INDEX: tl.constexpr, HAS_LENGTHS: tl.constexpr, PREFIX_DROPOUT: tl.constexpr,
+    DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
 ):
-    """DPREFIX_K, DPREFIX_V (splits, Hkv, P, D) of the prefix: one program per (prefix block, kv head, batch split).
+    """DPREFIX_K, DPREFIX_V (A * splits, Hkv, P, D): one program per (prefix block, kv head, entry, split).
 
-    Per-example prefix (PREFIX_K, PREFIX_V (B, Hkv, P, D)): split s is batch example s, and
-    DPREFIX_K, DPREFIX_V are (B, Hkv, P, D).
-    Shared prefix (PREFIX_K, PREFIX_V (Hkv, P, D), batch stride 0): split s sums examples
-    [s * batch_per_split, (s + 1) * batch_per_split) in order, into its own slice of DPREFIX_K/DPREFIX_V.
-    The two differ only in the batch strides and the launch sizes, not in the code.
+    Every prefix is a bank of A entries here, and each entry's gradient is the sum over the examples
+    that read it, split s of entry a summing its share of them in a fixed order into its own slice
+    ``a * splits + s`` (summed in a fixed order afterwards when splits > 1). No atomics: deterministic.
+    - Bank (HAS_INDEX): entry a's examples are EXAMPLE_ORDER[ENTRY_OFFSETS[a]:ENTRY_OFFSETS[a + 1]]
+      (prefix_index stably sorted).
+    - Per-example prefix (B, Hkv, P, D): A = B, entry a is example a (examples_per_entry 1).
+    - Shared prefix (Hkv, P, D), batch stride 0: A = 1, examples 0..B (examples_per_entry B).
+    Split s takes examples [s * examples_per_split, (s + 1) * examples_per_split) of its entry's list.
+    With PREFIX_DROPOUT each example's contribution is accumulated apart and multiplied by that
+    example's keep mask times 1 / P(keep) (the gradient of the dropped tile w.r.t. the raw one).
     """
-    # 1-D grid: prefix blocks fastest, then kv heads, then splits (a per-example prefix has one split
-    # per batch example).
-    split, kv_h, start_n, offs_n = program_coordinates(prefix_len, num_kv_heads, BLOCK_N)
+    # 1-D grid: prefix blocks fastest, then kv heads, then (entry, split).
+    outer, kv_h, start_n, offs_n = program_coordinates(prefix_len, num_kv_heads, BLOCK_N)
+    entry = outer // splits
+    split = outer % splits
     offs_d = tl.arange(0, BLOCK_D)
-    n_valid = offs_n < prefix_len
     d_valid = offs_d < head_dim
     keys = offs_n[:, None].to(tl.int64)
-    kd_mask = n_valid[:, None] & d_valid[None, :]
-    b_start = split * batch_per_split
-    b_end = tl.minimum(b_start + batch_per_split, batch)
-    # A shared prefix has batch stride 0, so this reads the same (Hkv, P, D) rows for every split.
-    k = load_tile(PREFIX_K + split * stride_pkb + kv_h * stride_pkh, offs_n, stride_pkn, offs_d, n_valid, d_valid,
-                  UPCAST)
-    v = load_tile(PREFIX_V + split * stride_pvb + kv_h * stride_pvh, offs_n, stride_pvn, offs_d, n_valid, d_valid,
-                  UPCAST)
+    if HAS_INDEX:
+        first = tl.load(ENTRY_OFFSETS + entry).to(tl.int64)
+        last = tl.load(ENTRY_OFFSETS + entry + 1).to(tl.int64)
+    else:
+        first = entry * examples_per_entry
+        last = first + examples_per_entry
+    entry_prefix_len = prefix_len
+    if HAS_LENGTHS:
+        entry_prefix_len = tl.load(PREFIX_LENGTHS + entry)
+    split_first = tl.minimum(first + split * examples_per_split, last)
+    split_last = tl.minimum(split_first + examples_per_split, last)
+    if start_n >= entry_prefix_len:  # a block past this entry's length: its gradient is 0
+        split_last = split_first
+    n_valid = offs_n < entry_prefix_len
+    # A shared prefix has batch stride 0, so this reads the same (Hkv, P, D) rows for every entry.
+    k_raw = load_tile(PREFIX_K + entry * stride_pkb + kv_h * stride_pkh, offs_n, stride_pkn, offs_d, n_valid,
+                      d_valid, UPCAST)
+    v_raw = load_tile(PREFIX_V + entry * stride_pvb + kv_h * stride_pvh, offs_n, stride_pvn, offs_d, n_valid,
+                      d_valid, UPCAST)
+    k = k_raw
+    v = v_raw
     visible_t = n_valid[:, None]
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     # Full query tiles of a full prefix block without masks, then the last partial query tile.
     full_stop = (q_len // BLOCK_M) * BLOCK_M
-    if start_n + BLOCK_N > prefix_len:
+    if start_n + BLOCK_N > entry_prefix_len:
         full_stop = 0
     width = dropout_row_width(prefix_len, k_len)
-    for b in range(b_start, b_end):
+    for i in range(split_first, split_last):
+        if HAS_INDEX:
+            b = tl.load(EXAMPLE_ORDER + i).to(tl.int64)
+        else:
+            b = i
+        if PREFIX_DROPOUT:
+            keep_k = prefix_dropout_keep(prefix_seed, b, kv_h, 0, num_kv_heads, prefix_len, head_dim, offs_n,
+                                         prefix_dropout_threshold, BLOCK_N, BLOCK_D)
+            keep_v = prefix_dropout_keep(prefix_seed, b, kv_h, 1, num_kv_heads, prefix_len, head_dim, offs_n,
+                                         prefix_dropout_threshold, BLOCK_N, BLOCK_D)
+            k = tl.where(keep_k, k_raw * prefix_dropout_scale, 0.0).to(k_raw.dtype)
+            v = tl.where(keep_v, v_raw * prefix_dropout_scale, 0.0).to(v_raw.dtype)
+            dk_b = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+            dv_b = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        else:
+            dk_b = dk
+            dv_b = dv
         for g in range(GROUP):
             h = kv_h * GROUP + g
             q_base = b * stride_qb + h * stride_qh
             do_base = b * stride_dob + h * stride_doh
             stat_base = (b * num_q_heads + h) * q_len
             for start_m in range(0, full_stop, BLOCK_M):
-                dk, dv = _dkdv_tile(
-                    dk, dv, k, v, Q, GRAD_OUT, LSE, DELTA, q_base, do_base, stat_base, stride_qm, stride_dom,
+                dk_b, dv_b = _dkdv_tile(
+                    dk_b, dv_b, k, v, Q, GRAD_OUT, LSE, DELTA, q_base, do_base, stat_base, stride_qm, stride_dom,
                     start_m, q_len, offs_d, d_valid, visible_t, start_n, stat_base, width, seed, dropout_threshold,
                     dropout_scale, qk_scale_log2, DROPOUT, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, False, EVEN_D,
                 )
             for start_m in range(full_stop, q_len, BLOCK_M):
-                dk, dv = _dkdv_tile(
-                    dk, dv, k, v, Q, GRAD_OUT, LSE, DELTA, q_base, do_base, stat_base, stride_qm, stride_dom,
+                dk_b, dv_b = _dkdv_tile(
+                    dk_b, dv_b, k, v, Q, GRAD_OUT, LSE, DELTA, q_base, do_base, stat_base, stride_qm, stride_dom,
                     start_m, q_len, offs_d, d_valid, visible_t, start_n, stat_base, width, seed, dropout_threshold,
                     dropout_scale, qk_scale_log2, DROPOUT, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, True, EVEN_D,
                 )
-    tl.store(DPREFIX_K + split * stride_dpks + kv_h * stride_dpkh + keys * stride_dpkn + offs_d[None, :],
+        if PREFIX_DROPOUT:
+            dk += tl.where(keep_k, dk_b * prefix_dropout_scale, 0.0)
+            dv += tl.where(keep_v, dv_b * prefix_dropout_scale, 0.0)
+        else:
+            dk = dk_b
+            dv = dv_b
+    kd_mask = (offs_n < prefix_len)[:, None] & d_valid[None, :]  # every row of the entry: 0 past its length
+    tl.store(DPREFIX_K + outer * stride_dpks + kv_h * stride_dpkh + keys * stride_dpkn + offs_d[None, :],
              (dk * scale).to(DPREFIX_K.dtype.element_ty), mask=kd_mask)
-    tl.store(DPREFIX_V + split * stride_dpvs + kv_h * stride_dpvh + keys * stride_dpvn + offs_d[None, :],
+    tl.store(DPREFIX_V + outer * stride_dpvs + kv_h * stride_dpvh + keys * stride_dpvn + offs_d[None, :],
              dv.to(DPREFIX_V.dtype.element_ty), mask=kd_mask)
 
 
@@ -422,6 +484,8 @@ def prefix_attention_backward(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor,
     key_padding_mask: Optional[Tensor], out: Tensor, lse: Tensor,
     causal: bool, scale: float, dropout_p: float, seed: int,
+    prefix_index: Optional[Tensor] = None, prefix_lengths: Optional[Tensor] = None,
+    prefix_dropout_p: float = 0.0, prefix_seed: int = 0,
     *, limits: Optional[DeviceLimits] = None, launcher: Launcher = launch_kernel, config: Optional[dict] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Launch the backward kernels. Inputs must have a unit last stride (grad_out is made so).
@@ -429,14 +493,16 @@ def prefix_attention_backward(
     Arguments:
         grad_out, out: (B, Hq, Sq, D); lse: (B, Hq, Sq) float32 (log2 domain), from the forward.
         q: (B, Hq, Sq, D); k, v: (B, Hkv, Sk, D); prefix_k, prefix_v: (Hkv, P, D) shared by the
-            batch or (B, Hkv, P, D) per example (P may be 0); key_padding_mask: (B, Sk) bool or None.
-        causal, scale, dropout_p, seed: as given to the forward.
+            batch, (B, Hkv, P, D) per example, or a bank (A, Hkv, P, D) read through prefix_index (B,)
+            int32 (P may be 0); prefix_lengths: int32 (A,) / (B,) / (1,) or None;
+            key_padding_mask: (B, Sk) bool or None.
+        causal, scale, dropout_p, seed, prefix_dropout_p, prefix_seed: as given to the forward.
         limits: the device's limits (default: those of q's device); launcher: runs each kernel
             launch (default: launches it; benchmarks/aot_check.py records it instead); config: the
             block config (default: the heuristic's, or with PTKERNELS_AUTOTUNE=1 the fastest).
     Returns:
         dq (B, Hq, Sq, D), dk, dv (B, Hkv, Sk, D), dprefix_k, dprefix_v shaped like prefix_k (a
-        shared prefix's gradient summed over the batch in a fixed order).
+        shared prefix's or bank entry's gradient summed over its examples in a fixed order).
     """
     batch, q_heads, q_len, head_dim = q.shape
     kv_heads, k_len = k.shape[1], k.shape[2]
@@ -455,20 +521,25 @@ def prefix_attention_backward(
     cfg = backward_config(head_dim, q.dtype, limits) if config is None else config
     if config is None and autotune_requested(limits) and launcher is launch_kernel:
         key = ("bwd", str(q.device), q.dtype, head_dim, group, causal, key_padding_mask is None, prefix_len > 0,
-               per_example, dropout_p > 0.0, shape_bucket(q_len), shape_bucket(prefix_len + k_len))
+               per_example, dropout_p > 0.0, prefix_index is None, prefix_lengths is None, prefix_dropout_p > 0.0,
+               shape_bucket(q_len), shape_bucket(prefix_len + k_len))
 
         def measure(c):
             return triton.testing.do_bench(lambda: prefix_attention_backward(
                 grad_out, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, causal, scale, dropout_p, seed,
-                limits=limits, config=c), warmup=3, rep=20)
+                prefix_index, prefix_lengths, prefix_dropout_p, prefix_seed, limits=limits, config=c),
+                warmup=3, rep=20)
 
         cfg = tuned_config(key, gpu_backward_configs(head_dim, q.dtype, limits.max_shared_memory), measure)
     bm, bn, bd = cfg["BLOCK_M"], cfg["BLOCK_N"], block_d(head_dim)
     compile_options = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     flags = dict(DROPOUT=dropout_p > 0.0, UPCAST=upcast_in_interpreter(q.dtype, limits.interpreted),
                  DOT_PRECISION=dot_precision(q.dtype, limits.hip))
+    prefix_flags = dict(HAS_INDEX=prefix_index is not None, HAS_LENGTHS=prefix_lengths is not None,
+                        PREFIX_DROPOUT=prefix_dropout_p > 0.0)
     qk_scale_log2 = scale * LOG2_E
     threshold, dropout_scale = dropout_threshold(dropout_p)
+    prefix_dropout_args = (*dropout_threshold(prefix_dropout_p), prefix_seed)
     kpm = mask_as_int8(key_padding_mask)
     bounds = key_bounds_of(key_padding_mask)
 
@@ -482,7 +553,7 @@ def prefix_attention_backward(
     )
 
     launcher(_prefix_attention_bwd_dq_kernel, (triton.cdiv(q_len, bm) * batch * q_heads,))(
-        q, k, v, prefix_k, prefix_v, kpm, bounds, grad_out, lse, delta, dq,
+        q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, kpm, bounds, grad_out, lse, delta, dq,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -490,9 +561,9 @@ def prefix_attention_backward(
         *mask_strides(key_padding_mask),
         grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
         dq.stride(0), dq.stride(1), dq.stride(2),
-        q_heads, q_len, k_len, prefix_len, head_dim,
-        scale, qk_scale_log2, threshold, dropout_scale, seed,
-        GROUP=group, CAUSAL=causal, HAS_KPM=key_padding_mask is not None, HAS_PREFIX=prefix_len > 0,
+        q_heads, q_len, k_len, prefix_len, head_dim, entry_step(prefix_k, prefix_index),
+        scale, qk_scale_log2, threshold, dropout_scale, seed, *prefix_dropout_args,
+        GROUP=group, CAUSAL=causal, HAS_KPM=key_padding_mask is not None, HAS_PREFIX=prefix_len > 0, **prefix_flags,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, EVEN_D=bd == head_dim, **flags, **compile_options,
     )
 
@@ -515,32 +586,43 @@ def prefix_attention_backward(
     if prefix_len == 0:
         return dq, dk, dv, torch.zeros_like(prefix_k), torch.zeros_like(prefix_v)
     prefix_blocks = triton.cdiv(prefix_len, bn)
-    if per_example:
-        splits, batch_per_split = batch, 1
-        dpk = torch.empty(prefix_k.shape, device=q.device, dtype=prefix_k.dtype)
-        dpv = torch.empty(prefix_v.shape, device=q.device, dtype=prefix_v.dtype)
+    entries = prefix_k.shape[0] if per_example else 1
+    example_order = entry_offsets = None
+    if prefix_index is not None:  # the examples of each entry, in batch order (a stable sort): CSR
+        sorted_index, order = torch.sort(prefix_index, stable=True)
+        example_order = order.to(torch.int32)
+        entry_offsets = torch.searchsorted(
+            sorted_index, torch.arange(entries + 1, device=q.device, dtype=sorted_index.dtype)).to(torch.int32)
+        examples_per_entry = 0  # unused: the offsets give each entry's examples
+        splits = bank_splits(batch, entries, prefix_blocks, kv_heads, limits.multi_processor_count)
+    elif per_example:
+        examples_per_entry, splits = 1, 1
     else:
+        examples_per_entry = batch
         splits = shared_prefix_splits(batch, prefix_blocks, kv_heads, limits.multi_processor_count)
-        batch_per_split = triton.cdiv(batch, splits)
-        splits = triton.cdiv(batch, batch_per_split)
-        partial_dtype = prefix_k.dtype if splits == 1 else torch.float32
-        dpk = torch.empty((splits,) + tuple(prefix_k.shape), device=q.device, dtype=partial_dtype)
-        dpv = torch.empty((splits,) + tuple(prefix_v.shape), device=q.device, dtype=partial_dtype)
-    launcher(_prefix_attention_bwd_prefix_dkdv_kernel, (prefix_blocks * kv_heads * splits,))(
-        q, prefix_k, prefix_v, grad_out, lse, delta, dpk, dpv,
+    examples_per_split = triton.cdiv(batch, splits)
+    splits = triton.cdiv(batch, examples_per_split)
+    partial_dtype = prefix_k.dtype if splits == 1 else torch.float32
+    shape = (entries, splits) + tuple(prefix_k.shape[-3:])
+    dpk = torch.empty(shape, device=q.device, dtype=partial_dtype)
+    dpv = torch.empty(shape, device=q.device, dtype=partial_dtype)
+    launcher(_prefix_attention_bwd_prefix_dkdv_kernel, (prefix_blocks * kv_heads * entries * splits,))(
+        q, prefix_k, prefix_v, prefix_lengths, example_order, entry_offsets, grad_out, lse, delta, dpk, dpv,
         q.stride(0), q.stride(1), q.stride(2),
         *batch_strides(prefix_k, 3), *batch_strides(prefix_v, 3),
         grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
-        dpk.stride(0), dpk.stride(1), dpk.stride(2),
-        dpv.stride(0), dpv.stride(1), dpv.stride(2),
-        batch, batch_per_split, q_heads, kv_heads, q_len, k_len, prefix_len, head_dim,
-        scale, qk_scale_log2, threshold, dropout_scale, seed,
-        GROUP=group, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, EVEN_D=bd == head_dim, **flags, **compile_options,
+        dpk.stride(1), dpk.stride(2), dpk.stride(3),
+        dpv.stride(1), dpv.stride(2), dpv.stride(3),
+        examples_per_entry, examples_per_split, splits, q_heads, kv_heads, q_len, k_len, prefix_len, head_dim,
+        scale, qk_scale_log2, threshold, dropout_scale, seed, *prefix_dropout_args,
+        GROUP=group, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, EVEN_D=bd == head_dim, **prefix_flags, **flags,
+        **compile_options,
     )
+    # Fixed-order sum of the fp32 partials: deterministic.
+    dpk = dpk[:, 0] if splits == 1 else dpk.sum(1).to(prefix_k.dtype)
+    dpv = dpv[:, 0] if splits == 1 else dpv.sum(1).to(prefix_v.dtype)
     if not per_example:
-        # Fixed-order sum of the fp32 partials: deterministic.
-        dpk = dpk[0] if splits == 1 else dpk.sum(0).to(prefix_k.dtype)
-        dpv = dpv[0] if splits == 1 else dpv.sum(0).to(prefix_v.dtype)
+        dpk, dpv = dpk[0], dpv[0]
     return dq, dk, dv, dpk, dpv
 
 

@@ -50,6 +50,49 @@ def dropout_keep(seed, row_lanes, key_lane, threshold, BLOCK_R: tl.constexpr, BL
 
 
 @triton.jit
+def prefix_dropout_keep(seed, b, kv_h, which, num_kv_heads, prefix_len, head_dim, n, threshold,
+                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """(BLOCK_N, BLOCK_D) keep mask of P-Tuning v2's prefix dropout for example b, KV head kv_h,
+    prefix positions n (BLOCK_N,) and channels 0..BLOCK_D: ``which`` 0 for the keys, 1 for the values.
+
+    Lane numbering: row ((b * Hkv + kv_h) * 2 + which) * P + n has round_up(D, 8) lanes, one per
+    channel, drawn as ``dropout_keep`` draws them (8 lanes per philox call); the same for every query
+    and query head that reads this KV head, and regenerated identically in backward."""
+    width = (head_dim + 7) // 8 * 8
+    rows = ((b * num_kv_heads + kv_h) * 2 + which) * prefix_len + n.to(tl.int64)
+    return dropout_keep(seed, rows * width, 0, threshold, BLOCK_N, BLOCK_D)
+
+
+@triton.jit
+def drop_prefix_tile(tile, seed, b, kv_h, which, num_kv_heads, prefix_len, head_dim, n, threshold, scale,
+                     PREFIX_DROPOUT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A loaded (BLOCK_N, BLOCK_D) prefix K (which = 0) or V (which = 1) tile of example b with its
+    prefix dropout applied (kept elements times ``scale``, the rest 0); the tile itself without
+    PREFIX_DROPOUT."""
+    if PREFIX_DROPOUT:
+        keep = prefix_dropout_keep(seed, b, kv_h, which, num_kv_heads, prefix_len, head_dim, n, threshold,
+                                   BLOCK_N, BLOCK_D)
+        tile = tl.where(keep, tile * scale, 0.0).to(tile.dtype)
+    return tile
+
+
+@triton.jit
+def example_prefix(PREFIX_INDEX, PREFIX_LENGTHS, b, entry_step, prefix_len,
+                   HAS_INDEX: tl.constexpr, HAS_LENGTHS: tl.constexpr):
+    """(entry, length) of example b's prefix: the bank entry PREFIX_INDEX[b] (HAS_INDEX), else
+    b * entry_step (1 for a per-example prefix, 0 for a shared one); its length
+    PREFIX_LENGTHS[entry] (HAS_LENGTHS), else P."""
+    if HAS_INDEX:
+        entry = tl.load(PREFIX_INDEX + b).to(tl.int64)
+    else:
+        entry = b * entry_step
+    length = prefix_len
+    if HAS_LENGTHS:
+        length = tl.load(PREFIX_LENGTHS + entry)
+    return entry, length
+
+
+@triton.jit
 def load_tile(base, rows, stride_row, offs_d, row_valid, d_valid, UPCAST: tl.constexpr):
     """A (rows, BLOCK_D) tile of a row-major (S, D) matrix with unit last stride; masked entries read 0.
 

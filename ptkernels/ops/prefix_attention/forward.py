@@ -23,10 +23,13 @@ from torch import Tensor
 from ..utils import batch_strides
 from .common import (
     bounded_keys_visible,
+    drop_prefix_tile,
     dropout_keep,
     dropout_row_width,
+    example_prefix,
     key_bounds,
     load_full_tile,
+    prefix_dropout_keep,
     load_tile,
     program_coordinates,
     real_keys_visible,
@@ -40,6 +43,7 @@ from .launch import (
     device_limits,
     dot_precision,
     dropout_threshold,
+    entry_step,
     forward_config,
     gpu_forward_configs,
     key_bounds_of,
@@ -96,7 +100,7 @@ def _online_softmax_step_full(
 
 @triton.jit(do_not_specialize=["seed"])
 def _prefix_attention_fwd_kernel(
-    Q, K, V, PREFIX_K, PREFIX_V, KEY_PADDING_MASK, KEY_BOUNDS, OUT, LSE,
+    Q, K, V, PREFIX_K, PREFIX_V, PREFIX_INDEX, PREFIX_LENGTHS, KEY_PADDING_MASK, KEY_BOUNDS, OUT, LSE,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -104,12 +108,16 @@ def _prefix_attention_fwd_kernel(
     stride_pvb, stride_pvh, stride_pvn,
     stride_mb, stride_mn,
     stride_ob, stride_oh, stride_om,
-    num_q_heads, q_len, k_len, prefix_len, head_dim,
+    num_q_heads, q_len, k_len, prefix_len, head_dim, entry_step,
     qk_scale_log2, dropout_threshold, dropout_scale, seed,
+    prefix_dropout_threshold, prefix_dropout_scale, prefix_seed,
     GROUP: tl.constexpr,
     CAUSAL: tl.constexpr,
     HAS_KPM: tl.constexpr,
     HAS_PREFIX: tl.constexpr,
+    HAS_INDEX: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr,
+    PREFIX_DROPOUT: tl.constexpr,
     DROPOUT: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -119,7 +127,12 @@ def _prefix_attention_fwd_kernel(
     EVEN_D: tl.constexpr,
 ):
     """OUT (B, Hq, Sq, D) and LSE (B, Hq, Sq): one program per (query block, batch, query head).
-    EVEN_D: head_dim == BLOCK_D (no head-dim mask on full tiles)."""
+    EVEN_D: head_dim == BLOCK_D (no head-dim mask on full tiles).
+
+    Example b's prefix: entry ``example_prefix(...)`` of PREFIX_K / PREFIX_V (a bank read through
+    PREFIX_INDEX, a per-example prefix, or a shared one with batch stride 0), its first
+    PREFIX_LENGTHS[entry] keys (HAS_LENGTHS), with P-Tuning v2's prefix dropout applied to each
+    loaded tile (PREFIX_DROPOUT)."""
     # 1-D grid: query blocks fastest, then query heads, then batch (programs of one head adjacent).
     b, h, start_m, offs_m = program_coordinates(q_len, num_q_heads, BLOCK_M)
     kv_h = h // GROUP
@@ -140,22 +153,33 @@ def _prefix_attention_fwd_kernel(
     # Loop 1: prefix keys, read from their own tensor (batch stride 0 when shared): full blocks
     # without masks, then the last partial block.
     if HAS_PREFIX:
-        pk_base = PREFIX_K + b * stride_pkb + kv_h * stride_pkh
-        pv_base = PREFIX_V + b * stride_pvb + kv_h * stride_pvh
-        prefix_full = (prefix_len // BLOCK_N) * BLOCK_N
+        entry, example_prefix_len = example_prefix(PREFIX_INDEX, PREFIX_LENGTHS, b, entry_step, prefix_len,
+                                                   HAS_INDEX, HAS_LENGTHS)
+        pk_base = PREFIX_K + entry * stride_pkb + kv_h * stride_pkh
+        pv_base = PREFIX_V + entry * stride_pvb + kv_h * stride_pvh
+        num_kv_heads = num_q_heads // GROUP
+        prefix_full = (example_prefix_len // BLOCK_N) * BLOCK_N
         for start_n in range(0, prefix_full, BLOCK_N):
             n = start_n + offs_n
             k = load_full_tile(pk_base, n, stride_pkn, offs_d, d_valid, EVEN_D, UPCAST)
             v = load_full_tile(pv_base, n, stride_pvn, offs_d, d_valid, EVEN_D, UPCAST)
+            k = drop_prefix_tile(k, prefix_seed, b, kv_h, 0, num_kv_heads, prefix_len, head_dim, n,
+                                 prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT, BLOCK_N, BLOCK_D)
+            v = drop_prefix_tile(v, prefix_seed, b, kv_h, 1, num_kv_heads, prefix_len, head_dim, n,
+                                 prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT, BLOCK_N, BLOCK_D)
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
             acc, m_i, l_i = _online_softmax_step_full(
                 acc, m_i, l_i, qk, v, qk_scale_log2, seed, row_lanes, start_n, dropout_threshold, dropout_scale,
                 DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N)
-        if prefix_full < prefix_len:
+        if prefix_full < example_prefix_len:
             n = prefix_full + offs_n
-            n_valid = n < prefix_len
+            n_valid = n < example_prefix_len
             k = load_tile(pk_base, n, stride_pkn, offs_d, n_valid, d_valid, UPCAST)
             v = load_tile(pv_base, n, stride_pvn, offs_d, n_valid, d_valid, UPCAST)
+            k = drop_prefix_tile(k, prefix_seed, b, kv_h, 0, num_kv_heads, prefix_len, head_dim, n,
+                                 prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT, BLOCK_N, BLOCK_D)
+            v = drop_prefix_tile(v, prefix_seed, b, kv_h, 1, num_kv_heads, prefix_len, head_dim, n,
+                                 prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT, BLOCK_N, BLOCK_D)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
             s = tl.where(n_valid[None, :], s, float("-inf"))
             acc, m_i, l_i = _online_softmax_step(
@@ -252,17 +276,41 @@ def _dropout_keep_mask_kernel(
     tl.store(OUT + rows[:, None].to(tl.int64) * (prefix_len + k_len) + key[None, :], keep.to(tl.int8), mask=mask)
 
 
+@triton.jit(do_not_specialize=["seed"])
+def _prefix_dropout_keep_mask_kernel(
+    OUT, batch, num_kv_heads, prefix_len, head_dim, dropout_threshold, seed,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Materialise the prefix-dropout keep mask the attention kernels use, OUT (2, B, Hkv, P, D)
+    int8 (keys, values), for tests. One program per (which, example, kv head) x block of positions."""
+    pid = tl.program_id(0)
+    which = pid % 2
+    b = (pid // 2) // num_kv_heads
+    kv_h = (pid // 2) % num_kv_heads
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    d = tl.arange(0, BLOCK_D)
+    keep = prefix_dropout_keep(seed, b.to(tl.int64), kv_h, which, num_kv_heads, prefix_len, head_dim, n,
+                               dropout_threshold, BLOCK_N, BLOCK_D)
+    base = ((which * batch + b) * num_kv_heads + kv_h).to(tl.int64) * prefix_len * head_dim
+    mask = (n[:, None] < prefix_len) & (d[None, :] < head_dim)
+    tl.store(OUT + base + n[:, None] * head_dim + d[None, :], keep.to(tl.int8), mask=mask)
+
+
 def prefix_attention_forward(
     q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor,
     key_padding_mask: Optional[Tensor], causal: bool, scale: float, dropout_p: float, seed: int,
+    prefix_index: Optional[Tensor] = None, prefix_lengths: Optional[Tensor] = None,
+    prefix_dropout_p: float = 0.0, prefix_seed: int = 0,
     *, limits: Optional[DeviceLimits] = None, launcher: Launcher = launch_kernel,
 ) -> tuple[Tensor, Tensor]:
     """Launch the forward kernel. Inputs must have a unit last stride (checked by the caller).
 
     Arguments:
-        q: (B, Hq, Sq, D); k, v: (B, Hkv, Sk, D); prefix_k, prefix_v: (Hkv, P, D) shared by the batch
-            or (B, Hkv, P, D) per example (P may be 0); key_padding_mask: (B, Sk) bool or None.
-        scale: the softmax scale; dropout_p, seed: attention dropout and its philox seed.
+        q: (B, Hq, Sq, D); k, v: (B, Hkv, Sk, D); prefix_k, prefix_v: (Hkv, P, D) shared by the batch,
+            (B, Hkv, P, D) per example, or a bank (A, Hkv, P, D) read through prefix_index (B,) int32
+            (P may be 0); prefix_lengths: int32 (A,) / (B,) / (1,) or None; key_padding_mask: (B, Sk) bool or None.
+        scale: the softmax scale; dropout_p, seed: attention dropout and its philox seed;
+        prefix_dropout_p, prefix_seed: the prefix dropout and its philox seed.
         limits: the device's limits (default: those of q's device); launcher: runs each kernel
             launch (default: launches it; benchmarks/aot_check.py records it instead).
     Returns:
@@ -283,7 +331,7 @@ def prefix_attention_forward(
     def run(cfg):
         grid = (triton.cdiv(q_len, cfg["BLOCK_M"]) * batch * q_heads,)
         launcher(_prefix_attention_fwd_kernel, grid)(
-            q, k, v, prefix_k, prefix_v, kpm, bounds, out, lse,
+            q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, kpm, bounds, out, lse,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
@@ -291,12 +339,16 @@ def prefix_attention_forward(
             *batch_strides(prefix_v, 3),
             *mask_strides(key_padding_mask),
             out.stride(0), out.stride(1), out.stride(2),
-            q_heads, q_len, k_len, prefix_len, head_dim,
+            q_heads, q_len, k_len, prefix_len, head_dim, entry_step(prefix_k, prefix_index),
             scale * LOG2_E, *dropout_threshold(dropout_p), seed,
+            *dropout_threshold(prefix_dropout_p), prefix_seed,
             GROUP=q_heads // kv_heads,
             CAUSAL=causal,
             HAS_KPM=key_padding_mask is not None,
             HAS_PREFIX=prefix_len > 0,
+            HAS_INDEX=prefix_index is not None,
+            HAS_LENGTHS=prefix_lengths is not None,
+            PREFIX_DROPOUT=prefix_dropout_p > 0.0,
             DROPOUT=dropout_p > 0.0,
             UPCAST=upcast_in_interpreter(q.dtype, limits.interpreted),
             DOT_PRECISION=dot_precision(q.dtype, limits.hip),
@@ -308,7 +360,8 @@ def prefix_attention_forward(
     cfg = forward_config(head_dim, q.dtype, limits, dropout=dropout_p > 0.0)
     if autotune_requested(limits) and launcher is launch_kernel:
         key = ("fwd", str(q.device), q.dtype, head_dim, q_heads // kv_heads, causal, kpm is None, prefix_len > 0,
-               dropout_p > 0.0, shape_bucket(q_len), shape_bucket(prefix_len + k_len))
+               dropout_p > 0.0, prefix_index is None, prefix_lengths is None, prefix_dropout_p > 0.0,
+               shape_bucket(q_len), shape_bucket(prefix_len + k_len))
         configs = gpu_forward_configs(head_dim, q.dtype, limits.max_shared_memory, dropout_p > 0.0)
         cfg = tuned_config(key, configs, lambda c: triton.testing.do_bench(lambda: run(c), warmup=5, rep=20))
     run(cfg)
@@ -331,7 +384,22 @@ def dropout_keep_mask(
     return out.view(batch, q_heads, q_len, prefix_len + k_len).bool()
 
 
-# Every kernel of this module (benchmarks/aot_check.py compiles each of them).
-KERNELS = (_prefix_attention_fwd_kernel, _dropout_keep_mask_kernel)
+def prefix_dropout_keep_mask(
+    batch: int, kv_heads: int, prefix_len: int, head_dim: int, prefix_dropout_p: float, prefix_seed: int, device,
+    *, launcher: Launcher = launch_kernel,
+) -> Tensor:
+    """The (2, B, Hkv, P, D) bool keep mask of the prefix dropout (keys, values) that the kernels
+    draw for ``prefix_seed`` (for tests / debugging). P(keep) = 1 - t / 65536 as in ``dropout_keep_mask``."""
+    out = torch.empty(2, batch, kv_heads, prefix_len, head_dim, dtype=torch.int8, device=device)
+    if out.numel():
+        grid = (2 * batch * kv_heads, triton.cdiv(prefix_len, 16))
+        launcher(_prefix_dropout_keep_mask_kernel, grid)(
+            out, batch, kv_heads, prefix_len, head_dim, dropout_threshold(prefix_dropout_p)[0], prefix_seed,
+            BLOCK_N=16, BLOCK_D=block_d(head_dim))
+    return out.bool()
 
-__all__ = ["prefix_attention_forward", "dropout_keep_mask", "KERNELS"]
+
+# Every kernel of this module (benchmarks/aot_check.py compiles each of them).
+KERNELS = (_prefix_attention_fwd_kernel, _dropout_keep_mask_kernel, _prefix_dropout_keep_mask_kernel)
+
+__all__ = ["prefix_attention_forward", "dropout_keep_mask", "prefix_dropout_keep_mask", "KERNELS"]

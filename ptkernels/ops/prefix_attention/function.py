@@ -21,15 +21,19 @@ from .forward import prefix_attention_forward
 def prefix_attention_fwd_op(
     q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor,
     key_padding_mask: Optional[Tensor], causal: bool, scale: float, dropout_p: float, seed: int,
+    prefix_index: Optional[Tensor], prefix_lengths: Optional[Tensor], prefix_dropout_p: float, prefix_seed: int,
 ) -> tuple[Tensor, Tensor]:
-    """q (B, Hq, Sq, D), k, v (B, Hkv, Sk, D), prefix_k, prefix_v (Hkv, P, D) or (B, Hkv, P, D),
+    """q (B, Hq, Sq, D), k, v (B, Hkv, Sk, D), prefix_k, prefix_v (Hkv, P, D), (B, Hkv, P, D) or a
+    bank (A, Hkv, P, D) with prefix_index (B,) int32, prefix_lengths int32 (A,) / (B,) / (1,) or None,
     key_padding_mask (B, Sk) bool or None, all with a unit last stride -> out (B, Hq, Sq, D) and
     lse (B, Hq, Sq) float32 (log2 domain, kept for the backward)."""
-    return prefix_attention_forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, dropout_p, seed)
+    return prefix_attention_forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, dropout_p, seed,
+                                    prefix_index, prefix_lengths, prefix_dropout_p, prefix_seed)
 
 
 @prefix_attention_fwd_op.register_fake
-def _(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, dropout_p, seed):
+def _(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, dropout_p, seed, prefix_index, prefix_lengths,
+      prefix_dropout_p, prefix_seed):
     return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
@@ -38,35 +42,41 @@ def prefix_attention_bwd_op(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor,
     key_padding_mask: Optional[Tensor], out: Tensor, lse: Tensor,
     causal: bool, scale: float, dropout_p: float, seed: int,
+    prefix_index: Optional[Tensor], prefix_lengths: Optional[Tensor], prefix_dropout_p: float, prefix_seed: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """grad_out, out (B, Hq, Sq, D), lse (B, Hq, Sq) and the forward's inputs -> dq, dk, dv, dprefix_k,
     dprefix_v, each shaped like its input."""
     return prefix_attention_backward(
-        grad_out, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, causal, scale, dropout_p, seed
+        grad_out, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, causal, scale, dropout_p, seed,
+        prefix_index, prefix_lengths, prefix_dropout_p, prefix_seed,
     )
 
 
 @prefix_attention_bwd_op.register_fake
-def _(grad_out, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, causal, scale, dropout_p, seed):
+def _(grad_out, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, causal, scale, dropout_p, seed,
+      prefix_index, prefix_lengths, prefix_dropout_p, prefix_seed):
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
             torch.empty_like(prefix_k), torch.empty_like(prefix_v))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, dropout_p, seed = inputs
+    (q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, dropout_p, seed,
+     prefix_index, prefix_lengths, prefix_dropout_p, prefix_seed) = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse)
+    ctx.save_for_backward(q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, prefix_index, prefix_lengths)
     ctx.causal, ctx.scale, ctx.dropout_p, ctx.seed = causal, scale, dropout_p, seed
+    ctx.prefix_dropout_p, ctx.prefix_seed = prefix_dropout_p, prefix_seed
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, grad_out, grad_lse):
-    q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse = ctx.saved_tensors
+    q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, prefix_index, prefix_lengths = ctx.saved_tensors
     dq, dk, dv, dpk, dpv = prefix_attention_bwd_op(
         unit_last_stride(grad_out), q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse,
-        ctx.causal, ctx.scale, ctx.dropout_p, ctx.seed,
+        ctx.causal, ctx.scale, ctx.dropout_p, ctx.seed, prefix_index, prefix_lengths, ctx.prefix_dropout_p,
+        ctx.prefix_seed,
     )
-    return dq, dk, dv, dpk, dpv, None, None, None, None, None
+    return dq, dk, dv, dpk, dpv, None, None, None, None, None, None, None, None, None
 
 
 prefix_attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -84,20 +94,30 @@ def prefix_attention_triton(
 ) -> Tensor:
     """Triton path of ``prefix_attention`` (arguments already checked).
 
-    q: (B, Hq, Sq, D); k, v: (B, Hkv, Sk, D); prefix_k, prefix_v: (Hkv, P, D), (B, Hkv, P, D) or None;
+    q: (B, Hq, Sq, D); k, v: (B, Hkv, Sk, D); prefix_k, prefix_v: (Hkv, P, D), (B, Hkv, P, D), a bank
+    (A, Hkv, P, D) with prefix_index (B,), or None; prefix_lengths (A,) / (B,) / (1,) or None;
     key_padding_mask: (B, Sk) bool or None. Returns out (B, Hq, Sq, D).
     """
-    if prefix_index is not None or prefix_lengths is not None or prefix_dropout_p > 0.0:
-        raise NotImplementedError("prefix banks / lengths / prefix dropout are not in the Triton kernels yet")
     if prefix_k is None:
         empty = q.new_zeros(k.shape[1], 0, q.shape[-1])
         prefix_k, prefix_v = empty, empty.clone()
     if key_padding_mask is not None and key_padding_mask.stride(-1) != 1:
         key_padding_mask = key_padding_mask.contiguous()
+    if prefix_k.shape[-2] == 0:
+        prefix_index = prefix_lengths = None
+        prefix_dropout_p = 0.0
+    # The prefix dropout's seed first, then the attention dropout's (as the torch path draws its masks).
+    prefix_seed = draw_dropout_seed() if prefix_dropout_p > 0.0 else 0
     seed = draw_dropout_seed() if dropout_p > 0.0 else 0
     out, _ = prefix_attention_fwd_op(
         unit_last_stride(q), unit_last_stride(k), unit_last_stride(v),
         unit_last_stride(prefix_k), unit_last_stride(prefix_v),
         key_padding_mask, causal, scale, dropout_p, seed,
+        as_int32(prefix_index), as_int32(prefix_lengths), prefix_dropout_p, prefix_seed,
     )
     return out
+
+
+def as_int32(t: Optional[Tensor]) -> Optional[Tensor]:
+    """An index / length vector as the contiguous int32 tensor the kernels read (None stays None)."""
+    return None if t is None else t.to(torch.int32).contiguous()

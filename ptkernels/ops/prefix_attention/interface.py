@@ -56,10 +56,11 @@ def check_prefix_attention_args(q, k, v, prefix_k, prefix_v, key_padding_mask, c
             # a bank (A, Hkv, P, D) with prefix_index, else per example (B, Hkv, P, D)
             want = (prefix_k.shape[0] if prefix_index is not None else batch,) + want
         if tuple(prefix_k.shape) != want:
-            lead = "A (bank entries, with prefix_index)" if prefix_index is not None else f"B = {batch}"
             raise ValueError(
-                f"prefix_k must be (Hkv, P, D) = ({kv_heads}, P, {head_dim}) shared, or ({lead}, {kv_heads}, P, "
-                f"{head_dim}), to match k {tuple(k.shape)}, got {tuple(prefix_k.shape)}"
+                f"prefix_k must be (Hkv, P, D) = ({kv_heads}, P, {head_dim}) shared, (B, Hkv, P, D) = ({batch}, "
+                f"{kv_heads}, P, {head_dim}) per example, or (A, Hkv, P, D) = (A, {kv_heads}, P, {head_dim}) bank "
+                f"entries read through prefix_index, to match q {tuple(q.shape)} and k {tuple(k.shape)}, "
+                f"got {tuple(prefix_k.shape)}"
             )
         for name, t in (("prefix_k", prefix_k), ("prefix_v", prefix_v)):
             if t.dtype != q.dtype:

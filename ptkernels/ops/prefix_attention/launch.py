@@ -258,6 +258,20 @@ def shared_prefix_splits(batch: int, prefix_blocks: int, kv_heads: int, multi_pr
     return max(1, min(batch, want))
 
 
+def bank_splits(batch: int, entries: int, prefix_blocks: int, kv_heads: int,
+                multi_processor_count: Optional[int]) -> int:
+    """How many slices each bank entry's examples are split into for the gradient reduction: about
+    two programs per SM over all A entries (the per-entry counts are not read on the host, so a
+    split takes ceil(B / splits) examples of its entry's list; splits past an entry's count are empty).
+    Off CUDA 2 (when B > 1), so that CI exercises the partial-sum path."""
+    if batch <= 1:
+        return 1
+    if multi_processor_count is None:
+        return min(batch, 2)
+    want = triton.cdiv(2 * multi_processor_count, max(1, prefix_blocks * kv_heads * entries))
+    return max(1, min(batch, want))
+
+
 # --------------------------------------------------------------------------------------------
 # Kernel arguments
 
@@ -285,6 +299,12 @@ def key_bounds_of(key_padding_mask: Optional[Tensor]) -> Optional[Tensor]:
     first = torch.where(empty, 0, first)
     last = torch.where(empty, 0, last)
     return torch.stack([first, last, (count == last - first).to(first.dtype)], 1).to(torch.int32)
+
+
+def entry_step(prefix_k: Tensor, prefix_index: Optional[Tensor]) -> int:
+    """How the kernels find example b's prefix entry without an index: b * entry_step, 1 for a
+    per-example (B, Hkv, P, D) prefix, 0 for a shared (Hkv, P, D) one (0 with an index: unused)."""
+    return 1 if prefix_k.dim() == 4 and prefix_index is None else 0
 
 
 def mask_as_int8(key_padding_mask: Optional[Tensor]) -> Optional[Tensor]:
