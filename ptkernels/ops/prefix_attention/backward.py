@@ -33,10 +33,12 @@ from .common import (
     prefix_dropout_keep,
     program_coordinates,
     real_keys_visible,
+    sequence_extent,
 )
 from .launch import (
     LOG2_E,
     DeviceLimits,
+    Varlen,
     Launcher,
     autotune_requested,
     backward_config,
@@ -50,6 +52,7 @@ from .launch import (
     launch_kernel,
     mask_as_int8,
     mask_strides,
+    qkv_strides,
     shape_bucket,
     bank_splits,
     shared_prefix_splits,
@@ -103,7 +106,8 @@ def _dq_tile(
 
 @triton.jit(do_not_specialize=["seed"])
 def _prefix_attention_bwd_dq_kernel(
-    Q, K, V, PREFIX_K, PREFIX_V, PREFIX_INDEX, PREFIX_LENGTHS, KEY_PADDING_MASK, KEY_BOUNDS, GRAD_OUT, LSE, DELTA, DQ,
+    Q, K, V, PREFIX_K, PREFIX_V, PREFIX_INDEX, PREFIX_LENGTHS, KEY_PADDING_MASK, KEY_BOUNDS, CU_SEQLENS_Q, CU_SEQLENS_K,
+    GRAD_OUT, LSE, DELTA, DQ,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -112,19 +116,29 @@ def _prefix_attention_bwd_dq_kernel(
     stride_mb, stride_mn,
     stride_dob, stride_doh, stride_dom,
     stride_dqb, stride_dqh, stride_dqm,
-    num_q_heads, q_len, k_len, prefix_len, head_dim, entry_step,
+    num_q_heads, q_len, k_len, prefix_len, head_dim, entry_step, stat_rows,
     scale, qk_scale_log2, dropout_threshold, dropout_scale, seed,
     prefix_dropout_threshold, prefix_dropout_scale, prefix_seed,
-    GROUP: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_PREFIX: tl.constexpr,
+    GROUP: tl.constexpr, VARLEN: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_PREFIX: tl.constexpr,
     HAS_INDEX: tl.constexpr, HAS_LENGTHS: tl.constexpr, PREFIX_DROPOUT: tl.constexpr,
     DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
 ):
     """DQ (B, Hq, Sq, D): one program per (query block, batch, query head). EVEN_D: head_dim == BLOCK_D.
-    Example b's prefix (bank entry, length, prefix dropout) as in the forward kernel."""
+    Example b's prefix (bank entry, length, prefix dropout) and VARLEN as in the forward kernel."""
     # 1-D grid: query blocks fastest, then query heads, then batch.
     b, h, start_m, offs_m = program_coordinates(q_len, num_q_heads, BLOCK_M)
     kv_h = h // GROUP
+    row_width = dropout_row_width(prefix_len, k_len)
+    stat_base = (b * num_q_heads + h) * q_len
+    q_start = 0
+    k_start = 0
+    if VARLEN:
+        q_start, q_len = sequence_extent(CU_SEQLENS_Q, b)
+        k_start, k_len = sequence_extent(CU_SEQLENS_K, b)
+        if start_m >= q_len:
+            return
+        stat_base = h * stat_rows + q_start
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     m_valid = offs_m < q_len
@@ -132,12 +146,14 @@ def _prefix_attention_bwd_dq_kernel(
     rows = offs_m[:, None].to(tl.int64)
     qd_mask = m_valid[:, None] & d_valid[None, :]
 
-    q = load_tile(Q + b * stride_qb + h * stride_qh, offs_m, stride_qm, offs_d, m_valid, d_valid, UPCAST)
-    do = load_tile(GRAD_OUT + b * stride_dob + h * stride_doh, offs_m, stride_dom, offs_d, m_valid, d_valid, UPCAST)
-    row_stat = (b * num_q_heads + h) * q_len + offs_m
+    q = load_tile(Q + b * stride_qb + q_start * stride_qm + h * stride_qh, offs_m, stride_qm, offs_d, m_valid,
+                  d_valid, UPCAST)
+    do = load_tile(GRAD_OUT + b * stride_dob + q_start * stride_dom + h * stride_doh, offs_m, stride_dom, offs_d,
+                   m_valid, d_valid, UPCAST)
+    row_stat = stat_base + offs_m
     lse = tl.load(LSE + row_stat, mask=m_valid, other=float("inf"))
     delta = tl.load(DELTA + row_stat, mask=m_valid, other=0.0)
-    row_lanes = row_stat.to(tl.int64) * dropout_row_width(prefix_len, k_len)
+    row_lanes = row_stat.to(tl.int64) * row_width
     real_lane = (prefix_len + 7) // 8 * 8  # the dropout lane of real key 0
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
@@ -179,8 +195,8 @@ def _prefix_attention_bwd_dq_kernel(
     hi = k_len
     if CAUSAL:
         hi = tl.minimum(k_len, start_m + BLOCK_M + (k_len - q_len))
-    k_base = K + b * stride_kb + kv_h * stride_kh
-    v_base = V + b * stride_vb + kv_h * stride_vh
+    k_base = K + b * stride_kb + k_start * stride_kn + kv_h * stride_kh
+    v_base = V + b * stride_vb + k_start * stride_vn + kv_h * stride_vh
     lo_b, hi_b, contiguous = key_bounds(KEY_BOUNDS, b, k_len, HAS_KPM)
     if contiguous:
         full_end = hi_b
@@ -226,7 +242,7 @@ def _prefix_attention_bwd_dq_kernel(
                           dropout_threshold, qk_scale_log2, dropout_scale, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N,
                           True)
 
-    dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + rows * stride_dqm + offs_d[None, :]
+    dq_ptrs = DQ + b * stride_dqb + q_start * stride_dqm + h * stride_dqh + rows * stride_dqm + offs_d[None, :]
     tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=qd_mask)
 
 
@@ -275,7 +291,7 @@ def _dkdv_tile(
 
 @triton.jit(do_not_specialize=["seed"])
 def _prefix_attention_bwd_dkdv_kernel(
-    Q, K, V, KEY_PADDING_MASK, KEY_BOUNDS, GRAD_OUT, LSE, DELTA, DK, DV,
+    Q, K, V, KEY_PADDING_MASK, KEY_BOUNDS, CU_SEQLENS_Q, CU_SEQLENS_K, GRAD_OUT, LSE, DELTA, DK, DV,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -283,22 +299,34 @@ def _prefix_attention_bwd_dkdv_kernel(
     stride_dob, stride_doh, stride_dom,
     stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn,
-    num_q_heads, num_kv_heads, q_len, k_len, prefix_len, head_dim,
+    num_q_heads, num_kv_heads, q_len, k_len, prefix_len, head_dim, stat_rows,
     scale, qk_scale_log2, dropout_threshold, dropout_scale, seed,
-    GROUP: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+    GROUP: tl.constexpr, VARLEN: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
     DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
 ):
-    """DK, DV (B, Hkv, Sk, D) of the real keys: one program per (key block, batch, kv head)."""
+    """DK, DV (B, Hkv, Sk, D) of the real keys: one program per (key block, batch, kv head).
+    VARLEN as in the forward kernel (b is a packed sequence; DK, DV are (total_k, Hkv, D))."""
     # 1-D grid: key blocks fastest, then kv heads, then batch.
     b, kv_h, start_n, offs_n = program_coordinates(k_len, num_kv_heads, BLOCK_N)
+    width = dropout_row_width(prefix_len, k_len)  # from the max key length under VARLEN
+    q_len_max = q_len
+    q_start = 0
+    k_start = 0
+    if VARLEN:
+        q_start, q_len = sequence_extent(CU_SEQLENS_Q, b)
+        k_start, k_len = sequence_extent(CU_SEQLENS_K, b)
+        if start_n >= k_len:
+            return
     offs_d = tl.arange(0, BLOCK_D)
     n_valid = offs_n < k_len
     d_valid = offs_d < head_dim
     keys = offs_n[:, None].to(tl.int64)
     kd_mask = n_valid[:, None] & d_valid[None, :]
-    k = load_tile(K + b * stride_kb + kv_h * stride_kh, offs_n, stride_kn, offs_d, n_valid, d_valid, UPCAST)
-    v = load_tile(V + b * stride_vb + kv_h * stride_vh, offs_n, stride_vn, offs_d, n_valid, d_valid, UPCAST)
+    k = load_tile(K + b * stride_kb + k_start * stride_kn + kv_h * stride_kh, offs_n, stride_kn, offs_d, n_valid,
+                  d_valid, UPCAST)
+    v = load_tile(V + b * stride_vb + k_start * stride_vn + kv_h * stride_vh, offs_n, stride_vn, offs_d, n_valid,
+                  d_valid, UPCAST)
     visible = n_valid
     if HAS_KPM:
         attend = tl.load(KEY_PADDING_MASK + b * stride_mb + offs_n.to(tl.int64) * stride_mn, mask=n_valid, other=0)
@@ -329,12 +357,14 @@ def _prefix_attention_bwd_dkdv_kernel(
     key_full = contiguous & (start_n >= lo_b) & (start_n + BLOCK_N <= hi_b)
     full_stop = tl.where(key_full, tl.maximum(full_stop, full_start), full_start)
     real_lane = (prefix_len + 7) // 8 * 8 + start_n
-    width = dropout_row_width(prefix_len, k_len)
     for g in range(GROUP):
         h = kv_h * GROUP + g
-        q_base = b * stride_qb + h * stride_qh
-        do_base = b * stride_dob + h * stride_doh
-        stat_base = (b * num_q_heads + h) * q_len
+        q_base = b * stride_qb + q_start * stride_qm + h * stride_qh
+        do_base = b * stride_dob + q_start * stride_dom + h * stride_doh
+        if VARLEN:
+            stat_base = h * stat_rows + q_start
+        else:
+            stat_base = (b * num_q_heads + h) * q_len_max
         for start_m in range(lo, full_start, BLOCK_M):
             visible_t = visible[:, None]
             if CAUSAL:
@@ -362,15 +392,16 @@ def _prefix_attention_bwd_dkdv_kernel(
                 start_m, q_len, offs_d, d_valid, visible_t, real_lane, stat_base, width, seed, dropout_threshold,
                 dropout_scale, qk_scale_log2, DROPOUT, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, True, EVEN_D,
             )
-    tl.store(DK + b * stride_dkb + kv_h * stride_dkh + keys * stride_dkn + offs_d[None, :],
+    tl.store(DK + b * stride_dkb + k_start * stride_dkn + kv_h * stride_dkh + keys * stride_dkn + offs_d[None, :],
              (dk * scale).to(DK.dtype.element_ty), mask=kd_mask)
-    tl.store(DV + b * stride_dvb + kv_h * stride_dvh + keys * stride_dvn + offs_d[None, :],
+    tl.store(DV + b * stride_dvb + k_start * stride_dvn + kv_h * stride_dvh + keys * stride_dvn + offs_d[None, :],
              dv.to(DV.dtype.element_ty), mask=kd_mask)
 
 
 @triton.jit(do_not_specialize=["seed", "prefix_seed"])
 def _prefix_attention_bwd_prefix_dkdv_kernel(
-    Q, PREFIX_K, PREFIX_V, PREFIX_LENGTHS, EXAMPLE_ORDER, ENTRY_OFFSETS, GRAD_OUT, LSE, DELTA, DPREFIX_K, DPREFIX_V,
+    Q, PREFIX_K, PREFIX_V, PREFIX_LENGTHS, EXAMPLE_ORDER, ENTRY_OFFSETS, CU_SEQLENS_Q, GRAD_OUT, LSE, DELTA,
+    DPREFIX_K, DPREFIX_V,
     stride_qb, stride_qh, stride_qm,
     stride_pkb, stride_pkh, stride_pkn,
     stride_pvb, stride_pvh, stride_pvn,
@@ -378,9 +409,9 @@ def _prefix_attention_bwd_prefix_dkdv_kernel(
     stride_dpks, stride_dpkh, stride_dpkn,
     stride_dpvs, stride_dpvh, stride_dpvn,
     examples_per_entry, examples_per_split, splits, num_q_heads, num_kv_heads, q_len, k_len, prefix_len, head_dim,
-    scale, qk_scale_log2, dropout_threshold, dropout_scale, seed,
+    stat_rows, scale, qk_scale_log2, dropout_threshold, dropout_scale, seed,
     prefix_dropout_threshold, prefix_dropout_scale, prefix_seed,
-    GROUP: tl.constexpr, HAS_INDEX: tl.constexpr, HAS_LENGTHS: tl.constexpr, PREFIX_DROPOUT: tl.constexpr,
+    GROUP: tl.constexpr, VARLEN: tl.constexpr, HAS_INDEX: tl.constexpr, HAS_LENGTHS: tl.constexpr, PREFIX_DROPOUT: tl.constexpr,
     DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
 ):
@@ -396,6 +427,7 @@ def _prefix_attention_bwd_prefix_dkdv_kernel(
     Split s takes examples [s * examples_per_split, (s + 1) * examples_per_split) of its entry's list.
     With PREFIX_DROPOUT each example's contribution is accumulated apart and multiplied by that
     example's keep mask times 1 / P(keep) (the gradient of the dropped tile w.r.t. the raw one).
+    VARLEN: example b is packed sequence b (its queries rows CU_SEQLENS_Q[b].. of Q, LSE (Hq, total_q)).
     """
     # 1-D grid: prefix blocks fastest, then kv heads, then (entry, split).
     outer, kv_h, start_n, offs_n = program_coordinates(prefix_len, num_kv_heads, BLOCK_N)
@@ -428,16 +460,20 @@ def _prefix_attention_bwd_prefix_dkdv_kernel(
     visible_t = n_valid[:, None]
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    # Full query tiles of a full prefix block without masks, then the last partial query tile.
-    full_stop = (q_len // BLOCK_M) * BLOCK_M
-    if start_n + BLOCK_N > entry_prefix_len:
-        full_stop = 0
     width = dropout_row_width(prefix_len, k_len)
     for i in range(split_first, split_last):
         if HAS_INDEX:
             b = tl.load(EXAMPLE_ORDER + i).to(tl.int64)
         else:
             b = i
+        q_start = 0
+        example_q_len = q_len
+        if VARLEN:
+            q_start, example_q_len = sequence_extent(CU_SEQLENS_Q, b)
+        # Full query tiles of a full prefix block without masks, then the last partial query tile.
+        full_stop = (example_q_len // BLOCK_M) * BLOCK_M
+        if start_n + BLOCK_N > entry_prefix_len:
+            full_stop = 0
         if PREFIX_DROPOUT:
             keep_k = prefix_dropout_keep(prefix_seed, b, kv_h, 0, num_kv_heads, prefix_len, head_dim, offs_n,
                                          prefix_dropout_threshold, BLOCK_N, BLOCK_D)
@@ -452,19 +488,22 @@ def _prefix_attention_bwd_prefix_dkdv_kernel(
             dv_b = dv
         for g in range(GROUP):
             h = kv_h * GROUP + g
-            q_base = b * stride_qb + h * stride_qh
-            do_base = b * stride_dob + h * stride_doh
-            stat_base = (b * num_q_heads + h) * q_len
+            q_base = b * stride_qb + q_start * stride_qm + h * stride_qh
+            do_base = b * stride_dob + q_start * stride_dom + h * stride_doh
+            if VARLEN:
+                stat_base = h * stat_rows + q_start
+            else:
+                stat_base = (b * num_q_heads + h) * q_len
             for start_m in range(0, full_stop, BLOCK_M):
                 dk_b, dv_b = _dkdv_tile(
                     dk_b, dv_b, k, v, Q, GRAD_OUT, LSE, DELTA, q_base, do_base, stat_base, stride_qm, stride_dom,
-                    start_m, q_len, offs_d, d_valid, visible_t, start_n, stat_base, width, seed, dropout_threshold,
+                    start_m, example_q_len, offs_d, d_valid, visible_t, start_n, stat_base, width, seed, dropout_threshold,
                     dropout_scale, qk_scale_log2, DROPOUT, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, False, EVEN_D,
                 )
-            for start_m in range(full_stop, q_len, BLOCK_M):
+            for start_m in range(full_stop, example_q_len, BLOCK_M):
                 dk_b, dv_b = _dkdv_tile(
                     dk_b, dv_b, k, v, Q, GRAD_OUT, LSE, DELTA, q_base, do_base, stat_base, stride_qm, stride_dom,
-                    start_m, q_len, offs_d, d_valid, visible_t, start_n, stat_base, width, seed, dropout_threshold,
+                    start_m, example_q_len, offs_d, d_valid, visible_t, start_n, stat_base, width, seed, dropout_threshold,
                     dropout_scale, qk_scale_log2, DROPOUT, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, True, EVEN_D,
                 )
         if PREFIX_DROPOUT:
@@ -486,7 +525,8 @@ def prefix_attention_backward(
     causal: bool, scale: float, dropout_p: float, seed: int,
     prefix_index: Optional[Tensor] = None, prefix_lengths: Optional[Tensor] = None,
     prefix_dropout_p: float = 0.0, prefix_seed: int = 0,
-    *, limits: Optional[DeviceLimits] = None, launcher: Launcher = launch_kernel, config: Optional[dict] = None,
+    *, varlen: Optional[Varlen] = None, limits: Optional[DeviceLimits] = None, launcher: Launcher = launch_kernel,
+    config: Optional[dict] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Launch the backward kernels. Inputs must have a unit last stride (grad_out is made so).
 
@@ -496,7 +536,8 @@ def prefix_attention_backward(
             batch, (B, Hkv, P, D) per example, or a bank (A, Hkv, P, D) read through prefix_index (B,)
             int32 (P may be 0); prefix_lengths: int32 (A,) / (B,) / (1,) or None;
             key_padding_mask: (B, Sk) bool or None.
-        causal, scale, dropout_p, seed, prefix_dropout_p, prefix_seed: as given to the forward.
+        causal, scale, dropout_p, seed, prefix_dropout_p, prefix_seed, varlen: as given to the forward
+            (varlen: q, grad_out, out (total_q, Hq, D), k, v (total_k, Hkv, D), lse (1, Hq, total_q)).
         limits: the device's limits (default: those of q's device); launcher: runs each kernel
             launch (default: launches it; benchmarks/aot_check.py records it instead); config: the
             block config (default: the heuristic's, or with PTKERNELS_AUTOTUNE=1 the fastest).
@@ -504,8 +545,13 @@ def prefix_attention_backward(
         dq (B, Hq, Sq, D), dk, dv (B, Hkv, Sk, D), dprefix_k, dprefix_v shaped like prefix_k (a
         shared prefix's or bank entry's gradient summed over its examples in a fixed order).
     """
-    batch, q_heads, q_len, head_dim = q.shape
-    kv_heads, k_len = k.shape[1], k.shape[2]
+    if varlen is None:
+        batch, q_heads, q_len, head_dim = q.shape
+        kv_heads, k_len = k.shape[1], k.shape[2]
+        stat_rows = q_len
+    else:
+        batch, (stat_rows, q_heads, head_dim), kv_heads = varlen.num_sequences, q.shape, k.shape[1]
+        q_len, k_len = varlen.max_seqlen_q, varlen.max_seqlen_k
     prefix_len = prefix_k.shape[-2]
     per_example = prefix_k.dim() == 4
     group = q_heads // kv_heads
@@ -514,7 +560,7 @@ def prefix_attention_backward(
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
-    if q.numel() == 0 or k.numel() == 0 and prefix_len == 0:
+    if q.numel() == 0 or batch == 0 or q_len == 0 or k.numel() == 0 and prefix_len == 0:
         return dq.zero_(), dk.zero_(), dv.zero_(), torch.zeros_like(prefix_k), torch.zeros_like(prefix_v)
 
     limits = device_limits(q.device) if limits is None else limits
@@ -522,13 +568,13 @@ def prefix_attention_backward(
     if config is None and autotune_requested(limits) and launcher is launch_kernel:
         key = ("bwd", str(q.device), q.dtype, head_dim, group, causal, key_padding_mask is None, prefix_len > 0,
                per_example, dropout_p > 0.0, prefix_index is None, prefix_lengths is None, prefix_dropout_p > 0.0,
-               shape_bucket(q_len), shape_bucket(prefix_len + k_len))
+               varlen is None, shape_bucket(q_len), shape_bucket(prefix_len + k_len))
 
         def measure(c):
             return triton.testing.do_bench(lambda: prefix_attention_backward(
                 grad_out, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, causal, scale, dropout_p, seed,
-                prefix_index, prefix_lengths, prefix_dropout_p, prefix_seed, limits=limits, config=c),
-                warmup=3, rep=20)
+                prefix_index, prefix_lengths, prefix_dropout_p, prefix_seed, varlen=varlen, limits=limits,
+                config=c), warmup=3, rep=20)
 
         cfg = tuned_config(key, gpu_backward_configs(head_dim, q.dtype, limits.max_shared_memory), measure)
     bm, bn, bd = cfg["BLOCK_M"], cfg["BLOCK_N"], block_d(head_dim)
@@ -543,43 +589,48 @@ def prefix_attention_backward(
     kpm = mask_as_int8(key_padding_mask)
     bounds = key_bounds_of(key_padding_mask)
 
+    cu_q = None if varlen is None else varlen.cu_seqlens_q
+    cu_k = None if varlen is None else varlen.cu_seqlens_k
+
     delta = torch.empty_like(lse)
-    # 1-D grids throughout: CUDA caps grid y/z at 65535, and B * H (or B) can exceed it.
-    launcher(_delta_kernel, (triton.cdiv(q_len, bm) * batch * q_heads,))(
+    # 1-D grids throughout: CUDA caps grid y/z at 65535, and B * H (or B) can exceed it. Packed
+    # sequences: delta is row-wise, so (total_q, Hq, D) runs as one batch of total_q rows.
+    delta_batch, delta_rows = (batch, q_len) if varlen is None else (1, stat_rows)
+    launcher(_delta_kernel, (triton.cdiv(delta_rows, bm) * delta_batch * q_heads,))(
         out, grad_out, delta,
-        out.stride(0), out.stride(1), out.stride(2),
-        grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
-        q_heads, q_len, head_dim, BLOCK_M=bm, BLOCK_D=bd,
+        *qkv_strides(out, varlen),
+        *qkv_strides(grad_out, varlen),
+        q_heads, delta_rows, head_dim, BLOCK_M=bm, BLOCK_D=bd,
     )
 
     launcher(_prefix_attention_bwd_dq_kernel, (triton.cdiv(q_len, bm) * batch * q_heads,))(
-        q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, kpm, bounds, grad_out, lse, delta, dq,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
+        q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, kpm, bounds, cu_q, cu_k, grad_out, lse, delta, dq,
+        *qkv_strides(q, varlen),
+        *qkv_strides(k, varlen),
+        *qkv_strides(v, varlen),
         *batch_strides(prefix_k, 3), *batch_strides(prefix_v, 3),
         *mask_strides(key_padding_mask),
-        grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
-        dq.stride(0), dq.stride(1), dq.stride(2),
-        q_heads, q_len, k_len, prefix_len, head_dim, entry_step(prefix_k, prefix_index),
+        *qkv_strides(grad_out, varlen),
+        *qkv_strides(dq, varlen),
+        q_heads, q_len, k_len, prefix_len, head_dim, entry_step(prefix_k, prefix_index), stat_rows,
         scale, qk_scale_log2, threshold, dropout_scale, seed, *prefix_dropout_args,
-        GROUP=group, CAUSAL=causal, HAS_KPM=key_padding_mask is not None, HAS_PREFIX=prefix_len > 0, **prefix_flags,
+        GROUP=group, VARLEN=varlen is not None, CAUSAL=causal, HAS_KPM=key_padding_mask is not None, HAS_PREFIX=prefix_len > 0, **prefix_flags,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, EVEN_D=bd == head_dim, **flags, **compile_options,
     )
 
     if k_len > 0:
         launcher(_prefix_attention_bwd_dkdv_kernel, (triton.cdiv(k_len, bn) * batch * kv_heads,))(
-            q, k, v, kpm, bounds, grad_out, lse, delta, dk, dv,
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
+            q, k, v, kpm, bounds, cu_q, cu_k, grad_out, lse, delta, dk, dv,
+            *qkv_strides(q, varlen),
+            *qkv_strides(k, varlen),
+            *qkv_strides(v, varlen),
             *mask_strides(key_padding_mask),
-            grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
-            dk.stride(0), dk.stride(1), dk.stride(2),
-            dv.stride(0), dv.stride(1), dv.stride(2),
-            q_heads, kv_heads, q_len, k_len, prefix_len, head_dim,
+            *qkv_strides(grad_out, varlen),
+            *qkv_strides(dk, varlen),
+            *qkv_strides(dv, varlen),
+            q_heads, kv_heads, q_len, k_len, prefix_len, head_dim, stat_rows,
             scale, qk_scale_log2, threshold, dropout_scale, seed,
-            GROUP=group, CAUSAL=causal, HAS_KPM=key_padding_mask is not None,
+            GROUP=group, VARLEN=varlen is not None, CAUSAL=causal, HAS_KPM=key_padding_mask is not None,
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, EVEN_D=bd == head_dim, **flags, **compile_options,
         )
 
@@ -607,15 +658,15 @@ def prefix_attention_backward(
     dpk = torch.empty(shape, device=q.device, dtype=partial_dtype)
     dpv = torch.empty(shape, device=q.device, dtype=partial_dtype)
     launcher(_prefix_attention_bwd_prefix_dkdv_kernel, (prefix_blocks * kv_heads * entries * splits,))(
-        q, prefix_k, prefix_v, prefix_lengths, example_order, entry_offsets, grad_out, lse, delta, dpk, dpv,
-        q.stride(0), q.stride(1), q.stride(2),
+        q, prefix_k, prefix_v, prefix_lengths, example_order, entry_offsets, cu_q, grad_out, lse, delta, dpk, dpv,
+        *qkv_strides(q, varlen),
         *batch_strides(prefix_k, 3), *batch_strides(prefix_v, 3),
-        grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
+        *qkv_strides(grad_out, varlen),
         dpk.stride(1), dpk.stride(2), dpk.stride(3),
         dpv.stride(1), dpv.stride(2), dpv.stride(3),
         examples_per_entry, examples_per_split, splits, q_heads, kv_heads, q_len, k_len, prefix_len, head_dim,
-        scale, qk_scale_log2, threshold, dropout_scale, seed, *prefix_dropout_args,
-        GROUP=group, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, EVEN_D=bd == head_dim, **prefix_flags, **flags,
+        stat_rows, scale, qk_scale_log2, threshold, dropout_scale, seed, *prefix_dropout_args,
+        GROUP=group, VARLEN=varlen is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, EVEN_D=bd == head_dim, **prefix_flags, **flags,
         **compile_options,
     )
     # Fixed-order sum of the fp32 partials: deterministic.

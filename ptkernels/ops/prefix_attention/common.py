@@ -28,6 +28,13 @@ def program_coordinates(num_rows, num_heads, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def sequence_extent(CU_SEQLENS, n):
+    """(start, length) of packed sequence n: CU_SEQLENS[n] (int64) and CU_SEQLENS[n + 1] - CU_SEQLENS[n]."""
+    start = tl.load(CU_SEQLENS + n)
+    return start.to(tl.int64), tl.load(CU_SEQLENS + n + 1) - start
+
+
+@triton.jit
 def dropout_row_width(prefix_len, k_len):
     """Lanes per query row in the dropout numbering: the prefix keys, then the real keys, each run
     padded to a multiple of 8 so that every key tile starts on a philox counter."""

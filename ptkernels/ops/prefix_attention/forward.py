@@ -33,10 +33,12 @@ from .common import (
     load_tile,
     program_coordinates,
     real_keys_visible,
+    sequence_extent,
 )
 from .launch import (
     LOG2_E,
     DeviceLimits,
+    Varlen,
     Launcher,
     autotune_requested,
     block_d,
@@ -50,6 +52,7 @@ from .launch import (
     launch_kernel,
     mask_as_int8,
     mask_strides,
+    qkv_strides,
     shape_bucket,
     tuned_config,
     upcast_in_interpreter,
@@ -100,7 +103,8 @@ def _online_softmax_step_full(
 
 @triton.jit(do_not_specialize=["seed"])
 def _prefix_attention_fwd_kernel(
-    Q, K, V, PREFIX_K, PREFIX_V, PREFIX_INDEX, PREFIX_LENGTHS, KEY_PADDING_MASK, KEY_BOUNDS, OUT, LSE,
+    Q, K, V, PREFIX_K, PREFIX_V, PREFIX_INDEX, PREFIX_LENGTHS, KEY_PADDING_MASK, KEY_BOUNDS, CU_SEQLENS_Q,
+    CU_SEQLENS_K, OUT, LSE,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -108,10 +112,11 @@ def _prefix_attention_fwd_kernel(
     stride_pvb, stride_pvh, stride_pvn,
     stride_mb, stride_mn,
     stride_ob, stride_oh, stride_om,
-    num_q_heads, q_len, k_len, prefix_len, head_dim, entry_step,
+    num_q_heads, q_len, k_len, prefix_len, head_dim, entry_step, stat_rows,
     qk_scale_log2, dropout_threshold, dropout_scale, seed,
     prefix_dropout_threshold, prefix_dropout_scale, prefix_seed,
     GROUP: tl.constexpr,
+    VARLEN: tl.constexpr,
     CAUSAL: tl.constexpr,
     HAS_KPM: tl.constexpr,
     HAS_PREFIX: tl.constexpr,
@@ -132,22 +137,39 @@ def _prefix_attention_fwd_kernel(
     Example b's prefix: entry ``example_prefix(...)`` of PREFIX_K / PREFIX_V (a bank read through
     PREFIX_INDEX, a per-example prefix, or a shared one with batch stride 0), its first
     PREFIX_LENGTHS[entry] keys (HAS_LENGTHS), with P-Tuning v2's prefix dropout applied to each
-    loaded tile (PREFIX_DROPOUT)."""
+    loaded tile (PREFIX_DROPOUT).
+
+    VARLEN (packed sequences): "batch" b is sequence b, whose queries are rows CU_SEQLENS_Q[b]..
+    CU_SEQLENS_Q[b + 1] of Q (total_q, Hq, D) (batch strides 0, row stride Hq * D) and keys rows
+    CU_SEQLENS_K[b].. of K / V; q_len / k_len come in as the max lengths (the grid's extent) and are
+    replaced by the sequence's own; LSE is (Hq, total_q) (stat_rows = total_q). Programs past their
+    sequence's length return at once."""
     # 1-D grid: query blocks fastest, then query heads, then batch (programs of one head adjacent).
     b, h, start_m, offs_m = program_coordinates(q_len, num_q_heads, BLOCK_M)
     kv_h = h // GROUP
+    row_width = dropout_row_width(prefix_len, k_len)  # from the max key length under VARLEN
+    stat_base = (b * num_q_heads + h) * q_len  # this program's rows of LSE: stat_base + offs_m
+    q_start = 0
+    k_start = 0
+    if VARLEN:
+        q_start, q_len = sequence_extent(CU_SEQLENS_Q, b)
+        k_start, k_len = sequence_extent(CU_SEQLENS_K, b)
+        if start_m >= q_len:
+            return
+        stat_base = h * stat_rows + q_start
 
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     m_valid = offs_m < q_len
     d_valid = offs_d < head_dim
 
-    q = load_tile(Q + b * stride_qb + h * stride_qh, offs_m, stride_qm, offs_d, m_valid, d_valid, UPCAST)
+    q = load_tile(Q + b * stride_qb + q_start * stride_qm + h * stride_qh, offs_m, stride_qm, offs_d, m_valid,
+                  d_valid, UPCAST)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    row_lanes = ((b * num_q_heads + h) * q_len + offs_m.to(tl.int64)) * dropout_row_width(prefix_len, k_len)
+    row_lanes = (stat_base + offs_m.to(tl.int64)) * row_width
     real_lane = (prefix_len + 7) // 8 * 8  # the dropout lane of real key 0
 
     # Loop 1: prefix keys, read from their own tensor (batch stride 0 when shared): full blocks
@@ -194,8 +216,8 @@ def _prefix_attention_fwd_kernel(
     hi = k_len
     if CAUSAL:
         hi = tl.minimum(k_len, start_m + BLOCK_M + (k_len - q_len))
-    k_base = K + b * stride_kb + kv_h * stride_kh
-    v_base = V + b * stride_vb + kv_h * stride_vh
+    k_base = K + b * stride_kb + k_start * stride_kn + kv_h * stride_kh
+    v_base = V + b * stride_vb + k_start * stride_vn + kv_h * stride_vh
     lo_b, hi_b, contiguous = key_bounds(KEY_BOUNDS, b, k_len, HAS_KPM)
     if contiguous:
         full_end = hi_b
@@ -250,10 +272,11 @@ def _prefix_attention_fwd_kernel(
 
     has_key = l_i > 0.0
     out = acc / tl.where(has_key, l_i, 1.0)[:, None]
-    o_ptrs = OUT + b * stride_ob + h * stride_oh + offs_m[:, None].to(tl.int64) * stride_om + offs_d[None, :]
+    o_ptrs = (OUT + b * stride_ob + q_start * stride_om + h * stride_oh + offs_m[:, None].to(tl.int64) * stride_om
+              + offs_d[None, :])
     tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=m_valid[:, None] & d_valid[None, :])
     lse = tl.where(has_key, m_i + tl.math.log2(tl.where(has_key, l_i, 1.0)), float("inf"))
-    tl.store(LSE + (b * num_q_heads + h) * q_len + offs_m, lse, mask=m_valid)
+    tl.store(LSE + stat_base + offs_m, lse, mask=m_valid)
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -301,7 +324,7 @@ def prefix_attention_forward(
     key_padding_mask: Optional[Tensor], causal: bool, scale: float, dropout_p: float, seed: int,
     prefix_index: Optional[Tensor] = None, prefix_lengths: Optional[Tensor] = None,
     prefix_dropout_p: float = 0.0, prefix_seed: int = 0,
-    *, limits: Optional[DeviceLimits] = None, launcher: Launcher = launch_kernel,
+    *, varlen: Optional[Varlen] = None, limits: Optional[DeviceLimits] = None, launcher: Launcher = launch_kernel,
 ) -> tuple[Tensor, Tensor]:
     """Launch the forward kernel. Inputs must have a unit last stride (checked by the caller).
 
@@ -311,17 +334,25 @@ def prefix_attention_forward(
             (P may be 0); prefix_lengths: int32 (A,) / (B,) / (1,) or None; key_padding_mask: (B, Sk) bool or None.
         scale: the softmax scale; dropout_p, seed: attention dropout and its philox seed;
         prefix_dropout_p, prefix_seed: the prefix dropout and its philox seed.
+        varlen: packed sequences: q (total_q, Hq, D), k, v (total_k, Hkv, D), "batch" = sequences
+            (key_padding_mask must be None); out is (total_q, Hq, D) and lse (1, Hq, total_q).
         limits: the device's limits (default: those of q's device); launcher: runs each kernel
             launch (default: launches it; benchmarks/aot_check.py records it instead).
     Returns:
         out (B, Hq, Sq, D) laid out like q, and lse (B, Hq, Sq) float32 (log2 domain).
     """
-    batch, q_heads, q_len, head_dim = q.shape
-    kv_heads, k_len = k.shape[1], k.shape[2]
+    if varlen is None:
+        batch, q_heads, q_len, head_dim = q.shape
+        kv_heads, k_len = k.shape[1], k.shape[2]
+        stat_rows = q_len
+        lse = torch.empty(batch, q_heads, q_len, device=q.device, dtype=torch.float32)
+    else:
+        batch, (stat_rows, q_heads, head_dim), kv_heads = varlen.num_sequences, q.shape, k.shape[1]
+        q_len, k_len = varlen.max_seqlen_q, varlen.max_seqlen_k
+        lse = torch.empty(1, q_heads, stat_rows, device=q.device, dtype=torch.float32)
     prefix_len = prefix_k.shape[-2]
     out = torch.empty_like(q)
-    lse = torch.empty(batch, q_heads, q_len, device=q.device, dtype=torch.float32)
-    if out.numel() == 0:
+    if out.numel() == 0 or batch == 0 or q_len == 0:
         lse.fill_(float("inf"))
         return out.zero_(), lse
     limits = device_limits(q.device) if limits is None else limits
@@ -331,18 +362,20 @@ def prefix_attention_forward(
     def run(cfg):
         grid = (triton.cdiv(q_len, cfg["BLOCK_M"]) * batch * q_heads,)
         launcher(_prefix_attention_fwd_kernel, grid)(
-            q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, kpm, bounds, out, lse,
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
+            q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, kpm, bounds,
+            None if varlen is None else varlen.cu_seqlens_q, None if varlen is None else varlen.cu_seqlens_k, out, lse,
+            *qkv_strides(q, varlen),
+            *qkv_strides(k, varlen),
+            *qkv_strides(v, varlen),
             *batch_strides(prefix_k, 3),
             *batch_strides(prefix_v, 3),
             *mask_strides(key_padding_mask),
-            out.stride(0), out.stride(1), out.stride(2),
-            q_heads, q_len, k_len, prefix_len, head_dim, entry_step(prefix_k, prefix_index),
+            *qkv_strides(out, varlen),
+            q_heads, q_len, k_len, prefix_len, head_dim, entry_step(prefix_k, prefix_index), stat_rows,
             scale * LOG2_E, *dropout_threshold(dropout_p), seed,
             *dropout_threshold(prefix_dropout_p), prefix_seed,
             GROUP=q_heads // kv_heads,
+            VARLEN=varlen is not None,
             CAUSAL=causal,
             HAS_KPM=key_padding_mask is not None,
             HAS_PREFIX=prefix_len > 0,
@@ -361,7 +394,7 @@ def prefix_attention_forward(
     if autotune_requested(limits) and launcher is launch_kernel:
         key = ("fwd", str(q.device), q.dtype, head_dim, q_heads // kv_heads, causal, kpm is None, prefix_len > 0,
                dropout_p > 0.0, prefix_index is None, prefix_lengths is None, prefix_dropout_p > 0.0,
-               shape_bucket(q_len), shape_bucket(prefix_len + k_len))
+               varlen is None, shape_bucket(q_len), shape_bucket(prefix_len + k_len))
         configs = gpu_forward_configs(head_dim, q.dtype, limits.max_shared_memory, dropout_p > 0.0)
         cfg = tuned_config(key, configs, lambda c: triton.testing.do_bench(lambda: run(c), warmup=5, rep=20))
     run(cfg)

@@ -15,6 +15,7 @@ from torch import Tensor
 from ..utils import unit_last_stride
 from .backward import prefix_attention_backward
 from .forward import prefix_attention_forward
+from .launch import Varlen
 
 
 @torch.library.custom_op("ptkernels::prefix_attention_fwd", mutates_args=())
@@ -121,3 +122,105 @@ def prefix_attention_triton(
 def as_int32(t: Optional[Tensor]) -> Optional[Tensor]:
     """An index / length vector as the contiguous int32 tensor the kernels read (None stays None)."""
     return None if t is None else t.to(torch.int32).contiguous()
+
+
+# --------------------------------------------------------------------------------------------
+# Packed (varlen) sequences: the same kernels on a sequence-aware grid
+
+
+@torch.library.custom_op("ptkernels::prefix_attention_varlen_fwd", mutates_args=())
+def prefix_attention_varlen_fwd_op(
+    q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor,
+    cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int,
+    causal: bool, scale: float, dropout_p: float, seed: int,
+    prefix_index: Optional[Tensor], prefix_lengths: Optional[Tensor], prefix_dropout_p: float, prefix_seed: int,
+) -> tuple[Tensor, Tensor]:
+    """q (total_q, Hq, D), k, v (total_k, Hkv, D), cu_seqlens_q / _k int32 (N + 1,), prefix as in
+    ``prefix_attention_fwd`` with N sequences for B -> out (total_q, Hq, D) and lse (1, Hq, total_q)."""
+    varlen = Varlen(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    return prefix_attention_forward(q, k, v, prefix_k, prefix_v, None, causal, scale, dropout_p, seed,
+                                    prefix_index, prefix_lengths, prefix_dropout_p, prefix_seed, varlen=varlen)
+
+
+@prefix_attention_varlen_fwd_op.register_fake
+def _(q, k, v, prefix_k, prefix_v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
+      dropout_p, seed, prefix_index, prefix_lengths, prefix_dropout_p, prefix_seed):
+    return torch.empty_like(q), q.new_empty((1, q.shape[1], q.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("ptkernels::prefix_attention_varlen_bwd", mutates_args=())
+def prefix_attention_varlen_bwd_op(
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor,
+    cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int, out: Tensor, lse: Tensor,
+    causal: bool, scale: float, dropout_p: float, seed: int,
+    prefix_index: Optional[Tensor], prefix_lengths: Optional[Tensor], prefix_dropout_p: float, prefix_seed: int,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """grad_out, out (total_q, Hq, D), lse (1, Hq, total_q) and the forward's inputs -> dq, dk, dv,
+    dprefix_k, dprefix_v, each shaped like its input."""
+    varlen = Varlen(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    return prefix_attention_backward(
+        grad_out, q, k, v, prefix_k, prefix_v, None, out, lse, causal, scale, dropout_p, seed,
+        prefix_index, prefix_lengths, prefix_dropout_p, prefix_seed, varlen=varlen,
+    )
+
+
+@prefix_attention_varlen_bwd_op.register_fake
+def _(grad_out, q, k, v, prefix_k, prefix_v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, out, lse,
+      causal, scale, dropout_p, seed, prefix_index, prefix_lengths, prefix_dropout_p, prefix_seed):
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
+            torch.empty_like(prefix_k), torch.empty_like(prefix_v))
+
+
+def _varlen_setup_context(ctx, inputs, output):
+    (q, k, v, prefix_k, prefix_v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, dropout_p,
+     seed, prefix_index, prefix_lengths, prefix_dropout_p, prefix_seed) = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, prefix_k, prefix_v, cu_seqlens_q, cu_seqlens_k, out, lse, prefix_index,
+                          prefix_lengths)
+    ctx.args = (max_seqlen_q, max_seqlen_k, causal, scale, dropout_p, seed, prefix_dropout_p, prefix_seed)
+    ctx.mark_non_differentiable(lse)
+
+
+def _varlen_backward(ctx, grad_out, grad_lse):
+    q, k, v, prefix_k, prefix_v, cu_q, cu_k, out, lse, prefix_index, prefix_lengths = ctx.saved_tensors
+    max_q, max_k, causal, scale, dropout_p, seed, prefix_dropout_p, prefix_seed = ctx.args
+    dq, dk, dv, dpk, dpv = prefix_attention_varlen_bwd_op(
+        unit_last_stride(grad_out), q, k, v, prefix_k, prefix_v, cu_q, cu_k, max_q, max_k, out, lse,
+        causal, scale, dropout_p, seed, prefix_index, prefix_lengths, prefix_dropout_p, prefix_seed,
+    )
+    return (dq, dk, dv, dpk, dpv) + (None,) * 12
+
+
+prefix_attention_varlen_fwd_op.register_autograd(_varlen_backward, setup_context=_varlen_setup_context)
+
+
+def prefix_attention_varlen_triton(
+    q: Tensor, k: Tensor, v: Tensor, prefix_k: Optional[Tensor], prefix_v: Optional[Tensor],
+    cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int, *,
+    causal: bool, scale: float, dropout_p: float, prefix_index: Optional[Tensor] = None,
+    prefix_lengths: Optional[Tensor] = None, prefix_dropout_p: float = 0.0,
+) -> Tensor:
+    """Triton path of ``prefix_attention_varlen`` (arguments already checked): one launch over a
+    sequence-aware grid (max_seqlen_q / BLOCK_M blocks x N sequences x heads; blocks past a
+    sequence's length return at once), no padding to the max length.
+
+    q: (total_q, Hq, D); k, v: (total_k, Hkv, D); cu_seqlens_q / _k: (N + 1,) int32 or int64;
+    prefix_k, prefix_v: (Hkv, P, D) shared, (N, Hkv, P, D) per sequence, a bank (A, Hkv, P, D) with
+    prefix_index (N,), or None; prefix_lengths (A,) / (N,) / (1,) or None. Returns (total_q, Hq, D).
+    """
+    if prefix_k is None:
+        empty = q.new_zeros(k.shape[1], 0, q.shape[-1])
+        prefix_k, prefix_v = empty, empty.clone()
+    if prefix_k.shape[-2] == 0:
+        prefix_index = prefix_lengths = None
+        prefix_dropout_p = 0.0
+    prefix_seed = draw_dropout_seed() if prefix_dropout_p > 0.0 else 0
+    seed = draw_dropout_seed() if dropout_p > 0.0 else 0
+    out, _ = prefix_attention_varlen_fwd_op(
+        unit_last_stride(q), unit_last_stride(k), unit_last_stride(v),
+        unit_last_stride(prefix_k), unit_last_stride(prefix_v),
+        as_int32(cu_seqlens_q), as_int32(cu_seqlens_k), int(max_seqlen_q), int(max_seqlen_k),
+        causal, scale, dropout_p, seed,
+        as_int32(prefix_index), as_int32(prefix_lengths), prefix_dropout_p, prefix_seed,
+    )
+    return out

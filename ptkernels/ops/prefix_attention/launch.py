@@ -301,6 +301,31 @@ def key_bounds_of(key_padding_mask: Optional[Tensor]) -> Optional[Tensor]:
     return torch.stack([first, last, (count == last - first).to(first.dtype)], 1).to(torch.int32)
 
 
+@dataclasses.dataclass(frozen=True)
+class Varlen:
+    """Packed sequences (flash-attention's varlen layout) for the launchers: q (total_q, Hq, D), k / v
+    (total_k, Hkv, D), sequence n's queries rows cu_seqlens_q[n]..cu_seqlens_q[n + 1] (int32 (N + 1,)),
+    its keys likewise; max_seqlen_q / max_seqlen_k bound every sequence's lengths (the grid's extent)."""
+
+    cu_seqlens_q: Tensor
+    cu_seqlens_k: Tensor
+    max_seqlen_q: int
+    max_seqlen_k: int
+
+    @property
+    def num_sequences(self) -> int:
+        return self.cu_seqlens_q.shape[0] - 1
+
+
+def qkv_strides(t: Tensor, varlen: Optional[Varlen]) -> tuple[int, int, int]:
+    """(batch, head, row) strides the kernels address q / k / v / out / their gradients with:
+    (B, H, S, D) as it is; a packed (total, H, D) tensor as one batch (batch stride 0) whose
+    sequences start at their cu_seqlens row."""
+    if varlen is None:
+        return t.stride(0), t.stride(1), t.stride(2)
+    return 0, t.stride(1), t.stride(0)
+
+
 def entry_step(prefix_k: Tensor, prefix_index: Optional[Tensor]) -> int:
     """How the kernels find example b's prefix entry without an index: b * entry_step, 1 for a
     per-example (B, Hkv, P, D) prefix, 0 for a shared (Hkv, P, D) one (0 with an index: unused)."""
