@@ -107,6 +107,7 @@ class Case:
     dropout: bool = False
     lengths: bool = False  # prefix_lengths (per entry / example)
     prefix_dropout: bool = False  # P-Tuning v2's dropout on the prefix K/V
+    varlen: bool = False  # packed sequences: batch = sequences, q/k/v (total, H, D) of B * Sq / B * Sk rows
     group: int = 1
     batch: int = 2
     kv_heads: int = 2
@@ -119,7 +120,8 @@ class Case:
     def __str__(self) -> str:
         dt = str(self.dtype).replace("torch.", "")
         flags = [f for f, on in (("causal", self.causal), ("kpm", self.kpm), ("dropout", self.dropout),
-                                 ("lengths", self.lengths), ("prefix_dropout", self.prefix_dropout)) if on]
+                                 ("lengths", self.lengths), ("prefix_dropout", self.prefix_dropout),
+                                 ("varlen", self.varlen)) if on]
         return (f"{dt}-D{self.head_dim}-{self.prefix}-g{self.group}-{'+'.join(flags) or 'plain'}"
                 f"-B{self.batch}Hkv{self.kv_heads}Sq{self.q_len}Sk{self.k_len}P{self.prefix_len}-{self.layout}")
 
@@ -169,10 +171,20 @@ def case_launches(case: Case, arch: int = 90, allow_interpreted: bool = False) -
     limits, launches = target_limits(arch), []
     launcher = recorder(launches)
     bank = (index, lengths, prefix_dropout_p, prefix_seed)
+    varlen = None
+    if case.varlen:
+        from ptkernels.ops.prefix_attention.launch import Varlen
+
+        q = torch.empty(b * case.q_len, hq, d, dtype=case.dtype, device="meta")
+        k = torch.empty(b * case.k_len, hkv, d, dtype=case.dtype, device="meta")
+        v = torch.empty(b * case.k_len, hkv, d, dtype=case.dtype, device="meta")
+        cu = torch.empty(b + 1, dtype=torch.int32, device="meta")
+        varlen, kpm = Varlen(cu, cu, case.q_len, case.k_len), None
     out, lse = prefix_attention_forward(q, k, v, pk, pv, kpm, case.causal, scale, dropout_p, seed, *bank,
-                                        limits=limits, launcher=launcher)
+                                        varlen=varlen, limits=limits, launcher=launcher)
     prefix_attention_backward(torch.empty_like(out), q, k, v, pk, pv, kpm, out, lse,
-                              case.causal, scale, dropout_p, seed, *bank, limits=limits, launcher=launcher)
+                              case.causal, scale, dropout_p, seed, *bank, varlen=varlen, limits=limits,
+                              launcher=launcher)
     if case.dropout:
         dropout_keep_mask(b, hq, case.q_len, p, case.k_len, dropout_p, seed, "meta", launcher=launcher)
     if case.prefix_dropout:
@@ -299,6 +311,7 @@ def quick_cases() -> list[Case]:
         Case(torch.bfloat16, 256, prefix="shared"),
         Case(torch.float16, 40, causal=True, batch=1, kv_heads=1, q_len=1, k_len=1, prefix_len=1),
         Case(torch.bfloat16, 64, causal=True, kpm=True, prefix="bank", lengths=True, prefix_dropout=True, group=2),
+        Case(torch.float16, 64, causal=True, prefix="shared", dropout=True, group=2, varlen=True),
     ]
 
 
@@ -323,6 +336,8 @@ def cases() -> list[Case]:
         Case(torch.bfloat16, 128, prefix="bank", prefix_dropout=True, dropout=True, group=2, layout="bshd"),
         Case(torch.float16, 64, prefix="shared", lengths=True, prefix_dropout=True, group=1),
         Case(torch.float32, 64, causal=True, prefix="per_example", lengths=True, prefix_dropout=True),
+        Case(torch.bfloat16, 128, causal=True, prefix="shared", group=4, varlen=True),
+        Case(torch.float16, 64, prefix="bank", lengths=True, prefix_dropout=True, group=2, varlen=True),
     ]
     return out
 

@@ -398,6 +398,42 @@ def _prefix_attention_bwd_dkdv_kernel(
              dv.to(DV.dtype.element_ty), mask=kd_mask)
 
 
+@triton.jit
+def _prefix_example_dkdv(
+    dk, dv, k, v, Q, GRAD_OUT, LSE, DELTA, b, kv_h, q_start, q_len, full_stop, stat_rows, num_q_heads, batch_q_len,
+    stride_qb, stride_qh, stride_qm, stride_dob, stride_doh, stride_dom, offs_d, d_valid, visible_t, start_n, width,
+    seed, dropout_threshold, dropout_scale, qk_scale_log2,
+    GROUP: tl.constexpr, VARLEN: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr,
+):
+    """Example b's contribution to one prefix block's (dk, dv): its GROUP query heads, full query tiles
+    [0, full_stop) unmasked, then the rest masked (q_len: the example's query count, q_start its
+    first row under VARLEN; batch_q_len: the rows per (example, head) of LSE when not VARLEN)."""
+    for g in range(GROUP):
+        h = kv_h * GROUP + g
+        if VARLEN:
+            q_base = q_start * stride_qm + h * stride_qh
+            do_base = q_start * stride_dom + h * stride_doh
+            stat_base = h * stat_rows + q_start
+        else:
+            q_base = b * stride_qb + h * stride_qh
+            do_base = b * stride_dob + h * stride_doh
+            stat_base = (b * num_q_heads + h) * batch_q_len
+        for start_m in range(0, full_stop, BLOCK_M):
+            dk, dv = _dkdv_tile(
+                dk, dv, k, v, Q, GRAD_OUT, LSE, DELTA, q_base, do_base, stat_base, stride_qm, stride_dom,
+                start_m, q_len, offs_d, d_valid, visible_t, start_n, stat_base, width, seed, dropout_threshold,
+                dropout_scale, qk_scale_log2, DROPOUT, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, False, EVEN_D,
+            )
+        for start_m in range(full_stop, q_len, BLOCK_M):
+            dk, dv = _dkdv_tile(
+                dk, dv, k, v, Q, GRAD_OUT, LSE, DELTA, q_base, do_base, stat_base, stride_qm, stride_dom,
+                start_m, q_len, offs_d, d_valid, visible_t, start_n, stat_base, width, seed, dropout_threshold,
+                dropout_scale, qk_scale_log2, DROPOUT, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, True, EVEN_D,
+            )
+    return dk, dv
+
+
 @triton.jit(do_not_specialize=["seed", "prefix_seed"])
 def _prefix_attention_bwd_prefix_dkdv_kernel(
     Q, PREFIX_K, PREFIX_V, PREFIX_LENGTHS, EXAMPLE_ORDER, ENTRY_OFFSETS, CU_SEQLENS_Q, GRAD_OUT, LSE, DELTA,
@@ -455,12 +491,13 @@ def _prefix_attention_bwd_prefix_dkdv_kernel(
                       d_valid, UPCAST)
     v_raw = load_tile(PREFIX_V + entry * stride_pvb + kv_h * stride_pvh, offs_n, stride_pvn, offs_d, n_valid,
                       d_valid, UPCAST)
-    k = k_raw
-    v = v_raw
     visible_t = n_valid[:, None]
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     width = dropout_row_width(prefix_len, k_len)
+    # Full query tiles of a full prefix block without masks, then the last partial query tile.
+    block_full = start_n + BLOCK_N <= entry_prefix_len
+    full_stop = tl.where(block_full, (q_len // BLOCK_M) * BLOCK_M, 0)
     for i in range(split_first, split_last):
         if HAS_INDEX:
             b = tl.load(EXAMPLE_ORDER + i).to(tl.int64)
@@ -468,50 +505,30 @@ def _prefix_attention_bwd_prefix_dkdv_kernel(
             b = i
         q_start = 0
         example_q_len = q_len
-        if VARLEN:
+        if VARLEN:  # the sequence's own query rows
             q_start, example_q_len = sequence_extent(CU_SEQLENS_Q, b)
-        # Full query tiles of a full prefix block without masks, then the last partial query tile.
-        full_stop = (example_q_len // BLOCK_M) * BLOCK_M
-        if start_n + BLOCK_N > entry_prefix_len:
-            full_stop = 0
-        if PREFIX_DROPOUT:
+            full_stop = tl.where(block_full, (example_q_len // BLOCK_M) * BLOCK_M, 0)
+        if PREFIX_DROPOUT:  # example b's own dropped tiles; its gradient times its keep mask / P(keep)
             keep_k = prefix_dropout_keep(prefix_seed, b, kv_h, 0, num_kv_heads, prefix_len, head_dim, offs_n,
                                          prefix_dropout_threshold, BLOCK_N, BLOCK_D)
             keep_v = prefix_dropout_keep(prefix_seed, b, kv_h, 1, num_kv_heads, prefix_len, head_dim, offs_n,
                                          prefix_dropout_threshold, BLOCK_N, BLOCK_D)
             k = tl.where(keep_k, k_raw * prefix_dropout_scale, 0.0).to(k_raw.dtype)
             v = tl.where(keep_v, v_raw * prefix_dropout_scale, 0.0).to(v_raw.dtype)
-            dk_b = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-            dv_b = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-        else:
-            dk_b = dk
-            dv_b = dv
-        for g in range(GROUP):
-            h = kv_h * GROUP + g
-            q_base = b * stride_qb + q_start * stride_qm + h * stride_qh
-            do_base = b * stride_dob + q_start * stride_dom + h * stride_doh
-            if VARLEN:
-                stat_base = h * stat_rows + q_start
-            else:
-                stat_base = (b * num_q_heads + h) * q_len
-            for start_m in range(0, full_stop, BLOCK_M):
-                dk_b, dv_b = _dkdv_tile(
-                    dk_b, dv_b, k, v, Q, GRAD_OUT, LSE, DELTA, q_base, do_base, stat_base, stride_qm, stride_dom,
-                    start_m, example_q_len, offs_d, d_valid, visible_t, start_n, stat_base, width, seed, dropout_threshold,
-                    dropout_scale, qk_scale_log2, DROPOUT, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, False, EVEN_D,
-                )
-            for start_m in range(full_stop, example_q_len, BLOCK_M):
-                dk_b, dv_b = _dkdv_tile(
-                    dk_b, dv_b, k, v, Q, GRAD_OUT, LSE, DELTA, q_base, do_base, stat_base, stride_qm, stride_dom,
-                    start_m, example_q_len, offs_d, d_valid, visible_t, start_n, stat_base, width, seed, dropout_threshold,
-                    dropout_scale, qk_scale_log2, DROPOUT, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, True, EVEN_D,
-                )
-        if PREFIX_DROPOUT:
+            dk_b, dv_b = _prefix_example_dkdv(
+                tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32), tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32),
+                k, v, Q, GRAD_OUT, LSE, DELTA, b, kv_h, q_start, example_q_len, full_stop, stat_rows, num_q_heads,
+                q_len, stride_qb, stride_qh, stride_qm, stride_dob, stride_doh, stride_dom, offs_d, d_valid,
+                visible_t, start_n, width, seed, dropout_threshold, dropout_scale, qk_scale_log2,
+                GROUP, VARLEN, DROPOUT, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, EVEN_D)
             dk += tl.where(keep_k, dk_b * prefix_dropout_scale, 0.0)
             dv += tl.where(keep_v, dv_b * prefix_dropout_scale, 0.0)
         else:
-            dk = dk_b
-            dv = dv_b
+            dk, dv = _prefix_example_dkdv(
+                dk, dv, k_raw, v_raw, Q, GRAD_OUT, LSE, DELTA, b, kv_h, q_start, example_q_len, full_stop, stat_rows,
+                num_q_heads, q_len, stride_qb, stride_qh, stride_qm, stride_dob, stride_doh, stride_dom, offs_d,
+                d_valid, visible_t, start_n, width, seed, dropout_threshold, dropout_scale, qk_scale_log2,
+                GROUP, VARLEN, DROPOUT, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, EVEN_D)
     kd_mask = (offs_n < prefix_len)[:, None] & d_valid[None, :]  # every row of the entry: 0 past its length
     tl.store(DPREFIX_K + outer * stride_dpks + kv_h * stride_dpkh + keys * stride_dpkn + offs_d[None, :],
              (dk * scale).to(DPREFIX_K.dtype.element_ty), mask=kd_mask)
