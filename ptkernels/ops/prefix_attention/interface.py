@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from typing import Optional
 
 import torch
@@ -103,6 +104,24 @@ def _check_integer_vector(name: str, t, length: int, length_desc: str, device) -
         raise ValueError(f"{name} must be on q's device {device}, got {t.device}")
 
 
+# Index / length tensors whose values were checked, with (tensor version, bounds): the Hugging Face
+# integration hands the same tensor to every layer, so the host sync of the value check is paid once
+# per forward, not once per layer. A WeakKeyDictionary: tensors hash by identity and are not kept alive.
+_checked_values: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _values_in_range(t: Tensor, lo: int, hi: int) -> tuple[bool, int, int]:
+    """(all of t in [lo, hi], min, max), from the cache when t (at this version) was checked before."""
+    key = (t._version, lo, hi)
+    if _checked_values.get(t) == key:
+        return True, lo, hi
+    low, high = (int(t.min()), int(t.max())) if t.numel() else (lo, hi)
+    ok = lo <= low and high <= hi
+    if ok and not torch.compiler.is_compiling():
+        _checked_values[t] = key
+    return ok, low, high
+
+
 def check_prefix_bank_args(prefix_k, prefix_index, prefix_lengths, prefix_dropout_p, batch: int, device) -> None:
     """Checks of the prefix-bank arguments (DESIGN.md, "Prefix banks"); prefix_k already checked.
 
@@ -124,10 +143,9 @@ def check_prefix_bank_args(prefix_k, prefix_index, prefix_lengths, prefix_dropou
             )
         _check_integer_vector("prefix_index", prefix_index, batch, "B", device)
         entries = prefix_k.shape[0]
-        if batch:
-            lo, hi = int(prefix_index.min()), int(prefix_index.max())
-            if lo < 0 or hi >= entries:
-                raise ValueError(
+        ok, lo, hi = _values_in_range(prefix_index, 0, entries - 1)
+        if not ok:
+            raise ValueError(
                     f"prefix_index must be in [0, A) = [0, {entries}) for a bank of {entries} entries, got values "
                     f"from {lo} to {hi}"
                 )
@@ -140,10 +158,9 @@ def check_prefix_bank_args(prefix_k, prefix_index, prefix_lengths, prefix_dropou
             want, desc = 1, "1 (a shared prefix)"
         _check_integer_vector("prefix_lengths", prefix_lengths, want, desc, device)
         prefix_len = prefix_k.shape[-2]
-        if prefix_lengths.numel():
-            lo, hi = int(prefix_lengths.min()), int(prefix_lengths.max())
-            if lo < 0 or hi > prefix_len:
-                raise ValueError(
+        ok, lo, hi = _values_in_range(prefix_lengths, 0, prefix_len)
+        if not ok:
+            raise ValueError(
                     f"prefix_lengths must be in [0, P] = [0, {prefix_len}], got values from {lo} to {hi}"
                 )
 
