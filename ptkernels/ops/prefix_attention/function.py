@@ -101,3 +101,23 @@ def prefix_attention_triton(
         key_padding_mask, causal, scale, dropout_p, seed,
     )
     return out
+
+
+def prefix_attention_varlen_triton(
+    q: Tensor, k: Tensor, v: Tensor, prefix_k: Optional[Tensor], prefix_v: Optional[Tensor],
+    cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int, *,
+    causal: bool, scale: float, dropout_p: float,
+    prefix_index: Optional[Tensor] = None, prefix_lengths: Optional[Tensor] = None, prefix_dropout_p: float = 0.0,
+) -> Tensor:
+    """Triton path of ``prefix_attention_varlen`` (arguments already checked by its interface).
+
+    q: (total_q, Hq, D); k, v: (total_k, Hkv, D), q's dtype (fp16 / bf16 / fp32), any strides
+    (the last not necessarily 1); prefix_k, prefix_v: (Hkv, P, D) shared, (N, Hkv, P, D) per
+    sequence, (A, Hkv, P, D) a bank with prefix_index (N,), or None; cu_seqlens_q, cu_seqlens_k:
+    (N + 1,) int32 or int64 on q's device, checked (start at 0, non-decreasing, end at
+    total_q / total_k); max_seqlen_q, max_seqlen_k: Python ints >= every sequence's length;
+    causal: bottom-right per sequence (Lq_n <= Lk_n checked); scale: a float; dropout_p,
+    prefix_dropout_p in [0, 1); prefix_lengths as checked by the interface. Returns out
+    (total_q, Hq, D) in q's dtype, differentiable w.r.t. q, k, v, prefix_k, prefix_v.
+    """
+    raise NotImplementedError("the Triton varlen kernels are not written yet; use backend='torch'")
