@@ -24,7 +24,7 @@ from .reference import prefix_attention_varlen_reference, sequence_bounds
 from .torch_path import prefix_attention_varlen_torch
 
 
-def _check_cu_seqlens(name: str, cu: Tensor, total: int, total_name: str, device) -> list[int]:
+def check_cu_seqlens(name: str, cu: Tensor, total: int, total_name: str, device) -> list[int]:
     """The lengths of the N sequences that ``cu`` (N + 1,) describes, or a ValueError / TypeError
     naming ``name`` and what it got. Reads ``cu`` on the host (one device sync per call on CUDA)."""
     if not isinstance(cu, Tensor):
@@ -88,8 +88,8 @@ def check_prefix_attention_varlen_args(
             f"q's head count must be a multiple of k's (GQA/MQA), got q heads {q_heads} (q {tuple(q.shape)}) "
             f"and k heads {kv_heads} (k {tuple(k.shape)})"
         )
-    seqlens_q = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, total_q, "total_q (q.shape[0])", q.device)
-    seqlens_k = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, total_k, "total_k (k.shape[0])", q.device)
+    seqlens_q = check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, total_q, "total_q (q.shape[0])", q.device)
+    seqlens_k = check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, total_k, "total_k (k.shape[0])", q.device)
     if len(seqlens_q) != len(seqlens_k):
         raise ValueError(
             f"cu_seqlens_q and cu_seqlens_k must have the same length N + 1, got {len(seqlens_q) + 1} "
