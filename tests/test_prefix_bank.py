@@ -349,3 +349,14 @@ def test_index_with_a_shared_prefix_or_without_a_prefix_is_an_error():
     with pytest.raises(ValueError, match="bank entries"):  # a bank's leading dim is A, and B without an index
         ptkernels.prefix_attention(q, k, v, pk[None].expand(3, -1, -1, -1), pv[None].expand(3, -1, -1, -1),
                                    backend="torch")
+
+
+def test_index_value_check_is_cached_per_tensor_version_but_sees_in_place_changes():
+    """The range check of prefix_index is paid once per tensor (every layer of a model gets the same
+    one), but an in-place change of the tensor (a new version) is checked again."""
+    q, k, v, pk, pv, mask, index, lengths = _bad_bank_inputs()
+    ptkernels.prefix_attention(q, k, v, pk, pv, prefix_index=index, backend="torch")
+    ptkernels.prefix_attention(q, k, v, pk, pv, prefix_index=index, backend="torch")
+    index[1] = 7  # out of range now
+    with pytest.raises(ValueError, match="prefix_index must be in"):
+        ptkernels.prefix_attention(q, k, v, pk, pv, prefix_index=index, backend="torch")

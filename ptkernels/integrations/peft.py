@@ -32,6 +32,17 @@ pre-training positions, but the adapter then is not interchangeable with an unpa
 (logits differ; retrain or fine-tune the adapter with the setting you will serve it with). Prompt
 tuning / P-Tuning are unaffected (the virtual tokens are real input tokens there, as in PEFT).
 
+Packed (padding-free) batches. A batch of one row holding N sequences, marked by ``position_ids``
+that restart (``DataCollatorWithFlattening``, TRL's ``padding_free=True``) or by the flash-attention
+keywords ``cu_seq_lens_q`` / ``cu_seq_lens_k`` (``max_length_q`` / ``max_length_k``), gives every
+sequence what the unpatched PEFT model gives for it alone. Prefix tuning: each sequence attends to
+the prefix (``prefix_attention_varlen``) and its real tokens get PEFT's positions P, P + 1, ... (or
+0, 1, ... with ``shift_positions=False``), restarting per sequence. Prompt tuning / P-tuning: the P
+virtual tokens go in front of every sequence (one ``virtual_token_embedding`` gather), so the row
+becomes T + N * P tokens, laid out [P virtual, L_n real] per sequence, with labels -100 and
+positions 0 .. P - 1 on the virtual tokens; the logits are (1, T + N * P, V). PEFT itself puts the
+virtual tokens / prefix only in front of the row, which silently changes every later sequence.
+
 Caches. With ``generate()`` the cache holds only the real tokens (the prefix comes from the
 keyword each step): decoding steps have Sq = 1 and Sk = cache length, the attention's causal mask
 is bottom-right aligned, and the position ids are the ones PEFT uses (generate's position ids +
@@ -51,10 +62,18 @@ import torch
 from torch import Tensor, nn
 
 from .._backend import BACKENDS
-from ..ops.prompt_embedding import prompt_embedding
+from ..ops.prefix_attention_varlen.interface import check_cu_seqlens
+from ..ops.prompt_embedding import prompt_embedding, virtual_token_embedding
 from .capabilities import ModelSupport, attention_modules, check_model, text_config
 from .encoders import prefix_key_values, prompt_embeddings
-from .transformers import ATTN_IMPLEMENTATION, BACKEND_ATTR, PREFIX_KWARG, LayerPrefix, register
+from .transformers import (
+    ATTN_IMPLEMENTATION,
+    BACKEND_ATTR,
+    PREFIX_KWARG,
+    LayerPrefix,
+    cu_seqlens_from_position_ids,
+    register,
+)
 
 __all__ = ["patch", "unpatch", "is_patched"]
 
@@ -182,7 +201,8 @@ def _past_length(past_key_values) -> int:
     return int(past_key_values[0][0].shape[-2])  # legacy tuple
 
 
-def _prefix_position_ids(model, kwargs: dict, input_ids, inputs_embeds, attention_mask=None) -> Optional[Tensor]:
+def _prefix_position_ids(model, kwargs: dict, input_ids, inputs_embeds, attention_mask=None,
+                         packed_cu: Optional[Tensor] = None) -> Optional[Tensor]:
     """The position ids of the real tokens under prefix tuning: PEFT's convention (the P prefix
     tokens count as past, so real tokens start at P) with ``shift_positions``, else the model's own.
 
@@ -192,14 +212,21 @@ def _prefix_position_ids(model, kwargs: dict, input_ids, inputs_embeds, attentio
     "roberta", RoBERTa's padding-aware positions; "cumsum", the mask's cumulative sum as OPT
     count). None lets the model count (from its cache, which holds real tokens only).
 
-    attention_mask: (B, past + S) mask of the real tokens, or None (all attended)."""
+    attention_mask: (B, past + S) mask of the real tokens, or None (all attended).
+    packed_cu: (N + 1,) sequence starts of a packed row, or None: positions restart per sequence."""
     state = model.__dict__[_STATE]
     offset = model.active_peft_config.num_virtual_tokens if state["shift_positions"] else 0
     if kwargs.get("position_ids") is not None:
         return kwargs["position_ids"] + offset
+    hf_model = model.get_base_model()
+    if packed_cu is not None:  # a packed row without position ids: positions restart per sequence
+        ref = input_ids if input_ids is not None else inputs_embeds
+        start = offset
+        if state["support"].positions == "roberta":
+            start += hf_model.config.pad_token_id + 1
+        return _positions_per_sequence(packed_cu, ref.shape[1]) + start
     if offset == 0:
         return None
-    hf_model = model.get_base_model()
     past_len = _past_length(_cache_of(kwargs))
     ref = input_ids if input_ids is not None else inputs_embeds
     positions = state["support"].positions
@@ -253,6 +280,99 @@ def _batch_size(input_ids, inputs_embeds) -> int:
 
 
 # --------------------------------------------------------------------------------------------
+# Packed (padding-free) batches
+# --------------------------------------------------------------------------------------------
+
+
+def _packed_cu_seqlens(input_ids, inputs_embeds, attention_mask, kwargs: dict) -> Optional[Tensor]:
+    """(N + 1,) sequence starts of a packed batch (one row, N sequences), or None for an ordinary batch.
+
+    Explicit ``cu_seq_lens_q`` / ``cu_seq_lens_k`` (equal: packed self-attention) mark packing;
+    otherwise ``position_ids`` that restart in a single row without padding and without a cache."""
+    ref = input_ids if input_ids is not None else inputs_embeds
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    unpadded = attention_mask is None or bool(attention_mask.all())
+    if cu_q is not None or cu_k is not None:
+        cu = cu_q if cu_q is not None else cu_k
+        if cu_q is not None and cu_k is not None and not torch.equal(cu_q.cpu().long(), cu_k.cpu().long()):
+            raise ValueError(
+                f"ptkernels: packed sequences need cu_seq_lens_q == cu_seq_lens_k (self-attention over the same "
+                f"tokens), got {cu_q.tolist()} and {cu_k.tolist()}"
+            )
+        if ref.shape[0] != 1:
+            raise ValueError(f"ptkernels: packed sequences (cu_seq_lens_q / cu_seq_lens_k) need a batch of one row, "
+                             f"got a batch of {ref.shape[0]}")
+        if not unpadded:
+            raise ValueError("ptkernels: packed sequences (cu_seq_lens_q / cu_seq_lens_k) with padding in "
+                             "attention_mask are not supported; packed rows have no padding")
+        check_cu_seqlens("cu_seq_lens_q", cu, ref.shape[1], "the packed row's length", cu.device)
+        return cu.to(torch.int32)
+    if ref.shape[0] != 1 or _cache_of(kwargs) is not None or not unpadded:
+        return None
+    return cu_seqlens_from_position_ids(kwargs.get("position_ids"))
+
+
+def _varlen_kwargs(cu: Tensor) -> dict:
+    """flash-attention's keywords for a packed row with sequence starts ``cu`` (N + 1,)."""
+    longest = int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
+    return dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
+
+
+def _positions_per_sequence(cu: Tensor, total: int) -> Tensor:
+    """(1, total): 0, 1, ... restarting at every sequence start of ``cu`` (N + 1,)."""
+    cu = cu.long()
+    starts = torch.repeat_interleave(cu[:-1], cu[1:] - cu[:-1], output_size=total)
+    return (torch.arange(total, device=cu.device) - starts).unsqueeze(0)
+
+
+def _packed_prompt_layout(cu: Tensor, num_virtual: int):
+    """Where the tokens of a packed row go when P virtual tokens are put in front of every sequence.
+
+    Returns (real_at (T,): new index of real token t, virtual_at (N * P,): new index of virtual token
+    p of sequence n at n * P + p, new_cu (N + 1,) int32: the new sequence starts)."""
+    cu = cu.long()
+    lengths = cu[1:] - cu[:-1]
+    total = int(cu[-1])
+    num_seqs = lengths.numel()
+    seq_of_token = torch.repeat_interleave(torch.arange(num_seqs, device=cu.device), lengths, output_size=total)
+    real_at = torch.arange(total, device=cu.device) + (seq_of_token + 1) * num_virtual
+    new_cu = cu + torch.arange(num_seqs + 1, device=cu.device) * num_virtual
+    virtual_at = (new_cu[:-1, None] + torch.arange(num_virtual, device=cu.device)).reshape(-1)
+    return real_at, virtual_at, new_cu.to(torch.int32)
+
+
+def _spread(values: Tensor, real_at: Tensor, new_len: int, fill) -> Tensor:
+    """(1, new_len, ...): ``values`` (1, T, ...) at the real positions, ``fill`` elsewhere."""
+    out = values.new_full((1, new_len) + tuple(values.shape[2:]), fill)
+    out[0, real_at] = values[0]
+    return out
+
+
+def _packed_prompt_embeddings(model, input_ids, inputs_embeds, prompt: Tensor, real_at, virtual_at, new_len: int):
+    """(1, T + N * P, E): the prompt (P, E) in front of every packed sequence, the real tokens after.
+
+    A plain ``nn.Embedding`` goes through one fused ``virtual_token_embedding`` gather of the table
+    [weight; prompt] (ids >= V read the prompt); otherwise (inputs_embeds given, a scaled embedding,
+    an FSDP2 shard) the embeddings and the prompt are gathered by one index."""
+    num_virtual = prompt.shape[0]
+    num_seqs = virtual_at.numel() // max(num_virtual, 1)
+    embedding = model.word_embeddings
+    if inputs_embeds is None and type(embedding) is nn.Embedding and not _is_sharded(embedding.weight):
+        weight = embedding.weight
+        ids = _spread(input_ids, real_at, new_len, 0)
+        ids[0, virtual_at] = weight.shape[0] + torch.arange(num_virtual, device=ids.device).repeat(num_seqs)
+        return virtual_token_embedding(ids, weight, prompt.to(weight.dtype), backend=model.__dict__[_STATE]["backend"])
+    embeds = inputs_embeds if inputs_embeds is not None else embedding(input_ids)  # (1, T, E)
+    total = embeds.shape[1]
+    rows = torch.cat([embeds[0], prompt.to(embeds.dtype)])  # (T + P, E)
+    index = torch.empty(new_len, dtype=torch.long, device=embeds.device)
+    index[real_at] = torch.arange(total, device=embeds.device)
+    index[virtual_at] = total + torch.arange(num_virtual, device=embeds.device).repeat(num_seqs)
+    return rows[index].unsqueeze(0)
+
+
+
+# --------------------------------------------------------------------------------------------
 # The patched PeftModel.forward / prepare_inputs_for_generation
 # --------------------------------------------------------------------------------------------
 
@@ -287,8 +407,14 @@ def _patched_forward(
         kwargs["token_type_ids"] = None
 
     hf_model = self.get_base_model()
+    packed_cu = _packed_cu_seqlens(input_ids, inputs_embeds, attention_mask, kwargs)
+    if packed_cu is not None and task == "SEQ_CLS":
+        raise NotImplementedError("ptkernels: packed sequences (one row, several sequences) are not supported for "
+                                  "sequence classification (one label per row)")
     if peft_type == "PREFIX_TUNING":
-        kwargs["position_ids"] = _prefix_position_ids(self, kwargs, input_ids, inputs_embeds, attention_mask)
+        kwargs["position_ids"] = _prefix_position_ids(self, kwargs, input_ids, inputs_embeds, attention_mask, packed_cu)
+        if packed_cu is not None:
+            kwargs.update(_varlen_kwargs(packed_cu))
         if self.training and torch.is_grad_enabled() and _reentrant_checkpointing(hf_model):
             # A reentrant checkpoint re-runs backward once per layer through the shared prefix
             # encoder graph, which autograd refuses; the non-reentrant one (transformers' default)
@@ -302,6 +428,8 @@ def _patched_forward(
         return self.base_model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, **kwargs)
 
     # P_TUNING / PROMPT_TUNING: the virtual tokens are input tokens in front of the real ones
+    if packed_cu is not None:
+        return _packed_prompt_forward(self, packed_cu, input_ids, attention_mask, inputs_embeds, labels, kwargs)
     if kwargs.get("position_ids") is not None:
         warnings.warn("Position ids are not supported for parameter efficient tuning. Ignoring position ids.")
         kwargs["position_ids"] = None
@@ -319,6 +447,31 @@ def _patched_forward(
     else:
         inputs_embeds = _prepend_prompt(prompt, inputs_embeds)
     return self.base_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
+
+
+def _packed_prompt_forward(self, cu: Tensor, input_ids, attention_mask, inputs_embeds, labels, kwargs: dict):
+    """Prompt tuning / P-tuning on a packed row (1, T) of N sequences: the P virtual tokens in front of
+    every sequence, so that each one sees what it sees alone under PEFT (row (1, T + N * P), each
+    sequence [P virtual, L_n real], positions restarting per sequence, labels -100 on the virtual tokens)."""
+    peft_config = self.active_peft_config
+    num_virtual = peft_config.num_virtual_tokens
+    real_at, virtual_at, new_cu = _packed_prompt_layout(cu, num_virtual)
+    new_len = int(new_cu[-1])
+    new_mask = None if attention_mask is None else attention_mask.new_ones(1, new_len)  # checked: no padding
+    if kwargs.get("token_type_ids") is not None:
+        kwargs["token_type_ids"] = _spread(kwargs["token_type_ids"].long(), real_at, new_len, 0)
+    if labels is not None:  # causal LM / token classification: one label per token, -100 on the virtual ones
+        kwargs["labels"] = _spread(labels, real_at, new_len, -100)
+    if kwargs.get("seq_idx") is not None:
+        lengths = (new_cu[1:] - new_cu[:-1]).long()
+        kwargs["seq_idx"] = torch.repeat_interleave(
+            torch.arange(lengths.numel(), device=new_cu.device), lengths, output_size=new_len
+        ).to(kwargs["seq_idx"].dtype).unsqueeze(0)
+    kwargs["position_ids"] = _positions_per_sequence(new_cu, new_len)
+    kwargs.update(_varlen_kwargs(new_cu))
+    prompt = _compute_prompt(self, peft_config)
+    embeds = _packed_prompt_embeddings(self, input_ids, inputs_embeds, prompt, real_at, virtual_at, new_len)
+    return self.base_model(inputs_embeds=embeds, attention_mask=new_mask, **kwargs)
 
 
 def _check_cache(cache) -> None:

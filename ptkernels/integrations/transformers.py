@@ -16,6 +16,14 @@ which transformers forwards through ``**kwargs`` from ``model(...)`` down to the
 the function picks the layer's (k, v) by ``module.layer_idx``. No global state, no Cache, no
 ``torch.cat`` of K/V, no 4D mask, no ``repeat_kv``: all of that is ``ptkernels.prefix_attention``'s
 job. Because the prefix is not a cache, gradient checkpointing keeps working.
+
+Packed (padding-free) batches: a batch of one row holding several sequences, given either as the
+flash-attention keyword arguments ``cu_seq_lens_q`` / ``cu_seq_lens_k`` / ``max_length_q`` /
+``max_length_k`` (``DataCollatorWithFlattening(return_flash_attn_kwargs=True)``; the patched PEFT
+forward always passes them for a packed batch) or as ``position_ids`` that restart (the collator's
+default, TRL's ``padding_free=True``), go through ``ptkernels.prefix_attention_varlen``: every
+sequence attends to its own tokens plus the whole prefix, as if it were alone. Transformers' own
+flash-attention path detects packing the same two ways.
 """
 
 from __future__ import annotations
@@ -26,13 +34,18 @@ import torch
 from torch import Tensor
 
 from ..ops.prefix_attention import prefix_attention
+from ..ops.prefix_attention_varlen import prefix_attention_varlen
 from ..ops.prefix_attention.torch_path import join_prefix
 
 ATTN_IMPLEMENTATION = "ptkernels"
 PREFIX_KWARG = "ptkernels_prefix"
 BACKEND_ATTR = "_ptkernels_backend"
 
-__all__ = ["ATTN_IMPLEMENTATION", "PREFIX_KWARG", "LayerPrefix", "ptkernels_attention_forward", "register"]
+__all__ = ["ATTN_IMPLEMENTATION", "PREFIX_KWARG", "LayerPrefix", "ptkernels_attention_forward", "register",
+           "cu_seqlens_from_position_ids"]
+
+# flash-attention's varlen keyword arguments, as transformers names them (TransformersKwargs)
+VARLEN_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 
 class LayerPrefix:
@@ -87,6 +100,62 @@ def _fallback_4d(query, key, value, prefix_k, prefix_v, mask, dropout, scaling):
     return out.transpose(1, 2)
 
 
+def cu_seqlens_from_position_ids(position_ids: Optional[Tensor]) -> Optional[Tensor]:
+    """(N + 1,) int32 sequence starts of a packed row whose ``position_ids`` (1, T) restart, or None
+    when they do not (one sequence, or not a single row).
+
+    A sequence starts wherever the position does not follow the previous one by 1 (as transformers'
+    ``find_packed_sequence_indices``), so it works whatever the first position is (0, or P under
+    prefix tuning's shifted positions). Reads the positions on the host (one device sync)."""
+    if position_ids is None or position_ids.dim() > 2 or (position_ids.dim() == 2 and position_ids.shape[0] != 1):
+        return None
+    pos = position_ids.reshape(-1)
+    if pos.numel() < 2:
+        return None
+    starts = torch.nonzero(torch.diff(pos) != 1).flatten() + 1
+    if starts.numel() == 0:
+        return None
+    edges = (pos.new_zeros(1), starts.to(pos.dtype), pos.new_full((1,), pos.numel()))
+    return torch.cat(edges).to(torch.int32)
+
+
+def _max_length(value, cu: Tensor) -> int:
+    if value is None:
+        return int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
+    return int(value)  # transformers' helpers give 0-d tensors, the collator Python ints
+
+
+def _packed_sequences(module, query: Tensor, key: Tensor, attention_mask: Optional[Tensor], kwargs: dict):
+    """(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) when this call is a packed row, else None.
+
+    Explicit ``cu_seq_lens_q`` / ``cu_seq_lens_k`` win; otherwise ``position_ids`` that restart in a
+    single row without padding and without a cache (Sq == Sk) mean packing."""
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if cu_q is None and cu_k is None:
+        if query.shape[0] != 1 or attention_mask is not None or query.shape[2] != key.shape[2]:
+            return None
+        cu_q = cu_seqlens_from_position_ids(kwargs.get("position_ids"))
+        if cu_q is None:
+            return None
+        cu_k = cu_q
+    else:
+        if query.shape[0] != 1:
+            raise ValueError(
+                f"ptkernels attention ({type(module).__name__}): packed sequences (cu_seq_lens_q / cu_seq_lens_k) need a "
+                f"batch of one row, got q {tuple(query.shape)} (B, Hq, T, D)"
+            )
+        if attention_mask is not None:
+            raise ValueError(
+                f"ptkernels attention ({type(module).__name__}): packed sequences (cu_seq_lens_q / cu_seq_lens_k) with a "
+                "padding attention_mask are not supported; packed rows have no padding"
+            )
+        cu_q = cu_k if cu_q is None else cu_q
+        cu_k = cu_q if cu_k is None else cu_k
+    max_q = _max_length(kwargs.get("max_length_q"), cu_q)
+    max_k = _max_length(kwargs.get("max_length_k"), cu_k)
+    return cu_q, cu_k, max_q, max_k
+
+
 def ptkernels_attention_forward(
     module: torch.nn.Module,
     query: Tensor,
@@ -137,6 +206,18 @@ def ptkernels_attention_forward(
     if attention_mask is not None and attention_mask.dim() == 4:
         out = _fallback_4d(query, key, value, prefix_k, prefix_v, attention_mask, dropout, scaling)
         return out, None
+
+    packed = _packed_sequences(module, query, key, attention_mask, kwargs)
+    if packed is not None:  # one row, N sequences: each sees its own tokens and the whole prefix
+        cu_q, cu_k, max_q, max_k = packed
+        if prefix_k is not None and prefix_k.dim() == 4:  # per example: the row's own
+            prefix_k, prefix_v = prefix_k[0], prefix_v[0]
+        causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
+        out = prefix_attention_varlen(
+            query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1), prefix_k, prefix_v,
+            cu_q, cu_k, max_q, max_k, causal=causal, scale=scaling, dropout_p=float(dropout), backend=backend,
+        )  # (T, Hq, D)
+        return out.unsqueeze(0), None
 
     key_padding_mask = None
     if attention_mask is not None:

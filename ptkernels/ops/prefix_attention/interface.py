@@ -42,32 +42,8 @@ def check_prefix_attention_args(q, k, v, prefix_k, prefix_v, key_padding_mask, c
             f"q's head count must be a multiple of k's (GQA/MQA), got q heads {q_heads} (q {tuple(q.shape)}) "
             f"and k heads {kv_heads} (k {tuple(k.shape)})"
         )
-    if (prefix_k is None) != (prefix_v is None):
-        raise ValueError("prefix_k and prefix_v must both be tensors or both be None")
-    if prefix_k is not None:
-        check_tensor("prefix_k", prefix_k, (3, 4))
-        check_tensor("prefix_v", prefix_v, (3, 4))
-        if prefix_k.shape != prefix_v.shape:
-            raise ValueError(
-                f"prefix_k and prefix_v must have the same shape, got prefix_k {tuple(prefix_k.shape)} "
-                f"and prefix_v {tuple(prefix_v.shape)}"
-            )
-        want = (kv_heads, prefix_k.shape[-2], head_dim)
-        if prefix_k.dim() == 4:
-            # a bank (A, Hkv, P, D) with prefix_index, else per example (B, Hkv, P, D)
-            want = (prefix_k.shape[0] if prefix_index is not None else batch,) + want
-        if tuple(prefix_k.shape) != want:
-            raise ValueError(
-                f"prefix_k must be (Hkv, P, D) = ({kv_heads}, P, {head_dim}) shared, (B, Hkv, P, D) = ({batch}, "
-                f"{kv_heads}, P, {head_dim}) per example, or (A, Hkv, P, D) = (A, {kv_heads}, P, {head_dim}) bank "
-                f"entries read through prefix_index, to match q {tuple(q.shape)} and k {tuple(k.shape)}, "
-                f"got {tuple(prefix_k.shape)}"
-            )
-        for name, t in (("prefix_k", prefix_k), ("prefix_v", prefix_v)):
-            if t.dtype != q.dtype:
-                raise TypeError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
-            if t.device != q.device:
-                raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
+    check_prefix_tensors(q, prefix_k, prefix_v, prefix_index, kv_heads, head_dim, batch, "B",
+                         f"k {tuple(k.shape)}")
     check_prefix_bank_args(prefix_k, prefix_index, prefix_lengths, prefix_dropout_p, batch, q.device)
     if key_padding_mask is not None:
         if not isinstance(key_padding_mask, Tensor):
@@ -93,6 +69,39 @@ def check_prefix_attention_args(q, k, v, prefix_k, prefix_v, key_padding_mask, c
         raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
 
 
+def check_prefix_tensors(q, prefix_k, prefix_v, prefix_index, kv_heads: int, head_dim: int, batch: int,
+                         batch_name: str, matches: str) -> None:
+    """Shape / dtype / device checks of prefix_k and prefix_v against the attention they extend:
+    (Hkv, P, D) shared, (batch, Hkv, P, D) per example (``batch_name``: "B" or "N" sequences), or a
+    bank (A, Hkv, P, D) with prefix_index. ``matches`` names what Hkv and D come from, for the message."""
+    if (prefix_k is None) != (prefix_v is None):
+        raise ValueError("prefix_k and prefix_v must both be tensors or both be None")
+    if prefix_k is not None:
+        check_tensor("prefix_k", prefix_k, (3, 4))
+        check_tensor("prefix_v", prefix_v, (3, 4))
+        if prefix_k.shape != prefix_v.shape:
+            raise ValueError(
+                f"prefix_k and prefix_v must have the same shape, got prefix_k {tuple(prefix_k.shape)} "
+                f"and prefix_v {tuple(prefix_v.shape)}"
+            )
+        want = (kv_heads, prefix_k.shape[-2], head_dim)
+        if prefix_k.dim() == 4:
+            # a bank (A, Hkv, P, D) with prefix_index, else per example (B, Hkv, P, D)
+            want = (prefix_k.shape[0] if prefix_index is not None else batch,) + want
+        if tuple(prefix_k.shape) != want:
+            raise ValueError(
+                f"prefix_k must be (Hkv, P, D) = ({kv_heads}, P, {head_dim}) shared, ({batch_name}, Hkv, P, D) = "
+                f"({batch}, {kv_heads}, P, {head_dim}) per {'sequence' if batch_name == 'N' else 'example'}, or "
+                f"(A, Hkv, P, D) = (A, {kv_heads}, P, {head_dim}) bank entries read through prefix_index, to match "
+                f"{matches}, got {tuple(prefix_k.shape)}"
+            )
+        for name, t in (("prefix_k", prefix_k), ("prefix_v", prefix_v)):
+            if t.dtype != q.dtype:
+                raise TypeError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
+            if t.device != q.device:
+                raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
+
+
 def _check_integer_vector(name: str, t, length: int, length_desc: str, device) -> None:
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be an integer torch.Tensor or None, got {type(t).__name__}")
@@ -104,25 +113,29 @@ def _check_integer_vector(name: str, t, length: int, length_desc: str, device) -
         raise ValueError(f"{name} must be on q's device {device}, got {t.device}")
 
 
-# Index / length tensors whose values were checked, with (tensor version, bounds): the Hugging Face
-# integration hands the same tensor to every layer, so the host sync of the value check is paid once
-# per forward, not once per layer. A WeakKeyDictionary: tensors hash by identity and are not kept alive.
-_checked_values: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+# Index / length tensors whose values were checked: id -> (weak reference, tensor version, bounds).
+# The Hugging Face integration hands the same tensor to every layer, so the host sync of the value
+# check is paid once per forward, not once per layer. (Not a WeakKeyDictionary: its lookups compare
+# tensors with ==.) A few entries suffice; the oldest are dropped.
+_checked_values: dict = {}
 
 
 def _values_in_range(t: Tensor, lo: int, hi: int) -> tuple[bool, int, int]:
     """(all of t in [lo, hi], min, max), from the cache when t (at this version) was checked before."""
-    key = (t._version, lo, hi)
-    if _checked_values.get(t) == key:
+    seen = _checked_values.get(id(t))
+    if seen is not None and seen[0]() is t and seen[1:] == (t._version, lo, hi):
         return True, lo, hi
     low, high = (int(t.min()), int(t.max())) if t.numel() else (lo, hi)
     ok = lo <= low and high <= hi
     if ok and not torch.compiler.is_compiling():
-        _checked_values[t] = key
+        if len(_checked_values) >= 64:
+            _checked_values.pop(next(iter(_checked_values)))
+        _checked_values[id(t)] = (weakref.ref(t), t._version, lo, hi)
     return ok, low, high
 
 
-def check_prefix_bank_args(prefix_k, prefix_index, prefix_lengths, prefix_dropout_p, batch: int, device) -> None:
+def check_prefix_bank_args(prefix_k, prefix_index, prefix_lengths, prefix_dropout_p, batch: int, device,
+                           batch_name: str = "B") -> None:
     """Checks of the prefix-bank arguments (DESIGN.md, "Prefix banks"); prefix_k already checked.
 
     Value checks (indices in [0, A), lengths in [0, P]) read the tensors on the host: one device
@@ -141,19 +154,19 @@ def check_prefix_bank_args(prefix_k, prefix_index, prefix_lengths, prefix_dropou
                 f"prefix_index needs a bank prefix_k (A, Hkv, P, D); got a shared prefix of shape "
                 f"{tuple(prefix_k.shape)}"
             )
-        _check_integer_vector("prefix_index", prefix_index, batch, "B", device)
+        _check_integer_vector("prefix_index", prefix_index, batch, batch_name, device)
         entries = prefix_k.shape[0]
         ok, lo, hi = _values_in_range(prefix_index, 0, entries - 1)
         if not ok:
             raise ValueError(
-                    f"prefix_index must be in [0, A) = [0, {entries}) for a bank of {entries} entries, got values "
-                    f"from {lo} to {hi}"
-                )
+                f"prefix_index must be in [0, A) = [0, {entries}) for a bank of {entries} entries, got values "
+                f"from {lo} to {hi}"
+            )
     if prefix_lengths is not None:
         if prefix_index is not None:
             want, desc = prefix_k.shape[0], "A (bank entries)"
         elif prefix_k.dim() == 4:
-            want, desc = batch, "B (one per example)"
+            want, desc = batch, f"{batch_name} (one per {'sequence' if batch_name == 'N' else 'example'})"
         else:
             want, desc = 1, "1 (a shared prefix)"
         _check_integer_vector("prefix_lengths", prefix_lengths, want, desc, device)
@@ -161,8 +174,8 @@ def check_prefix_bank_args(prefix_k, prefix_index, prefix_lengths, prefix_dropou
         ok, lo, hi = _values_in_range(prefix_lengths, 0, prefix_len)
         if not ok:
             raise ValueError(
-                    f"prefix_lengths must be in [0, P] = [0, {prefix_len}], got values from {lo} to {hi}"
-                )
+                f"prefix_lengths must be in [0, P] = [0, {prefix_len}], got values from {lo} to {hi}"
+            )
 
 
 def autocast_inputs(*tensors: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
