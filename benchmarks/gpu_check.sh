@@ -6,7 +6,8 @@
 # runs, in this order, each step's output kept even when a later one fails:
 #   1. the whole test suite with compiled Triton kernels (conftest uses the interpreter only without CUDA);
 #   2. the op benchmarks (`ptkernels bench --e2e none`: Triton vs the fast PyTorch path vs PEFT's path
-#      vs cat + SDPA, fp16/bf16) and the end-to-end `gpu` suite (PEFT vs patched training steps);
+#      vs cat + SDPA, fp16/bf16), the end-to-end `gpu` suite (PEFT vs patched training steps), the
+#      packed-sequence step (issue 16) and the mixed-adapter / prefix-dropout step (issue 17);
 #   3. the static report for the GPU's architecture (SASS per loop, registers, spills);
 # and writes everything under benchmarks/results/gpu-<date>-<gpu>/ (or OUT_DIR) with device,
 # versions and date in env.txt. Budget: under 10 minutes on an H100/H200 (the e2e suite runs
@@ -39,6 +40,10 @@ tail -20 "$out/bench_ops.txt"
 timeout 240 python benchmarks/e2e.py --suite gpu --rounds "${ROUNDS:-2}" --min-run-time 0.5 --out "$out/e2e" \
   > "$out/e2e.txt" 2>&1 || status=1
 tail -25 "$out/e2e.txt"
+timeout 120 python benchmarks/packing.py --device cuda --rounds 2 --out "$out/packing" > "$out/packing.txt" 2>&1 || status=1
+tail -8 "$out/packing.txt"
+timeout 120 python benchmarks/adapters.py --device cuda --rounds 2 --out "$out/adapters" > "$out/adapters.txt" 2>&1 || status=1
+tail -12 "$out/adapters.txt"
 
 echo "== 3/3 static report ($arch)"
 env -u TRITON_INTERPRET timeout 300 python benchmarks/static_report.py --arch "$arch" --json "$out/static_report.json" \

@@ -10,14 +10,36 @@ Public API (see README.md and DESIGN.md for the full contract):
                             prefix_lengths=None, prefix_dropout_p=0.0, backend="auto")
     prompt_embedding(input_ids, weight, prompt, *, backend="auto")
     virtual_token_embedding(token_ids, weight, prompt, *, backend="auto")
-    patch(model, *, backend="auto", shift_positions=True) / unpatch(model)
+    patch(model, *, backend="auto", shift_positions=True, prefix_dropout=0.0) / unpatch(model)
+        (patched PEFT models also take ``adapter_names=[...]`` in forward and generate)
+    LayerPrefix(prefix, *, index=None, lengths=None, dropout_p=0.0)   # model(..., ptkernels_prefix=...)
+    use_prefix(model, prefix, *, index=None, lengths=None, dropout_p=0.0)   # context manager
+
+Per-layer prefixes for your own models (P-Tuning v2 style, no PEFT): patch the Hugging Face model
+once, then hand it every layer's prefix K/V, L layers, Hkv key/value heads, P prefix tokens, head
+dim D, batch B, bank of A entries:
+
+    prefix: (2L, Hkv, P, D) shared; (B, 2L, Hkv, P, D) per example; (A, 2L, Hkv, P, D) with
+            index (B,); or a list of L (key, value) pairs of (Hkv, P, D) / (B or A, Hkv, P, D).
+            Layer l's key is entry 2l, its value 2l + 1.
+    lengths: (A,) / (B,) / (1,) ints: only the first lengths[a] prefix keys of an entry attend.
+    dropout_p: dropout on the prefix K/V per example (training mode only).
+
+    ptkernels.patch(hf_model)
+    out = hf_model(input_ids, attention_mask=mask, ptkernels_prefix=ptkernels.LayerPrefix(prefix))
+    with ptkernels.use_prefix(hf_model, prefix):
+        out = hf_model(input_ids, attention_mask=mask)
+
+See examples/ptuning_v2/ for P-Tuning v2's RobertaPrefixForTokenClassification rebuilt on it.
 """
 
 from .ops.prefix_attention import prefix_attention
 from .ops.prefix_attention_varlen import prefix_attention_varlen
 from .ops.prompt_embedding import prompt_embedding, virtual_token_embedding
 from .integrations import patch, unpatch
+from .integrations.transformers import LayerPrefix, use_prefix
 
 __version__ = "0.1.0"
 
-__all__ = ["prefix_attention", "prefix_attention_varlen", "prompt_embedding", "virtual_token_embedding", "patch", "unpatch", "__version__"]
+__all__ = ["prefix_attention", "prefix_attention_varlen", "prompt_embedding", "virtual_token_embedding", "patch",
+           "unpatch", "LayerPrefix", "use_prefix", "__version__"]

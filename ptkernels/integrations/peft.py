@@ -53,12 +53,15 @@ length + P).
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import sys
 import types
 import warnings
-from typing import Optional
+from typing import Optional, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._backend import BACKENDS
@@ -71,6 +74,7 @@ from .transformers import (
     BACKEND_ATTR,
     PREFIX_KWARG,
     LayerPrefix,
+    check_every_layer_read_the_prefix,
     cu_seqlens_from_position_ids,
     register,
 )
@@ -114,6 +118,17 @@ def _kv_geometry(config) -> tuple[int, int, int]:
     return layers, kv_heads, head_dim
 
 
+def _check_prefix_geometry(hf_model, peft_config, adapter_name: str) -> None:
+    layers, kv_heads, head_dim = _kv_geometry(hf_model.config)
+    got = (peft_config.num_layers, peft_config.num_attention_heads, peft_config.token_dim)
+    want = (layers, kv_heads, kv_heads * head_dim)
+    if got != want:
+        raise ValueError(
+            f"the prefix-tuning adapter {adapter_name!r} was provisioned for (num_layers, kv heads, token_dim) = "
+            f"{got}, but the model's self-attention is {want}"
+        )
+
+
 def _check_peft_model(model) -> ModelSupport:
     peft_config = model.active_peft_config
     peft_type = _enum_value(peft_config.peft_type)
@@ -137,14 +152,7 @@ def _check_peft_model(model) -> ModelSupport:
     hf_model = model.get_base_model()
     support = check_model(hf_model, prefix_tuning=peft_type == "PREFIX_TUNING")
     if peft_type == "PREFIX_TUNING":
-        layers, kv_heads, head_dim = _kv_geometry(hf_model.config)
-        got = (peft_config.num_layers, peft_config.num_attention_heads, peft_config.token_dim)
-        want = (layers, kv_heads, kv_heads * head_dim)
-        if got != want:
-            raise ValueError(
-                f"the prefix-tuning adapter was provisioned for (num_layers, kv heads, token_dim) = {got}, "
-                f"but the model's self-attention is {want}"
-            )
+        _check_prefix_geometry(hf_model, peft_config, model.active_adapter)
     return support
 
 
@@ -160,7 +168,8 @@ def _is_sharded(param: Tensor) -> bool:
 
 
 def _prompt_and_input_embeddings(model, input_ids: Tensor, prompt: Tensor) -> Tensor:
-    """(B, P + S, E): the prompt (P, E) in front of the embedded input_ids (B, S).
+    """(B, P + S, E): the prompt, (P, E) shared or (B, P, E) per example, in front of the embedded
+    input_ids (B, S).
 
     A plain ``nn.Embedding`` goes through one fused ``prompt_embedding`` call. The embedding module
     itself is called (as PEFT calls it) and the prompt concatenated in front when
@@ -176,8 +185,12 @@ def _prompt_and_input_embeddings(model, input_ids: Tensor, prompt: Tensor) -> Te
 
 
 def _prepend_prompt(prompt: Tensor, embeds: Tensor) -> Tensor:
-    """(B, P + S, E): the shared prompt (P, E) in front of input embeddings (B, S, E), unfused."""
-    return torch.cat((prompt.to(embeds.dtype).unsqueeze(0).expand(embeds.shape[0], -1, -1), embeds), dim=1)
+    """(B, P + S, E): the prompt, (P, E) shared or (B, P, E) per example, in front of input
+    embeddings (B, S, E), unfused."""
+    prompt = prompt.to(embeds.dtype)
+    if prompt.dim() == 2:
+        prompt = prompt.unsqueeze(0).expand(embeds.shape[0], -1, -1)
+    return torch.cat((prompt, embeds), dim=1)
 
 
 # The KV cache's keyword: ``cache`` from transformers 5.24 on (``past_key_values`` stays a deprecated
@@ -202,7 +215,7 @@ def _past_length(past_key_values) -> int:
 
 
 def _prefix_position_ids(model, kwargs: dict, input_ids, inputs_embeds, attention_mask=None,
-                         packed_cu: Optional[Tensor] = None) -> Optional[Tensor]:
+                         num_virtual=None, packed_cu: Optional[Tensor] = None) -> Optional[Tensor]:
     """The position ids of the real tokens under prefix tuning: PEFT's convention (the P prefix
     tokens count as past, so real tokens start at P) with ``shift_positions``, else the model's own.
 
@@ -213,9 +226,13 @@ def _prefix_position_ids(model, kwargs: dict, input_ids, inputs_embeds, attentio
     count). None lets the model count (from its cache, which holds real tokens only).
 
     attention_mask: (B, past + S) mask of the real tokens, or None (all attended).
+    num_virtual: P, an int (the active adapter's by default) or a (B, 1) tensor (adapters of
+    different P in one batch: each example shifted by its own adapter's P, as PEFT shifts it).
     packed_cu: (N + 1,) sequence starts of a packed row, or None: positions restart per sequence."""
     state = model.__dict__[_STATE]
-    offset = model.active_peft_config.num_virtual_tokens if state["shift_positions"] else 0
+    if num_virtual is None:
+        num_virtual = model.active_peft_config.num_virtual_tokens
+    offset = num_virtual if state["shift_positions"] else 0
     if kwargs.get("position_ids") is not None:
         return kwargs["position_ids"] + offset
     hf_model = model.get_base_model()
@@ -225,7 +242,7 @@ def _prefix_position_ids(model, kwargs: dict, input_ids, inputs_embeds, attentio
         if state["support"].positions == "roberta":
             start += hf_model.config.pad_token_id + 1
         return _positions_per_sequence(packed_cu, ref.shape[1]) + start
-    if offset == 0:
+    if isinstance(offset, int) and offset == 0:
         return None
     past_len = _past_length(_cache_of(kwargs))
     ref = input_ids if input_ids is not None else inputs_embeds
@@ -241,6 +258,8 @@ def _prefix_position_ids(model, kwargs: dict, input_ids, inputs_embeds, attentio
             attention_mask = torch.ones(ref.shape[0], past_len + ref.shape[1], dtype=torch.long, device=ref.device)
         mask = attention_mask.long()
         return ((torch.cumsum(mask, dim=1) + offset) * mask - 1)[:, -ref.shape[1]:]
+    if isinstance(offset, Tensor):
+        return torch.arange(ref.shape[1], device=ref.device) + (past_len + offset)
     return (torch.arange(ref.shape[1], device=ref.device) + (past_len + offset)).unsqueeze(0)
 
 
@@ -255,20 +274,205 @@ def _reentrant_checkpointing(hf_model: nn.Module) -> bool:
     return False
 
 
-def _compute_prefix(model, peft_config) -> LayerPrefix:
-    layers, kv_heads, head_dim = _kv_geometry(model.get_base_model().config)
-    encoder = model.prompt_encoder[model.active_adapter]
-    stacked = prefix_key_values(
-        encoder, peft_config.num_virtual_tokens, layers, kv_heads, head_dim,
-        inference_mode=bool(peft_config.inference_mode),
-        dtype=getattr(model.get_base_model(), "dtype", None),
-    )
-    return LayerPrefix(stacked)
+# --------------------------------------------------------------------------------------------
+# Which adapter each example uses (``adapter_names``) and its prefix / prompt
+# --------------------------------------------------------------------------------------------
 
 
-def _compute_prompt(model, peft_config) -> Tensor:
-    encoder = model.prompt_encoder[model.active_adapter]
-    return prompt_embeddings(encoder, peft_config.num_virtual_tokens, inference_mode=bool(peft_config.inference_mode))
+@dataclasses.dataclass
+class _Selection:
+    """The adapters of one forward: ``names`` the distinct adapters (first appearance order),
+    ``index`` (B,) int64 into ``names`` per example, or None when the whole batch uses names[0]
+    (no ``adapter_names``, or all the same), and ``per_example`` the B names (None likewise)."""
+
+    names: list
+    configs: list
+    index: Optional[Tensor]
+    per_example: Optional[list]
+
+    @property
+    def peft_type(self) -> str:
+        return _enum_value(self.configs[0].peft_type)
+
+    @property
+    def num_virtual(self) -> list:
+        return [c.num_virtual_tokens for c in self.configs]
+
+    def offsets(self, device) -> Union[int, Tensor]:
+        """P per example: an int when every example's adapter has the same P, else (B, 1) int64."""
+        sizes = self.num_virtual
+        if self.index is None or len(set(sizes)) == 1:
+            return sizes[0]
+        return torch.tensor(sizes, device=device)[self.index.to(device)][:, None]
+
+
+def _select_adapters(model, adapter_names, batch_size: int, device) -> _Selection:
+    """The adapters the examples of this batch use: the active one without ``adapter_names``;
+    else one name per example, checked (ValueError naming ``adapter_names``)."""
+    if adapter_names is None:
+        config = model.active_peft_config
+        if _enum_value(config.peft_type) not in SUPPORTED_PEFT_TYPES:  # another adapter became active after patching
+            raise ValueError(f"ptkernels: the active adapter is {_enum_value(config.peft_type)}, which the patched model "
+                             "does not support")
+        return _Selection([model.active_adapter], [config], None, None)
+    if isinstance(adapter_names, str) or not isinstance(adapter_names, (list, tuple)):
+        raise ValueError(f"adapter_names must be a list of adapter names, one per example, got {type(adapter_names).__name__}")
+    adapter_names = list(adapter_names)
+    if len(adapter_names) != batch_size:
+        if not adapter_names or batch_size % len(adapter_names):
+            raise ValueError(f"adapter_names must have one name per example: got {len(adapter_names)} names for a batch "
+                             f"of {batch_size}")
+        # generate() with num_return_sequences / beams expands each row k times, consecutively
+        adapter_names = [n for n in adapter_names for _ in range(batch_size // len(adapter_names))]
+    names = list(dict.fromkeys(adapter_names))
+    unknown = [n for n in names if not isinstance(n, str) or n not in model.peft_config]
+    if unknown:
+        raise ValueError(f"adapter_names contains {unknown}, which are not adapters of this model (loaded: "
+                         f"{sorted(model.peft_config)})")
+    configs = [model.peft_config[n] for n in names]
+    task = model.__dict__[_STATE]["task"]
+    kinds = set()
+    for name, config in zip(names, configs):
+        peft_type = _enum_value(config.peft_type)
+        if peft_type not in SUPPORTED_PEFT_TYPES:
+            raise ValueError(f"adapter_names: adapter {name!r} is {peft_type}; ptkernels mixes only prompt-learning "
+                             f"adapters {SUPPORTED_PEFT_TYPES} in one batch")
+        if _enum_value(config.task_type) != task:
+            raise ValueError(f"adapter_names: adapter {name!r} has task_type {_enum_value(config.task_type)}, the patched "
+                             f"model is {task}")
+        if (config.num_transformer_submodules or 1) != 1:
+            raise ValueError(f"adapter_names: adapter {name!r} has num_transformer_submodules="
+                             f"{config.num_transformer_submodules}; only 1 is supported")
+        if peft_type == "PREFIX_TUNING":
+            _check_prefix_geometry(model.get_base_model(), config, name)
+        kinds.add("prefix" if peft_type == "PREFIX_TUNING" else "prompt")
+    if len(kinds) > 1:
+        raise ValueError("adapter_names mixes prefix-tuning adapters with prompt-tuning / P-tuning adapters in one "
+                         f"batch ({dict(zip(names, (_enum_value(c.peft_type) for c in configs)))}), which is not "
+                         "supported: run them as separate batches")
+    if kinds == {"prefix"} and not model.__dict__[_STATE].get("prefix_support_checked"):
+        check_model(model.get_base_model(), prefix_tuning=True)  # patched with a prompt adapter active
+        model.__dict__[_STATE]["prefix_support_checked"] = True
+    if len(names) == 1:
+        return _Selection(names, configs, None, None)
+    index = torch.tensor([names.index(n) for n in adapter_names], dtype=torch.long, device=device)
+    return _Selection(names, configs, index, adapter_names)
+
+
+def _compute_prefix(model, selection: _Selection) -> LayerPrefix:
+    """Every layer's prefix: (2L, Hkv, P, D) shared, or, with several adapters, a bank
+    (A, 2L, Hkv, max P, D) (shorter prefixes zero-padded at the end, ``lengths`` (A,) masking the
+    padding) read through ``index`` (B,). Each adapter's encoder runs once; P-Tuning v2's prefix
+    dropout (``patch(prefix_dropout=)``) rides along and applies in training mode."""
+    hf_model = model.get_base_model()
+    layers, kv_heads, head_dim = _kv_geometry(hf_model.config)
+    stacks = [
+        prefix_key_values(
+            model.prompt_encoder[name], config.num_virtual_tokens, layers, kv_heads, head_dim,
+            inference_mode=bool(config.inference_mode), dtype=getattr(hf_model, "dtype", None),
+        )
+        for name, config in zip(selection.names, selection.configs)
+    ]
+    dropout_p = model.__dict__[_STATE]["prefix_dropout"]
+    if selection.index is None:
+        return LayerPrefix(stacks[0], dropout_p=dropout_p)
+    sizes = selection.num_virtual
+    longest = max(sizes)
+    bank = torch.stack([F.pad(s, (0, 0, 0, longest - s.shape[-2])) for s in stacks])
+    lengths = None if len(set(sizes)) == 1 else torch.tensor(sizes, device=bank.device)
+    return LayerPrefix(bank, index=selection.index.to(bank.device), lengths=lengths, dropout_p=dropout_p)
+
+
+def _compute_prompt(model, selection: _Selection) -> tuple[Tensor, Optional[Tensor]]:
+    """The virtual-token embeddings: ((P, E) shared, None), or, with several adapters,
+    ((B, max P, E), (B, max P) bool): each example's prompt in the layout of :func:`_virtual_mask`
+    (zeros in the unused slots of a shorter one) and that mask (None when every P is the same)."""
+    prompts = [
+        prompt_embeddings(model.prompt_encoder[name], config.num_virtual_tokens,
+                          inference_mode=bool(config.inference_mode))
+        for name, config in zip(selection.names, selection.configs)
+    ]
+    if selection.index is None:
+        return prompts[0], None
+    longest = max(selection.num_virtual)
+    right = model.__dict__[_STATE]["causal"]
+    bank = torch.stack([F.pad(p, (0, 0, longest - p.shape[0], 0) if right else (0, 0, 0, longest - p.shape[0]))
+                        for p in prompts])
+    return bank[selection.index.to(bank.device)], _virtual_mask(model, selection, bank.device)
+
+
+def _virtual_mask(model, selection: _Selection, device) -> Optional[Tensor]:
+    """(B, max P) bool, True on each example's own virtual tokens; None when the batch has one P.
+
+    Layout of the max P virtual slots in front of the S real tokens (real tokens always in the
+    last S positions): causal models (decoders) right-align each example's virtual tokens, next
+    to its real tokens, as the causal LM loss predicts the first real token from the last virtual
+    one and decoders pool the last token; bidirectional models (encoders) left-align them from
+    position 0, which is the token BERT / RoBERTa pool, the unused slots between the virtual and
+    the real tokens (attention there is order-free; positions are given explicitly)."""
+    sizes = selection.num_virtual
+    if selection.index is None or len(set(sizes)) == 1:
+        return None
+    longest = max(sizes)
+    own = torch.tensor(sizes, device=device)[selection.index.to(device), None]
+    slots = torch.arange(longest, device=device)
+    if model.__dict__[_STATE]["causal"]:
+        return slots >= longest - own
+    return slots < own
+
+
+def _virtual_positions(model, present: Tensor, seq_len: int) -> Optional[Tensor]:
+    """(B, max P + S) position ids of the prompt-tuning layout with different P per example: each
+    example's virtual tokens count from 0 and its real tokens from its own P, as PEFT numbers that
+    example alone (unused slots repeat a neighbour's position). None where the model derives
+    positions from the mask."""
+    convention = model.__dict__[_STATE]["support"].positions
+    if convention == "cumsum":
+        return None
+    ones = torch.ones(present.shape[0], seq_len, dtype=torch.long, device=present.device)
+    positions = (torch.cat((present.long(), ones), dim=1).cumsum(dim=1) - 1).clamp(min=0)
+    if convention == "roberta":
+        positions = positions + model.get_base_model().config.pad_token_id + 1
+    return positions
+
+
+def _modules_to_save_wrappers(hf_model: nn.Module) -> list:
+    other = sys.modules.get("peft.utils.other")
+    wrapper = getattr(other, "ModulesToSaveWrapper", None)
+    return [] if wrapper is None else [m for m in hf_model.modules() if isinstance(m, wrapper)]
+
+
+@contextlib.contextmanager
+def _per_example_heads(model, selection: _Selection):
+    """PEFT keeps one copy of the classification head per adapter (``modules_to_save``): during
+    the block, each wrapped module runs every adapter's copy on that adapter's examples (rows of
+    dim 0) and puts the rows back in batch order. PEFT's own mixed-batch forward handles only
+    Linear / Embedding / Conv heads (RoBERTa's head is a small module), hence this."""
+    wrappers = [] if selection.index is None else _modules_to_save_wrappers(model.get_base_model())
+    if not wrappers:
+        yield
+        return
+    groups = [(name, (selection.index == a).nonzero().flatten()) for a, name in enumerate(selection.names)]
+    order = torch.cat([rows for _, rows in groups])
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+
+    def mixed_forward(wrapper):
+        def forward(x, *args, **kwargs):
+            outs = []
+            for name, rows in groups:
+                module = wrapper.modules_to_save[name] if name in wrapper.modules_to_save else wrapper.original_module
+                outs.append(module(x[rows.to(x.device)], *args, **kwargs))
+            return torch.cat(outs)[inverse.to(x.device)]
+        return forward
+
+    for w in wrappers:
+        w.forward = mixed_forward(w)
+    try:
+        yield
+    finally:
+        for w in wrappers:
+            w.__dict__.pop("forward", None)
 
 
 def _batch_size(input_ids, inputs_embeds) -> int:
@@ -387,16 +591,15 @@ def _patched_forward(
     output_hidden_states=None,
     return_dict=None,
     task_ids=None,
+    adapter_names=None,
     **kwargs,
 ):
     state = self.__dict__[_STATE]
-    peft_config = self.active_peft_config
-    peft_type = _enum_value(peft_config.peft_type)
-    if peft_type not in SUPPORTED_PEFT_TYPES:  # another adapter became active after patching
-        raise ValueError(f"ptkernels: the active adapter is {peft_type}, which the patched model does not support")
     task = state["task"]
     batch_size = _batch_size(input_ids, inputs_embeds)
-    num_virtual = peft_config.num_virtual_tokens
+    ref = input_ids if input_ids is not None else inputs_embeds
+    selection = _select_adapters(self, adapter_names, batch_size, ref.device)
+    peft_type = selection.peft_type
     if task in ("SEQ_CLS", "TOKEN_CLS") and return_dict is None:
         return_dict = getattr(self.config, "return_dict", True) and not getattr(self.config, "torchscript", False)
     kwargs.update(output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=return_dict)
@@ -412,7 +615,8 @@ def _patched_forward(
         raise NotImplementedError("ptkernels: packed sequences (one row, several sequences) are not supported for "
                                   "sequence classification (one label per row)")
     if peft_type == "PREFIX_TUNING":
-        kwargs["position_ids"] = _prefix_position_ids(self, kwargs, input_ids, inputs_embeds, attention_mask, packed_cu)
+        kwargs["position_ids"] = _prefix_position_ids(self, kwargs, input_ids, inputs_embeds, attention_mask,
+                                                      selection.offsets(ref.device), packed_cu)
         if packed_cu is not None:
             kwargs.update(_varlen_kwargs(packed_cu))
         if self.training and torch.is_grad_enabled() and _reentrant_checkpointing(hf_model):
@@ -424,16 +628,27 @@ def _patched_forward(
                 "call gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False}) "
                 "(transformers' default)"
             )
-        kwargs[PREFIX_KWARG] = _compute_prefix(self, peft_config)
-        return self.base_model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, **kwargs)
+        kwargs[PREFIX_KWARG] = _compute_prefix(self, selection)
+        with _per_example_heads(self, selection):
+            return self.base_model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                                   **kwargs)
 
     # P_TUNING / PROMPT_TUNING: the virtual tokens are input tokens in front of the real ones
+    # (with several adapters of different P: right-aligned, the left slots masked)
     if packed_cu is not None:
-        return _packed_prompt_forward(self, packed_cu, input_ids, attention_mask, inputs_embeds, labels, kwargs)
+        return _packed_prompt_forward(self, selection, packed_cu, input_ids, attention_mask, inputs_embeds, labels,
+                                      kwargs)
     if kwargs.get("position_ids") is not None:
         warnings.warn("Position ids are not supported for parameter efficient tuning. Ignoring position ids.")
         kwargs["position_ids"] = None
-    if attention_mask is not None:
+    prompt, present = _compute_prompt(self, selection)
+    num_virtual = prompt.shape[-2]
+    if present is not None:
+        if attention_mask is None:
+            attention_mask = torch.ones(batch_size, ref.shape[1], dtype=torch.long, device=ref.device)
+        attention_mask = torch.cat((present.to(attention_mask.device, attention_mask.dtype), attention_mask), dim=1)
+        kwargs["position_ids"] = _virtual_positions(self, present, ref.shape[1])
+    elif attention_mask is not None:
         ones = torch.ones(batch_size, num_virtual, dtype=attention_mask.dtype, device=attention_mask.device)
         attention_mask = torch.cat((ones, attention_mask), dim=1)
     if kwargs.get("token_type_ids") is not None:
@@ -441,20 +656,22 @@ def _patched_forward(
         kwargs["token_type_ids"] = torch.cat((tt.new_zeros(batch_size, num_virtual), tt), dim=1).long()
     if task == "CAUSAL_LM" and labels is not None:
         kwargs["labels"] = torch.cat((labels.new_full((batch_size, num_virtual), -100), labels), dim=1)
-    prompt = _compute_prompt(self, peft_config)
     if inputs_embeds is None:
         inputs_embeds = _prompt_and_input_embeddings(self, input_ids, prompt)
     else:
         inputs_embeds = _prepend_prompt(prompt, inputs_embeds)
-    return self.base_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
+    with _per_example_heads(self, selection):
+        return self.base_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
 
 
-def _packed_prompt_forward(self, cu: Tensor, input_ids, attention_mask, inputs_embeds, labels, kwargs: dict):
+def _packed_prompt_forward(self, selection, cu: Tensor, input_ids, attention_mask, inputs_embeds, labels,
+                           kwargs: dict):
     """Prompt tuning / P-tuning on a packed row (1, T) of N sequences: the P virtual tokens in front of
     every sequence, so that each one sees what it sees alone under PEFT (row (1, T + N * P), each
-    sequence [P virtual, L_n real], positions restarting per sequence, labels -100 on the virtual tokens)."""
-    peft_config = self.active_peft_config
-    num_virtual = peft_config.num_virtual_tokens
+    sequence [P virtual, L_n real], positions restarting per sequence, labels -100 on the virtual tokens).
+    The row's adapter: the one ``selection`` picks for its single example."""
+    entry = 0 if selection.index is None else int(selection.index[0])
+    num_virtual = selection.num_virtual[entry]
     real_at, virtual_at, new_cu = _packed_prompt_layout(cu, num_virtual)
     new_len = int(new_cu[-1])
     new_mask = None if attention_mask is None else attention_mask.new_ones(1, new_len)  # checked: no padding
@@ -469,7 +686,9 @@ def _packed_prompt_forward(self, cu: Tensor, input_ids, attention_mask, inputs_e
         ).to(kwargs["seq_idx"].dtype).unsqueeze(0)
     kwargs["position_ids"] = _positions_per_sequence(new_cu, new_len)
     kwargs.update(_varlen_kwargs(new_cu))
-    prompt = _compute_prompt(self, peft_config)
+    prompt, _ = _compute_prompt(self, selection)
+    if prompt.dim() == 3:  # (1, max P, E) with an index: the row's one adapter, right- or left-aligned
+        prompt = prompt[0, -num_virtual:] if self.__dict__[_STATE]["causal"] else prompt[0, :num_virtual]
     embeds = _packed_prompt_embeddings(self, input_ids, inputs_embeds, prompt, real_at, virtual_at, new_len)
     return self.base_model(inputs_embeds=embeds, attention_mask=new_mask, **kwargs)
 
@@ -490,13 +709,23 @@ def _plain_prepare_inputs_for_generation(self, *args, **kwargs):
     return model_kwargs
 
 
+def _patched_generate(self, *args, adapter_names=None, **kwargs):
+    """PEFT's ``generate`` with ``adapter_names`` (one per row) handed to every generation step."""
+    state = self.__dict__[_STATE]
+    original = state["orig_generate"] or types.MethodType(type(self).generate, self)
+    state["generate_adapter_names"] = adapter_names
+    try:
+        return original(*args, **kwargs)
+    finally:
+        state["generate_adapter_names"] = None
+
+
 def _patched_prepare_inputs_for_generation(self, *args, task_ids=None, **kwargs):
-    peft_config = self.active_peft_config
-    peft_type = _enum_value(peft_config.peft_type)
-    if peft_type not in SUPPORTED_PEFT_TYPES:
-        raise ValueError(f"ptkernels: the active adapter is {peft_type}, which the patched model does not support")
+    state = self.__dict__[_STATE]
     model_kwargs = self.base_model_prepare_inputs_for_generation(*args, **kwargs)
-    num_virtual = peft_config.num_virtual_tokens
+    step_ref = model_kwargs.get("input_ids") if model_kwargs.get("input_ids") is not None else model_kwargs.get("inputs_embeds")
+    selection = _select_adapters(self, state.get("generate_adapter_names"), step_ref.shape[0], step_ref.device)
+    peft_type = selection.peft_type
     cache = _cache_of(model_kwargs)
     _check_cache(cache)
     past_len = _past_length(cache)
@@ -508,12 +737,15 @@ def _patched_prepare_inputs_for_generation(self, *args, task_ids=None, **kwargs)
         # the cache holds real tokens only; the prefix comes with every step as a keyword
         model_kwargs["position_ids"] = _prefix_position_ids(
             self, model_kwargs, model_kwargs.get("input_ids"), model_kwargs.get("inputs_embeds"),
-            model_kwargs.get("attention_mask"),
+            model_kwargs.get("attention_mask"), selection.offsets(step_ref.device),
         )
-        model_kwargs[PREFIX_KWARG] = _compute_prefix(self, peft_config)
+        model_kwargs[PREFIX_KWARG] = _compute_prefix(self, selection)
         return model_kwargs
 
     # prompt tuning / P-tuning: the virtual tokens are in the cache like any input token (as in PEFT)
+    prompt = _compute_prompt(self, selection)[0] if past_len == 0 else None
+    present = _virtual_mask(self, selection, step_ref.device)
+    num_virtual = max(selection.num_virtual)
     input_ids = model_kwargs.get("input_ids")
     if cache is not None and input_ids is not None and past_len >= input_ids.shape[1]:
         model_kwargs["input_ids"] = input_ids = input_ids[:, -1:]
@@ -525,11 +757,16 @@ def _patched_prepare_inputs_for_generation(self, *args, task_ids=None, **kwargs)
     if attention_mask is not None:
         if attention_mask.dim() != 2:
             raise NotImplementedError("ptkernels: prompt tuning generate() with a 4D attention mask (static cache)")
-        ones = torch.ones(attention_mask.shape[0], num_virtual, dtype=attention_mask.dtype, device=attention_mask.device)
-        model_kwargs["attention_mask"] = torch.cat((ones, attention_mask), dim=1)
+        if present is not None:
+            virtual = present.to(attention_mask.device, attention_mask.dtype)
+        else:
+            virtual = torch.ones(attention_mask.shape[0], num_virtual, dtype=attention_mask.dtype,
+                                 device=attention_mask.device)
+        model_kwargs["attention_mask"] = torch.cat((virtual, attention_mask), dim=1)
+    elif present is not None:
+        raise ValueError("ptkernels: generate() with adapters of different num_virtual_tokens needs an attention_mask")
     model_kwargs.pop("cache_position", None)
     if past_len == 0:
-        prompt = _compute_prompt(self, peft_config)
         embeds = model_kwargs.get("inputs_embeds")
         if embeds is not None:  # generate(inputs_embeds=...): prefill with the given embeddings
             model_kwargs["inputs_embeds"] = _prepend_prompt(prompt, embeds)
@@ -560,16 +797,7 @@ def _positions_from_mask(attention_mask: Tensor, num_new: int) -> Tensor:
 # --------------------------------------------------------------------------------------------
 
 
-def _check_every_layer_read_the_prefix(hf_model: nn.Module, args, kwargs, output) -> None:
-    """Forward hook of the patched base model: never a silent difference. If some layer did not
-    read its prefix (its decoder layer does not forward ``**kwargs`` to the attention), raise."""
-    prefix = kwargs.get(PREFIX_KWARG)
-    if isinstance(prefix, LayerPrefix) and prefix.unread_layers():
-        raise RuntimeError(
-            f"ptkernels: the prefix did not reach the attention of layers {prefix.unread_layers()} of "
-            f"{type(hf_model).__name__} (model_type {hf_model.config.model_type!r}): its layers do not forward "
-            "**kwargs to their attention, so this model cannot be prefix-tuned through ptkernels.patch"
-        )
+_PATCHED_METHODS = ("forward", "prepare_inputs_for_generation", "generate")
 
 
 def _set_backend(hf_model: nn.Module, backend: Optional[str]) -> None:
@@ -581,7 +809,7 @@ def _set_backend(hf_model: nn.Module, backend: Optional[str]) -> None:
             setattr(m, BACKEND_ATTR, backend)
 
 
-def patch(model, *, backend: str = "auto", shift_positions: bool = True):
+def patch(model, *, backend: str = "auto", shift_positions: bool = True, prefix_dropout: float = 0.0):
     """Run ``model`` through ptkernels' fused kernels; in place, returns the same object.
 
     Arguments:
@@ -601,6 +829,26 @@ def patch(model, *, backend: str = "auto", shift_positions: bool = True):
             start at position 0 as in the base model (the full 512 for BERT, the positions seen
             in pre-training), but outputs then differ from the unpatched PEFT model, so train and
             serve the adapter with the same setting. Only prefix tuning is affected.
+        prefix_dropout: P-Tuning v2's recipe: in training mode, dropout with this probability on
+            every layer's prefix keys and values, an independent mask per example (its reference
+            implementation applies ``nn.Dropout`` to the batch-expanded ``past_key_values``), done
+            inside ``prefix_attention`` without B copies of the prefix. Default 0: the patched model
+            equals the unpatched PEFT model (PEFT has no such dropout). Prefix tuning only (prompt
+            tuning / P-tuning have no prefix keys and values). ValueError outside [0, 1).
+
+    Several adapters in one batch: with more than one prompt-learning adapter loaded
+    (``load_adapter`` / ``add_adapter``), ``model(..., adapter_names=[name per example])`` and
+    ``model.generate(..., adapter_names=[...])`` give each example what the unpatched PEFT model
+    gives with that adapter active (PEFT itself supports ``adapter_names`` only for LoRA-like
+    adapters). Prefix tuning: each adapter's encoder runs once, the prefixes form a bank read per
+    example (different P allowed; positions shifted by each example's own P, as PEFT does).
+    Prompt tuning / P-tuning: outputs are (B, max P + S, ...), each example's virtual tokens
+    right-aligned before its real tokens (the left slots of a shorter prompt masked), the real
+    tokens in the last S positions. Classification heads (PEFT's per-adapter ``modules_to_save``
+    copies) are picked per example. Backward fills each adapter's parameters with the gradient of
+    its own examples (of the loss HF computes for the whole batch); PEFT trains only the active
+    adapter's parameters, so call ``model.set_requires_grad(names)`` (or set ``requires_grad``) to
+    train several at once. Prefix-tuning and prompt-tuning adapters cannot share a batch.
 
     Patching again is harmless (it updates ``backend`` / ``shift_positions``); ``unpatch`` restores
     the original behaviour exactly. Parameters are untouched: PEFT's encoder parameters are the
@@ -610,6 +858,8 @@ def patch(model, *, backend: str = "auto", shift_positions: bool = True):
         raise TypeError(f"ptkernels.patch expects a torch.nn.Module, got {type(model).__name__}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if isinstance(prefix_dropout, bool) or not isinstance(prefix_dropout, (int, float)) or not 0.0 <= prefix_dropout < 1.0:
+        raise ValueError(f"prefix_dropout must be a float in [0, 1), got {prefix_dropout!r}")
     is_peft = _is_peft_model(model)
     if is_peft:
         support = _check_peft_model(model)
@@ -629,7 +879,7 @@ def patch(model, *, backend: str = "auto", shift_positions: bool = True):
         }
         if is_peft:
             state["task"] = _enum_value(model.active_peft_config.task_type)
-        for name in ("forward", "prepare_inputs_for_generation"):
+        for name in _PATCHED_METHODS:
             state["had_" + name] = name in model.__dict__
             state["orig_" + name] = model.__dict__.get(name)
         if not is_peft and hasattr(model, "prepare_inputs_for_generation"):
@@ -637,16 +887,19 @@ def patch(model, *, backend: str = "auto", shift_positions: bool = True):
         model.__dict__[_STATE] = state
     state["backend"] = backend
     state["shift_positions"] = bool(shift_positions)
+    state["prefix_dropout"] = float(prefix_dropout)
     state["support"] = support
+    state["causal"] = any(getattr(m, "is_causal", False) for m in attention_modules(hf_model))
 
     hf_model.config._attn_implementation = ATTN_IMPLEMENTATION
     _set_backend(hf_model, backend)
-    if is_peft and "prefix_check" not in state:
-        state["prefix_check"] = hf_model.register_forward_hook(_check_every_layer_read_the_prefix, with_kwargs=True)
+    if "prefix_check" not in state:  # also checks a ptkernels_prefix= handed to a plain model
+        state["prefix_check"] = hf_model.register_forward_hook(check_every_layer_read_the_prefix, with_kwargs=True)
     if is_peft:
         model.forward = types.MethodType(_patched_forward, model)
         if state["task"] == "CAUSAL_LM":
             model.prepare_inputs_for_generation = types.MethodType(_patched_prepare_inputs_for_generation, model)
+            model.generate = types.MethodType(_patched_generate, model)
     elif "orig_prepare" in state:
         model.prepare_inputs_for_generation = types.MethodType(_plain_prepare_inputs_for_generation, model)
     return model
@@ -662,7 +915,7 @@ def unpatch(model):
     _set_backend(hf_model, None)
     if "prefix_check" in state:
         state["prefix_check"].remove()
-    for name in ("forward", "prepare_inputs_for_generation"):
+    for name in _PATCHED_METHODS:
         if state["had_" + name]:
             model.__dict__[name] = state["orig_" + name]
         else:

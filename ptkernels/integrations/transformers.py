@@ -28,12 +28,14 @@ flash-attention path detects packing the same two ways.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from ..ops.prefix_attention import prefix_attention
+from ..ops.prefix_attention.reference import example_prefix_lengths, select_prefix
 from ..ops.prefix_attention_varlen import prefix_attention_varlen
 from ..ops.prefix_attention.torch_path import join_prefix
 
@@ -42,29 +44,64 @@ PREFIX_KWARG = "ptkernels_prefix"
 BACKEND_ATTR = "_ptkernels_backend"
 
 __all__ = ["ATTN_IMPLEMENTATION", "PREFIX_KWARG", "LayerPrefix", "ptkernels_attention_forward", "register",
-           "cu_seqlens_from_position_ids"]
+           "use_prefix", "cu_seqlens_from_position_ids"]
 
 # flash-attention's varlen keyword arguments, as transformers names them (TransformersKwargs)
 VARLEN_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 
 class LayerPrefix:
-    """Every layer's prefix K/V for one forward, as one stacked tensor.
+    """Every layer's prefix K/V for one forward, handed to a patched model as ``ptkernels_prefix=``.
 
-    ``stacked``: (2L, Hkv, P, D) shared by the batch (layer l's key is ``stacked[2l]``, its value
-    ``stacked[2l + 1]``), or (B, 2L, Hkv, P, D) per example.
+    Arguments:
+        prefix: the per-layer prefix keys and values, either stacked (layer l's key is
+            ``[..., 2l, :, :, :]``, its value ``[..., 2l + 1, :, :, :]``):
+
+            * (2L, Hkv, P, D): shared by the whole batch;
+            * (B, 2L, Hkv, P, D): one prefix per example;
+            * (A, 2L, Hkv, P, D) with ``index``: a bank of A prefixes, example b reads entry index[b];
+
+            or as a list / tuple of L ``(key, value)`` pairs, each (Hkv, P, D), (B, Hkv, P, D) or
+            (A, Hkv, P, D) (P-Tuning v2's ``past_key_values`` tuples, (2, B, Hkv, P, D) per layer,
+            unpack the same way); they are stacked once here.
+        index: (B,) integer tensor or None; with it ``prefix`` is a bank.
+        lengths: integer tensor or None: (A,) with a bank, (B,) per example, (1,) shared; entry a
+            has only its first lengths[a] prefix keys (the rest are masked), so prefixes of
+            different P share one bank (pad them to the longest).
+        dropout_p: P-Tuning v2's dropout on the prefix keys and values (per example, KV head,
+            position and channel; ``prefix_attention(prefix_dropout_p=)``); applied only while the
+            attention module is in training mode, like ``nn.Dropout``.
+
+    Hkv is the model's number of key/value heads, D its head dim, L its number of layers.
 
     ``read``: the layer indices whose attention has read its prefix in this forward (the patched
     model checks after each forward that every layer did, so a model whose layers do not forward
     ``**kwargs`` to their attention raises instead of silently running without the prefix).
     """
 
-    __slots__ = ("stacked", "read")
+    __slots__ = ("stacked", "index", "lengths", "dropout_p", "read")
 
-    def __init__(self, stacked: Tensor) -> None:
-        if stacked.dim() not in (4, 5):
-            raise ValueError(f"stacked prefix must be (2L, Hkv, P, D) or (B, 2L, Hkv, P, D), got {tuple(stacked.shape)}")
-        self.stacked = stacked
+    def __init__(self, prefix, *, index: Optional[Tensor] = None, lengths: Optional[Tensor] = None,
+                 dropout_p: float = 0.0) -> None:
+        if isinstance(prefix, (list, tuple)):
+            prefix = _stack_layers(prefix)
+        if not isinstance(prefix, Tensor):
+            raise TypeError(f"prefix must be a tensor or a list of (key, value) pairs, got {type(prefix).__name__}")
+        if prefix.dim() not in (4, 5):
+            raise ValueError(
+                "prefix must be (2L, Hkv, P, D) shared, (B, 2L, Hkv, P, D) per example or (A, 2L, Hkv, P, D) "
+                f"bank, got {tuple(prefix.shape)}"
+            )
+        if prefix.shape[-4] % 2:
+            raise ValueError(f"prefix must hold a key and a value per layer (2L entries in dim -4), got {tuple(prefix.shape)}")
+        if index is not None and prefix.dim() != 5:
+            raise ValueError(f"index needs a bank prefix (A, 2L, Hkv, P, D), got {tuple(prefix.shape)}")
+        if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+            raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+        self.stacked = prefix
+        self.index = index
+        self.lengths = lengths
+        self.dropout_p = float(dropout_p)
         self.read: set = set()
 
     def unread_layers(self) -> list[int]:
@@ -76,23 +113,61 @@ class LayerPrefix:
         return self.stacked.shape[-4] // 2
 
     def layer(self, layer_idx: int) -> tuple[Tensor, Tensor]:
-        """(prefix_k, prefix_v) of one layer: (Hkv, P, D) each, or (B, Hkv, P, D) per example."""
+        """(prefix_k, prefix_v) of one layer: (Hkv, P, D) each, or (B | A, Hkv, P, D)."""
         if not 0 <= layer_idx < self.num_layers:
             raise ValueError(f"the prefix has {self.num_layers} layers, attention asked for layer {layer_idx}")
         if self.stacked.dim() == 4:
             return self.stacked[2 * layer_idx], self.stacked[2 * layer_idx + 1]
         return self.stacked[:, 2 * layer_idx], self.stacked[:, 2 * layer_idx + 1]
 
+    def fresh(self) -> "LayerPrefix":
+        """The same prefix with an empty ``read`` record (one per forward)."""
+        return LayerPrefix(self.stacked, index=self.index, lengths=self.lengths, dropout_p=self.dropout_p)
+
+
+def _stack_layers(pairs) -> Tensor:
+    """L (key, value) pairs, each (..., Hkv, P, D) -> (..., 2L, Hkv, P, D)."""
+    flat = []
+    for layer, pair in enumerate(pairs):
+        if len(pair) != 2:
+            raise ValueError(f"prefix layer {layer} must be a (key, value) pair, got {len(pair)} tensors")
+        key, value = pair[0], pair[1]
+        if key.shape != value.shape or key.dim() not in (3, 4):
+            raise ValueError(
+                f"prefix layer {layer}: key and value must both be (Hkv, P, D) or (B | A, Hkv, P, D), got "
+                f"{tuple(key.shape)} and {tuple(value.shape)}"
+            )
+        flat += [key, value]
+    if not flat:
+        raise ValueError("prefix is an empty list of layers")
+    shapes = {tuple(t.shape) for t in flat}
+    if len(shapes) != 1:
+        raise ValueError(f"every layer's prefix key and value must have the same shape, got {sorted(shapes)}")
+    return torch.stack(flat, dim=flat[0].dim() - 3)
+
 
 _UNSUPPORTED_KWARGS = ("softcap", "s_aux", "sinks", "position_bias")
 
 
-def _fallback_4d(query, key, value, prefix_k, prefix_v, mask, dropout, scaling):
+def _fallback_4d(query, key, value, prefix_k, prefix_v, mask, dropout, scaling, prefix_index=None,
+                 prefix_lengths=None, prefix_dropout_p=0.0):
     """A 4D mask (user-supplied, or from a compileable cache) cannot go through the 2D-mask op:
-    SDPA over the joined keys [prefix; real] (the fast path's join), the prefix always visible."""
+    SDPA over the joined keys [prefix; real] (the fast path's join), the prefix visible up to each
+    example's length (a bank entry read through prefix_index)."""
+    if prefix_dropout_p:
+        raise NotImplementedError("ptkernels attention: prefix dropout with a 4D attention mask is not supported")
     if prefix_k is not None:
+        prefix_k, prefix_v = select_prefix(prefix_k, prefix_index), select_prefix(prefix_v, prefix_index)
+        batch, prefix_len = query.shape[0], prefix_k.shape[-2]
         key, value = join_prefix(prefix_k, key), join_prefix(prefix_v, value)
-        visible = (mask.new_ones if mask.dtype == torch.bool else mask.new_zeros)(*mask.shape[:-1], prefix_k.shape[-2])
+        visible = torch.ones(batch, prefix_len, dtype=torch.bool, device=mask.device)
+        lengths = example_prefix_lengths(batch, prefix_index, prefix_lengths)
+        if lengths is not None:
+            visible = torch.arange(prefix_len, device=mask.device) < lengths.to(mask.device)[:, None]
+        visible = visible[:, None, None, :].expand(mask.shape[0], mask.shape[1], mask.shape[2], prefix_len)
+        if mask.dtype != torch.bool:
+            visible = torch.zeros((), dtype=mask.dtype, device=mask.device).masked_fill(
+                ~visible, torch.finfo(mask.dtype).min)
         mask = torch.cat([visible, mask], dim=-1)
     out = torch.nn.functional.scaled_dot_product_attention(
         query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling, enable_gqa=query.shape[1] != key.shape[1]
@@ -172,7 +247,10 @@ def ptkernels_attention_forward(
     ``attention_mask`` is the (B, Sk) padding mask from ``flash_attention_mask`` (True / 1 = attend)
     or None. Causality follows the module (``is_causal`` kwarg, else ``module.is_causal``) for
     Sq > 1, bottom-right aligned, which is what decoding with a KV cache needs. The layer's prefix
-    comes from the ``ptkernels_prefix`` kwarg; it is always visible and never in the cache.
+    comes from the ``ptkernels_prefix`` kwarg (a :class:`LayerPrefix`: shared, per example, or a
+    bank with per-example indices and per-entry lengths, passed on to ``prefix_attention``); it is
+    always visible (up to its length) and never in the cache. Its dropout applies only while
+    ``module.training``.
     """
     for name in _UNSUPPORTED_KWARGS:
         if kwargs.get(name) is not None:
@@ -181,6 +259,7 @@ def ptkernels_attention_forward(
     prefix: Optional[LayerPrefix] = kwargs.get(PREFIX_KWARG)
     backend = getattr(module, BACKEND_ATTR, "auto")
     prefix_k = prefix_v = None
+    bank = dict(prefix_index=None, prefix_lengths=None, prefix_dropout_p=0.0)
     if prefix is not None:
         layer_idx = getattr(module, "layer_idx", None)
         if layer_idx is None:
@@ -189,6 +268,11 @@ def ptkernels_attention_forward(
         prefix.read.add(layer_idx)
         if prefix_k.dtype != query.dtype:
             prefix_k, prefix_v = prefix_k.to(query.dtype), prefix_v.to(query.dtype)
+        bank = dict(
+            prefix_index=None if prefix.index is None else prefix.index.to(query.device),
+            prefix_lengths=None if prefix.lengths is None else prefix.lengths.to(query.device),
+            prefix_dropout_p=prefix.dropout_p if module.training else 0.0,
+        )
 
     q_len, k_len = query.shape[2], key.shape[2]
     sliding_window = kwargs.get("sliding_window")
@@ -204,19 +288,27 @@ def ptkernels_attention_forward(
     causal = bool(causal) and q_len > 1
 
     if attention_mask is not None and attention_mask.dim() == 4:
-        out = _fallback_4d(query, key, value, prefix_k, prefix_v, attention_mask, dropout, scaling)
+        out = _fallback_4d(query, key, value, prefix_k, prefix_v, attention_mask, dropout, scaling, **bank)
         return out, None
 
     packed = _packed_sequences(module, query, key, attention_mask, kwargs)
     if packed is not None:  # one row, N sequences: each sees its own tokens and the whole prefix
         cu_q, cu_k, max_q, max_k = packed
-        if prefix_k is not None and prefix_k.dim() == 4:  # per example: the row's own
-            prefix_k, prefix_v = prefix_k[0], prefix_v[0]
+        prefix_lengths = None
+        if prefix_k is not None and prefix_k.dim() == 4:  # per example or a bank: the row's own entry
+            entry = 0 if bank["prefix_index"] is None else int(bank["prefix_index"][0])
+            prefix_k, prefix_v = prefix_k[entry], prefix_v[entry]
+            if bank["prefix_lengths"] is not None:
+                prefix_lengths = bank["prefix_lengths"][entry:entry + 1]
+        elif bank["prefix_lengths"] is not None:
+            prefix_lengths = bank["prefix_lengths"]
         causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
         out = prefix_attention_varlen(
             query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1), prefix_k, prefix_v,
-            cu_q, cu_k, max_q, max_k, causal=causal, scale=scaling, dropout_p=float(dropout), backend=backend,
-        )  # (T, Hq, D)
+            cu_q, cu_k, max_q, max_k, causal=causal, scale=scaling, dropout_p=float(dropout),
+            prefix_lengths=None if prefix_k is None else prefix_lengths,
+            prefix_dropout_p=bank["prefix_dropout_p"], backend=backend,
+        )  # (T, Hq, D); each packed sequence draws its own prefix dropout, as if it were alone
         return out.unsqueeze(0), None
 
     key_padding_mask = None
@@ -234,6 +326,7 @@ def ptkernels_attention_forward(
         scale=scaling,
         dropout_p=float(dropout),
         backend=backend,
+        **bank,
     )
     return out.transpose(1, 2), None
 
@@ -273,3 +366,68 @@ def register() -> None:
     AttentionInterface.register(ATTN_IMPLEMENTATION, ptkernels_attention_forward)
     AttentionMaskInterface.register(ATTN_IMPLEMENTATION, ptkernels_attention_mask)
     _registered = True
+
+
+def check_every_layer_read_the_prefix(hf_model: torch.nn.Module, args, kwargs, output) -> None:
+    """Forward hook (``with_kwargs=True``) of a model that receives ``ptkernels_prefix``: never a
+    silent difference. If some layer did not read its prefix (its decoder layer does not forward
+    ``**kwargs`` to the attention), raise."""
+    prefix = kwargs.get(PREFIX_KWARG)
+    if isinstance(prefix, LayerPrefix) and prefix.unread_layers():
+        raise RuntimeError(
+            f"ptkernels: the prefix did not reach the attention of layers {prefix.unread_layers()} of "
+            f"{type(hf_model).__name__} (model_type {hf_model.config.model_type!r}): its layers do not forward "
+            "**kwargs to their attention, so this model cannot be prefix-tuned through ptkernels.patch"
+        )
+
+
+@contextlib.contextmanager
+def use_prefix(model: torch.nn.Module, prefix, *, index: Optional[Tensor] = None, lengths: Optional[Tensor] = None,
+               dropout_p: float = 0.0):
+    """Context manager: every forward of ``model`` (a Hugging Face model patched with
+    ``ptkernels.patch``) inside the block attends to the given per-layer prefix, as if it were
+    ``past_key_values`` of P tokens that every query sees, without a cache, a concatenation or a
+    (B, P + S) mask. ``generate()`` works too (the prefix is not in the cache).
+
+    Equivalent to passing ``ptkernels_prefix=ptkernels.LayerPrefix(prefix, index=..., lengths=...,
+    dropout_p=...)`` to each ``model(...)`` call, which is the stateless form (use it inside your
+    own ``forward``; gradient checkpointing keeps working with either).
+
+    Arguments (shapes: L layers, Hkv key/value heads, P prefix tokens, D head dim, B batch, A bank):
+        model: a transformers ``PreTrainedModel`` after ``ptkernels.patch(model)``.
+        prefix: (2L, Hkv, P, D) shared by the batch; (B, 2L, Hkv, P, D) per example;
+            (A, 2L, Hkv, P, D) a bank with ``index``; or a list of L (key, value) pairs of
+            (Hkv, P, D) / (B, Hkv, P, D) / (A, Hkv, P, D). Layer l's key is entry 2l, its value 2l + 1.
+            Gradients flow to it (a shared prefix or bank entry gets the sum over its examples).
+        index: (B,) integer tensor: example b reads bank entry index[b].
+        lengths: (A,) with a bank, (B,) per example, (1,) shared: only the first lengths[a] prefix
+            keys of entry a are attended.
+        dropout_p: dropout on the prefix keys and values, per example (P-Tuning v2's recipe),
+            applied only while the model is in training mode.
+
+    Positions: the prefix is not a cache, so the model numbers the real tokens from 0. To
+    reproduce a model that fed its prefix as ``past_key_values`` (which counts it as P past
+    tokens), pass ``position_ids`` shifted by P (see examples/ptuning_v2/).
+    """
+    layer_prefix = prefix if isinstance(prefix, LayerPrefix) else LayerPrefix(
+        prefix, index=index, lengths=lengths, dropout_p=dropout_p)
+    config = getattr(model, "config", None)
+    if getattr(config, "_attn_implementation", None) != ATTN_IMPLEMENTATION:
+        raise ValueError(
+            f"ptkernels.use_prefix needs a model patched with ptkernels.patch(model) (its attention implementation is "
+            f"{getattr(config, '_attn_implementation', None)!r}, not {ATTN_IMPLEMENTATION!r})"
+        )
+
+    def add_prefix(module, args, kwargs):
+        if kwargs.get(PREFIX_KWARG) is not None:
+            raise ValueError(f"{PREFIX_KWARG} given both to the forward call and through ptkernels.use_prefix")
+        kwargs[PREFIX_KWARG] = layer_prefix.fresh()
+        return args, kwargs
+
+    pre = model.register_forward_pre_hook(add_prefix, with_kwargs=True)
+    post = model.register_forward_hook(check_every_layer_read_the_prefix, with_kwargs=True)
+    try:
+        yield model
+    finally:
+        pre.remove()
+        post.remove()
