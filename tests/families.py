@@ -43,9 +43,8 @@ FAMILIES: dict[str, tuple[str, dict, Optional[str]]] = {
     "llama4_text": (DEC, {}, None), "helium": (DEC, {}, None), "bitnet": (DEC, {}, None),
     "exaone_moe": (DEC, {}, None), "persimmon": (DEC, {}, None), "opt": (DEC, {}, None), "biogpt": (DEC, {}, None),
     "gptj": (DEC, {}, None), "codegen": (DEC, {}, None),
-    "gemma2": (DEC, {}, "attention logit softcapping"),
-    "vaultgemma": (DEC, {}, "attention logit softcapping"),
-    "gpt_oss": (DEC, {}, "attention sinks"),
+    "gemma2": (DEC, {}, None), "vaultgemma": (DEC, {}, None),  # attention logit softcapping
+    "gpt_oss": (DEC, {}, None),  # attention sinks
     "gemma4_text": (DEC, {}, "head size or key width differ between layers"),
     "bloom": (DEC, {}, "does not call transformers' attention interface"),
     "falcon": (DEC, {}, "does not call transformers' attention interface"),

@@ -11,8 +11,8 @@ A model is supported when what the patched path relies on is there:
   source;
 * **positions computed one of the known ways** (see :class:`ModelSupport.positions`), so that
   prefix tuning's shifted positions are exactly PEFT's;
-* **attention maths the kernels have**: no logit softcapping, no attention sinks, no ALiBi, keys
-  and values of one head size shared by every layer (one stacked prefix tensor), no latent
+* **attention maths the kernels have** (logit softcapping and attention sinks included): no ALiBi,
+  keys and values of one head size shared by every layer (one stacked prefix tensor), no latent
   (MLA) attention, no linear-attention / state-space layers.
 
 Anything else is refused at patch time with :class:`UnsupportedModelError` (a ``ValueError``)
@@ -168,12 +168,7 @@ def check_model(hf_model: nn.Module, *, prefix_tuning: bool) -> ModelSupport:
                                       "so the prefix cannot reach it")
 
     # attention maths the kernels do not have (yet)
-    if getattr(cfg, "attn_logit_softcapping", None):
-        raise _refuse(model_type, f"attention logit softcapping (attn_logit_softcapping={cfg.attn_logit_softcapping}) "
-                                  "is not implemented in ptkernels' attention")
-    if any(isinstance(getattr(m, "sinks", None), nn.Parameter) for m in mods):
-        raise _refuse(model_type, "attention sinks (learned per-head sink logits) are not implemented in ptkernels' "
-                                  "attention")
+    # (logit softcapping and attention sinks are: the attention function passes softcap / s_aux on)
     if getattr(cfg, "alibi", False) or getattr(cfg, "position_embedding_type", None) == "alibi":
         raise _refuse(model_type, "ALiBi position biases are not implemented in ptkernels' attention")
     if getattr(cfg, "kv_lora_rank", None) is not None and getattr(cfg, "qk_rope_head_dim", None) is not None:

@@ -146,7 +146,7 @@ def _stack_layers(pairs) -> Tensor:
     return torch.stack(flat, dim=flat[0].dim() - 3)
 
 
-_UNSUPPORTED_KWARGS = ("softcap", "s_aux", "sinks", "position_bias")
+_UNSUPPORTED_KWARGS = ("position_bias",)
 
 
 def _fallback_4d(query, key, value, prefix_k, prefix_v, mask, dropout, scaling, prefix_index=None,
@@ -256,6 +256,8 @@ def ptkernels_attention_forward(
         if kwargs.get(name) is not None:
             raise NotImplementedError(f"ptkernels attention does not support {name!r} (model {type(module).__name__})")
 
+    softcap = kwargs.get("softcap")  # Gemma 2 / VaultGemma's attn_logit_softcapping
+    sinks = kwargs.get("s_aux", kwargs.get("sinks"))  # gpt-oss: per-head sink logits (Hq,)
     prefix: Optional[LayerPrefix] = kwargs.get(PREFIX_KWARG)
     backend = getattr(module, BACKEND_ATTR, "auto")
     prefix_k = prefix_v = None
@@ -287,12 +289,18 @@ def ptkernels_attention_forward(
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     causal = bool(causal) and q_len > 1
 
+    if (softcap is not None or sinks is not None) and attention_mask is not None and attention_mask.dim() == 4:
+        raise NotImplementedError(f"ptkernels attention: logit softcapping / attention sinks with a 4D mask are not "
+                                  f"supported ({type(module).__name__})")
     if attention_mask is not None and attention_mask.dim() == 4:
         out = _fallback_4d(query, key, value, prefix_k, prefix_v, attention_mask, dropout, scaling, **bank)
         return out, None
 
     packed = _packed_sequences(module, query, key, attention_mask, kwargs)
     if packed is not None:  # one row, N sequences: each sees its own tokens and the whole prefix
+        if softcap is not None or sinks is not None:
+            raise NotImplementedError(f"ptkernels attention: logit softcapping / attention sinks with packed "
+                                      f"sequences are not supported ({type(module).__name__})")
         cu_q, cu_k, max_q, max_k = packed
         prefix_lengths = None
         if prefix_k is not None and prefix_k.dim() == 4:  # per example or a bank: the row's own entry
@@ -325,6 +333,8 @@ def ptkernels_attention_forward(
         causal=causal,
         scale=scaling,
         dropout_p=float(dropout),
+        softcap=None if softcap is None else float(softcap),
+        sinks=sinks,
         backend=backend,
         **bank,
     )

@@ -31,6 +31,7 @@ from .common import (
     load_full_tile,
     load_tile,
     prefix_dropout_keep,
+    tanh,
     program_coordinates,
     real_keys_visible,
     sequence_extent,
@@ -47,6 +48,7 @@ from .launch import (
     dot_precision,
     dropout_threshold,
     entry_step,
+    softcap_args,
     gpu_backward_configs,
     key_bounds_of,
     launch_kernel,
@@ -87,20 +89,28 @@ def _delta_kernel(
 def _dq_tile(
     dq, q, do, lse, delta, k, v, s_visible, seed, row_lanes, key_lane, dropout_threshold, qk_scale_log2,
     dropout_scale, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    MASKED: tl.constexpr,
+    MASKED: tl.constexpr, softcap_in, softcap_out, SOFTCAP: tl.constexpr,
 ):
     """dQ contribution of one key tile (before the final multiplication by the softmax scale).
-    MASKED=False: every key of the tile is visible (s_visible is ignored; the scale folds into an FMA)."""
+    MASKED=False: every key of the tile is visible (s_visible is ignored; the scale folds into an FMA).
+    SOFTCAP: scores softcap * tanh(qk * scale / softcap), whose derivative 1 - tanh^2 joins dS."""
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-    if MASKED:
-        p = tl.where(s_visible, tl.math.exp2(qk * qk_scale_log2 - lse[:, None]), 0.0)
+    if SOFTCAP:
+        t = tanh(qk * softcap_in)
+        s = softcap_out * t
     else:
-        p = tl.math.exp2(qk * qk_scale_log2 - lse[:, None])
+        s = qk * qk_scale_log2
+    if MASKED:
+        p = tl.where(s_visible, tl.math.exp2(s - lse[:, None]), 0.0)
+    else:
+        p = tl.math.exp2(s - lse[:, None])
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
     if DROPOUT:
         keep = dropout_keep(seed, row_lanes, key_lane, dropout_threshold, BLOCK_M, BLOCK_N)
         dp = tl.where(keep, dp * dropout_scale, 0.0)
     ds = p * (dp - delta[:, None])
+    if SOFTCAP:
+        ds = ds * (1.0 - t * t)
     return dq + tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
 
 
@@ -118,8 +128,9 @@ def _prefix_attention_bwd_dq_kernel(
     stride_dqb, stride_dqh, stride_dqm,
     num_q_heads, q_len, k_len, prefix_len, head_dim, entry_step, stat_rows,
     scale, qk_scale_log2, dropout_threshold, dropout_scale, seed,
-    prefix_dropout_threshold, prefix_dropout_scale, prefix_seed,
-    GROUP: tl.constexpr, VARLEN: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HAS_PREFIX: tl.constexpr,
+    prefix_dropout_threshold, prefix_dropout_scale, prefix_seed, softcap_in, softcap_out,
+    GROUP: tl.constexpr, VARLEN: tl.constexpr, SOFTCAP: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+    HAS_PREFIX: tl.constexpr,
     HAS_INDEX: tl.constexpr, HAS_LENGTHS: tl.constexpr, PREFIX_DROPOUT: tl.constexpr,
     DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
@@ -176,7 +187,8 @@ def _prefix_attention_bwd_dq_kernel(
             v = drop_prefix_tile(v, prefix_seed, b, kv_h, 1, num_kv_heads, prefix_len, head_dim, n,
                                  prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT, BLOCK_N, BLOCK_D)
             dq = _dq_tile(dq, q, do, lse, delta, k, v, all_visible, seed, row_lanes, start_n, dropout_threshold,
-                          qk_scale_log2, dropout_scale, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N, False)
+                          qk_scale_log2, dropout_scale, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N, False,
+                          softcap_in, softcap_out, SOFTCAP)
         if prefix_full < example_prefix_len:
             n = prefix_full + offs_n
             n_valid = n < example_prefix_len
@@ -188,7 +200,7 @@ def _prefix_attention_bwd_dq_kernel(
                                  prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT, BLOCK_N, BLOCK_D)
             dq = _dq_tile(dq, q, do, lse, delta, k, v, n_valid[None, :], seed, row_lanes, prefix_full,
                           dropout_threshold, qk_scale_log2, dropout_scale, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N,
-                          True)
+                          True, softcap_in, softcap_out, SOFTCAP)
 
     # Real keys: as in the forward (full tiles of a contiguous run of attended keys without masks,
     # bounds-masked edge tiles, padded tiles skipped; mask loads only for other masks).
@@ -213,14 +225,14 @@ def _prefix_attention_bwd_dq_kernel(
             visible_2d = bounded_keys_visible(n, lo_b, hi_b, offs_m, q_len, k_len, CAUSAL)
             dq = _dq_tile(dq, q, do, lse, delta, k, v, visible_2d, seed, row_lanes, real_lane + start_n,
                           dropout_threshold, qk_scale_log2, dropout_scale, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N,
-                          True)
+                          True, softcap_in, softcap_out, SOFTCAP)
         for start_n in range(full_lo, full_hi, BLOCK_N):
             n = start_n + offs_n
             k = load_full_tile(k_base, n, stride_kn, offs_d, d_valid, EVEN_D, UPCAST)
             v = load_full_tile(v_base, n, stride_vn, offs_d, d_valid, EVEN_D, UPCAST)
             dq = _dq_tile(dq, q, do, lse, delta, k, v, all_visible, seed, row_lanes, real_lane + start_n,
                           dropout_threshold, qk_scale_log2, dropout_scale, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N,
-                          False)
+                          False, softcap_in, softcap_out, SOFTCAP)
         for start_n in range(full_hi, edge_hi, BLOCK_N):
             n = start_n + offs_n
             n_valid = n < hi_b
@@ -229,7 +241,7 @@ def _prefix_attention_bwd_dq_kernel(
             visible_2d = bounded_keys_visible(n, lo_b, hi_b, offs_m, q_len, k_len, CAUSAL)
             dq = _dq_tile(dq, q, do, lse, delta, k, v, visible_2d, seed, row_lanes, real_lane + start_n,
                           dropout_threshold, qk_scale_log2, dropout_scale, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N,
-                          True)
+                          True, softcap_in, softcap_out, SOFTCAP)
     else:
         for start_n in range(0, hi, BLOCK_N):
             n = start_n + offs_n
@@ -240,7 +252,7 @@ def _prefix_attention_bwd_dq_kernel(
                                            k_len, HAS_KPM, CAUSAL)
             dq = _dq_tile(dq, q, do, lse, delta, k, v, visible_2d, seed, row_lanes, real_lane + start_n,
                           dropout_threshold, qk_scale_log2, dropout_scale, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N,
-                          True)
+                          True, softcap_in, softcap_out, SOFTCAP)
 
     dq_ptrs = DQ + b * stride_dqb + q_start * stride_dqm + h * stride_dqh + rows * stride_dqm + offs_d[None, :]
     tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=qd_mask)
@@ -252,7 +264,8 @@ def _dkdv_tile(
     start_m, q_len, offs_d, d_valid, key_visible_t, key_lane, row_base, row_width,
     seed, dropout_threshold, dropout_scale, qk_scale_log2,
     DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr, softcap_in, softcap_out,
+    SOFTCAP: tl.constexpr,
 ):
     """dK/dV contribution of one query tile, in transposed (keys x queries) form.
     MASKED=False: the tile's queries are all < q_len and see every key of the block
@@ -271,10 +284,15 @@ def _dkdv_tile(
         delta = tl.load(DELTA + stat_base + offs_m)
 
     qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
-    if MASKED:
-        p_t = tl.where(key_visible_t, tl.math.exp2(qk_t * qk_scale_log2 - lse[None, :]), 0.0)
+    if SOFTCAP:
+        t_t = tanh(qk_t * softcap_in)
+        s_t = softcap_out * t_t
     else:
-        p_t = tl.math.exp2(qk_t * qk_scale_log2 - lse[None, :])
+        s_t = qk_t * qk_scale_log2
+    if MASKED:
+        p_t = tl.where(key_visible_t, tl.math.exp2(s_t - lse[None, :]), 0.0)
+    else:
+        p_t = tl.math.exp2(s_t - lse[None, :])
     dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
     if DROPOUT:
         row_lanes = (row_base + offs_m.to(tl.int64)) * row_width
@@ -285,6 +303,8 @@ def _dkdv_tile(
         p_dropped_t = p_t
     dv += tl.dot(p_dropped_t.to(do.dtype), do, input_precision=DOT_PRECISION)
     ds_t = p_t * (dp_t - delta[None, :])
+    if SOFTCAP:
+        ds_t = ds_t * (1.0 - t_t * t_t)
     dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
     return dk, dv
 
@@ -300,8 +320,8 @@ def _prefix_attention_bwd_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn,
     num_q_heads, num_kv_heads, q_len, k_len, prefix_len, head_dim, stat_rows,
-    scale, qk_scale_log2, dropout_threshold, dropout_scale, seed,
-    GROUP: tl.constexpr, VARLEN: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+    scale, qk_scale_log2, dropout_threshold, dropout_scale, seed, softcap_in, softcap_out,
+    GROUP: tl.constexpr, VARLEN: tl.constexpr, SOFTCAP: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
     DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
 ):
@@ -374,14 +394,13 @@ def _prefix_attention_bwd_dkdv_kernel(
                 dk, dv, k, v, Q, GRAD_OUT, LSE, DELTA, q_base, do_base, stat_base, stride_qm, stride_dom,
                 start_m, q_len, offs_d, d_valid, visible_t, real_lane, stat_base, width, seed, dropout_threshold,
                 dropout_scale, qk_scale_log2, DROPOUT, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, True, EVEN_D,
-            )
+                softcap_in, softcap_out, SOFTCAP)
         for start_m in range(full_start, full_stop, BLOCK_M):
             dk, dv = _dkdv_tile(
                 dk, dv, k, v, Q, GRAD_OUT, LSE, DELTA, q_base, do_base, stat_base, stride_qm, stride_dom,
                 start_m, q_len, offs_d, d_valid, visible[:, None], real_lane, stat_base, width, seed,
                 dropout_threshold, dropout_scale, qk_scale_log2, DROPOUT, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N,
-                False, EVEN_D,
-            )
+                False, EVEN_D, softcap_in, softcap_out, SOFTCAP)
         for start_m in range(full_stop, q_len, BLOCK_M):
             visible_t = visible[:, None]
             if CAUSAL:
@@ -391,7 +410,7 @@ def _prefix_attention_bwd_dkdv_kernel(
                 dk, dv, k, v, Q, GRAD_OUT, LSE, DELTA, q_base, do_base, stat_base, stride_qm, stride_dom,
                 start_m, q_len, offs_d, d_valid, visible_t, real_lane, stat_base, width, seed, dropout_threshold,
                 dropout_scale, qk_scale_log2, DROPOUT, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, True, EVEN_D,
-            )
+                softcap_in, softcap_out, SOFTCAP)
     tl.store(DK + b * stride_dkb + k_start * stride_dkn + kv_h * stride_dkh + keys * stride_dkn + offs_d[None, :],
              (dk * scale).to(DK.dtype.element_ty), mask=kd_mask)
     tl.store(DV + b * stride_dvb + k_start * stride_dvn + kv_h * stride_dvh + keys * stride_dvn + offs_d[None, :],
@@ -405,6 +424,7 @@ def _prefix_example_dkdv(
     seed, dropout_threshold, dropout_scale, qk_scale_log2,
     GROUP: tl.constexpr, VARLEN: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr,
+    softcap_in, softcap_out, SOFTCAP: tl.constexpr,
 ):
     """Example b's contribution to one prefix block's (dk, dv): its GROUP query heads, full query tiles
     [0, full_stop) unmasked, then the rest masked (q_len: the example's query count, q_start its
@@ -424,13 +444,13 @@ def _prefix_example_dkdv(
                 dk, dv, k, v, Q, GRAD_OUT, LSE, DELTA, q_base, do_base, stat_base, stride_qm, stride_dom,
                 start_m, q_len, offs_d, d_valid, visible_t, start_n, stat_base, width, seed, dropout_threshold,
                 dropout_scale, qk_scale_log2, DROPOUT, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, False, EVEN_D,
-            )
+                softcap_in, softcap_out, SOFTCAP)
         for start_m in range(full_stop, q_len, BLOCK_M):
             dk, dv = _dkdv_tile(
                 dk, dv, k, v, Q, GRAD_OUT, LSE, DELTA, q_base, do_base, stat_base, stride_qm, stride_dom,
                 start_m, q_len, offs_d, d_valid, visible_t, start_n, stat_base, width, seed, dropout_threshold,
                 dropout_scale, qk_scale_log2, DROPOUT, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, True, EVEN_D,
-            )
+                softcap_in, softcap_out, SOFTCAP)
     return dk, dv
 
 
@@ -446,8 +466,9 @@ def _prefix_attention_bwd_prefix_dkdv_kernel(
     stride_dpvs, stride_dpvh, stride_dpvn,
     examples_per_entry, examples_per_split, splits, num_q_heads, num_kv_heads, q_len, k_len, prefix_len, head_dim,
     stat_rows, scale, qk_scale_log2, dropout_threshold, dropout_scale, seed,
-    prefix_dropout_threshold, prefix_dropout_scale, prefix_seed,
-    GROUP: tl.constexpr, VARLEN: tl.constexpr, HAS_INDEX: tl.constexpr, HAS_LENGTHS: tl.constexpr, PREFIX_DROPOUT: tl.constexpr,
+    prefix_dropout_threshold, prefix_dropout_scale, prefix_seed, softcap_in, softcap_out,
+    GROUP: tl.constexpr, VARLEN: tl.constexpr, SOFTCAP: tl.constexpr, HAS_INDEX: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr, PREFIX_DROPOUT: tl.constexpr,
     DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
 ):
@@ -520,7 +541,8 @@ def _prefix_attention_bwd_prefix_dkdv_kernel(
                 k, v, Q, GRAD_OUT, LSE, DELTA, b, kv_h, q_start, example_q_len, full_stop, stat_rows, num_q_heads,
                 q_len, stride_qb, stride_qh, stride_qm, stride_dob, stride_doh, stride_dom, offs_d, d_valid,
                 visible_t, start_n, width, seed, dropout_threshold, dropout_scale, qk_scale_log2,
-                GROUP, VARLEN, DROPOUT, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, EVEN_D)
+                GROUP, VARLEN, DROPOUT, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, EVEN_D,
+                softcap_in, softcap_out, SOFTCAP)
             dk += tl.where(keep_k, dk_b * prefix_dropout_scale, 0.0)
             dv += tl.where(keep_v, dv_b * prefix_dropout_scale, 0.0)
         else:
@@ -528,7 +550,8 @@ def _prefix_attention_bwd_prefix_dkdv_kernel(
                 dk, dv, k_raw, v_raw, Q, GRAD_OUT, LSE, DELTA, b, kv_h, q_start, example_q_len, full_stop, stat_rows,
                 num_q_heads, q_len, stride_qb, stride_qh, stride_qm, stride_dob, stride_doh, stride_dom, offs_d,
                 d_valid, visible_t, start_n, width, seed, dropout_threshold, dropout_scale, qk_scale_log2,
-                GROUP, VARLEN, DROPOUT, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, EVEN_D)
+                GROUP, VARLEN, DROPOUT, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, EVEN_D,
+                softcap_in, softcap_out, SOFTCAP)
     kd_mask = (offs_n < prefix_len)[:, None] & d_valid[None, :]  # every row of the entry: 0 past its length
     tl.store(DPREFIX_K + outer * stride_dpks + kv_h * stride_dpkh + keys * stride_dpkn + offs_d[None, :],
              (dk * scale).to(DPREFIX_K.dtype.element_ty), mask=kd_mask)
@@ -541,10 +564,10 @@ def prefix_attention_backward(
     key_padding_mask: Optional[Tensor], out: Tensor, lse: Tensor,
     causal: bool, scale: float, dropout_p: float, seed: int,
     prefix_index: Optional[Tensor] = None, prefix_lengths: Optional[Tensor] = None,
-    prefix_dropout_p: float = 0.0, prefix_seed: int = 0,
+    prefix_dropout_p: float = 0.0, prefix_seed: int = 0, softcap: float = 0.0, sinks: Optional[Tensor] = None,
     *, varlen: Optional[Varlen] = None, limits: Optional[DeviceLimits] = None, launcher: Launcher = launch_kernel,
     config: Optional[dict] = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Optional[Tensor]]:
     """Launch the backward kernels. Inputs must have a unit last stride (grad_out is made so).
 
     Arguments:
@@ -553,14 +576,16 @@ def prefix_attention_backward(
             batch, (B, Hkv, P, D) per example, or a bank (A, Hkv, P, D) read through prefix_index (B,)
             int32 (P may be 0); prefix_lengths: int32 (A,) / (B,) / (1,) or None;
             key_padding_mask: (B, Sk) bool or None.
-        causal, scale, dropout_p, seed, prefix_dropout_p, prefix_seed, varlen: as given to the forward
+        causal, scale, dropout_p, seed, prefix_dropout_p, prefix_seed, softcap, sinks, varlen: as given
+            to the forward
             (varlen: q, grad_out, out (total_q, Hq, D), k, v (total_k, Hkv, D), lse (1, Hq, total_q)).
         limits: the device's limits (default: those of q's device); launcher: runs each kernel
             launch (default: launches it; benchmarks/aot_check.py records it instead); config: the
             block config (default: the heuristic's, or with PTKERNELS_AUTOTUNE=1 the fastest).
     Returns:
         dq (B, Hq, Sq, D), dk, dv (B, Hkv, Sk, D), dprefix_k, dprefix_v shaped like prefix_k (a
-        shared prefix's or bank entry's gradient summed over its examples in a fixed order).
+        shared prefix's or bank entry's gradient summed over its examples in a fixed order), and
+        dsinks (Hq,) float32 (None without sinks): -sum over rows of P(sink) * delta.
     """
     if varlen is None:
         batch, q_heads, q_len, head_dim = q.shape
@@ -578,20 +603,22 @@ def prefix_attention_backward(
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
     if q.numel() == 0 or batch == 0 or q_len == 0 or k.numel() == 0 and prefix_len == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_(), torch.zeros_like(prefix_k), torch.zeros_like(prefix_v)
+        dsinks = None if sinks is None else torch.zeros(q_heads, device=q.device, dtype=torch.float32)
+        return (dq.zero_(), dk.zero_(), dv.zero_(), torch.zeros_like(prefix_k), torch.zeros_like(prefix_v),
+                dsinks)
 
     limits = device_limits(q.device) if limits is None else limits
     cfg = backward_config(head_dim, q.dtype, limits) if config is None else config
     if config is None and autotune_requested(limits) and launcher is launch_kernel:
         key = ("bwd", str(q.device), q.dtype, head_dim, group, causal, key_padding_mask is None, prefix_len > 0,
                per_example, dropout_p > 0.0, prefix_index is None, prefix_lengths is None, prefix_dropout_p > 0.0,
-               varlen is None, shape_bucket(q_len), shape_bucket(prefix_len + k_len))
+               varlen is None, softcap > 0.0, shape_bucket(q_len), shape_bucket(prefix_len + k_len))
 
         def measure(c):
             return triton.testing.do_bench(lambda: prefix_attention_backward(
                 grad_out, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, causal, scale, dropout_p, seed,
-                prefix_index, prefix_lengths, prefix_dropout_p, prefix_seed, varlen=varlen, limits=limits,
-                config=c), warmup=3, rep=20)
+                prefix_index, prefix_lengths, prefix_dropout_p, prefix_seed, softcap, sinks, varlen=varlen,
+                limits=limits, config=c), warmup=3, rep=20)
 
         cfg = tuned_config(key, gpu_backward_configs(head_dim, q.dtype, limits.max_shared_memory), measure)
     bm, bn, bd = cfg["BLOCK_M"], cfg["BLOCK_N"], block_d(head_dim)
@@ -603,6 +630,8 @@ def prefix_attention_backward(
     qk_scale_log2 = scale * LOG2_E
     threshold, dropout_scale = dropout_threshold(dropout_p)
     prefix_dropout_args = (*dropout_threshold(prefix_dropout_p), prefix_seed)
+    softcap_flags = dict(SOFTCAP=softcap > 0.0)
+    softcap_in, softcap_out = softcap_args(scale, softcap)
     kpm = mask_as_int8(key_padding_mask)
     bounds = key_bounds_of(key_padding_mask)
 
@@ -630,8 +659,9 @@ def prefix_attention_backward(
         *qkv_strides(grad_out, varlen),
         *qkv_strides(dq, varlen),
         q_heads, q_len, k_len, prefix_len, head_dim, entry_step(prefix_k, prefix_index), stat_rows,
-        scale, qk_scale_log2, threshold, dropout_scale, seed, *prefix_dropout_args,
-        GROUP=group, VARLEN=varlen is not None, CAUSAL=causal, HAS_KPM=key_padding_mask is not None, HAS_PREFIX=prefix_len > 0, **prefix_flags,
+        scale, qk_scale_log2, threshold, dropout_scale, seed, *prefix_dropout_args, softcap_in, softcap_out,
+        GROUP=group, VARLEN=varlen is not None, CAUSAL=causal, **softcap_flags, HAS_KPM=key_padding_mask is not None,
+        HAS_PREFIX=prefix_len > 0, **prefix_flags,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, EVEN_D=bd == head_dim, **flags, **compile_options,
     )
 
@@ -646,13 +676,18 @@ def prefix_attention_backward(
             *qkv_strides(dk, varlen),
             *qkv_strides(dv, varlen),
             q_heads, kv_heads, q_len, k_len, prefix_len, head_dim, stat_rows,
-            scale, qk_scale_log2, threshold, dropout_scale, seed,
-            GROUP=group, VARLEN=varlen is not None, CAUSAL=causal, HAS_KPM=key_padding_mask is not None,
+            scale, qk_scale_log2, threshold, dropout_scale, seed, softcap_in, softcap_out,
+            GROUP=group, VARLEN=varlen is not None, CAUSAL=causal, **softcap_flags,
+            HAS_KPM=key_padding_mask is not None,
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, EVEN_D=bd == head_dim, **flags, **compile_options,
         )
 
+    dsinks = None
+    if sinks is not None:  # d sink_h = -sum over h's rows of P(sink) * delta (torch's fixed-order sum)
+        p_sink = torch.exp2(sinks.float().view(1, -1, 1) * LOG2_E - lse)
+        dsinks = -(p_sink * delta).sum((0, 2))
     if prefix_len == 0:
-        return dq, dk, dv, torch.zeros_like(prefix_k), torch.zeros_like(prefix_v)
+        return dq, dk, dv, torch.zeros_like(prefix_k), torch.zeros_like(prefix_v), dsinks
     prefix_blocks = triton.cdiv(prefix_len, bn)
     entries = prefix_k.shape[0] if per_example else 1
     example_order = entry_offsets = None
@@ -682,8 +717,9 @@ def prefix_attention_backward(
         dpk.stride(1), dpk.stride(2), dpk.stride(3),
         dpv.stride(1), dpv.stride(2), dpv.stride(3),
         examples_per_entry, examples_per_split, splits, q_heads, kv_heads, q_len, k_len, prefix_len, head_dim,
-        stat_rows, scale, qk_scale_log2, threshold, dropout_scale, seed, *prefix_dropout_args,
-        GROUP=group, VARLEN=varlen is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, EVEN_D=bd == head_dim, **prefix_flags, **flags,
+        stat_rows, scale, qk_scale_log2, threshold, dropout_scale, seed, *prefix_dropout_args, softcap_in, softcap_out,
+        GROUP=group, VARLEN=varlen is not None, **softcap_flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
+        EVEN_D=bd == head_dim, **prefix_flags, **flags,
         **compile_options,
     )
     # Fixed-order sum of the fp32 partials: deterministic.
@@ -691,7 +727,7 @@ def prefix_attention_backward(
     dpv = dpv[:, 0] if splits == 1 else dpv.sum(1).to(prefix_v.dtype)
     if not per_example:
         dpk, dpv = dpk[0], dpv[0]
-    return dq, dk, dv, dpk, dpv
+    return dq, dk, dv, dpk, dpv, dsinks
 
 
 # Every kernel of this module (benchmarks/aot_check.py compiles each of them).

@@ -100,6 +100,23 @@ def example_prefix(PREFIX_INDEX, PREFIX_LENGTHS, b, entry_step, prefix_len,
 
 
 @triton.jit
+def tanh(x):
+    """tanh from exp2 (the interpreter and every GPU have it): 1 - 2 / (2^(2x log2 e) + 1); saturates
+    to +-1 without NaN."""
+    return 1.0 - 2.0 / (tl.math.exp2(x * 2.8853900817779268) + 1.0)
+
+
+@triton.jit
+def log2_scores(qk, qk_scale_log2, softcap_in, softcap_out, SOFTCAP: tl.constexpr):
+    """log2-domain scores of a raw q k^T tile: qk * scale * log2(e), or with SOFTCAP (Gemma 2's logit
+    softcapping) softcap * tanh(qk * scale / softcap) * log2(e); softcap_in = scale / softcap,
+    softcap_out = softcap * log2(e)."""
+    if SOFTCAP:
+        return softcap_out * tanh(qk * softcap_in)
+    return qk * qk_scale_log2
+
+
+@triton.jit
 def load_tile(base, rows, stride_row, offs_d, row_valid, d_valid, UPCAST: tl.constexpr):
     """A (rows, BLOCK_D) tile of a row-major (S, D) matrix with unit last stride; masked entries read 0.
 

@@ -29,8 +29,9 @@ from .common import (
     example_prefix,
     key_bounds,
     load_full_tile,
-    prefix_dropout_keep,
     load_tile,
+    log2_scores,
+    prefix_dropout_keep,
     program_coordinates,
     real_keys_visible,
     sequence_extent,
@@ -46,6 +47,7 @@ from .launch import (
     dot_precision,
     dropout_threshold,
     entry_step,
+    softcap_args,
     forward_config,
     gpu_forward_configs,
     key_bounds_of,
@@ -85,13 +87,20 @@ def _online_softmax_step(
 @triton.jit
 def _online_softmax_step_full(
     acc, m_i, l_i, qk, v, qk_scale_log2, seed, row_lanes, key_lane, dropout_threshold, dropout_scale,
+    softcap_in, softcap_out,
     DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     """``_online_softmax_step`` for a tile where every key is visible to every query: no mask, so
     the row maximum is finite and the scale folds into one multiply-add (as in Triton's tutorial).
-    qk: the raw (BLOCK_M, BLOCK_N) q k^T, not yet scaled."""
-    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale_log2)
-    p = tl.math.exp2(qk * qk_scale_log2 - m_new[:, None])
+    qk: the raw (BLOCK_M, BLOCK_N) q k^T, not yet scaled (SOFTCAP: softcapped here)."""
+    if SOFTCAP:
+        s = log2_scores(qk, qk_scale_log2, softcap_in, softcap_out, SOFTCAP)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+    else:
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale_log2)
+        p = tl.math.exp2(qk * qk_scale_log2 - m_new[:, None])
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
     if DROPOUT:
@@ -104,7 +113,7 @@ def _online_softmax_step_full(
 @triton.jit(do_not_specialize=["seed"])
 def _prefix_attention_fwd_kernel(
     Q, K, V, PREFIX_K, PREFIX_V, PREFIX_INDEX, PREFIX_LENGTHS, KEY_PADDING_MASK, KEY_BOUNDS, CU_SEQLENS_Q,
-    CU_SEQLENS_K, OUT, LSE,
+    CU_SEQLENS_K, SINKS, OUT, LSE,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -114,9 +123,11 @@ def _prefix_attention_fwd_kernel(
     stride_ob, stride_oh, stride_om,
     num_q_heads, q_len, k_len, prefix_len, head_dim, entry_step, stat_rows,
     qk_scale_log2, dropout_threshold, dropout_scale, seed,
-    prefix_dropout_threshold, prefix_dropout_scale, prefix_seed,
+    prefix_dropout_threshold, prefix_dropout_scale, prefix_seed, softcap_in, softcap_out,
     GROUP: tl.constexpr,
     VARLEN: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+    HAS_SINKS: tl.constexpr,
     CAUSAL: tl.constexpr,
     HAS_KPM: tl.constexpr,
     HAS_PREFIX: tl.constexpr,
@@ -137,7 +148,8 @@ def _prefix_attention_fwd_kernel(
     Example b's prefix: entry ``example_prefix(...)`` of PREFIX_K / PREFIX_V (a bank read through
     PREFIX_INDEX, a per-example prefix, or a shared one with batch stride 0), its first
     PREFIX_LENGTHS[entry] keys (HAS_LENGTHS), with P-Tuning v2's prefix dropout applied to each
-    loaded tile (PREFIX_DROPOUT).
+    loaded tile (PREFIX_DROPOUT). SOFTCAP: Gemma 2's logit softcapping (``log2_scores``);
+    HAS_SINKS: SINKS (Hq,) per-head sink logits in every row's normaliser (LSE includes them).
 
     VARLEN (packed sequences): "batch" b is sequence b, whose queries are rows CU_SEQLENS_Q[b]..
     CU_SEQLENS_Q[b + 1] of Q (total_q, Hq, D) (batch strides 0, row stride Hq * D) and keys rows
@@ -192,7 +204,7 @@ def _prefix_attention_fwd_kernel(
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
             acc, m_i, l_i = _online_softmax_step_full(
                 acc, m_i, l_i, qk, v, qk_scale_log2, seed, row_lanes, start_n, dropout_threshold, dropout_scale,
-                DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N)
+                softcap_in, softcap_out, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N, SOFTCAP)
         if prefix_full < example_prefix_len:
             n = prefix_full + offs_n
             n_valid = n < example_prefix_len
@@ -202,7 +214,8 @@ def _prefix_attention_fwd_kernel(
                                  prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT, BLOCK_N, BLOCK_D)
             v = drop_prefix_tile(v, prefix_seed, b, kv_h, 1, num_kv_heads, prefix_len, head_dim, n,
                                  prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT, BLOCK_N, BLOCK_D)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
+            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+            s = log2_scores(qk, qk_scale_log2, softcap_in, softcap_out, SOFTCAP)
             s = tl.where(n_valid[None, :], s, float("-inf"))
             acc, m_i, l_i = _online_softmax_step(
                 acc, m_i, l_i, s, v, seed, row_lanes, prefix_full, dropout_threshold, dropout_scale, DROPOUT,
@@ -232,7 +245,8 @@ def _prefix_attention_fwd_kernel(
             k = load_tile(k_base, n, stride_kn, offs_d, n_valid, d_valid, UPCAST)
             v = load_tile(v_base, n, stride_vn, offs_d, n_valid, d_valid, UPCAST)
             visible_2d = bounded_keys_visible(n, lo_b, hi_b, offs_m, q_len, k_len, CAUSAL)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
+            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+            s = log2_scores(qk, qk_scale_log2, softcap_in, softcap_out, SOFTCAP)
             s = tl.where(visible_2d, s, float("-inf"))
             acc, m_i, l_i = _online_softmax_step(
                 acc, m_i, l_i, s, v, seed, row_lanes, real_lane + start_n, dropout_threshold, dropout_scale, DROPOUT,
@@ -244,14 +258,15 @@ def _prefix_attention_fwd_kernel(
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
             acc, m_i, l_i = _online_softmax_step_full(
                 acc, m_i, l_i, qk, v, qk_scale_log2, seed, row_lanes, real_lane + start_n, dropout_threshold,
-                dropout_scale, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N)
+                dropout_scale, softcap_in, softcap_out, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N, SOFTCAP)
         for start_n in range(full_hi, edge_hi, BLOCK_N):
             n = start_n + offs_n
             n_valid = n < hi_b
             k = load_tile(k_base, n, stride_kn, offs_d, n_valid, d_valid, UPCAST)
             v = load_tile(v_base, n, stride_vn, offs_d, n_valid, d_valid, UPCAST)
             visible_2d = bounded_keys_visible(n, lo_b, hi_b, offs_m, q_len, k_len, CAUSAL)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
+            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+            s = log2_scores(qk, qk_scale_log2, softcap_in, softcap_out, SOFTCAP)
             s = tl.where(visible_2d, s, float("-inf"))
             acc, m_i, l_i = _online_softmax_step(
                 acc, m_i, l_i, s, v, seed, row_lanes, real_lane + start_n, dropout_threshold, dropout_scale, DROPOUT,
@@ -264,12 +279,20 @@ def _prefix_attention_fwd_kernel(
             v = load_tile(v_base, n, stride_vn, offs_d, n_valid, d_valid, UPCAST)
             visible_2d = real_keys_visible(KEY_PADDING_MASK, b, stride_mb, stride_mn, n, n_valid, offs_m, q_len,
                                            k_len, HAS_KPM, CAUSAL)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
+            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+            s = log2_scores(qk, qk_scale_log2, softcap_in, softcap_out, SOFTCAP)
             s = tl.where(visible_2d, s, float("-inf"))
             acc, m_i, l_i = _online_softmax_step(
                 acc, m_i, l_i, s, v, seed, row_lanes, real_lane + start_n, dropout_threshold, dropout_scale, DROPOUT,
                 DOT_PRECISION, BLOCK_M, BLOCK_N)
 
+    if HAS_SINKS:  # the head's sink logit joins every row's normaliser (and attends to nothing)
+        sink = tl.load(SINKS + h).to(tl.float32) * 1.4426950408889634
+        m_sink = tl.maximum(m_i, sink)
+        alpha = tl.math.exp2(m_i - m_sink)  # 0 for a row that saw no key (m_i = -inf)
+        l_i = l_i * alpha + tl.math.exp2(sink - m_sink)
+        acc = acc * alpha[:, None]
+        m_i = m_sink
     has_key = l_i > 0.0
     out = acc / tl.where(has_key, l_i, 1.0)[:, None]
     o_ptrs = (OUT + b * stride_ob + q_start * stride_om + h * stride_oh + offs_m[:, None].to(tl.int64) * stride_om
@@ -323,7 +346,7 @@ def prefix_attention_forward(
     q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor,
     key_padding_mask: Optional[Tensor], causal: bool, scale: float, dropout_p: float, seed: int,
     prefix_index: Optional[Tensor] = None, prefix_lengths: Optional[Tensor] = None,
-    prefix_dropout_p: float = 0.0, prefix_seed: int = 0,
+    prefix_dropout_p: float = 0.0, prefix_seed: int = 0, softcap: float = 0.0, sinks: Optional[Tensor] = None,
     *, varlen: Optional[Varlen] = None, limits: Optional[DeviceLimits] = None, launcher: Launcher = launch_kernel,
 ) -> tuple[Tensor, Tensor]:
     """Launch the forward kernel. Inputs must have a unit last stride (checked by the caller).
@@ -334,6 +357,7 @@ def prefix_attention_forward(
             (P may be 0); prefix_lengths: int32 (A,) / (B,) / (1,) or None; key_padding_mask: (B, Sk) bool or None.
         scale: the softmax scale; dropout_p, seed: attention dropout and its philox seed;
         prefix_dropout_p, prefix_seed: the prefix dropout and its philox seed.
+        softcap: logit softcapping (0: off); sinks: (Hq,) float32 per-head sink logits or None.
         varlen: packed sequences: q (total_q, Hq, D), k, v (total_k, Hkv, D), "batch" = sequences
             (key_padding_mask must be None); out is (total_q, Hq, D) and lse (1, Hq, total_q).
         limits: the device's limits (default: those of q's device); launcher: runs each kernel
@@ -354,6 +378,8 @@ def prefix_attention_forward(
     out = torch.empty_like(q)
     if out.numel() == 0 or batch == 0 or q_len == 0:
         lse.fill_(float("inf"))
+        if sinks is not None:  # each row's normaliser is its sink alone
+            lse.copy_((sinks.float() * LOG2_E).view(1, -1, 1).expand_as(lse))
         return out.zero_(), lse
     limits = device_limits(q.device) if limits is None else limits
     kpm = mask_as_int8(key_padding_mask)
@@ -363,7 +389,8 @@ def prefix_attention_forward(
         grid = (triton.cdiv(q_len, cfg["BLOCK_M"]) * batch * q_heads,)
         launcher(_prefix_attention_fwd_kernel, grid)(
             q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, kpm, bounds,
-            None if varlen is None else varlen.cu_seqlens_q, None if varlen is None else varlen.cu_seqlens_k, out, lse,
+            None if varlen is None else varlen.cu_seqlens_q, None if varlen is None else varlen.cu_seqlens_k, sinks,
+            out, lse,
             *qkv_strides(q, varlen),
             *qkv_strides(k, varlen),
             *qkv_strides(v, varlen),
@@ -373,9 +400,11 @@ def prefix_attention_forward(
             *qkv_strides(out, varlen),
             q_heads, q_len, k_len, prefix_len, head_dim, entry_step(prefix_k, prefix_index), stat_rows,
             scale * LOG2_E, *dropout_threshold(dropout_p), seed,
-            *dropout_threshold(prefix_dropout_p), prefix_seed,
+            *dropout_threshold(prefix_dropout_p), prefix_seed, *softcap_args(scale, softcap),
             GROUP=q_heads // kv_heads,
             VARLEN=varlen is not None,
+            SOFTCAP=softcap > 0.0,
+            HAS_SINKS=sinks is not None,
             CAUSAL=causal,
             HAS_KPM=key_padding_mask is not None,
             HAS_PREFIX=prefix_len > 0,
@@ -394,7 +423,7 @@ def prefix_attention_forward(
     if autotune_requested(limits) and launcher is launch_kernel:
         key = ("fwd", str(q.device), q.dtype, head_dim, q_heads // kv_heads, causal, kpm is None, prefix_len > 0,
                dropout_p > 0.0, prefix_index is None, prefix_lengths is None, prefix_dropout_p > 0.0,
-               varlen is None, shape_bucket(q_len), shape_bucket(prefix_len + k_len))
+               varlen is None, softcap > 0.0, sinks is None, shape_bucket(q_len), shape_bucket(prefix_len + k_len))
         configs = gpu_forward_configs(head_dim, q.dtype, limits.max_shared_memory, dropout_p > 0.0)
         cfg = tuned_config(key, configs, lambda c: triton.testing.do_bench(lambda: run(c), warmup=5, rep=20))
     run(cfg)

@@ -17,7 +17,8 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def check_prefix_attention_args(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, dropout_p,
-                                prefix_index=None, prefix_lengths=None, prefix_dropout_p=0.0) -> None:
+                                prefix_index=None, prefix_lengths=None, prefix_dropout_p=0.0, softcap=None,
+                                sinks=None) -> None:
     """Raise ValueError/TypeError naming the argument for anything the op does not define."""
     check_tensor("q", q, (4,))
     check_tensor("k", k, (4,))
@@ -67,6 +68,23 @@ def check_prefix_attention_args(q, k, v, prefix_k, prefix_v, key_padding_mask, c
         raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    check_softcap_and_sinks(softcap, sinks, q_heads, q.device)
+
+
+def check_softcap_and_sinks(softcap, sinks, q_heads: int, device) -> None:
+    """softcap: a positive float or None; sinks: a floating (Hq,) tensor on q's device or None."""
+    if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float))
+                                or not softcap > 0):
+        raise ValueError(f"softcap must be a positive float or None, got {softcap!r}")
+    if sinks is not None:
+        if not isinstance(sinks, Tensor):
+            raise TypeError(f"sinks must be a (Hq,) float tensor or None, got {type(sinks).__name__}")
+        if not sinks.is_floating_point():
+            raise TypeError(f"sinks must be a floating tensor, got dtype {sinks.dtype}")
+        if tuple(sinks.shape) != (q_heads,):
+            raise ValueError(f"sinks must be (Hq,) = ({q_heads},), one logit per query head, got {tuple(sinks.shape)}")
+        if sinks.device != device:
+            raise ValueError(f"sinks must be on q's device {device}, got {sinks.device}")
 
 
 def check_prefix_tensors(q, prefix_k, prefix_v, prefix_index, kv_heads: int, head_dim: int, batch: int,
@@ -208,6 +226,8 @@ def prefix_attention(
     prefix_index: Optional[Tensor] = None,
     prefix_lengths: Optional[Tensor] = None,
     prefix_dropout_p: float = 0.0,
+    softcap: Optional[float] = None,
+    sinks: Optional[Tensor] = None,
     backend: str = "auto",
 ) -> Tensor:
     """Attention over [prefix keys; real keys], with the prefix read from its own tensor.
@@ -237,6 +257,10 @@ def prefix_attention(
             1 / (1 - p), independently per example, KV head, position and channel, identically for
             every query and query head reading it. Drawn from torch's default generator,
             regenerated in backward; the Triton path never materialises B copies.
+        softcap: attention logit softcapping (Gemma 2): scores -> softcap * tanh(scores / softcap)
+            after the scale, before the mask. None: off.
+        sinks: (Hq,) float tensor or None: per-head sink logits (gpt-oss), one more logit in every
+            row's softmax whose probability is dropped; differentiable.
         backend: "auto" (Triton for CUDA tensors, the fast PyTorch path otherwise), "triton",
             "torch" (the fast PyTorch path: scaled_dot_product_attention, any device, float64
             included) or "reference" (the readable oracle). "triton" on CPU tensors runs Triton's
@@ -246,11 +270,12 @@ def prefix_attention(
     """
     q, k, v, prefix_k, prefix_v = autocast_inputs(q, k, v, prefix_k, prefix_v)
     check_prefix_attention_args(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, dropout_p,
-                                prefix_index, prefix_lengths, prefix_dropout_p)
+                                prefix_index, prefix_lengths, prefix_dropout_p, softcap, sinks)
     chosen = resolve_backend(backend, q.device)
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     dropout_p = float(dropout_p)
-    bank = dict(prefix_index=prefix_index, prefix_lengths=prefix_lengths, prefix_dropout_p=float(prefix_dropout_p))
+    bank = dict(prefix_index=prefix_index, prefix_lengths=prefix_lengths, prefix_dropout_p=float(prefix_dropout_p),
+                softcap=None if softcap is None else float(softcap), sinks=sinks)
     if chosen == "torch":
         return prefix_attention_torch(
             q, k, v, prefix_k, prefix_v,

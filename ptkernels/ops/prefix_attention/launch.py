@@ -326,6 +326,14 @@ def qkv_strides(t: Tensor, varlen: Optional[Varlen]) -> tuple[int, int, int]:
     return 0, t.stride(1), t.stride(0)
 
 
+def softcap_args(scale: float, softcap: float) -> tuple[float, float]:
+    """(softcap_in, softcap_out) of ``common.log2_scores``: scale / softcap and softcap * log2(e)
+    ((0, 0) with softcap 0: off)."""
+    if softcap <= 0.0:
+        return 0.0, 0.0
+    return scale / softcap, softcap * LOG2_E
+
+
 def entry_step(prefix_k: Tensor, prefix_index: Optional[Tensor]) -> int:
     """How the kernels find example b's prefix entry without an index: b * entry_step, 1 for a
     per-example (B, Hkv, P, D) prefix, 0 for a shared (Hkv, P, D) one (0 with an index: unused)."""

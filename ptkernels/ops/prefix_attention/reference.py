@@ -76,6 +76,8 @@ def prefix_attention_reference(
     prefix_lengths: Optional[Tensor] = None,
     prefix_dropout_p: float = 0.0,
     prefix_dropout_keep_mask: Optional[Tensor] = None,
+    softcap: Optional[float] = None,
+    sinks: Optional[Tensor] = None,
     upcast: bool = True,
 ) -> Tensor:
     """softmax(q [prefix_k; k]^T * scale + mask) [prefix_v; v], computed the obvious way.
@@ -97,6 +99,10 @@ def prefix_attention_reference(
         prefix_dropout_p: dropout on the prefix K / V elements themselves, per example (P-Tuning v2)
         prefix_dropout_keep_mask: (2, B, Hkv, P, D) bool (keys, values); when given it replaces the
             random draw of the prefix dropout
+        softcap: attention logit softcapping (Gemma 2): scores -> softcap * tanh(scores / softcap),
+            after the scale and before the mask
+        sinks: (Hq,) per-head sink logits (gpt-oss): one more logit in each row's softmax, whose
+            probability is dropped (it takes weight from the keys and attends to nothing)
         upcast: compute in fp32 (True, the oracle) or in the inputs' dtype (the "PyTorch in the same
             precision" baseline of the FlashAttention error rule)
     Returns:
@@ -134,8 +140,13 @@ def prefix_attention_reference(
         values = values.repeat_interleave(group, dim=1)
 
     scores = torch.matmul(q.to(compute_dtype), keys.transpose(-1, -2)) * scale
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     visible = visible_keys_mask(batch, q_len, prefix_len, k_len, key_padding_mask, causal, q.device, prefix_visible)
     scores = scores.masked_fill(~visible, float("-inf"))
+    if sinks is not None:  # the sink logit as one more column, dropped after the softmax
+        sink_column = sinks.to(compute_dtype).view(1, q_heads, 1, 1).expand(batch, q_heads, q_len, 1)
+        scores = torch.cat([scores, sink_column], dim=-1)
     if scores.shape[-1] == 0:  # no keys at all (P = Sk = 0): the output is zeros
         row_max = scores.new_zeros(scores.shape[:-1] + (1,))
     else:
@@ -144,6 +155,8 @@ def prefix_attention_reference(
     weights = torch.exp(scores - row_max)
     denom = weights.sum(dim=-1, keepdim=True)
     probs = weights / torch.where(denom > 0, denom, torch.ones_like(denom))
+    if sinks is not None:
+        probs = probs[..., :-1]
 
     if dropout_keep_mask is not None:
         probs = probs * dropout_keep_mask.to(probs.dtype) / (1.0 - dropout_p)

@@ -61,6 +61,8 @@ def prefix_attention_torch(
     prefix_index: Optional[Tensor] = None,
     prefix_lengths: Optional[Tensor] = None,
     prefix_dropout_p: float = 0.0,
+    softcap: Optional[float] = None,
+    sinks: Optional[Tensor] = None,
 ) -> Tensor:
     """Fast PyTorch prefix attention (arguments already checked by the interface).
 
@@ -77,6 +79,8 @@ def prefix_attention_torch(
         prefix_dropout_p: dropout on the prefix K / V elements, per example: the keep mask
             (2, B, Hkv, P, D) (keys, values) is drawn first, as ``dropout_keep_mask`` draws it,
             then the attention dropout's.
+        softcap, sinks: logit softcapping and per-head (Hq,) sink logits; SDPA has neither, so with
+            either the maths is written out (as for CPU dropout: no repeat_kv, bool mask only).
     Returns:
         out: (B, Hq, Sq, D) in q's dtype.
     """
@@ -84,8 +88,8 @@ def prefix_attention_torch(
     kv_heads, k_len = k.shape[1], k.shape[2]
     prefix_len = 0 if prefix_k is None else prefix_k.shape[-2]
     total = prefix_len + k_len
-    if total == 0:  # no keys at all: zeros, with the reference's (empty) graph
-        return prefix_attention_reference(q, k, v, prefix_k, prefix_v, causal=causal, scale=scale)
+    if total == 0:  # no keys at all: zeros (a sink takes all the weight), with the reference's graph
+        return prefix_attention_reference(q, k, v, prefix_k, prefix_v, causal=causal, scale=scale, sinks=sinks)
     lengths = example_prefix_lengths(batch, prefix_index, prefix_lengths) if prefix_len else None
     prefix_k, prefix_v = select_prefix(prefix_k, prefix_index), select_prefix(prefix_v, prefix_index)
     if prefix_dropout_p > 0.0 and prefix_len:
@@ -94,9 +98,9 @@ def prefix_attention_torch(
         prefix_v = prefix_v * keep[1].to(prefix_v.dtype) * (1.0 / keep_prob)
     keys, values = join_prefix(prefix_k, k), join_prefix(prefix_v, v)
     gqa = q_heads != kv_heads
-    manual_dropout = dropout_p > 0.0 and q.device.type == "cpu"
+    written_out = (dropout_p > 0.0 and q.device.type == "cpu") or softcap is not None or sinks is not None
 
-    if key_padding_mask is None and lengths is None and not manual_dropout:
+    if key_padding_mask is None and lengths is None and not written_out:
         if not causal:
             mask = None
         elif q_len == total:  # Sq = P + Sk: bottom-right is top-left
@@ -126,14 +130,15 @@ def prefix_attention_torch(
     elif mask is not None and prefix_len:
         mask = F.pad(mask, (prefix_len, 0), value=True)  # (..., P + Sk)
     dead = None
-    if mask is not None and (prefix_len == 0 or lengths is not None):  # rows that see no key: open them for SDPA, zero them after
+    if mask is not None and sinks is None and (prefix_len == 0 or lengths is not None):
+        # rows that see no key: open them for SDPA, zero them after (a sink keeps such rows finite)
         dead = ~mask.any(dim=-1, keepdim=True)  # (B, 1, 1 or Sq, 1)
         if q.device.type == "cpu" and not torch.compiler.is_compiling() and not bool(dead.any()):
             dead = None  # the usual case (right padding): skip the zeroing's two full passes (no sync on CPU)
         else:
             mask = mask | dead
-    if manual_dropout:
-        out = _attention_with_dropout(q, keys, values, mask, scale, dropout_p)
+    if written_out:
+        out = _attention_written_out(q, keys, values, mask, scale, dropout_p, softcap, sinks)
     else:
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, dropout_p=dropout_p,
                                              scale=scale, enable_gqa=gqa)
@@ -152,9 +157,10 @@ def dropout_keep_mask(shape: tuple, dropout_p: float, device: torch.device) -> t
     return keep.view(shape), 1.0 - threshold / 65536
 
 
-def _attention_with_dropout(q: Tensor, keys: Tensor, values: Tensor, mask: Optional[Tensor], scale: float,
-                            dropout_p: float) -> Tensor:
-    """softmax(q keys^T * scale, masked) with dropout, @ values, written out for CPU.
+def _attention_written_out(q: Tensor, keys: Tensor, values: Tensor, mask: Optional[Tensor], scale: float,
+                           dropout_p: float, softcap: Optional[float] = None, sinks: Optional[Tensor] = None) -> Tensor:
+    """softmax(q keys^T * scale, softcapped, masked, with sink logits) with dropout, @ values,
+    written out (CPU dropout, or what SDPA lacks: softcap, sinks).
 
     q: (B, Hq, Sq, D); keys, values: (B, Hkv, T, D); mask: bool, (B, 1, 1, T), (Sq, T) or
     (B, 1, Sq, T), or None. The G = Hq / Hkv query heads that share a KV head are stacked into one
@@ -169,6 +175,8 @@ def _attention_with_dropout(q: Tensor, keys: Tensor, values: Tensor, mask: Optio
     group = q_heads // kv_heads
     stacked = (q * scale).reshape(batch, kv_heads, group * q_len, head_dim)  # scale the (.., D) side, not scores
     scores = torch.matmul(stacked, keys.transpose(-1, -2))  # (B, Hkv, G * Sq, T), a fresh tensor
+    if softcap is not None:
+        scores = torch.tanh(scores * (1.0 / softcap)) * softcap  # fresh too (tanh saves its own output)
     if mask is not None:
         if group > 1 and mask.shape[-2] > 1:  # per-query rows: the same rows for each of the G heads
             mask = mask.repeat(*([1] * (mask.dim() - 2)), group, 1)  # (..., G * Sq, T)
@@ -177,7 +185,14 @@ def _attention_with_dropout(q: Tensor, keys: Tensor, values: Tensor, mask: Optio
         # only cost backward a full copy of the scores.
         with torch.no_grad():
             scores.masked_fill_(~mask, float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
+    if sinks is not None:  # row g * Sq + i of KV head j is query head j * G + g: its sink as one more column
+        sink_column = sinks.to(scores.dtype).view(1, kv_heads, group, 1, 1).expand(batch, kv_heads, group, q_len, 1)
+        scores = torch.cat([scores, sink_column.reshape(batch, kv_heads, group * q_len, 1)], dim=-1)
+        probs = torch.softmax(scores, dim=-1)[..., :total]
+    else:
+        probs = torch.softmax(scores, dim=-1)
+    if dropout_p == 0.0:
+        return torch.matmul(probs, values).view(batch, q_heads, q_len, head_dim)
     keep, keep_prob = dropout_keep_mask((batch, kv_heads, group * q_len, total), dropout_p, q.device)
     out = _DroppedMatmul.apply(probs, keep.logical_not_(), values)  # (B, Hkv, G * Sq, D)
     return (out * (1.0 / keep_prob)).view(batch, q_heads, q_len, head_dim)  # 1 / P(keep) on the (.., D) side

@@ -1,0 +1,165 @@
+"""prefix_attention's attention-maths features for newer architectures: Gemma 2's logit softcapping
+(``softcap``) and gpt-oss's attention sinks (``sinks``), on every backend, forward and backward,
+against an independent per-(batch, head) fp64 oracle written from the models' own definitions.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ptkernels
+from ptkernels.ops.prefix_attention.reference import prefix_attention_reference
+from ptkernels.testing import flash_attention_bound
+
+from conftest import DEVICE
+
+
+def naive_fp64(q, k, v, prefix_k, prefix_v, mask, causal, softcap=None, sinks=None):
+    """Per (batch, query head): keys [prefix; real] concatenated by hand, scores * D^-0.5, then Gemma 2's
+    ``tanh(s / c) * c``, the visibility mask, gpt-oss's softmax over [scores, sink] with the sink's
+    probability dropped; fp64 throughout."""
+    q, k, v = q.double(), k.double(), v.double()
+    batch, q_heads, q_len, head_dim = q.shape
+    kv_heads, k_len = k.shape[1], k.shape[2]
+    group = q_heads // kv_heads
+    out = torch.zeros(batch, q_heads, q_len, head_dim, dtype=torch.float64)
+    for b in range(batch):
+        for h in range(q_heads):
+            kvh = h // group
+            pk = prefix_k[kvh].double() if prefix_k is not None else k.new_zeros(0, head_dim)
+            pv = prefix_v[kvh].double() if prefix_v is not None else v.new_zeros(0, head_dim)
+            keys, values = torch.cat([pk, k[b, kvh]]), torch.cat([pv, v[b, kvh]])
+            plen = pk.shape[0]
+            for i in range(q_len):
+                scores = (keys @ q[b, h, i]) * head_dim**-0.5
+                if softcap is not None:
+                    scores = torch.tanh(scores / softcap) * softcap
+                visible = torch.ones(plen + k_len, dtype=torch.bool)
+                for j in range(k_len):
+                    ok = mask is None or bool(mask[b, j])
+                    if causal:
+                        ok = ok and j <= i + k_len - q_len
+                    visible[plen + j] = ok
+                logits = scores[visible]
+                if sinks is not None:
+                    logits = torch.cat([logits, sinks[h].double().view(1)])
+                if logits.numel() == 0:
+                    continue
+                probs = torch.softmax(logits, dim=0)
+                if sinks is not None:
+                    probs = probs[:-1]
+                out[b, h, i] = probs @ values[visible]
+    return out
+
+
+CASES = [
+    dict(softcap=1.5),
+    dict(softcap=4.0, causal=True, padding=True),
+    dict(sinks=True),
+    dict(sinks=True, causal=True, padding=True, prefix=False),
+    dict(softcap=2.0, sinks=True, causal=True, padding=True),
+    dict(sinks=True, padding="all", prefix=False),  # no visible key: the sink takes all the weight, output 0
+]
+
+
+def case_id(case):
+    return "-".join(f"{k}{'' if v is True else v}" for k, v in case.items())
+
+
+def make(case, dtype=torch.float32, device=DEVICE, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, s=1.0):
+        return (torch.randn(*shape, generator=gen) * s).to(device=device, dtype=dtype).requires_grad_()
+
+    B, Hq, Hkv, S, P, D = 2, 4, 2, 19, 5, 24
+    q = rand(B, Hq, S, D, s=3.0)  # large scores, so the softcap bends them
+    k, v = rand(B, Hkv, S, D), rand(B, Hkv, S, D)
+    pk = pv = None
+    if case.get("prefix", True):
+        pk, pv = rand(Hkv, P, D), rand(Hkv, P, D)
+    mask = None
+    if case.get("padding") == "all":
+        mask = torch.zeros(B, S, dtype=torch.bool, device=device)
+    elif case.get("padding"):
+        mask = (torch.rand(B, S, generator=gen) > 0.3).to(device)
+        mask[:, -1] = True
+    sinks = (torch.randn(Hq, generator=gen) * 2).to(device).requires_grad_() if case.get("sinks") else None
+    return q, k, v, pk, pv, mask, sinks
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch", "reference"])
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_softcap_and_sinks_match_naive_fp64(case, backend):
+    q, k, v, pk, pv, mask, sinks = make(case, device=DEVICE if backend == "triton" else "cpu")
+    causal = case.get("causal", False)
+    out = ptkernels.prefix_attention(q, k, v, pk, pv, key_padding_mask=mask, causal=causal,
+                                     softcap=case.get("softcap"), sinks=sinks, backend=backend)
+    leaves = [t for t in (q, k, v, pk, pv, sinks) if t is not None]
+    leaves64 = [t.detach().cpu().double().requires_grad_() for t in leaves]
+    named = dict(zip([n for n, t in zip("q k v pk pv sinks".split(), (q, k, v, pk, pv, sinks)) if t is not None],
+                     leaves64))
+    want = naive_fp64(named["q"], named["k"], named["v"], named.get("pk"), named.get("pv"),
+                      None if mask is None else mask.cpu(), causal, case.get("softcap"), named.get("sinks"))
+    torch.testing.assert_close(out.detach().cpu().double(), want, atol=2e-5, rtol=2e-5)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    got = torch.autograd.grad(out, leaves, grad_out.to(out.device))
+    wanted = torch.autograd.grad(want, leaves64, grad_out.double(), allow_unused=True)
+    for name, g, w in zip(named, got, wanted):
+        w = torch.zeros_like(g, dtype=torch.float64) if w is None else w
+        torch.testing.assert_close(g.detach().cpu().double(), w, atol=5e-5, rtol=5e-5, msg=name)
+    if case.get("padding") == "all":
+        assert torch.equal(out, torch.zeros_like(out))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_triton_softcap_and_sinks_low_precision_flash_attention_rule(dtype):
+    case = dict(softcap=2.0, sinks=True, causal=True, padding=True)
+    q, k, v, pk, pv, mask, sinks = make(case, dtype=dtype)
+    out = ptkernels.prefix_attention(q, k, v, pk, pv, key_padding_mask=mask, causal=True, softcap=2.0, sinks=sinks,
+                                     backend="triton")
+    leaves = (q, k, v, pk, pv, sinks)
+    oracle = prefix_attention_reference(*[t.detach().double().requires_grad_() for t in leaves[:5]],
+                                        key_padding_mask=mask, causal=True, softcap=2.0,
+                                        sinks=sinks.detach().double())
+    same = prefix_attention_reference(q, k, v, pk, pv, key_padding_mask=mask, causal=True, softcap=2.0, sinks=sinks,
+                                      upcast=False)
+    err = (out.double() - oracle).abs().max().item()
+    assert err <= flash_attention_bound((same.double() - oracle).abs().max().item(), is_grad=False, slack=1e-5)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.device, dtype)
+    got = torch.autograd.grad(out, leaves, grad_out)
+    base = torch.autograd.grad(same, leaves, grad_out)
+    q64, k64, v64, pk64, pv64, s64 = [t.detach().double().requires_grad_() for t in leaves]
+    want = torch.autograd.grad(prefix_attention_reference(q64, k64, v64, pk64, pv64, key_padding_mask=mask, causal=True,
+                                                          softcap=2.0, sinks=s64), (q64, k64, v64, pk64, pv64, s64),
+                               grad_out.double())
+    for name, g, b, w in zip("q k v pk pv sinks".split(), got, base, want):
+        bound = flash_attention_bound((b.double() - w).abs().max().item(), is_grad=True, slack=1e-5)
+        assert (g.double() - w).abs().max().item() <= bound, name
+
+
+def test_softcap_and_sinks_change_the_output():
+    """Guards against a path that silently ignores the arguments."""
+    q, k, v, pk, pv, mask, sinks = make(dict(sinks=True), device="cpu")
+    plain = ptkernels.prefix_attention(q, k, v, pk, pv, backend="torch")
+    assert not torch.allclose(ptkernels.prefix_attention(q, k, v, pk, pv, softcap=1.0, backend="torch"), plain)
+    assert not torch.allclose(ptkernels.prefix_attention(q, k, v, pk, pv, sinks=sinks, backend="torch"), plain)
+
+
+BAD = [
+    (dict(softcap=0.0), ValueError, "softcap must be a positive float"),
+    (dict(softcap=-1.0), ValueError, "softcap must be a positive float"),
+    (dict(softcap=True), ValueError, "softcap must be a positive float"),
+    (dict(sinks=torch.zeros(3)), ValueError, r"sinks must be \(Hq,\) = \(4,\)"),
+    (dict(sinks=torch.zeros(4, dtype=torch.long)), TypeError, "sinks must be a floating tensor"),
+    (dict(sinks=[0.0] * 4), TypeError, "sinks must be a"),
+]
+
+
+@pytest.mark.parametrize("override,exc,match", BAD, ids=[m for _, _, m in BAD])
+@pytest.mark.parametrize("backend", ["torch", "reference", "triton"])
+def test_bad_softcap_or_sinks_raise_naming_the_argument(override, exc, match, backend):
+    q, k, v, pk, pv, _, _ = make({}, device="cpu")
+    with pytest.raises(exc, match=match):
+        ptkernels.prefix_attention(q, k, v, pk, pv, backend=backend, **override)
