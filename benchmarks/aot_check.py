@@ -110,6 +110,7 @@ class Case:
     varlen: bool = False  # packed sequences: batch = sequences, q/k/v (total, H, D) of B * Sq / B * Sk rows
     softcap: bool = False  # logit softcapping (Gemma 2)
     sinks: bool = False  # per-head sink logits (gpt-oss)
+    window: bool = False  # a causal sliding window
     group: int = 1
     batch: int = 2
     kv_heads: int = 2
@@ -123,7 +124,8 @@ class Case:
         dt = str(self.dtype).replace("torch.", "")
         flags = [f for f, on in (("causal", self.causal), ("kpm", self.kpm), ("dropout", self.dropout),
                                  ("lengths", self.lengths), ("prefix_dropout", self.prefix_dropout),
-                                 ("varlen", self.varlen), ("softcap", self.softcap), ("sinks", self.sinks)) if on]
+                                 ("varlen", self.varlen), ("softcap", self.softcap), ("sinks", self.sinks),
+                                 ("window", self.window)) if on]
         return (f"{dt}-D{self.head_dim}-{self.prefix}-g{self.group}-{'+'.join(flags) or 'plain'}"
                 f"-B{self.batch}Hkv{self.kv_heads}Sq{self.q_len}Sk{self.k_len}P{self.prefix_len}-{self.layout}")
 
@@ -173,8 +175,9 @@ def case_launches(case: Case, arch: int = 90, allow_interpreted: bool = False) -
     limits, launches = target_limits(arch), []
     launcher = recorder(launches)
     bank = (index, lengths, prefix_dropout_p, prefix_seed)
-    if case.softcap or case.sinks:
-        bank += (50.0 if case.softcap else 0.0, torch.empty(hq, device="meta") if case.sinks else None)
+    if case.softcap or case.sinks or case.window:
+        bank += (50.0 if case.softcap else 0.0, torch.empty(hq, device="meta") if case.sinks else None,
+                 48 if case.window else 0)
     varlen = None
     if case.varlen:
         from ptkernels.ops.prefix_attention.launch import Varlen
@@ -316,7 +319,8 @@ def quick_cases() -> list[Case]:
         Case(torch.float16, 40, causal=True, batch=1, kv_heads=1, q_len=1, k_len=1, prefix_len=1),
         Case(torch.bfloat16, 64, causal=True, kpm=True, prefix="bank", lengths=True, prefix_dropout=True, group=2),
         Case(torch.float16, 64, causal=True, prefix="shared", dropout=True, group=2, varlen=True),
-        Case(torch.bfloat16, 128, causal=True, kpm=True, prefix="shared", group=2, softcap=True, sinks=True),
+        Case(torch.bfloat16, 128, causal=True, kpm=True, prefix="shared", group=2, softcap=True, sinks=True,
+             window=True),
     ]
 
 
@@ -344,6 +348,7 @@ def cases() -> list[Case]:
         Case(torch.bfloat16, 128, causal=True, prefix="shared", group=4, varlen=True),
         Case(torch.float16, 64, prefix="bank", lengths=True, prefix_dropout=True, group=2, varlen=True),
         Case(torch.float16, 64, causal=True, prefix="shared", softcap=True, group=2),
+        Case(torch.float16, 64, causal=True, prefix="bank", lengths=True, window=True, group=4),
         Case(torch.bfloat16, 64, kpm=True, prefix="per_example", sinks=True, dropout=True, group=8),
     ]
     return out

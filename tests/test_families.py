@@ -168,3 +168,58 @@ def test_readme_lists_the_families():
     readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
     missing = [row for row in families.markdown_table().splitlines()[2:] if row not in readme]
     assert not missing, "README's family table is stale; paste `python tests/families.py`:\n" + "\n".join(missing)
+
+
+# Sliding windows narrower than prefix + sequence (transformers' causal window, the prefix at the cache
+# positions before the real tokens, as in PEFT's cache: it slides out of the window).
+SLIDING = {
+    "mistral": dict(sliding_window=4),  # every layer
+    "gemma2": dict(sliding_window=4),  # alternating layers, with logit softcapping
+    "gpt_oss": dict(sliding_window=4),  # alternating layers, with attention sinks
+    "qwen2": dict(sliding_window=4, use_sliding_window=True, max_window_layers=1),
+}
+
+
+@pytest.mark.parametrize("adapter", ADAPTERS)
+@pytest.mark.parametrize("model_type", sorted(SLIDING))
+def test_sliding_window_narrower_than_prefix_plus_sequence(model_type, adapter, monkeypatch):
+    kind, overrides, _ = FAMILIES[model_type]
+    ids = mask = labels = None
+
+    def oracle(window_overrides):
+        nonlocal ids, mask, labels
+        monkeypatch.setitem(FAMILIES, model_type, (kind, {**overrides, **window_overrides}, None))
+        model, task = build_peft_model(model_type, adapter)
+        ids, mask, labels = make_batch(task)
+        with_peft_oracle_shim(model)
+        with _float64_attention_softmax(model_type in FLOAT32_ATTENTION_SOFTMAX):
+            want = _run(model, ids, mask, labels, task, adapter)
+        without_peft_oracle_shim(model)
+        return model, task, want
+
+    _, _, unwindowed = oracle({})
+    model, task, want = oracle(SLIDING[model_type])
+    assert ids.shape[1] + P > SLIDING[model_type]["sliding_window"]
+    # the window matters here: the oracle with it differs from the one without
+    assert (want[0] - unwindowed[0]).abs().max() > 1e-6
+    patch(model, backend="torch")
+    _assert_same(_run(model, ids, mask, labels, task, adapter), want, f"{model_type} {adapter} sliding window")
+
+
+@pytest.mark.parametrize("adapter", ["prefix", "ptuning"])
+def test_sliding_window_generate_matches_greedy_full_forwards(adapter, monkeypatch):
+    """generate() with a KV cache under a window of 4 tokens (the prefix slides out while decoding)
+    equals greedy decoding by full forwards of the unpatched model, row by row, left padding included."""
+    from ptkernels.testing import greedy_by_full_forwards
+
+    kind, overrides, _ = FAMILIES["mistral"]
+    monkeypatch.setitem(FAMILIES, "mistral", (kind, {**overrides, "sliding_window": 4}, None))
+    model, task = build_peft_model("mistral", adapter)
+    ids, mask, _ = make_batch(task, left_padding=True)
+    with_peft_oracle_shim(model)
+    want = greedy_by_full_forwards(model, ids, mask, max_new_tokens=6)
+    without_peft_oracle_shim(model)
+    patch(model, backend="torch")
+    with torch.no_grad():
+        got = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(got, want), f"{got}\n!=\n{want}"

@@ -1,6 +1,8 @@
 """prefix_attention's attention-maths features for newer architectures: Gemma 2's logit softcapping
-(``softcap``) and gpt-oss's attention sinks (``sinks``), on every backend, forward and backward,
-against an independent per-(batch, head) fp64 oracle written from the models' own definitions.
+(``softcap``), gpt-oss's attention sinks (``sinks``) and transformers' causal sliding window
+(``window``, with the prefix at the positions before the real keys as in PEFT's cache), on every
+backend, forward and backward, against an independent per-(batch, head) fp64 oracle written from the
+models' own definitions.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from ptkernels.testing import flash_attention_bound
 from conftest import DEVICE
 
 
-def naive_fp64(q, k, v, prefix_k, prefix_v, mask, causal, softcap=None, sinks=None):
+def naive_fp64(q, k, v, prefix_k, prefix_v, mask, causal, softcap=None, sinks=None, window=None):
     """Per (batch, query head): keys [prefix; real] concatenated by hand, scores * D^-0.5, then Gemma 2's
     ``tanh(s / c) * c``, the visibility mask, gpt-oss's softmax over [scores, sink] with the sink's
     probability dropped; fp64 throughout."""
@@ -41,6 +43,10 @@ def naive_fp64(q, k, v, prefix_k, prefix_v, mask, causal, softcap=None, sinks=No
                     if causal:
                         ok = ok and j <= i + k_len - q_len
                     visible[plen + j] = ok
+                if window is not None:  # positions: prefix 0..P-1, real keys P.., query P + Sk - Sq + i
+                    query_pos = plen + k_len - q_len + i
+                    for t in range(plen + k_len):
+                        visible[t] = visible[t] and query_pos - t < window
                 logits = scores[visible]
                 if sinks is not None:
                     logits = torch.cat([logits, sinks[h].double().view(1)])
@@ -163,3 +169,80 @@ def test_bad_softcap_or_sinks_raise_naming_the_argument(override, exc, match, ba
     q, k, v, pk, pv, _, _ = make({}, device="cpu")
     with pytest.raises(exc, match=match):
         ptkernels.prefix_attention(q, k, v, pk, pv, backend=backend, **override)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sliding window
+
+
+WINDOW_CASES = [  # (Sq, Sk, P, window, padding)
+    (19, 19, 5, 7, False),
+    (19, 19, 5, 7, True),
+    (37, 37, 21, 20, False),  # the prefix slides out for the later queries; tiles partly in the window
+    (5, 33, 9, 12, True),  # Sq < Sk (a continued prefill)
+    (1, 30, 6, 8, False),  # a decode step
+    (9, 9, 3, 1, False),  # a window of 1: each query sees itself only
+    (17, 17, 0, 4, True),  # no prefix; padded rows may see no key: zeros
+]
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch", "reference"])
+@pytest.mark.parametrize("sq,sk,p,window,padding", WINDOW_CASES, ids=[str(c) for c in WINDOW_CASES])
+def test_sliding_window_matches_naive_fp64(sq, sk, p, window, padding, backend):
+    device = DEVICE if backend == "triton" else "cpu"
+    gen = torch.Generator().manual_seed(3)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen).to(device).requires_grad_()
+
+    q, k, v = rand(2, 4, sq, 24), rand(2, 2, sk, 24), rand(2, 2, sk, 24)
+    pk, pv = rand(2, p, 24), rand(2, p, 24)
+    mask = None
+    if padding:
+        mask = torch.ones(2, sk, dtype=torch.bool)
+        mask[0, :3] = False  # left padding
+        mask[1, sk // 2] = False  # a hole
+        mask = mask.to(device)
+    out = ptkernels.prefix_attention(q, k, v, pk, pv, key_padding_mask=mask, causal=True, window=window,
+                                     backend=backend)
+    leaves = (q, k, v, pk, pv)
+    leaves64 = [t.detach().cpu().double().requires_grad_() for t in leaves]
+    want = naive_fp64(*leaves64, None if mask is None else mask.cpu(), True, window=window)
+    torch.testing.assert_close(out.detach().cpu().double(), want, atol=2e-5, rtol=2e-5)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    got = torch.autograd.grad(out, leaves, grad_out.to(out.device), allow_unused=True)  # P = 0: no prefix graph
+    wanted = torch.autograd.grad(want, leaves64, grad_out.double(), allow_unused=True)
+    for name, g, w, x in zip("q k v pk pv".split(), got, wanted, leaves64):
+        g = torch.zeros_like(x) if g is None else g.detach().cpu().double()
+        torch.testing.assert_close(g, torch.zeros_like(x) if w is None else w, atol=5e-5, rtol=5e-5, msg=name)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_sliding_window_with_a_bank_of_different_lengths(backend):
+    """Each example's prefix length sets where its real keys and queries sit: the window follows it."""
+    device = DEVICE if backend == "triton" else "cpu"
+    gen = torch.Generator().manual_seed(4)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen).to(device).requires_grad_()
+
+    q, k, v = rand(3, 4, 23, 16), rand(3, 2, 23, 16), rand(3, 2, 23, 16)
+    bank_k, bank_v = rand(2, 2, 19, 16), rand(2, 2, 19, 16)
+    index, lengths = torch.tensor([1, 0, 1], device=device), torch.tensor([19, 6], device=device)
+    out = ptkernels.prefix_attention(q, k, v, bank_k, bank_v, causal=True, window=11, prefix_index=index,
+                                     prefix_lengths=lengths, backend=backend)
+    for b in range(3):
+        entry, length = int(index[b]), int(lengths[index[b]])
+        want = naive_fp64(q[b:b + 1].detach().cpu(), k[b:b + 1].detach().cpu(), v[b:b + 1].detach().cpu(),
+                          bank_k[entry, :, :length].detach().cpu(), bank_v[entry, :, :length].detach().cpu(), None,
+                          True, window=11)
+        torch.testing.assert_close(out[b:b + 1].detach().cpu().double(), want, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("window,causal,match", [(0, True, "window must be a positive int"),
+                                                 (2.5, True, "window must be a positive int"),
+                                                 (4, False, "window .* needs causal=True")])
+def test_bad_window_raises(window, causal, match):
+    q, k, v, pk, pv, _, _ = make({}, device="cpu")
+    with pytest.raises(ValueError, match=match):
+        ptkernels.prefix_attention(q, k, v, pk, pv, causal=causal, window=window, backend="torch")

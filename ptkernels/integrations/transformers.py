@@ -277,30 +277,32 @@ def ptkernels_attention_forward(
         )
 
     q_len, k_len = query.shape[2], key.shape[2]
-    sliding_window = kwargs.get("sliding_window")
-    if sliding_window is not None:
-        total = k_len + (prefix_k.shape[-2] if prefix_k is not None else 0)
-        if total > sliding_window:
-            raise NotImplementedError(
-                f"ptkernels attention does not implement sliding-window attention: window {sliding_window} < "
-                f"{total} keys (prefix + sequence) in {type(module).__name__}"
-            )
+    causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
+    # A sliding window (Mistral, Gemma 2/3, gpt-oss, ... layers): transformers' causal window, the
+    # prefix at the cache positions before the real keys, as in PEFT's cache, so it slides out.
+    window = kwargs.get("sliding_window")
+    total = k_len + (prefix_k.shape[-2] if prefix_k is not None else 0)
+    if window is not None and total <= window:
+        window = None  # everything is inside it: no mask arithmetic
+    if window is not None and not causal:
+        raise NotImplementedError(f"ptkernels attention: a sliding window in a non-causal attention "
+                                  f"({type(module).__name__})")
+    causal = causal and (q_len > 1 or window is not None)
 
-    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    causal = bool(causal) and q_len > 1
-
-    if (softcap is not None or sinks is not None) and attention_mask is not None and attention_mask.dim() == 4:
-        raise NotImplementedError(f"ptkernels attention: logit softcapping / attention sinks with a 4D mask are not "
-                                  f"supported ({type(module).__name__})")
+    if (softcap is not None or sinks is not None or window is not None) and attention_mask is not None \
+            and attention_mask.dim() == 4:
+        raise NotImplementedError(f"ptkernels attention: logit softcapping / attention sinks / a sliding window "
+                                  f"narrower than the keys with a 4D mask are not supported ({type(module).__name__})")
     if attention_mask is not None and attention_mask.dim() == 4:
         out = _fallback_4d(query, key, value, prefix_k, prefix_v, attention_mask, dropout, scaling, **bank)
         return out, None
 
     packed = _packed_sequences(module, query, key, attention_mask, kwargs)
     if packed is not None:  # one row, N sequences: each sees its own tokens and the whole prefix
-        if softcap is not None or sinks is not None:
-            raise NotImplementedError(f"ptkernels attention: logit softcapping / attention sinks with packed "
-                                      f"sequences are not supported ({type(module).__name__})")
+        if softcap is not None or sinks is not None or window is not None:
+            raise NotImplementedError(f"ptkernels attention: logit softcapping / attention sinks / a sliding window "
+                                      f"narrower than the keys with packed sequences are not supported "
+                                      f"({type(module).__name__})")
         cu_q, cu_k, max_q, max_k = packed
         prefix_lengths = None
         if prefix_k is not None and prefix_k.dim() == 4:  # per example or a bank: the row's own entry
@@ -335,6 +337,7 @@ def ptkernels_attention_forward(
         dropout_p=float(dropout),
         softcap=None if softcap is None else float(softcap),
         sinks=sinks,
+        window=None if window is None else int(window),
         backend=backend,
         **bank,
     )

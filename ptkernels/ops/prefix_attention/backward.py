@@ -27,6 +27,7 @@ from .common import (
     dropout_keep,
     dropout_row_width,
     example_prefix,
+    in_window,
     key_bounds,
     load_full_tile,
     load_tile,
@@ -128,8 +129,9 @@ def _prefix_attention_bwd_dq_kernel(
     stride_dqb, stride_dqh, stride_dqm,
     num_q_heads, q_len, k_len, prefix_len, head_dim, entry_step, stat_rows,
     scale, qk_scale_log2, dropout_threshold, dropout_scale, seed,
-    prefix_dropout_threshold, prefix_dropout_scale, prefix_seed, softcap_in, softcap_out,
-    GROUP: tl.constexpr, VARLEN: tl.constexpr, SOFTCAP: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+    prefix_dropout_threshold, prefix_dropout_scale, prefix_seed, softcap_in, softcap_out, window,
+    GROUP: tl.constexpr, VARLEN: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, CAUSAL: tl.constexpr,
+    HAS_KPM: tl.constexpr,
     HAS_PREFIX: tl.constexpr,
     HAS_INDEX: tl.constexpr, HAS_LENGTHS: tl.constexpr, PREFIX_DROPOUT: tl.constexpr,
     DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -178,6 +180,11 @@ def _prefix_attention_bwd_dq_kernel(
         pv_base = PREFIX_V + entry * stride_pvb + kv_h * stride_pvh
         num_kv_heads = num_q_heads // GROUP
         prefix_full = (example_prefix_len // BLOCK_N) * BLOCK_N
+        masked_from = prefix_full
+        if WINDOW:  # as in the forward: every prefix tile masked, from the first one in the block's window
+            prefix_full = 0
+            masked_from = tl.maximum(example_prefix_len + (k_len - q_len) + start_m - window + 1, 0)
+            masked_from = masked_from // BLOCK_N * BLOCK_N
         for start_n in range(0, prefix_full, BLOCK_N):
             n = start_n + offs_n
             k = load_full_tile(pk_base, n, stride_pkn, offs_d, d_valid, EVEN_D, UPCAST)
@@ -189,8 +196,8 @@ def _prefix_attention_bwd_dq_kernel(
             dq = _dq_tile(dq, q, do, lse, delta, k, v, all_visible, seed, row_lanes, start_n, dropout_threshold,
                           qk_scale_log2, dropout_scale, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N, False,
                           softcap_in, softcap_out, SOFTCAP)
-        if prefix_full < example_prefix_len:
-            n = prefix_full + offs_n
+        for start_n in range(masked_from, example_prefix_len, BLOCK_N):
+            n = start_n + offs_n
             n_valid = n < example_prefix_len
             k = load_tile(pk_base, n, stride_pkn, offs_d, n_valid, d_valid, UPCAST)
             v = load_tile(pv_base, n, stride_pvn, offs_d, n_valid, d_valid, UPCAST)
@@ -198,7 +205,10 @@ def _prefix_attention_bwd_dq_kernel(
                                  prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT, BLOCK_N, BLOCK_D)
             v = drop_prefix_tile(v, prefix_seed, b, kv_h, 1, num_kv_heads, prefix_len, head_dim, n,
                                  prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT, BLOCK_N, BLOCK_D)
-            dq = _dq_tile(dq, q, do, lse, delta, k, v, n_valid[None, :], seed, row_lanes, prefix_full,
+            visible_2d = n_valid[None, :]
+            if WINDOW:
+                visible_2d = visible_2d & in_window(n, offs_m + (k_len - q_len) + example_prefix_len, window)
+            dq = _dq_tile(dq, q, do, lse, delta, k, v, visible_2d, seed, row_lanes, start_n,
                           dropout_threshold, qk_scale_log2, dropout_scale, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N,
                           True, softcap_in, softcap_out, SOFTCAP)
 
@@ -215,14 +225,18 @@ def _prefix_attention_bwd_dq_kernel(
         if CAUSAL:
             full_end = tl.minimum(hi_b, start_m + (k_len - q_len) + 1)
         full_lo = tl.cdiv(lo_b, BLOCK_N) * BLOCK_N
+        first_lo = lo_b
+        if WINDOW:  # as in the forward
+            full_lo = tl.cdiv(tl.maximum(lo_b, start_m + BLOCK_M + (k_len - q_len) - window), BLOCK_N) * BLOCK_N
+            first_lo = tl.maximum(lo_b, start_m + (k_len - q_len) - window + 1)
         full_hi = tl.maximum(tl.maximum(full_end, 0) // BLOCK_N * BLOCK_N, full_lo)
         edge_hi = tl.minimum(hi, hi_b)
-        for start_n in range(lo_b // BLOCK_N * BLOCK_N, tl.minimum(full_lo, edge_hi), BLOCK_N):
+        for start_n in range(first_lo // BLOCK_N * BLOCK_N, tl.minimum(full_lo, edge_hi), BLOCK_N):
             n = start_n + offs_n
             n_valid = n < hi_b
             k = load_tile(k_base, n, stride_kn, offs_d, n_valid, d_valid, UPCAST)
             v = load_tile(v_base, n, stride_vn, offs_d, n_valid, d_valid, UPCAST)
-            visible_2d = bounded_keys_visible(n, lo_b, hi_b, offs_m, q_len, k_len, CAUSAL)
+            visible_2d = bounded_keys_visible(n, lo_b, hi_b, offs_m, q_len, k_len, CAUSAL, window, WINDOW)
             dq = _dq_tile(dq, q, do, lse, delta, k, v, visible_2d, seed, row_lanes, real_lane + start_n,
                           dropout_threshold, qk_scale_log2, dropout_scale, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N,
                           True, softcap_in, softcap_out, SOFTCAP)
@@ -238,18 +252,21 @@ def _prefix_attention_bwd_dq_kernel(
             n_valid = n < hi_b
             k = load_tile(k_base, n, stride_kn, offs_d, n_valid, d_valid, UPCAST)
             v = load_tile(v_base, n, stride_vn, offs_d, n_valid, d_valid, UPCAST)
-            visible_2d = bounded_keys_visible(n, lo_b, hi_b, offs_m, q_len, k_len, CAUSAL)
+            visible_2d = bounded_keys_visible(n, lo_b, hi_b, offs_m, q_len, k_len, CAUSAL, window, WINDOW)
             dq = _dq_tile(dq, q, do, lse, delta, k, v, visible_2d, seed, row_lanes, real_lane + start_n,
                           dropout_threshold, qk_scale_log2, dropout_scale, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N,
                           True, softcap_in, softcap_out, SOFTCAP)
     else:
-        for start_n in range(0, hi, BLOCK_N):
+        first_key = 0
+        if WINDOW:
+            first_key = tl.maximum(start_m + (k_len - q_len) - window + 1, 0) // BLOCK_N * BLOCK_N
+        for start_n in range(first_key, hi, BLOCK_N):
             n = start_n + offs_n
             n_valid = n < k_len
             k = load_tile(k_base, n, stride_kn, offs_d, n_valid, d_valid, UPCAST)
             v = load_tile(v_base, n, stride_vn, offs_d, n_valid, d_valid, UPCAST)
             visible_2d = real_keys_visible(KEY_PADDING_MASK, b, stride_mb, stride_mn, n, n_valid, offs_m, q_len,
-                                           k_len, HAS_KPM, CAUSAL)
+                                           k_len, HAS_KPM, CAUSAL, window, WINDOW)
             dq = _dq_tile(dq, q, do, lse, delta, k, v, visible_2d, seed, row_lanes, real_lane + start_n,
                           dropout_threshold, qk_scale_log2, dropout_scale, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N,
                           True, softcap_in, softcap_out, SOFTCAP)
@@ -265,13 +282,15 @@ def _dkdv_tile(
     seed, dropout_threshold, dropout_scale, qk_scale_log2,
     DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr, softcap_in, softcap_out,
-    SOFTCAP: tl.constexpr,
+    SOFTCAP: tl.constexpr, key_pos, window_shift, window, WINDOW: tl.constexpr,
 ):
     """dK/dV contribution of one query tile, in transposed (keys x queries) form.
     MASKED=False: the tile's queries are all < q_len and see every key of the block
     (key_visible_t is ignored, loads are unmasked)."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     if MASKED:
+        if WINDOW:  # query i (position i + window_shift) sees key position key_pos iff the gap is < window
+            key_visible_t = key_visible_t & ((offs_m[None, :] + window_shift) - key_pos[:, None] < window)
         m_valid = offs_m < q_len
         q = load_tile(Q + q_base, offs_m, stride_qm, offs_d, m_valid, d_valid, UPCAST)
         do = load_tile(GRAD_OUT + do_base, offs_m, stride_dom, offs_d, m_valid, d_valid, UPCAST)
@@ -320,8 +339,9 @@ def _prefix_attention_bwd_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn,
     num_q_heads, num_kv_heads, q_len, k_len, prefix_len, head_dim, stat_rows,
-    scale, qk_scale_log2, dropout_threshold, dropout_scale, seed, softcap_in, softcap_out,
-    GROUP: tl.constexpr, VARLEN: tl.constexpr, SOFTCAP: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+    scale, qk_scale_log2, dropout_threshold, dropout_scale, seed, softcap_in, softcap_out, window,
+    GROUP: tl.constexpr, VARLEN: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, CAUSAL: tl.constexpr,
+    HAS_KPM: tl.constexpr,
     DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
 ):
@@ -376,6 +396,13 @@ def _prefix_attention_bwd_dkdv_kernel(
     # only a block of attended keys has unmasked query tiles
     key_full = contiguous & (start_n >= lo_b) & (start_n + BLOCK_N <= hi_b)
     full_stop = tl.where(key_full, tl.maximum(full_stop, full_start), full_start)
+    key_pos = offs_n
+    window_shift = k_len - q_len  # query i sits at key position i + Sk - Sq
+    q_end = q_len
+    if WINDOW:  # queries past the window of the block's last key see none of it; full tiles need its first
+        q_end = tl.minimum(q_len, start_n + BLOCK_N - 1 - window_shift + window)
+        full_stop = tl.maximum(tl.minimum(full_stop, (start_n - window_shift + window) // BLOCK_M * BLOCK_M),
+                               full_start)
     real_lane = (prefix_len + 7) // 8 * 8 + start_n
     for g in range(GROUP):
         h = kv_h * GROUP + g
@@ -394,14 +421,16 @@ def _prefix_attention_bwd_dkdv_kernel(
                 dk, dv, k, v, Q, GRAD_OUT, LSE, DELTA, q_base, do_base, stat_base, stride_qm, stride_dom,
                 start_m, q_len, offs_d, d_valid, visible_t, real_lane, stat_base, width, seed, dropout_threshold,
                 dropout_scale, qk_scale_log2, DROPOUT, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, True, EVEN_D,
-                softcap_in, softcap_out, SOFTCAP)
+                softcap_in, softcap_out, SOFTCAP,
+                key_pos, window_shift, window, WINDOW)
         for start_m in range(full_start, full_stop, BLOCK_M):
             dk, dv = _dkdv_tile(
                 dk, dv, k, v, Q, GRAD_OUT, LSE, DELTA, q_base, do_base, stat_base, stride_qm, stride_dom,
                 start_m, q_len, offs_d, d_valid, visible[:, None], real_lane, stat_base, width, seed,
                 dropout_threshold, dropout_scale, qk_scale_log2, DROPOUT, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N,
-                False, EVEN_D, softcap_in, softcap_out, SOFTCAP)
-        for start_m in range(full_stop, q_len, BLOCK_M):
+                False, EVEN_D, softcap_in, softcap_out, SOFTCAP,
+                key_pos, window_shift, window, WINDOW)
+        for start_m in range(full_stop, q_end, BLOCK_M):
             visible_t = visible[:, None]
             if CAUSAL:
                 offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -410,7 +439,8 @@ def _prefix_attention_bwd_dkdv_kernel(
                 dk, dv, k, v, Q, GRAD_OUT, LSE, DELTA, q_base, do_base, stat_base, stride_qm, stride_dom,
                 start_m, q_len, offs_d, d_valid, visible_t, real_lane, stat_base, width, seed, dropout_threshold,
                 dropout_scale, qk_scale_log2, DROPOUT, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, True, EVEN_D,
-                softcap_in, softcap_out, SOFTCAP)
+                softcap_in, softcap_out, SOFTCAP,
+                key_pos, window_shift, window, WINDOW)
     tl.store(DK + b * stride_dkb + k_start * stride_dkn + kv_h * stride_dkh + keys * stride_dkn + offs_d[None, :],
              (dk * scale).to(DK.dtype.element_ty), mask=kd_mask)
     tl.store(DV + b * stride_dvb + k_start * stride_dvn + kv_h * stride_dvh + keys * stride_dvn + offs_d[None, :],
@@ -424,11 +454,12 @@ def _prefix_example_dkdv(
     seed, dropout_threshold, dropout_scale, qk_scale_log2,
     GROUP: tl.constexpr, VARLEN: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr,
-    softcap_in, softcap_out, SOFTCAP: tl.constexpr,
+    softcap_in, softcap_out, SOFTCAP: tl.constexpr, key_pos, window_shift, window, q_end, WINDOW: tl.constexpr,
 ):
     """Example b's contribution to one prefix block's (dk, dv): its GROUP query heads, full query tiles
     [0, full_stop) unmasked, then the rest masked (q_len: the example's query count, q_start its
-    first row under VARLEN; batch_q_len: the rows per (example, head) of LSE when not VARLEN)."""
+    first row under VARLEN; batch_q_len: the rows per (example, head) of LSE when not VARLEN; q_end:
+    the end of the masked query tiles, q_len or, with WINDOW, where the block leaves the window)."""
     for g in range(GROUP):
         h = kv_h * GROUP + g
         if VARLEN:
@@ -444,13 +475,15 @@ def _prefix_example_dkdv(
                 dk, dv, k, v, Q, GRAD_OUT, LSE, DELTA, q_base, do_base, stat_base, stride_qm, stride_dom,
                 start_m, q_len, offs_d, d_valid, visible_t, start_n, stat_base, width, seed, dropout_threshold,
                 dropout_scale, qk_scale_log2, DROPOUT, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, False, EVEN_D,
-                softcap_in, softcap_out, SOFTCAP)
-        for start_m in range(full_stop, q_len, BLOCK_M):
+                softcap_in, softcap_out, SOFTCAP,
+                key_pos, window_shift, window, WINDOW)
+        for start_m in range(full_stop, q_end, BLOCK_M):
             dk, dv = _dkdv_tile(
                 dk, dv, k, v, Q, GRAD_OUT, LSE, DELTA, q_base, do_base, stat_base, stride_qm, stride_dom,
                 start_m, q_len, offs_d, d_valid, visible_t, start_n, stat_base, width, seed, dropout_threshold,
                 dropout_scale, qk_scale_log2, DROPOUT, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, True, EVEN_D,
-                softcap_in, softcap_out, SOFTCAP)
+                softcap_in, softcap_out, SOFTCAP,
+                key_pos, window_shift, window, WINDOW)
     return dk, dv
 
 
@@ -466,8 +499,8 @@ def _prefix_attention_bwd_prefix_dkdv_kernel(
     stride_dpvs, stride_dpvh, stride_dpvn,
     examples_per_entry, examples_per_split, splits, num_q_heads, num_kv_heads, q_len, k_len, prefix_len, head_dim,
     stat_rows, scale, qk_scale_log2, dropout_threshold, dropout_scale, seed,
-    prefix_dropout_threshold, prefix_dropout_scale, prefix_seed, softcap_in, softcap_out,
-    GROUP: tl.constexpr, VARLEN: tl.constexpr, SOFTCAP: tl.constexpr, HAS_INDEX: tl.constexpr,
+    prefix_dropout_threshold, prefix_dropout_scale, prefix_seed, softcap_in, softcap_out, window,
+    GROUP: tl.constexpr, VARLEN: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, HAS_INDEX: tl.constexpr,
     HAS_LENGTHS: tl.constexpr, PREFIX_DROPOUT: tl.constexpr,
     DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
@@ -519,6 +552,7 @@ def _prefix_attention_bwd_prefix_dkdv_kernel(
     # Full query tiles of a full prefix block without masks, then the last partial query tile.
     block_full = start_n + BLOCK_N <= entry_prefix_len
     full_stop = tl.where(block_full, (q_len // BLOCK_M) * BLOCK_M, 0)
+    window_shift = entry_prefix_len + (k_len - q_len)  # query i at position P + Sk - Sq + i (not with VARLEN)
     for i in range(split_first, split_last):
         if HAS_INDEX:
             b = tl.load(EXAMPLE_ORDER + i).to(tl.int64)
@@ -529,6 +563,10 @@ def _prefix_attention_bwd_prefix_dkdv_kernel(
         if VARLEN:  # the sequence's own query rows
             q_start, example_q_len = sequence_extent(CU_SEQLENS_Q, b)
             full_stop = tl.where(block_full, (example_q_len // BLOCK_M) * BLOCK_M, 0)
+        q_end = example_q_len
+        if WINDOW:  # prefix position n leaves the window of query i (position P + Sk - Sq + i) at i >= n - ... + window
+            full_stop = 0
+            q_end = tl.minimum(example_q_len, start_n + BLOCK_N - 1 - window_shift + window)
         if PREFIX_DROPOUT:  # example b's own dropped tiles; its gradient times its keep mask / P(keep)
             keep_k = prefix_dropout_keep(prefix_seed, b, kv_h, 0, num_kv_heads, prefix_len, head_dim, offs_n,
                                          prefix_dropout_threshold, BLOCK_N, BLOCK_D)
@@ -542,7 +580,7 @@ def _prefix_attention_bwd_prefix_dkdv_kernel(
                 q_len, stride_qb, stride_qh, stride_qm, stride_dob, stride_doh, stride_dom, offs_d, d_valid,
                 visible_t, start_n, width, seed, dropout_threshold, dropout_scale, qk_scale_log2,
                 GROUP, VARLEN, DROPOUT, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, EVEN_D,
-                softcap_in, softcap_out, SOFTCAP)
+                softcap_in, softcap_out, SOFTCAP, offs_n, window_shift, window, q_end, WINDOW)
             dk += tl.where(keep_k, dk_b * prefix_dropout_scale, 0.0)
             dv += tl.where(keep_v, dv_b * prefix_dropout_scale, 0.0)
         else:
@@ -551,7 +589,7 @@ def _prefix_attention_bwd_prefix_dkdv_kernel(
                 num_q_heads, q_len, stride_qb, stride_qh, stride_qm, stride_dob, stride_doh, stride_dom, offs_d,
                 d_valid, visible_t, start_n, width, seed, dropout_threshold, dropout_scale, qk_scale_log2,
                 GROUP, VARLEN, DROPOUT, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, EVEN_D,
-                softcap_in, softcap_out, SOFTCAP)
+                softcap_in, softcap_out, SOFTCAP, offs_n, window_shift, window, q_end, WINDOW)
     kd_mask = (offs_n < prefix_len)[:, None] & d_valid[None, :]  # every row of the entry: 0 past its length
     tl.store(DPREFIX_K + outer * stride_dpks + kv_h * stride_dpkh + keys * stride_dpkn + offs_d[None, :],
              (dk * scale).to(DPREFIX_K.dtype.element_ty), mask=kd_mask)
@@ -565,7 +603,7 @@ def prefix_attention_backward(
     causal: bool, scale: float, dropout_p: float, seed: int,
     prefix_index: Optional[Tensor] = None, prefix_lengths: Optional[Tensor] = None,
     prefix_dropout_p: float = 0.0, prefix_seed: int = 0, softcap: float = 0.0, sinks: Optional[Tensor] = None,
-    *, varlen: Optional[Varlen] = None, limits: Optional[DeviceLimits] = None, launcher: Launcher = launch_kernel,
+    window: int = 0, *, varlen: Optional[Varlen] = None, limits: Optional[DeviceLimits] = None, launcher: Launcher = launch_kernel,
     config: Optional[dict] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Optional[Tensor]]:
     """Launch the backward kernels. Inputs must have a unit last stride (grad_out is made so).
@@ -612,12 +650,12 @@ def prefix_attention_backward(
     if config is None and autotune_requested(limits) and launcher is launch_kernel:
         key = ("bwd", str(q.device), q.dtype, head_dim, group, causal, key_padding_mask is None, prefix_len > 0,
                per_example, dropout_p > 0.0, prefix_index is None, prefix_lengths is None, prefix_dropout_p > 0.0,
-               varlen is None, softcap > 0.0, shape_bucket(q_len), shape_bucket(prefix_len + k_len))
+               varlen is None, softcap > 0.0, window > 0, shape_bucket(q_len), shape_bucket(prefix_len + k_len))
 
         def measure(c):
             return triton.testing.do_bench(lambda: prefix_attention_backward(
                 grad_out, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, causal, scale, dropout_p, seed,
-                prefix_index, prefix_lengths, prefix_dropout_p, prefix_seed, softcap, sinks, varlen=varlen,
+                prefix_index, prefix_lengths, prefix_dropout_p, prefix_seed, softcap, sinks, window, varlen=varlen,
                 limits=limits, config=c), warmup=3, rep=20)
 
         cfg = tuned_config(key, gpu_backward_configs(head_dim, q.dtype, limits.max_shared_memory), measure)
@@ -630,7 +668,7 @@ def prefix_attention_backward(
     qk_scale_log2 = scale * LOG2_E
     threshold, dropout_scale = dropout_threshold(dropout_p)
     prefix_dropout_args = (*dropout_threshold(prefix_dropout_p), prefix_seed)
-    softcap_flags = dict(SOFTCAP=softcap > 0.0)
+    softcap_flags = dict(SOFTCAP=softcap > 0.0, WINDOW=window > 0)
     softcap_in, softcap_out = softcap_args(scale, softcap)
     kpm = mask_as_int8(key_padding_mask)
     bounds = key_bounds_of(key_padding_mask)
@@ -659,7 +697,7 @@ def prefix_attention_backward(
         *qkv_strides(grad_out, varlen),
         *qkv_strides(dq, varlen),
         q_heads, q_len, k_len, prefix_len, head_dim, entry_step(prefix_k, prefix_index), stat_rows,
-        scale, qk_scale_log2, threshold, dropout_scale, seed, *prefix_dropout_args, softcap_in, softcap_out,
+        scale, qk_scale_log2, threshold, dropout_scale, seed, *prefix_dropout_args, softcap_in, softcap_out, window,
         GROUP=group, VARLEN=varlen is not None, CAUSAL=causal, **softcap_flags, HAS_KPM=key_padding_mask is not None,
         HAS_PREFIX=prefix_len > 0, **prefix_flags,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, EVEN_D=bd == head_dim, **flags, **compile_options,
@@ -676,7 +714,7 @@ def prefix_attention_backward(
             *qkv_strides(dk, varlen),
             *qkv_strides(dv, varlen),
             q_heads, kv_heads, q_len, k_len, prefix_len, head_dim, stat_rows,
-            scale, qk_scale_log2, threshold, dropout_scale, seed, softcap_in, softcap_out,
+            scale, qk_scale_log2, threshold, dropout_scale, seed, softcap_in, softcap_out, window,
             GROUP=group, VARLEN=varlen is not None, CAUSAL=causal, **softcap_flags,
             HAS_KPM=key_padding_mask is not None,
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, EVEN_D=bd == head_dim, **flags, **compile_options,
@@ -718,6 +756,7 @@ def prefix_attention_backward(
         dpv.stride(1), dpv.stride(2), dpv.stride(3),
         examples_per_entry, examples_per_split, splits, q_heads, kv_heads, q_len, k_len, prefix_len, head_dim,
         stat_rows, scale, qk_scale_log2, threshold, dropout_scale, seed, *prefix_dropout_args, softcap_in, softcap_out,
+        window,
         GROUP=group, VARLEN=varlen is not None, **softcap_flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
         EVEN_D=bd == head_dim, **prefix_flags, **flags,
         **compile_options,

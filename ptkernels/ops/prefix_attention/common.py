@@ -158,23 +158,35 @@ def key_bounds(KEY_BOUNDS, b, k_len, HAS_KPM: tl.constexpr):
 
 
 @triton.jit
-def bounded_keys_visible(n, lo, hi, offs_m, q_len, k_len, CAUSAL: tl.constexpr):
+def bounded_keys_visible(n, lo, hi, offs_m, q_len, k_len, CAUSAL: tl.constexpr, window=0,
+                         WINDOW: tl.constexpr = False):
     """(BLOCK_M, BLOCK_N)-broadcastable mask of real keys n in [lo, hi) (and, with CAUSAL, at most
-    offs_m + Sk - Sq): ``real_keys_visible`` for a contiguous run of attended keys, with no mask loads."""
+    offs_m + Sk - Sq; with WINDOW, within ``window`` of it): ``real_keys_visible`` for a contiguous run
+    of attended keys, with no mask loads."""
     visible_2d = ((n >= lo) & (n < hi))[None, :]
     if CAUSAL:
         visible_2d = visible_2d & (n[None, :] <= offs_m[:, None] + (k_len - q_len))
+    if WINDOW:
+        visible_2d = visible_2d & in_window(n, offs_m + (k_len - q_len), window)
     return visible_2d
+
+
+@triton.jit
+def in_window(key_pos, query_pos, window):
+    """(BLOCK_M, BLOCK_N) sliding-window mask: key at position key_pos (BLOCK_N,) is within the
+    window of the query at query_pos (BLOCK_M,) iff query_pos - key_pos < window (transformers'
+    sliding window; the prefix keys sit at positions 0..P-1 before the real keys, as in PEFT's cache)."""
+    return (query_pos[:, None] - key_pos[None, :]) < window
 
 
 @triton.jit
 def real_keys_visible(
     KEY_PADDING_MASK, b, stride_mb, stride_mn, n, n_valid, offs_m, q_len, k_len,
-    HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr,
+    HAS_KPM: tl.constexpr, CAUSAL: tl.constexpr, window=0, WINDOW: tl.constexpr = False,
 ):
     """(BLOCK_M, BLOCK_N)-broadcastable mask: real key n is visible to query offs_m
-    (in range, not padded in the (B, Sk) key padding mask KEY_PADDING_MASK, and with CAUSAL at most
-    offs_m + Sk - Sq)."""
+    (in range, not padded in the (B, Sk) key padding mask KEY_PADDING_MASK, with CAUSAL at most
+    offs_m + Sk - Sq, with WINDOW within ``window`` of it)."""
     visible = n_valid
     if HAS_KPM:
         attend = tl.load(KEY_PADDING_MASK + b * stride_mb + n.to(tl.int64) * stride_mn, mask=n_valid, other=0)
@@ -182,6 +194,8 @@ def real_keys_visible(
     visible_2d = visible[None, :]
     if CAUSAL:
         visible_2d = visible_2d & (n[None, :] <= offs_m[:, None] + (k_len - q_len))
+    if WINDOW:
+        visible_2d = visible_2d & in_window(n, offs_m + (k_len - q_len), window)
     return visible_2d
 
 

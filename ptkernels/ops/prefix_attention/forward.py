@@ -27,6 +27,7 @@ from .common import (
     dropout_keep,
     dropout_row_width,
     example_prefix,
+    in_window,
     key_bounds,
     load_full_tile,
     load_tile,
@@ -123,10 +124,11 @@ def _prefix_attention_fwd_kernel(
     stride_ob, stride_oh, stride_om,
     num_q_heads, q_len, k_len, prefix_len, head_dim, entry_step, stat_rows,
     qk_scale_log2, dropout_threshold, dropout_scale, seed,
-    prefix_dropout_threshold, prefix_dropout_scale, prefix_seed, softcap_in, softcap_out,
+    prefix_dropout_threshold, prefix_dropout_scale, prefix_seed, softcap_in, softcap_out, window,
     GROUP: tl.constexpr,
     VARLEN: tl.constexpr,
     SOFTCAP: tl.constexpr,
+    WINDOW: tl.constexpr,
     HAS_SINKS: tl.constexpr,
     CAUSAL: tl.constexpr,
     HAS_KPM: tl.constexpr,
@@ -150,6 +152,9 @@ def _prefix_attention_fwd_kernel(
     PREFIX_LENGTHS[entry] keys (HAS_LENGTHS), with P-Tuning v2's prefix dropout applied to each
     loaded tile (PREFIX_DROPOUT). SOFTCAP: Gemma 2's logit softcapping (``log2_scores``);
     HAS_SINKS: SINKS (Hq,) per-head sink logits in every row's normaliser (LSE includes them).
+    WINDOW (with CAUSAL): a sliding window of ``window`` positions, the prefix at positions 0..P-1 in
+    front of the real keys (PEFT's cache): query i (position P + Sk - Sq + i) sees key position t
+    iff its position - t < window.
 
     VARLEN (packed sequences): "batch" b is sequence b, whose queries are rows CU_SEQLENS_Q[b]..
     CU_SEQLENS_Q[b + 1] of Q (total_q, Hq, D) (batch strides 0, row stride Hq * D) and keys rows
@@ -193,6 +198,8 @@ def _prefix_attention_fwd_kernel(
         pv_base = PREFIX_V + entry * stride_pvb + kv_h * stride_pvh
         num_kv_heads = num_q_heads // GROUP
         prefix_full = (example_prefix_len // BLOCK_N) * BLOCK_N
+        if WINDOW:
+            prefix_full = 0
         for start_n in range(0, prefix_full, BLOCK_N):
             n = start_n + offs_n
             k = load_full_tile(pk_base, n, stride_pkn, offs_d, d_valid, EVEN_D, UPCAST)
@@ -205,8 +212,14 @@ def _prefix_attention_fwd_kernel(
             acc, m_i, l_i = _online_softmax_step_full(
                 acc, m_i, l_i, qk, v, qk_scale_log2, seed, row_lanes, start_n, dropout_threshold, dropout_scale,
                 softcap_in, softcap_out, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N, SOFTCAP)
-        if prefix_full < example_prefix_len:
-            n = prefix_full + offs_n
+        # The masked tiles: the last partial one; with WINDOW every tile from the first that the
+        # block's first query still sees (the prefix sits at positions 0..P-1, so it slides out).
+        masked_from = prefix_full
+        if WINDOW:
+            masked_from = tl.maximum(example_prefix_len + (k_len - q_len) + start_m - window + 1, 0)
+            masked_from = masked_from // BLOCK_N * BLOCK_N
+        for start_n in range(masked_from, example_prefix_len, BLOCK_N):
+            n = start_n + offs_n
             n_valid = n < example_prefix_len
             k = load_tile(pk_base, n, stride_pkn, offs_d, n_valid, d_valid, UPCAST)
             v = load_tile(pv_base, n, stride_pvn, offs_d, n_valid, d_valid, UPCAST)
@@ -216,9 +229,12 @@ def _prefix_attention_fwd_kernel(
                                  prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT, BLOCK_N, BLOCK_D)
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
             s = log2_scores(qk, qk_scale_log2, softcap_in, softcap_out, SOFTCAP)
-            s = tl.where(n_valid[None, :], s, float("-inf"))
+            visible_2d = n_valid[None, :]
+            if WINDOW:
+                visible_2d = visible_2d & in_window(n, offs_m + (k_len - q_len) + example_prefix_len, window)
+            s = tl.where(visible_2d, s, float("-inf"))
             acc, m_i, l_i = _online_softmax_step(
-                acc, m_i, l_i, s, v, seed, row_lanes, prefix_full, dropout_threshold, dropout_scale, DROPOUT,
+                acc, m_i, l_i, s, v, seed, row_lanes, start_n, dropout_threshold, dropout_scale, DROPOUT,
                 DOT_PRECISION, BLOCK_M, BLOCK_N)
 
     # Loop 2: real keys, up to the causal bound of this query block. When the attended keys are one
@@ -237,14 +253,18 @@ def _prefix_attention_fwd_kernel(
         if CAUSAL:
             full_end = tl.minimum(hi_b, start_m + (k_len - q_len) + 1)
         full_lo = tl.cdiv(lo_b, BLOCK_N) * BLOCK_N
+        first_lo = lo_b
+        if WINDOW:  # keys every query of the block has in its window start later; the first query's earlier
+            full_lo = tl.cdiv(tl.maximum(lo_b, start_m + BLOCK_M + (k_len - q_len) - window), BLOCK_N) * BLOCK_N
+            first_lo = tl.maximum(lo_b, start_m + (k_len - q_len) - window + 1)
         full_hi = tl.maximum(tl.maximum(full_end, 0) // BLOCK_N * BLOCK_N, full_lo)
         edge_hi = tl.minimum(hi, hi_b)
-        for start_n in range(lo_b // BLOCK_N * BLOCK_N, tl.minimum(full_lo, edge_hi), BLOCK_N):
+        for start_n in range(first_lo // BLOCK_N * BLOCK_N, tl.minimum(full_lo, edge_hi), BLOCK_N):
             n = start_n + offs_n
             n_valid = n < hi_b
             k = load_tile(k_base, n, stride_kn, offs_d, n_valid, d_valid, UPCAST)
             v = load_tile(v_base, n, stride_vn, offs_d, n_valid, d_valid, UPCAST)
-            visible_2d = bounded_keys_visible(n, lo_b, hi_b, offs_m, q_len, k_len, CAUSAL)
+            visible_2d = bounded_keys_visible(n, lo_b, hi_b, offs_m, q_len, k_len, CAUSAL, window, WINDOW)
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
             s = log2_scores(qk, qk_scale_log2, softcap_in, softcap_out, SOFTCAP)
             s = tl.where(visible_2d, s, float("-inf"))
@@ -264,7 +284,7 @@ def _prefix_attention_fwd_kernel(
             n_valid = n < hi_b
             k = load_tile(k_base, n, stride_kn, offs_d, n_valid, d_valid, UPCAST)
             v = load_tile(v_base, n, stride_vn, offs_d, n_valid, d_valid, UPCAST)
-            visible_2d = bounded_keys_visible(n, lo_b, hi_b, offs_m, q_len, k_len, CAUSAL)
+            visible_2d = bounded_keys_visible(n, lo_b, hi_b, offs_m, q_len, k_len, CAUSAL, window, WINDOW)
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
             s = log2_scores(qk, qk_scale_log2, softcap_in, softcap_out, SOFTCAP)
             s = tl.where(visible_2d, s, float("-inf"))
@@ -272,13 +292,16 @@ def _prefix_attention_fwd_kernel(
                 acc, m_i, l_i, s, v, seed, row_lanes, real_lane + start_n, dropout_threshold, dropout_scale, DROPOUT,
                 DOT_PRECISION, BLOCK_M, BLOCK_N)
     else:
-        for start_n in range(0, hi, BLOCK_N):
+        first_key = 0
+        if WINDOW:
+            first_key = tl.maximum(start_m + (k_len - q_len) - window + 1, 0) // BLOCK_N * BLOCK_N
+        for start_n in range(first_key, hi, BLOCK_N):
             n = start_n + offs_n
             n_valid = n < k_len
             k = load_tile(k_base, n, stride_kn, offs_d, n_valid, d_valid, UPCAST)
             v = load_tile(v_base, n, stride_vn, offs_d, n_valid, d_valid, UPCAST)
             visible_2d = real_keys_visible(KEY_PADDING_MASK, b, stride_mb, stride_mn, n, n_valid, offs_m, q_len,
-                                           k_len, HAS_KPM, CAUSAL)
+                                           k_len, HAS_KPM, CAUSAL, window, WINDOW)
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
             s = log2_scores(qk, qk_scale_log2, softcap_in, softcap_out, SOFTCAP)
             s = tl.where(visible_2d, s, float("-inf"))
@@ -347,7 +370,7 @@ def prefix_attention_forward(
     key_padding_mask: Optional[Tensor], causal: bool, scale: float, dropout_p: float, seed: int,
     prefix_index: Optional[Tensor] = None, prefix_lengths: Optional[Tensor] = None,
     prefix_dropout_p: float = 0.0, prefix_seed: int = 0, softcap: float = 0.0, sinks: Optional[Tensor] = None,
-    *, varlen: Optional[Varlen] = None, limits: Optional[DeviceLimits] = None, launcher: Launcher = launch_kernel,
+    window: int = 0, *, varlen: Optional[Varlen] = None, limits: Optional[DeviceLimits] = None, launcher: Launcher = launch_kernel,
 ) -> tuple[Tensor, Tensor]:
     """Launch the forward kernel. Inputs must have a unit last stride (checked by the caller).
 
@@ -357,7 +380,8 @@ def prefix_attention_forward(
             (P may be 0); prefix_lengths: int32 (A,) / (B,) / (1,) or None; key_padding_mask: (B, Sk) bool or None.
         scale: the softmax scale; dropout_p, seed: attention dropout and its philox seed;
         prefix_dropout_p, prefix_seed: the prefix dropout and its philox seed.
-        softcap: logit softcapping (0: off); sinks: (Hq,) float32 per-head sink logits or None.
+        softcap: logit softcapping (0: off); sinks: (Hq,) float32 per-head sink logits or None;
+        window: causal sliding window (0: off).
         varlen: packed sequences: q (total_q, Hq, D), k, v (total_k, Hkv, D), "batch" = sequences
             (key_padding_mask must be None); out is (total_q, Hq, D) and lse (1, Hq, total_q).
         limits: the device's limits (default: those of q's device); launcher: runs each kernel
@@ -400,10 +424,11 @@ def prefix_attention_forward(
             *qkv_strides(out, varlen),
             q_heads, q_len, k_len, prefix_len, head_dim, entry_step(prefix_k, prefix_index), stat_rows,
             scale * LOG2_E, *dropout_threshold(dropout_p), seed,
-            *dropout_threshold(prefix_dropout_p), prefix_seed, *softcap_args(scale, softcap),
+            *dropout_threshold(prefix_dropout_p), prefix_seed, *softcap_args(scale, softcap), window,
             GROUP=q_heads // kv_heads,
             VARLEN=varlen is not None,
             SOFTCAP=softcap > 0.0,
+            WINDOW=window > 0,
             HAS_SINKS=sinks is not None,
             CAUSAL=causal,
             HAS_KPM=key_padding_mask is not None,
@@ -423,7 +448,7 @@ def prefix_attention_forward(
     if autotune_requested(limits) and launcher is launch_kernel:
         key = ("fwd", str(q.device), q.dtype, head_dim, q_heads // kv_heads, causal, kpm is None, prefix_len > 0,
                dropout_p > 0.0, prefix_index is None, prefix_lengths is None, prefix_dropout_p > 0.0,
-               varlen is None, softcap > 0.0, sinks is None, shape_bucket(q_len), shape_bucket(prefix_len + k_len))
+               varlen is None, softcap > 0.0, sinks is None, window > 0, shape_bucket(q_len), shape_bucket(prefix_len + k_len))
         configs = gpu_forward_configs(head_dim, q.dtype, limits.max_shared_memory, dropout_p > 0.0)
         cfg = tuned_config(key, configs, lambda c: triton.testing.do_bench(lambda: run(c), warmup=5, rep=20))
     run(cfg)

@@ -23,19 +23,20 @@ def prefix_attention_fwd_op(
     q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor,
     key_padding_mask: Optional[Tensor], causal: bool, scale: float, dropout_p: float, seed: int,
     prefix_index: Optional[Tensor], prefix_lengths: Optional[Tensor], prefix_dropout_p: float, prefix_seed: int,
-    softcap: float, sinks: Optional[Tensor],
+    softcap: float, sinks: Optional[Tensor], window: int,
 ) -> tuple[Tensor, Tensor]:
     """q (B, Hq, Sq, D), k, v (B, Hkv, Sk, D), prefix_k, prefix_v (Hkv, P, D), (B, Hkv, P, D) or a
     bank (A, Hkv, P, D) with prefix_index (B,) int32, prefix_lengths int32 (A,) / (B,) / (1,) or None,
     key_padding_mask (B, Sk) bool or None, all with a unit last stride; softcap (0: off), sinks (Hq,)
-    float32 or None -> out (B, Hq, Sq, D) and lse (B, Hq, Sq) float32 (log2 domain, for the backward)."""
+    float32 or None, window (0: off) -> out (B, Hq, Sq, D) and lse (B, Hq, Sq) float32 (log2 domain,
+    for the backward)."""
     return prefix_attention_forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, dropout_p, seed,
-                                    prefix_index, prefix_lengths, prefix_dropout_p, prefix_seed, softcap, sinks)
+                                    prefix_index, prefix_lengths, prefix_dropout_p, prefix_seed, softcap, sinks, window)
 
 
 @prefix_attention_fwd_op.register_fake
 def _(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, dropout_p, seed, prefix_index, prefix_lengths,
-      prefix_dropout_p, prefix_seed, softcap, sinks):
+      prefix_dropout_p, prefix_seed, softcap, sinks, window):
     return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
@@ -45,20 +46,20 @@ def prefix_attention_bwd_op(
     key_padding_mask: Optional[Tensor], out: Tensor, lse: Tensor,
     causal: bool, scale: float, dropout_p: float, seed: int,
     prefix_index: Optional[Tensor], prefix_lengths: Optional[Tensor], prefix_dropout_p: float, prefix_seed: int,
-    softcap: float, sinks: Optional[Tensor],
+    softcap: float, sinks: Optional[Tensor], window: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """grad_out, out (B, Hq, Sq, D), lse (B, Hq, Sq) and the forward's inputs -> dq, dk, dv, dprefix_k,
     dprefix_v, each shaped like its input, and dsinks (Hq,) float32 ((0,) without sinks)."""
     *grads, dsinks = prefix_attention_backward(
         grad_out, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, causal, scale, dropout_p, seed,
-        prefix_index, prefix_lengths, prefix_dropout_p, prefix_seed, softcap, sinks,
+        prefix_index, prefix_lengths, prefix_dropout_p, prefix_seed, softcap, sinks, window,
     )
     return (*grads, q.new_zeros(0, dtype=torch.float32) if dsinks is None else dsinks)
 
 
 @prefix_attention_bwd_op.register_fake
 def _(grad_out, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, causal, scale, dropout_p, seed,
-      prefix_index, prefix_lengths, prefix_dropout_p, prefix_seed, softcap, sinks):
+      prefix_index, prefix_lengths, prefix_dropout_p, prefix_seed, softcap, sinks, window):
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
             torch.empty_like(prefix_k), torch.empty_like(prefix_v),
             q.new_empty(0 if sinks is None else sinks.shape[0], dtype=torch.float32))
@@ -66,12 +67,12 @@ def _(grad_out, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, causal,
 
 def _setup_context(ctx, inputs, output):
     (q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, dropout_p, seed,
-     prefix_index, prefix_lengths, prefix_dropout_p, prefix_seed, softcap, sinks) = inputs
+     prefix_index, prefix_lengths, prefix_dropout_p, prefix_seed, softcap, sinks, window) = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, prefix_index, prefix_lengths,
                           sinks)
     ctx.causal, ctx.scale, ctx.dropout_p, ctx.seed = causal, scale, dropout_p, seed
-    ctx.prefix_dropout_p, ctx.prefix_seed, ctx.softcap = prefix_dropout_p, prefix_seed, softcap
+    ctx.prefix_dropout_p, ctx.prefix_seed, ctx.softcap, ctx.window = prefix_dropout_p, prefix_seed, softcap, window
     ctx.mark_non_differentiable(lse)
 
 
@@ -80,9 +81,9 @@ def _backward(ctx, grad_out, grad_lse):
     dq, dk, dv, dpk, dpv, dsinks = prefix_attention_bwd_op(
         unit_last_stride(grad_out), q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse,
         ctx.causal, ctx.scale, ctx.dropout_p, ctx.seed, prefix_index, prefix_lengths, ctx.prefix_dropout_p,
-        ctx.prefix_seed, ctx.softcap, sinks,
+        ctx.prefix_seed, ctx.softcap, sinks, ctx.window,
     )
-    return (dq, dk, dv, dpk, dpv) + (None,) * 10 + (None if sinks is None else dsinks,)
+    return (dq, dk, dv, dpk, dpv) + (None,) * 10 + (None if sinks is None else dsinks, None)
 
 
 prefix_attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -97,7 +98,7 @@ def prefix_attention_triton(
     q: Tensor, k: Tensor, v: Tensor, prefix_k: Optional[Tensor], prefix_v: Optional[Tensor], *,
     key_padding_mask: Optional[Tensor], causal: bool, scale: float, dropout_p: float,
     prefix_index: Optional[Tensor] = None, prefix_lengths: Optional[Tensor] = None, prefix_dropout_p: float = 0.0,
-    softcap: Optional[float] = None, sinks: Optional[Tensor] = None,
+    softcap: Optional[float] = None, sinks: Optional[Tensor] = None, window: Optional[int] = None,
 ) -> Tensor:
     """Triton path of ``prefix_attention`` (arguments already checked).
 
@@ -122,6 +123,7 @@ def prefix_attention_triton(
         key_padding_mask, causal, scale, dropout_p, seed,
         as_int32(prefix_index), as_int32(prefix_lengths), prefix_dropout_p, prefix_seed,
         0.0 if softcap is None else softcap, None if sinks is None else sinks.float().contiguous(),
+        0 if window is None else int(window),
     )
     return out
 

@@ -18,7 +18,7 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 def check_prefix_attention_args(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, dropout_p,
                                 prefix_index=None, prefix_lengths=None, prefix_dropout_p=0.0, softcap=None,
-                                sinks=None) -> None:
+                                sinks=None, window=None) -> None:
     """Raise ValueError/TypeError naming the argument for anything the op does not define."""
     check_tensor("q", q, (4,))
     check_tensor("k", k, (4,))
@@ -69,6 +69,11 @@ def check_prefix_attention_args(q, k, v, prefix_k, prefix_v, key_padding_mask, c
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
     check_softcap_and_sinks(softcap, sinks, q_heads, q.device)
+    if window is not None:
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ValueError(f"window must be a positive int or None, got {window!r}")
+        if not causal:
+            raise ValueError("window (a sliding window) needs causal=True: transformers' sliding windows are causal")
 
 
 def check_softcap_and_sinks(softcap, sinks, q_heads: int, device) -> None:
@@ -228,6 +233,7 @@ def prefix_attention(
     prefix_dropout_p: float = 0.0,
     softcap: Optional[float] = None,
     sinks: Optional[Tensor] = None,
+    window: Optional[int] = None,
     backend: str = "auto",
 ) -> Tensor:
     """Attention over [prefix keys; real keys], with the prefix read from its own tensor.
@@ -261,6 +267,10 @@ def prefix_attention(
             after the scale, before the mask. None: off.
         sinks: (Hq,) float tensor or None: per-head sink logits (gpt-oss), one more logit in every
             row's softmax whose probability is dropped; differentiable.
+        window: a causal sliding window (transformers' ``sliding_window``; needs causal=True), with
+            the prefix at the positions before the real keys as in PEFT's cache: query i of example b
+            (position P_b + Sk - Sq + i, P_b its prefix length) sees prefix key n iff its position - n <
+            window and real key j iff i + Sk - Sq - j < window (so the prefix slides out of long windows).
         backend: "auto" (Triton for CUDA tensors, the fast PyTorch path otherwise), "triton",
             "torch" (the fast PyTorch path: scaled_dot_product_attention, any device, float64
             included) or "reference" (the readable oracle). "triton" on CPU tensors runs Triton's
@@ -270,12 +280,12 @@ def prefix_attention(
     """
     q, k, v, prefix_k, prefix_v = autocast_inputs(q, k, v, prefix_k, prefix_v)
     check_prefix_attention_args(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, dropout_p,
-                                prefix_index, prefix_lengths, prefix_dropout_p, softcap, sinks)
+                                prefix_index, prefix_lengths, prefix_dropout_p, softcap, sinks, window)
     chosen = resolve_backend(backend, q.device)
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     dropout_p = float(dropout_p)
     bank = dict(prefix_index=prefix_index, prefix_lengths=prefix_lengths, prefix_dropout_p=float(prefix_dropout_p),
-                softcap=None if softcap is None else float(softcap), sinks=sinks)
+                softcap=None if softcap is None else float(softcap), sinks=sinks, window=window)
     if chosen == "torch":
         return prefix_attention_torch(
             q, k, v, prefix_k, prefix_v,

@@ -40,12 +40,16 @@ def visible_keys_mask(
     causal: bool,
     device: torch.device,
     prefix_visible: Optional[Tensor] = None,
+    window: Optional[int] = None,
 ) -> Tensor:
     """Which keys each query may see, over the concatenated keys [prefix; real].
 
     Returns a bool tensor of shape (B, 1, Sq, P + Sk): prefix key n is visible iff
     prefix_visible[b, n] ((B, P) bool; None: always); real key j is visible to query i iff
     key_padding_mask[b, j] (when given) and, when causal, j <= i + (Sk - Sq) (bottom-right aligned).
+    window: a sliding window over positions, the prefix at 0..P_b-1 and real key j at P_b + j (P_b:
+    the example's visible prefix length), query i at P_b + Sk - Sq + i: a key is visible only if the
+    query's position minus its position is < window.
     """
     real = torch.ones(batch, 1, q_len, k_len, dtype=torch.bool, device=device)
     if key_padding_mask is not None:
@@ -57,6 +61,12 @@ def visible_keys_mask(
     prefix = torch.ones(batch, 1, q_len, prefix_len, dtype=torch.bool, device=device)
     if prefix_visible is not None:
         prefix = prefix & prefix_visible[:, None, None, :]
+    if window is not None:
+        i = torch.arange(q_len, device=device)[:, None]
+        real = real & (i + (k_len - q_len) - torch.arange(k_len, device=device)[None, :] < window)
+        own = prefix.sum(-1, keepdim=True)[:, :, :1] if prefix_visible is not None else prefix_len  # P_b
+        query_pos = i + (k_len - q_len) + own  # (Sq, 1) or (B, 1, Sq, 1)
+        prefix = prefix & (query_pos - torch.arange(prefix_len, device=device) < window)
     return torch.cat([prefix, real], dim=-1)
 
 
@@ -78,6 +88,7 @@ def prefix_attention_reference(
     prefix_dropout_keep_mask: Optional[Tensor] = None,
     softcap: Optional[float] = None,
     sinks: Optional[Tensor] = None,
+    window: Optional[int] = None,
     upcast: bool = True,
 ) -> Tensor:
     """softmax(q [prefix_k; k]^T * scale + mask) [prefix_v; v], computed the obvious way.
@@ -103,6 +114,8 @@ def prefix_attention_reference(
             after the scale and before the mask
         sinks: (Hq,) per-head sink logits (gpt-oss): one more logit in each row's softmax, whose
             probability is dropped (it takes weight from the keys and attends to nothing)
+        window: causal sliding window (transformers' sliding_window), the prefix counted as the
+            positions before the real keys (PEFT's cache): see ``visible_keys_mask``
         upcast: compute in fp32 (True, the oracle) or in the inputs' dtype (the "PyTorch in the same
             precision" baseline of the FlashAttention error rule)
     Returns:
@@ -142,7 +155,8 @@ def prefix_attention_reference(
     scores = torch.matmul(q.to(compute_dtype), keys.transpose(-1, -2)) * scale
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
-    visible = visible_keys_mask(batch, q_len, prefix_len, k_len, key_padding_mask, causal, q.device, prefix_visible)
+    visible = visible_keys_mask(batch, q_len, prefix_len, k_len, key_padding_mask, causal, q.device, prefix_visible,
+                                window)
     scores = scores.masked_fill(~visible, float("-inf"))
     if sinks is not None:  # the sink logit as one more column, dropped after the softmax
         sink_column = sinks.to(compute_dtype).view(1, q_heads, 1, 1).expand(batch, q_heads, q_len, 1)

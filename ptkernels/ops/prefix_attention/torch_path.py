@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention.bias import causal_lower_right
 
-from .reference import example_prefix_lengths, prefix_attention_reference, select_prefix
+from .reference import example_prefix_lengths, prefix_attention_reference, select_prefix, visible_keys_mask
 
 
 def join_prefix(prefix: Optional[Tensor], real: Tensor) -> Tensor:
@@ -63,6 +63,7 @@ def prefix_attention_torch(
     prefix_dropout_p: float = 0.0,
     softcap: Optional[float] = None,
     sinks: Optional[Tensor] = None,
+    window: Optional[int] = None,
 ) -> Tensor:
     """Fast PyTorch prefix attention (arguments already checked by the interface).
 
@@ -81,6 +82,8 @@ def prefix_attention_torch(
             then the attention dropout's.
         softcap, sinks: logit softcapping and per-head (Hq,) sink logits; SDPA has neither, so with
             either the maths is written out (as for CPU dropout: no repeat_kv, bool mask only).
+        window: causal sliding window, the prefix at the positions before the real keys: a dense
+            (B, 1, Sq, P + Sk) bool mask (the reference's ``visible_keys_mask``).
     Returns:
         out: (B, Hq, Sq, D) in q's dtype.
     """
@@ -100,7 +103,7 @@ def prefix_attention_torch(
     gqa = q_heads != kv_heads
     written_out = (dropout_p > 0.0 and q.device.type == "cpu") or softcap is not None or sinks is not None
 
-    if key_padding_mask is None and lengths is None and not written_out:
+    if key_padding_mask is None and lengths is None and window is None and not written_out:
         if not causal:
             mask = None
         elif q_len == total:  # Sq = P + Sk: bottom-right is top-left
@@ -119,7 +122,13 @@ def prefix_attention_torch(
         j = torch.arange(k_len, device=q.device)[None, :]
         visible = j <= i + (k_len - q_len)  # (Sq, Sk)
         mask = visible if mask is None else mask & visible  # (B, 1, Sq, Sk) or (Sq, Sk)
-    if lengths is not None:  # the prefix keys each example sees: (B, 1, 1, P)
+    if window is not None:  # the window cuts every row differently: one dense (B, 1, Sq, P + Sk) mask
+        prefix_visible = None
+        if lengths is not None:
+            prefix_visible = torch.arange(prefix_len, device=q.device) < lengths.to(q.device)[:, None]
+        mask = visible_keys_mask(batch, q_len, prefix_len, k_len, key_padding_mask, causal, q.device, prefix_visible,
+                                 window)
+    elif lengths is not None:  # the prefix keys each example sees: (B, 1, 1, P)
         prefix_visible = (torch.arange(prefix_len, device=q.device) < lengths.to(q.device)[:, None])[:, None, None, :]
         if mask is None:
             mask = F.pad(prefix_visible, (0, k_len), value=True)  # (B, 1, 1, P + Sk)
@@ -130,7 +139,7 @@ def prefix_attention_torch(
     elif mask is not None and prefix_len:
         mask = F.pad(mask, (prefix_len, 0), value=True)  # (..., P + Sk)
     dead = None
-    if mask is not None and sinks is None and (prefix_len == 0 or lengths is not None):
+    if mask is not None and sinks is None and (prefix_len == 0 or lengths is not None or window is not None):
         # rows that see no key: open them for SDPA, zero them after (a sink keeps such rows finite)
         dead = ~mask.any(dim=-1, keepdim=True)  # (B, 1, 1 or Sq, 1)
         if q.device.type == "cpu" and not torch.compiler.is_compiling() and not bool(dead.any()):
