@@ -34,16 +34,18 @@ class VerifyCase:
     Sk: int
     P: int
     D: int
-    prefix: str  # "none" | "shared" | "per_example"
+    prefix: str  # "none" | "shared" | "per_example" | "bank" (3 entries of lengths P, P/2, 1 read by index)
     padding: str  # "none" | "random" | "one" (every example keeps a single real key)
     causal: bool
+    features: tuple = ()  # of "softcap" (2.0), "sinks" (per-head sink logits), "window" (a sliding window of 7)
 
     @property
     def name(self) -> str:
         heads = f"H{self.Hq}" if self.Hq == self.Hkv else f"H{self.Hq}/{self.Hkv}"
         seq = f"S{self.Sq}" if self.Sq == self.Sk else f"S{self.Sq}x{self.Sk}"
-        prefix = "P0" if self.prefix == "none" else f"P{self.P}{'s' if self.prefix == 'shared' else 'b'}"
-        parts = [f"B{self.B}", heads, seq, prefix, f"D{self.D}"]
+        kind = {"shared": "s", "per_example": "b", "bank": "bank"}.get(self.prefix, "")
+        prefix = "P0" if self.prefix == "none" else f"P{self.P}{kind}"
+        parts = [f"B{self.B}", heads, seq, prefix, f"D{self.D}"] + list(self.features)
         if self.padding != "none":
             parts.append(f"pad:{self.padding}")
         if self.causal:
@@ -59,6 +61,8 @@ _SMALL = [
     VerifyCase(1, 2, 2, 5, 19, 8, 40, "shared", "none", True),
     VerifyCase(2, 2, 1, 1, 1, 1, 16, "shared", "one", False),
     VerifyCase(2, 4, 1, 33, 33, 16, 32, "per_example", "random", True),
+    VerifyCase(3, 4, 2, 17, 17, 9, 16, "bank", "random", True),
+    VerifyCase(2, 4, 2, 19, 19, 5, 16, "shared", "random", True, ("softcap", "sinks", "window")),
 ]
 
 

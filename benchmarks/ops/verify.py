@@ -70,6 +70,10 @@ def _attention_inputs(case: VerifyCase, seed: int):
         x["prefix_k"], x["prefix_v"] = r(case.Hkv, case.P, case.D), r(case.Hkv, case.P, case.D)
     elif case.prefix == "per_example":
         x["prefix_k"], x["prefix_v"] = r(case.B, case.Hkv, case.P, case.D), r(case.B, case.Hkv, case.P, case.D)
+    elif case.prefix == "bank":
+        x["prefix_k"], x["prefix_v"] = r(3, case.Hkv, case.P, case.D), r(3, case.Hkv, case.P, case.D)
+    if "sinks" in case.features:
+        x["sinks"] = r(case.Hq)
     kpm = None
     if case.padding == "random":
         lengths = torch.randint(1, case.Sk + 1, (case.B,), generator=g)
@@ -78,13 +82,23 @@ def _attention_inputs(case: VerifyCase, seed: int):
         pos = torch.randint(0, case.Sk, (case.B,), generator=g)
         kpm = torch.arange(case.Sk)[None, :] == pos[:, None]
     grad_out = r(case.B, case.Hq, case.Sq, case.D)
-    return x, kpm, grad_out
+    options = {}  # the non-differentiable arguments of the case's features
+    if case.prefix == "bank":
+        options["prefix_index"] = torch.randint(0, 3, (case.B,), generator=g)
+        options["prefix_lengths"] = torch.tensor([case.P, case.P // 2, 1])
+    if "softcap" in case.features:
+        options["softcap"] = 2.0
+    if "window" in case.features:
+        options["window"] = 7
+    return x, kpm, grad_out, options
 
 
-def _run_attention(fn, x: dict, kpm, grad_out, dtype, device, causal):
+def _run_attention(fn, x: dict, kpm, grad_out, dtype, device, causal, options=None):
     leaves = {n: t.detach().to(device=device, dtype=dtype).requires_grad_(True) for n, t in x.items()}
+    options = {n: t.to(device) if isinstance(t, torch.Tensor) else t for n, t in (options or {}).items()}
     out = fn(leaves["q"], leaves["k"], leaves["v"], leaves.get("prefix_k"), leaves.get("prefix_v"),
-             key_padding_mask=None if kpm is None else kpm.to(device), causal=causal)
+             key_padding_mask=None if kpm is None else kpm.to(device), causal=causal, sinks=leaves.get("sinks"),
+             **options)
     grads = torch.autograd.grad(out, list(leaves.values()), grad_out.to(device=device, dtype=dtype))
     return out.detach(), {n: gr for n, gr in zip(leaves, grads)}
 
@@ -94,22 +108,22 @@ def check_prefix_attention(case: VerifyCase, backend: str, dtype: torch.dtype, d
     from ptkernels import prefix_attention
     from ptkernels.ops.prefix_attention.reference import prefix_attention_reference
 
-    x, kpm, grad_out = _attention_inputs(case, seed)
+    x, kpm, grad_out, options = _attention_inputs(case, seed)
     # The fp64 oracle sees exactly the values the kernel sees (rounded to dtype first).
     x_rounded = {n: t.to(dtype).to(torch.float64) for n, t in x.items()}
     ref_out, ref_grads = _run_attention(prefix_attention_reference, x_rounded, kpm, grad_out.to(dtype).double(),
-                                        torch.float64, device, case.causal)
+                                        torch.float64, device, case.causal, options)
     base_out, base_grads = None, {}
     if dtype not in (torch.float32, torch.float64):
         def lowp(*a, **kw):
             return prefix_attention_reference(*a, upcast=False, **kw)
 
-        base_out, base_grads = _run_attention(lowp, x, kpm, grad_out, dtype, device, case.causal)
+        base_out, base_grads = _run_attention(lowp, x, kpm, grad_out, dtype, device, case.causal, options)
 
     def kernel(*a, **kw):
         return prefix_attention(*a, backend=backend, **kw)
 
-    out, grads = _run_attention(kernel, x, kpm, grad_out, dtype, device, case.causal)
+    out, grads = _run_attention(kernel, x, kpm, grad_out, dtype, device, case.causal, options)
     if inject_error:  # hidden --inject-error: proves a wrong kernel makes verify fail
         out = out.clone()
         out.view(-1)[0] += 0.5
