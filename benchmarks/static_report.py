@@ -1,8 +1,8 @@
 """Static cost report of the prefix-attention kernels, without a GPU.
 
 Every kernel variant the launchers choose for fp16 and bf16 at head dims 64 and 128, over the
-feature sets in ``FEATURE_SETS`` ("prefix", "per_example_prefix", "causal", "padding", "dropout",
-"gqa"), is compiled ahead of time for one target (``--arch sm_90`` by default) through the real
+feature sets in ``FEATURE_SETS`` (see ``FEATURES``: the prefix kinds, banks with lengths and prefix
+dropout, packed sequences, softcap / sinks / sliding window, causal, padding, dropout, GQA), is compiled ahead of time for one target (``--arch sm_90`` by default) through the real
 launchers (``benchmarks/aot_check.py``), down to SASS with the cuobjdump that ships inside the triton
 wheel. For each distinct compiled kernel it records one JSON object with exactly these keys:
 
@@ -61,7 +61,8 @@ if ROOT not in sys.path:
 
 from benchmarks import aot_check  # noqa: E402
 
-FEATURES = ("prefix", "per_example_prefix", "causal", "padding", "dropout", "gqa")
+FEATURES = ("prefix", "per_example_prefix", "bank", "lengths", "prefix_dropout", "varlen", "softcap", "sinks", "window",
+            "causal", "padding", "dropout", "gqa")
 FEATURE_SETS = (
     (),
     ("prefix",),
@@ -72,6 +73,9 @@ FEATURE_SETS = (
     ("prefix", "gqa"),
     ("prefix", "causal", "padding", "dropout", "gqa"),
     ("per_example_prefix", "causal", "padding", "dropout"),
+    ("bank", "lengths", "prefix_dropout", "causal", "gqa"),  # several adapters in one batch, P-Tuning v2's dropout
+    ("prefix", "varlen", "causal", "gqa"),  # packed sequences
+    ("prefix", "softcap", "sinks", "window", "causal", "padding"),  # Gemma 2 / gpt-oss attention
 )
 QUICK_FEATURE_SETS = (("prefix",), ("prefix", "causal", "padding", "dropout", "gqa"),
                       ("per_example_prefix", "causal", "padding", "dropout"))
@@ -95,9 +99,13 @@ _BRANCH = re.compile(r"\bBRA\b[^;]*?(0x[0-9a-f]+)")
 
 
 def case_for(dtype: str, head_dim: int, features: tuple) -> aot_check.Case:
-    prefix = "per_example" if "per_example_prefix" in features else "shared" if "prefix" in features else "none"
+    prefix = ("per_example" if "per_example_prefix" in features else "bank" if "bank" in features
+              else "shared" if "prefix" in features else "none")
     return aot_check.Case(DTYPES[dtype], head_dim, causal="causal" in features, kpm="padding" in features,
-                          prefix=prefix, dropout="dropout" in features, group=4 if "gqa" in features else 1)
+                          prefix=prefix, dropout="dropout" in features, group=4 if "gqa" in features else 1,
+                          lengths="lengths" in features, prefix_dropout="prefix_dropout" in features,
+                          varlen="varlen" in features, softcap="softcap" in features, sinks="sinks" in features,
+                          window="window" in features)
 
 
 def kind(kernel: str) -> Optional[str]:

@@ -34,6 +34,7 @@ from .common import (
     prefix_dropout_keep,
     tanh,
     program_coordinates,
+    query_rows,
     real_keys_visible,
     sequence_extent,
 )
@@ -143,15 +144,11 @@ def _prefix_attention_bwd_dq_kernel(
     b, h, start_m, offs_m = program_coordinates(q_len, num_q_heads, BLOCK_M)
     kv_h = h // GROUP
     row_width = dropout_row_width(prefix_len, k_len)
-    stat_base = (b * num_q_heads + h) * q_len
-    q_start = 0
-    k_start = 0
+    q_start, q_len, k_start, k_len, stat_base = query_rows(CU_SEQLENS_Q, CU_SEQLENS_K, b, h, num_q_heads, q_len,
+                                                           k_len, stat_rows, VARLEN)
     if VARLEN:
-        q_start, q_len = sequence_extent(CU_SEQLENS_Q, b)
-        k_start, k_len = sequence_extent(CU_SEQLENS_K, b)
-        if start_m >= q_len:
+        if start_m >= q_len:  # past this packed sequence's queries
             return
-        stat_base = h * stat_rows + q_start
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     m_valid = offs_m < q_len

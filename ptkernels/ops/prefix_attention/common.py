@@ -35,6 +35,22 @@ def sequence_extent(CU_SEQLENS, n):
 
 
 @triton.jit
+def query_rows(CU_SEQLENS_Q, CU_SEQLENS_K, b, h, num_q_heads, q_len, k_len, stat_rows, VARLEN: tl.constexpr):
+    """(q_start, q_len, k_start, k_len, stat_base) of (example b, query head h): its first query and key
+    rows, its query and key counts, and where its rows of LSE / delta start. Batched: starts 0, the
+    given lengths, (b * Hq + h) * Sq. VARLEN (b is a packed sequence): its rows and lengths from
+    cu_seqlens, and LSE laid out (Hq, total_q) with stat_rows = total_q."""
+    stat_base = (b * num_q_heads + h) * q_len
+    q_start = 0
+    k_start = 0
+    if VARLEN:
+        q_start, q_len = sequence_extent(CU_SEQLENS_Q, b)
+        k_start, k_len = sequence_extent(CU_SEQLENS_K, b)
+        stat_base = h * stat_rows + q_start
+    return q_start, q_len, k_start, k_len, stat_base
+
+
+@triton.jit
 def dropout_row_width(prefix_len, k_len):
     """Lanes per query row in the dropout numbering: the prefix keys, then the real keys, each run
     padded to a multiple of 8 so that every key tile starts on a philox counter."""

@@ -34,8 +34,8 @@ from .common import (
     log2_scores,
     prefix_dropout_keep,
     program_coordinates,
+    query_rows,
     real_keys_visible,
-    sequence_extent,
 )
 from .launch import (
     LOG2_E,
@@ -165,15 +165,12 @@ def _prefix_attention_fwd_kernel(
     b, h, start_m, offs_m = program_coordinates(q_len, num_q_heads, BLOCK_M)
     kv_h = h // GROUP
     row_width = dropout_row_width(prefix_len, k_len)  # from the max key length under VARLEN
-    stat_base = (b * num_q_heads + h) * q_len  # this program's rows of LSE: stat_base + offs_m
-    q_start = 0
-    k_start = 0
+    # this program's rows of LSE: stat_base + offs_m
+    q_start, q_len, k_start, k_len, stat_base = query_rows(CU_SEQLENS_Q, CU_SEQLENS_K, b, h, num_q_heads, q_len,
+                                                           k_len, stat_rows, VARLEN)
     if VARLEN:
-        q_start, q_len = sequence_extent(CU_SEQLENS_Q, b)
-        k_start, k_len = sequence_extent(CU_SEQLENS_K, b)
-        if start_m >= q_len:
+        if start_m >= q_len:  # past this packed sequence's queries
             return
-        stat_base = h * stat_rows + q_start
 
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)

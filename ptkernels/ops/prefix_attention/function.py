@@ -106,26 +106,35 @@ def prefix_attention_triton(
     (A, Hkv, P, D) with prefix_index (B,), or None; prefix_lengths (A,) / (B,) / (1,) or None;
     key_padding_mask: (B, Sk) bool or None. Returns out (B, Hq, Sq, D).
     """
-    if prefix_k is None:
-        empty = q.new_zeros(k.shape[1], 0, q.shape[-1])
-        prefix_k, prefix_v = empty, empty.clone()
     if key_padding_mask is not None and key_padding_mask.stride(-1) != 1:
         key_padding_mask = key_padding_mask.contiguous()
-    if prefix_k.shape[-2] == 0:
-        prefix_index = prefix_lengths = None
-        prefix_dropout_p = 0.0
-    # The prefix dropout's seed first, then the attention dropout's (as the torch path draws its masks).
-    prefix_seed = draw_dropout_seed() if prefix_dropout_p > 0.0 else 0
-    seed = draw_dropout_seed() if dropout_p > 0.0 else 0
+    prefix_k, prefix_v, bank, seed = _kernel_prefix_args(q, k, prefix_k, prefix_v, prefix_index, prefix_lengths,
+                                                         prefix_dropout_p, dropout_p)
     out, _ = prefix_attention_fwd_op(
-        unit_last_stride(q), unit_last_stride(k), unit_last_stride(v),
-        unit_last_stride(prefix_k), unit_last_stride(prefix_v),
-        key_padding_mask, causal, scale, dropout_p, seed,
-        as_int32(prefix_index), as_int32(prefix_lengths), prefix_dropout_p, prefix_seed,
+        unit_last_stride(q), unit_last_stride(k), unit_last_stride(v), prefix_k, prefix_v,
+        key_padding_mask, causal, scale, dropout_p, seed, *bank,
         0.0 if softcap is None else softcap, None if sinks is None else sinks.float().contiguous(),
         0 if window is None else int(window),
     )
     return out
+
+
+def _kernel_prefix_args(q, k, prefix_k, prefix_v, prefix_index, prefix_lengths, prefix_dropout_p, dropout_p):
+    """The prefix as the kernels take it, shared by the batched and the packed launches:
+    (prefix_k, prefix_v) with a unit last stride ((Hkv, 0, D) for no prefix), the bank arguments
+    (prefix_index int32, prefix_lengths int32, prefix_dropout_p, prefix_seed) (off when P = 0),
+    and the attention dropout's seed. The prefix dropout's seed is drawn first, then the attention
+    dropout's (as the fast PyTorch path draws its masks)."""
+    if prefix_k is None:
+        empty = q.new_zeros(k.shape[1], 0, q.shape[-1])  # k: (B, Hkv, Sk, D) or packed (total_k, Hkv, D)
+        prefix_k, prefix_v = empty, empty.clone()
+    if prefix_k.shape[-2] == 0:
+        prefix_index = prefix_lengths = None
+        prefix_dropout_p = 0.0
+    prefix_seed = draw_dropout_seed() if prefix_dropout_p > 0.0 else 0
+    seed = draw_dropout_seed() if dropout_p > 0.0 else 0
+    bank = (as_int32(prefix_index), as_int32(prefix_lengths), prefix_dropout_p, prefix_seed)
+    return unit_last_stride(prefix_k), unit_last_stride(prefix_v), bank, seed
 
 
 def as_int32(t: Optional[Tensor]) -> Optional[Tensor]:
@@ -217,19 +226,11 @@ def prefix_attention_varlen_triton(
     prefix_k, prefix_v: (Hkv, P, D) shared, (N, Hkv, P, D) per sequence, a bank (A, Hkv, P, D) with
     prefix_index (N,), or None; prefix_lengths (A,) / (N,) / (1,) or None. Returns (total_q, Hq, D).
     """
-    if prefix_k is None:
-        empty = q.new_zeros(k.shape[1], 0, q.shape[-1])
-        prefix_k, prefix_v = empty, empty.clone()
-    if prefix_k.shape[-2] == 0:
-        prefix_index = prefix_lengths = None
-        prefix_dropout_p = 0.0
-    prefix_seed = draw_dropout_seed() if prefix_dropout_p > 0.0 else 0
-    seed = draw_dropout_seed() if dropout_p > 0.0 else 0
+    prefix_k, prefix_v, bank, seed = _kernel_prefix_args(q, k, prefix_k, prefix_v, prefix_index, prefix_lengths,
+                                                         prefix_dropout_p, dropout_p)
     out, _ = prefix_attention_varlen_fwd_op(
-        unit_last_stride(q), unit_last_stride(k), unit_last_stride(v),
-        unit_last_stride(prefix_k), unit_last_stride(prefix_v),
+        unit_last_stride(q), unit_last_stride(k), unit_last_stride(v), prefix_k, prefix_v,
         as_int32(cu_seqlens_q), as_int32(cu_seqlens_k), int(max_seqlen_q), int(max_seqlen_k),
-        causal, scale, dropout_p, seed,
-        as_int32(prefix_index), as_int32(prefix_lengths), prefix_dropout_p, prefix_seed,
+        causal, scale, dropout_p, seed, *bank,
     )
     return out

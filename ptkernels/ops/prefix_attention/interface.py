@@ -20,19 +20,8 @@ def check_prefix_attention_args(q, k, v, prefix_k, prefix_v, key_padding_mask, c
                                 prefix_index=None, prefix_lengths=None, prefix_dropout_p=0.0, softcap=None,
                                 sinks=None, window=None) -> None:
     """Raise ValueError/TypeError naming the argument for anything the op does not define."""
-    check_tensor("q", q, (4,))
-    check_tensor("k", k, (4,))
-    check_tensor("v", v, (4,))
-    if q.dtype not in FLOAT_DTYPES + (torch.float64,):
-        raise TypeError(f"q must be float16, bfloat16, float32 (or float64 for backend='torch' / 'reference'), got {q.dtype}")
-    for name, t in (("k", k), ("v", v)):
-        if t.dtype != q.dtype:
-            raise TypeError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
-        if t.device != q.device:
-            raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
+    check_qkv(q, k, v, "(B, Hkv, Sk, D)")
     batch, q_heads, q_len, head_dim = q.shape
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape (B, Hkv, Sk, D), got k {tuple(k.shape)} and v {tuple(v.shape)}")
     if k.shape[0] != batch:
         raise ValueError(f"k must have q's batch size {batch} in dim 0, got k {tuple(k.shape)}, q {tuple(q.shape)}")
     if k.shape[3] != head_dim:
@@ -74,6 +63,23 @@ def check_prefix_attention_args(q, k, v, prefix_k, prefix_v, key_padding_mask, c
             raise ValueError(f"window must be a positive int or None, got {window!r}")
         if not causal:
             raise ValueError("window (a sliding window) needs causal=True: transformers' sliding windows are causal")
+
+
+def check_qkv(q, k, v, k_layout: str) -> None:
+    """q, k, v: tensors of the rank ``k_layout`` names ("(B, Hkv, Sk, D)" batched, "(total_k, Hkv, D)"
+    packed), q float16 / bfloat16 / float32 / float64, k and v of q's dtype and device and one shape."""
+    rank = k_layout.count(",") + 1
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(name, t, (rank,))
+    if q.dtype not in FLOAT_DTYPES + (torch.float64,):
+        raise TypeError(f"q must be float16, bfloat16, float32 (or float64 for backend='torch' / 'reference'), got {q.dtype}")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape {k_layout}, got k {tuple(k.shape)} and v {tuple(v.shape)}")
 
 
 def check_softcap_and_sinks(softcap, sinks, q_heads: int, device) -> None:

@@ -18,8 +18,8 @@ from ..prefix_attention.interface import (
     autocast_inputs,
     check_prefix_bank_args,
     check_prefix_tensors,
+    check_qkv,
 )
-from ..utils import check_tensor
 from .reference import prefix_attention_varlen_reference, sequence_bounds
 from .torch_path import prefix_attention_varlen_torch
 
@@ -67,19 +67,8 @@ def check_prefix_attention_varlen_args(
 ) -> tuple[list[int], list[int]]:
     """Raise ValueError/TypeError naming the argument for anything the op does not define; return
     the sequence lengths (seqlens_q, seqlens_k) as Python ints."""
-    check_tensor("q", q, (3,))
-    check_tensor("k", k, (3,))
-    check_tensor("v", v, (3,))
-    if q.dtype not in FLOAT_DTYPES + (torch.float64,):
-        raise TypeError(f"q must be float16, bfloat16, float32 (or float64 for backend='torch' / 'reference'), got {q.dtype}")
-    for name, t in (("k", k), ("v", v)):
-        if t.dtype != q.dtype:
-            raise TypeError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
-        if t.device != q.device:
-            raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
+    check_qkv(q, k, v, "(total_k, Hkv, D)")
     total_q, q_heads, head_dim = q.shape
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape (total_k, Hkv, D), got k {tuple(k.shape)} and v {tuple(v.shape)}")
     if k.shape[2] != head_dim:
         raise ValueError(f"k must have q's head dim {head_dim} in dim 2, got k {tuple(k.shape)}, q {tuple(q.shape)}")
     total_k, kv_heads = k.shape[0], k.shape[1]
