@@ -53,16 +53,21 @@ def check_prefix_attention_args(q, k, v, prefix_k, prefix_v, key_padding_mask, c
             f"causal attention is bottom-right aligned and needs Sq <= Sk, got Sq={q_len} (q {tuple(q.shape)}) "
             f"and Sk={k_len} (k {tuple(k.shape)})"
         )
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
-        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    check_scale_and_dropout(scale, dropout_p)
     check_softcap_and_sinks(softcap, sinks, q_heads, q.device)
     if window is not None:
         if isinstance(window, bool) or not isinstance(window, int) or window < 1:
             raise ValueError(f"window must be a positive int or None, got {window!r}")
         if not causal:
             raise ValueError("window (a sliding window) needs causal=True: transformers' sliding windows are causal")
+
+
+def check_scale_and_dropout(scale, dropout_p) -> None:
+    """scale: a float or None; dropout_p: a float in [0, 1)."""
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
 
 
 def check_qkv(q, k, v, k_layout: str) -> None:

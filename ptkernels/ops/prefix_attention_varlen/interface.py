@@ -19,6 +19,7 @@ from ..prefix_attention.interface import (
     check_prefix_bank_args,
     check_prefix_tensors,
     check_qkv,
+    check_scale_and_dropout,
 )
 from .reference import prefix_attention_varlen_reference, sequence_bounds
 from .torch_path import prefix_attention_varlen_torch
@@ -99,10 +100,7 @@ def check_prefix_attention_varlen_args(
                     f"causal attention is bottom-right aligned per sequence and needs each sequence's query length "
                     f"<= its key length, got sequence {n} with {lq} queries and {lk} keys"
                 )
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
-        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
-    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
+    check_scale_and_dropout(scale, dropout_p)
     return seqlens_q, seqlens_k
 
 
