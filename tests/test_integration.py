@@ -653,16 +653,14 @@ def test_unsupported_raise_at_patch_time():
     with pytest.raises(ValueError, match="PREFIX_TUNING"):
         patch(lora)
     assert not is_patched(lora)
-    # architecture: an attention feature the kernels lack (Gemma-2's logit softcapping)
-    from transformers import Gemma2Config, Gemma2ForCausalLM
+    # architecture: attention that does not go through transformers' attention interface (BLOOM)
+    from transformers import BloomConfig, BloomForCausalLM
 
-    gemma2 = Gemma2ForCausalLM(Gemma2Config(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, intermediate_size=16,
-                                            num_attention_heads=2, num_key_value_heads=1, head_dim=8,
-                                            max_position_embeddings=32))
-    with pytest.raises(ValueError, match="model_type 'gemma2': attention logit softcapping"):
-        patch(gemma2)
-    with pytest.raises(ValueError, match="model_type 'gemma2': attention logit softcapping"):
-        patch(get_peft_model(gemma2, PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=2)))
+    bloom = BloomForCausalLM(BloomConfig(vocab_size=VOCAB, hidden_size=16, n_layer=1, n_head=2))
+    with pytest.raises(ValueError, match="model_type 'bloom': .*does not call transformers' attention interface"):
+        patch(bloom)
+    with pytest.raises(ValueError, match="model_type 'bloom': .*does not call transformers' attention interface"):
+        patch(get_peft_model(bloom, PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=2)))
     # task type
     qa = get_peft_model(AutoModel.from_config(make_config("bert")), PrefixTuningConfig(task_type=TaskType.QUESTION_ANS, num_virtual_tokens=2)) \
         if hasattr(TaskType, "QUESTION_ANS") else None
@@ -682,14 +680,19 @@ def test_unsupported_raise_at_patch_time():
         patch(make_base("bert", "SEQ_CLS"), backend="cuda")
 
 
-def test_sliding_window_is_refused_not_wrong():
+def test_sliding_window_is_computed_or_refused_never_wrong():
+    """A window narrower than prefix + sequence runs (tests/test_families.py checks it equals PEFT);
+    where the attention cannot apply it (packed rows), it raises."""
     config = make_config("mistral")
     config.sliding_window = 4
     model = get_peft_model(AutoModelForCausalLM.from_config(config), make_peft_config("prefix", "CAUSAL_LM"))
     patch(model, backend="torch")
     ids, mask, labels = make_batch("mistral", "CAUSAL_LM")
-    with pytest.raises(NotImplementedError, match="sliding"):
-        model(input_ids=ids, attention_mask=mask, labels=labels)
+    assert torch.isfinite(model(input_ids=ids, attention_mask=mask, labels=labels).loss)
+    packed = torch.cat([ids[0], ids[1]])[None]  # two sequences in one row, position ids restarting
+    positions = torch.cat([torch.arange(ids.shape[1]), torch.arange(ids.shape[1])])[None]
+    with pytest.raises(NotImplementedError, match="sliding window"):
+        model(input_ids=packed, position_ids=positions)
 
 
 @pytest.mark.parametrize("peft_wrapped", [False, True])
