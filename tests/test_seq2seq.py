@@ -349,3 +349,15 @@ def test_seq2seq_prompt_tuning_refused():
     model = get_peft_model(base, PromptTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=P))
     with pytest.raises(ValueError, match="PREFIX_TUNING only"):
         patch(model)
+
+
+def test_plain_bart_patched_equals_unpatched():
+    """A plain (no PEFT) BART model patched: attention through ptkernels with no prefix, no position shift."""
+    base = make_model("bart").get_base_model()
+    ids, mask, labels = make_batch()
+    with torch.no_grad():
+        want = base(input_ids=ids, attention_mask=mask, labels=labels).logits
+        patch(base, backend="torch")
+        got = base(input_ids=ids, attention_mask=mask, labels=labels).logits
+        unpatch(base)
+    torch.testing.assert_close(got, want, atol=1e-10, rtol=0)
