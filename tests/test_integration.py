@@ -653,16 +653,14 @@ def test_unsupported_raise_at_patch_time():
     with pytest.raises(ValueError, match="PREFIX_TUNING"):
         patch(lora)
     assert not is_patched(lora)
-    # architecture: an attention feature the kernels lack (Gemma-2's logit softcapping)
-    from transformers import Gemma2Config, Gemma2ForCausalLM
+    # architecture: attention outside transformers' interface (Bloom; Gemma 2's softcapping is supported now)
+    from transformers import BloomConfig, BloomForCausalLM
 
-    gemma2 = Gemma2ForCausalLM(Gemma2Config(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, intermediate_size=16,
-                                            num_attention_heads=2, num_key_value_heads=1, head_dim=8,
-                                            max_position_embeddings=32))
-    with pytest.raises(ValueError, match="model_type 'gemma2': attention logit softcapping"):
-        patch(gemma2)
-    with pytest.raises(ValueError, match="model_type 'gemma2': attention logit softcapping"):
-        patch(get_peft_model(gemma2, PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=2)))
+    bloom = BloomForCausalLM(BloomConfig(vocab_size=VOCAB, hidden_size=16, n_layer=1, n_head=2))
+    with pytest.raises(ValueError, match="model_type 'bloom': .*attention interface"):
+        patch(bloom)
+    with pytest.raises(ValueError, match="model_type 'bloom': .*attention interface"):
+        patch(get_peft_model(bloom, PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=2)))
     # task type
     qa = get_peft_model(AutoModel.from_config(make_config("bert")), PrefixTuningConfig(task_type=TaskType.QUESTION_ANS, num_virtual_tokens=2)) \
         if hasattr(TaskType, "QUESTION_ANS") else None
