@@ -4,7 +4,8 @@
   >= 5.24 (which renamed the models' ``past_key_values`` argument to ``cache``; PEFT 0.21.2 looks for
   the old name and refuses or crashes), so that PEFT's own code path stays the reference.
 * :func:`greedy_by_full_forwards`: what ``generate()`` must produce: each row alone, decoded greedily
-  by full forwards (no KV cache).
+  by full forwards (no KV cache). :func:`greedy_seq2seq_by_full_forwards`: the same for an
+  encoder-decoder model (the decoder input grown token by token from ``decoder_start_token_id``).
 * The FlashAttention tolerance rule (:func:`flash_attention_bound`): in float16 / bfloat16 a kernel's
   error against an fp32 / fp64 reference may be at most 2x (outputs) or 3x (gradients) the error of
   plain PyTorch in the same precision, plus a slack. ``ptkernels verify`` and the tests use it.
@@ -20,6 +21,7 @@ import torch
 
 __all__ = [
     "peft_needs_oracle_shim", "with_peft_oracle_shim", "without_peft_oracle_shim", "greedy_by_full_forwards",
+    "greedy_seq2seq_by_full_forwards",
     "FWD_FACTOR", "GRAD_FACTOR", "max_abs_err", "flash_attention_bound", "output_rounding",
 ]
 
@@ -131,4 +133,33 @@ def greedy_by_full_forwards(model, ids, mask, max_new_tokens=6, pad_token_id=0):
                 done = token in eos
                 seq = torch.cat([seq, seq.new_tensor([[token]])], dim=1)
             rows.append(torch.cat([ids[b], ids.new_tensor(new)]))
+    return torch.stack(rows)
+
+
+def greedy_seq2seq_by_full_forwards(model, ids, mask, max_new_tokens=6):
+    """The generate() oracle of an encoder-decoder model: each row alone, decoded greedily by full
+    forwards of ``model`` (encoder and decoder re-run on the whole decoder input, no cache),
+    starting from ``decoder_start_token_id``; laid out as generate() lays it out
+    ((B, 1 + max_new_tokens), rows that reach EOS padded with ``pad_token_id``). The row's encoder
+    input keeps its padding and mask: BART-family encoders number positions from the first slot,
+    padding included, so removing left padding would change the encoder's output."""
+    gen = model.get_base_model().generation_config
+    eos = gen.eos_token_id
+    eos = set(eos if isinstance(eos, (list, tuple)) else ([] if eos is None else [eos]))
+    start, pad = gen.decoder_start_token_id, gen.pad_token_id
+    rows = []
+    model.eval()
+    with torch.no_grad():
+        for b in range(ids.shape[0]):
+            src, src_mask = ids[b:b + 1], mask[b:b + 1]
+            out, done = [start], False
+            for _ in range(max_new_tokens):
+                if done:
+                    out.append(pad)
+                    continue
+                logits = model(input_ids=src, attention_mask=src_mask, decoder_input_ids=ids.new_tensor([out])).logits
+                token = int(logits[0, -1].argmax())
+                out.append(token)
+                done = token in eos
+            rows.append(ids.new_tensor(out))
     return torch.stack(rows)

@@ -349,8 +349,8 @@ UNSUPPORTED = {
     "plain_module": (lambda: nn.Linear(4, 4), TypeError, "PreTrainedModel or a PEFT PeftModel, got Linear"),
     "wrapped_hf_model": (lambda: nn.Sequential(make_base("bert", "SEQ_CLS")), TypeError, "got Sequential"),
     "t5": (_t5, ValueError, "model_type 't5'"),
-    "t5_prefix_tuning": (_t5_prefix, ValueError, "task type"),
-    "t5_prompt_tuning": (_t5_prompt, ValueError, "task type"),
+    "t5_prefix_tuning": (_t5_prefix, ValueError, "T5.s relative position bias"),
+    "t5_prompt_tuning": (_t5_prompt, ValueError, "PREFIX_TUNING only"),
     "cross_attention": (_bert_with_cross_attention, ValueError, "cross-attention"),
 }
 

@@ -15,6 +15,12 @@ A model is supported when what the patched path relies on is there:
   keys and values of one head size shared by every layer (one stacked prefix tensor), no latent
   (MLA) attention, no linear-attention / state-space layers.
 
+Encoder-decoder models (BART, mBART, Marian, Pegasus: :func:`check_seq2seq_model`): every
+decoder layer has a self-attention and a cross-attention (``encoder_attn``) module that call the
+attention interface with ``**kwargs``, and the decoder's position embedding takes ``position_ids``
+(so that PEFT's shift of the decoder positions by P can be reproduced). T5's relative position
+bias is not in the kernel and is refused.
+
 Anything else is refused at patch time with :class:`UnsupportedModelError` (a ``ValueError``)
 naming the model type and the missing capability. The word embedding needs nothing: a plain
 ``nn.Embedding`` goes through the fused ``prompt_embedding`` gather, any other module (Gemma's or
@@ -31,7 +37,8 @@ from typing import Optional
 
 from torch import nn
 
-__all__ = ["ModelSupport", "UnsupportedModelError", "check_model", "attention_modules", "text_config"]
+__all__ = ["ModelSupport", "UnsupportedModelError", "check_model", "check_seq2seq_model", "seq2seq_roles",
+           "attention_modules", "text_config"]
 
 
 class UnsupportedModelError(ValueError):
@@ -142,8 +149,10 @@ def check_model(hf_model: nn.Module, *, prefix_tuning: bool) -> ModelSupport:
         raise TypeError(
             f"ptkernels.patch expects a transformers PreTrainedModel or a PEFT PeftModel, got {type(hf_model).__name__}"
         )
-    if getattr(config, "is_encoder_decoder", False) or getattr(config, "add_cross_attention", False):
-        raise _refuse(model_type, f"encoder-decoder / cross-attention models ({type(hf_model).__name__}) are not "
+    if getattr(config, "is_encoder_decoder", False):
+        return check_seq2seq_model(hf_model)
+    if getattr(config, "add_cross_attention", False):
+        raise _refuse(model_type, f"decoder-only models with cross-attention ({type(hf_model).__name__}) are not "
                                   "supported yet")
     cfg = text_config(config)
 
@@ -187,3 +196,59 @@ def check_model(hf_model: nn.Module, *, prefix_tuning: bool) -> ModelSupport:
                                   "shifted positions cannot be given to it")
     return ModelSupport(model_type, positions)
 
+
+
+def _check_attention_calls(model_type: str, mods) -> None:
+    for m in mods:
+        source = _source(type(m).forward)
+        if not _INTERFACE_LOOKUP.search(source) or "attention_interface" not in source:
+            raise _refuse(model_type, f"{type(m).__name__} does not call transformers' attention interface "
+                                      "(ALL_ATTENTION_FUNCTIONS)")
+        params = inspect.signature(type(m).forward).parameters.values()
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params) or not _interface_call_forwards_kwargs(source):
+            raise _refuse(model_type, f"{type(m).__name__} does not forward **kwargs to the attention function, "
+                                      "so the prefix cannot reach it")
+
+
+def seq2seq_roles(hf_model: nn.Module) -> dict:
+    """{attention module: "encoder" | "self" | "cross"} of an encoder-decoder model: the encoder's
+    attention modules, and per decoder layer its self-attention (``self_attn``) and its
+    cross-attention (``encoder_attn``, whose keys come from the encoder)."""
+    roles = {}
+    for m in attention_modules(hf_model.get_encoder()):
+        roles[m] = "encoder"
+    for layer in hf_model.get_decoder().layers:
+        for name, role in (("self_attn", "self"), ("encoder_attn", "cross")):
+            m = getattr(layer, name, None)
+            if m is not None:
+                roles[m] = role
+    return roles
+
+
+def check_seq2seq_model(hf_model: nn.Module) -> ModelSupport:
+    """What ``patch`` needs from an encoder-decoder model (BART family), or
+    :class:`UnsupportedModelError`: a self-attention and a cross-attention per decoder layer, with
+    layer_idx 0 .. L-1, calling the attention interface with ``**kwargs``; a decoder position
+    embedding that takes ``position_ids``; no relative position bias (T5)."""
+    config = hf_model.config
+    model_type = config.model_type
+    if getattr(config, "relative_attention_num_buckets", None) is not None:
+        raise _refuse(model_type, "T5's relative position bias is not in ptkernels' attention yet")
+    if not hasattr(hf_model, "get_encoder") or not hasattr(hf_model, "get_decoder"):
+        raise _refuse(model_type, f"{type(hf_model).__name__} has no get_encoder() / get_decoder()")
+    decoder = hf_model.get_decoder()
+    layers = getattr(decoder, "layers", None)
+    if layers is None:
+        raise _refuse(model_type, f"the decoder {type(decoder).__name__} has no .layers")
+    roles = seq2seq_roles(hf_model)
+    for kind in ("self", "cross"):
+        idx = [getattr(m, "layer_idx", None) for m, r in roles.items() if r == kind]
+        if idx != list(range(len(layers))):
+            raise _refuse(model_type, f"found decoder {kind}-attention modules with layer_idx {idx}, expected one per "
+                                      f"decoder layer (self_attn / encoder_attn, layer_idx 0 .. {len(layers) - 1})")
+    _check_attention_calls(model_type, list(roles))
+    positions = getattr(decoder, "embed_positions", None)
+    if positions is None or "position_ids" not in inspect.signature(type(positions).forward).parameters:
+        raise _refuse(model_type, "the decoder's position embedding does not take position_ids, so PEFT's decoder "
+                                  "positions (shifted by the prefix length) cannot be reproduced")
+    return ModelSupport(model_type, "arange")

@@ -67,12 +67,13 @@ from torch import Tensor, nn
 from .._backend import BACKENDS
 from ..ops.prefix_attention_varlen.interface import check_cu_seqlens
 from ..ops.prompt_embedding import prompt_embedding, virtual_token_embedding
-from .capabilities import ModelSupport, attention_modules, check_model, text_config
+from .capabilities import ModelSupport, attention_modules, check_model, seq2seq_roles, text_config
 from .encoders import prefix_key_values, prompt_embeddings
 from .transformers import (
     ATTN_IMPLEMENTATION,
     BACKEND_ATTR,
     PREFIX_KWARG,
+    ROLE_ATTR,
     LayerPrefix,
     check_every_layer_read_the_prefix,
     cu_seqlens_from_position_ids,
@@ -82,8 +83,10 @@ from .transformers import (
 __all__ = ["patch", "unpatch", "is_patched"]
 
 SUPPORTED_PEFT_TYPES = ("PREFIX_TUNING", "P_TUNING", "PROMPT_TUNING")
-SUPPORTED_TASK_TYPES = ("SEQ_CLS", "TOKEN_CLS", "CAUSAL_LM", "FEATURE_EXTRACTION")
+SUPPORTED_TASK_TYPES = ("SEQ_CLS", "TOKEN_CLS", "CAUSAL_LM", "FEATURE_EXTRACTION", "SEQ_2_SEQ_LM")
+SEQ2SEQ_PREFIX_MODES = ("peft", "per_layer")
 _PEFT_CLASS_FOR_TASK = {
+    "SEQ_2_SEQ_LM": "PeftModelForSeq2SeqLM",
     "SEQ_CLS": "PeftModelForSequenceClassification",
     "TOKEN_CLS": "PeftModelForTokenClassification",
     "CAUSAL_LM": "PeftModelForCausalLM",
@@ -144,6 +147,8 @@ def _check_peft_model(model) -> ModelSupport:
             f"ptkernels.patch supports PEFT task types {SUPPORTED_TASK_TYPES}, got task_type {task} "
             f"({type(model).__name__})"
         )
+    if task == "SEQ_2_SEQ_LM":
+        return _check_seq2seq_peft_model(model, peft_type)
     if (peft_config.num_transformer_submodules or 1) != 1:
         raise ValueError(
             f"ptkernels.patch supports decoder-only / encoder-only models (num_transformer_submodules=1), "
@@ -153,6 +158,39 @@ def _check_peft_model(model) -> ModelSupport:
     support = check_model(hf_model, prefix_tuning=peft_type == "PREFIX_TUNING")
     if peft_type == "PREFIX_TUNING":
         _check_prefix_geometry(hf_model, peft_config, model.active_adapter)
+    return support
+
+
+def _seq2seq_geometry(hf_model) -> tuple[int, int, int]:
+    """(decoder layers, decoder self-attention heads, head dim) of an encoder-decoder model."""
+    layers = hf_model.get_decoder().layers
+    attn = layers[0].self_attn
+    head_dim = attn.head_dim
+    return len(layers), attn.k_proj.out_features // head_dim, head_dim
+
+
+def _check_seq2seq_peft_model(model, peft_type: str) -> ModelSupport:
+    """SEQ_2_SEQ_LM: prefix tuning only (PEFT's prompt tuning / P-tuning put virtual tokens in the
+    encoder and decoder inputs, which ``patch`` does not reproduce), on a model that
+    :func:`~ptkernels.integrations.capabilities.check_seq2seq_model` accepts, with a prefix
+    provisioned for at least the decoder's layers and its head geometry."""
+    peft_config = model.active_peft_config
+    if peft_type != "PREFIX_TUNING":
+        raise ValueError(f"ptkernels.patch supports SEQ_2_SEQ_LM models with PREFIX_TUNING only, the active adapter "
+                         f"{model.active_adapter!r} is {peft_type}")
+    hf_model = model.get_base_model()
+    support = check_model(hf_model, prefix_tuning=True)
+    if (peft_config.num_transformer_submodules or 2) != 2:
+        raise ValueError(f"ptkernels.patch: a SEQ_2_SEQ_LM prefix-tuning adapter has num_transformer_submodules=2 "
+                         f"(PEFT's default), got {peft_config.num_transformer_submodules}")
+    layers, heads, head_dim = _seq2seq_geometry(hf_model)
+    got = (peft_config.num_attention_heads, peft_config.token_dim)
+    if got != (heads, heads * head_dim) or peft_config.num_layers < layers:
+        raise ValueError(
+            f"the prefix-tuning adapter {model.active_adapter!r} was provisioned for num_layers "
+            f"{peft_config.num_layers}, (heads, token_dim) = {got}, but the model's decoder has {layers} layers of "
+            f"{(heads, heads * head_dim)}"
+        )
     return support
 
 
@@ -596,6 +634,10 @@ def _patched_forward(
 ):
     state = self.__dict__[_STATE]
     task = state["task"]
+    if task == "SEQ_2_SEQ_LM":
+        return _seq2seq_forward(self, input_ids, attention_mask, inputs_embeds, labels, adapter_names,
+                                dict(kwargs, output_attentions=output_attentions,
+                                     output_hidden_states=output_hidden_states, return_dict=return_dict))
     batch_size = _batch_size(input_ids, inputs_embeds)
     ref = input_ids if input_ids is not None else inputs_embeds
     selection = _select_adapters(self, adapter_names, batch_size, ref.device)
@@ -691,6 +733,97 @@ def _packed_prompt_forward(self, selection, cu: Tensor, input_ids, attention_mas
         prompt = prompt[0, -num_virtual:] if self.__dict__[_STATE]["causal"] else prompt[0, :num_virtual]
     embeds = _packed_prompt_embeddings(self, input_ids, inputs_embeds, prompt, real_at, virtual_at, new_len)
     return self.base_model(inputs_embeds=embeds, attention_mask=new_mask, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# Encoder-decoder models (SEQ_2_SEQ_LM prefix tuning)
+# --------------------------------------------------------------------------------------------
+
+
+def _seq2seq_prefix(model) -> LayerPrefix:
+    """The decoder's prefix for one forward, from PEFT's prefix encoder (run once, un-expanded):
+    its output E holds 2N entries (N = the adapter's ``num_layers``), entry 2l layer l's key and
+    2l + 1 its value.
+
+    * ``seq2seq_prefix="peft"`` (default), what PEFT 0.21.2 computes (measured on transformers
+      5.24): ``get_prompt`` concatenates E with itself ([E; E], 4N entries), splits it into N groups
+      of 4 (self key, self value, cross key, cross value) and hands them to an
+      ``EncoderDecoderCache``, whose cross-attention part is then reset (recomputed from the
+      encoder), so decoder layer l's self-attention reads E[4l mod 2N] and E[(4l + 1) mod 2N] and its
+      cross-attention no prefix. The encoder gets none.
+    * ``"per_layer"``: what the duplication intends (the same per-layer prefix for both decoder
+      submodules) and P-Tuning v2 describes: layer l's self-attention and its cross-attention (in
+      front of the encoder's keys, under the encoder's padding mask) both read E[2l], E[2l + 1],
+      so every entry of E is trained.
+    """
+    state = model.__dict__[_STATE]
+    config = model.active_peft_config
+    hf_model = model.get_base_model()
+    layers, heads, head_dim = _seq2seq_geometry(hf_model)
+    full = prefix_key_values(
+        model.prompt_encoder[model.active_adapter], config.num_virtual_tokens, config.num_layers, heads, head_dim,
+        inference_mode=bool(config.inference_mode), dtype=getattr(hf_model, "dtype", None),
+    )  # (2N, H, P, D)
+    if state["seq2seq_prefix"] == "per_layer":
+        own = full[: 2 * layers]
+        return LayerPrefix(own, cross=own, dropout_p=state["prefix_dropout"])
+    entries = [(4 * l + j) % (2 * config.num_layers) for l in range(layers) for j in (0, 1)]
+    picked = full.index_select(0, torch.tensor(entries, device=full.device))
+    return LayerPrefix(picked, dropout_p=state["prefix_dropout"])
+
+
+def _seq2seq_forward(self, input_ids, attention_mask, inputs_embeds, labels, adapter_names, kwargs: dict):
+    """The patched forward of a SEQ_2_SEQ_LM prefix-tuning model: the base model with the decoder's
+    prefix as the ``ptkernels_prefix`` keyword (decoder positions shifted by P in a hook, see
+    :func:`_shift_decoder_positions`)."""
+    if adapter_names is not None and len(set(adapter_names)) > 1:
+        raise NotImplementedError("ptkernels: several adapters in one batch (adapter_names) are not supported for "
+                                  "SEQ_2_SEQ_LM models")
+    if adapter_names is not None and adapter_names[0] != self.active_adapter:
+        raise NotImplementedError("ptkernels: for SEQ_2_SEQ_LM models adapter_names must name the active adapter")
+    kwargs.pop("task_ids", None)
+    kwargs[PREFIX_KWARG] = _seq2seq_prefix(self)
+    return self.base_model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                           labels=labels, **kwargs)
+
+
+def _seq2seq_prepare_inputs_for_generation(self, *args, task_ids=None, **kwargs):
+    """Each generation step: the base model's inputs (its cache holds the real decoder tokens only)
+    plus the decoder's prefix as a keyword."""
+    model_kwargs = self.base_model_prepare_inputs_for_generation(*args, **kwargs)
+    _check_cache(_cache_of(model_kwargs))
+    model_kwargs[PREFIX_KWARG] = _seq2seq_prefix(self)
+    return model_kwargs
+
+
+def _install_seq2seq_hooks(model, hf_model, state: dict) -> None:
+    """Tag the attention modules with their role (encoder / decoder self / cross, read by the
+    attention function) and shift the decoder's positions by P while a prefix is present."""
+    roles = seq2seq_roles(hf_model)
+    for module, role in roles.items():
+        setattr(module, ROLE_ATTR, role)
+    state["roles"] = list(roles)
+    if "seq2seq_hooks" in state:
+        return
+    decoder = hf_model.get_decoder()
+    shift = {"by": 0}
+
+    def note_prefix(module, args, kwargs):  # the decoder's pre-hook: is there a prefix in this call?
+        has_prefix = isinstance(kwargs.get(PREFIX_KWARG), LayerPrefix)
+        shifted = has_prefix and state["is_peft"] and state["shift_positions"]
+        shift["by"] = model.active_peft_config.num_virtual_tokens if shifted else 0
+
+    def shift_positions(module, args, kwargs):  # the decoder position embedding's pre-hook
+        if shift["by"]:
+            if kwargs.get("position_ids") is None:
+                raise RuntimeError(f"ptkernels: {type(module).__name__} got no position_ids to shift by the prefix")
+            kwargs["position_ids"] = kwargs["position_ids"] + shift["by"]
+        return args, kwargs
+
+    state["seq2seq_hooks"] = [
+        decoder.register_forward_pre_hook(note_prefix, with_kwargs=True),
+        decoder.embed_positions.register_forward_pre_hook(shift_positions, with_kwargs=True),
+    ]
 
 
 def _check_cache(cache) -> None:
@@ -809,7 +942,8 @@ def _set_backend(hf_model: nn.Module, backend: Optional[str]) -> None:
             setattr(m, BACKEND_ATTR, backend)
 
 
-def patch(model, *, backend: str = "auto", shift_positions: bool = True, prefix_dropout: float = 0.0):
+def patch(model, *, backend: str = "auto", shift_positions: bool = True, prefix_dropout: float = 0.0,
+          seq2seq_prefix: str = "peft"):
     """Run ``model`` through ptkernels' fused kernels; in place, returns the same object.
 
     Arguments:
@@ -835,6 +969,13 @@ def patch(model, *, backend: str = "auto", shift_positions: bool = True, prefix_
             inside ``prefix_attention`` without B copies of the prefix. Default 0: the patched model
             equals the unpatched PEFT model (PEFT has no such dropout). Prefix tuning only (prompt
             tuning / P-tuning have no prefix keys and values). ValueError outside [0, 1).
+        seq2seq_prefix: SEQ_2_SEQ_LM prefix tuning (BART family) only. "peft" (default): the
+            prefix goes exactly where PEFT 0.21.2 puts it: only into the decoder's self-attention,
+            decoder layer l reading entries 4l mod 2L and 4l + 1 mod 2L of the encoder's output, so
+            with L > 1 part of the prefix is never used; the decoder's positions start at P (with
+            ``shift_positions``). "per_layer": decoder layer l's self-attention and its
+            cross-attention both read its own entries 2l and 2l + 1 (every entry trained); not
+            interchangeable with PEFT. The encoder never gets a prefix. ValueError otherwise.
 
     Several adapters in one batch: with more than one prompt-learning adapter loaded
     (``load_adapter`` / ``add_adapter``), ``model(..., adapter_names=[name per example])`` and
@@ -860,6 +1001,8 @@ def patch(model, *, backend: str = "auto", shift_positions: bool = True, prefix_
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if isinstance(prefix_dropout, bool) or not isinstance(prefix_dropout, (int, float)) or not 0.0 <= prefix_dropout < 1.0:
         raise ValueError(f"prefix_dropout must be a float in [0, 1), got {prefix_dropout!r}")
+    if seq2seq_prefix not in SEQ2SEQ_PREFIX_MODES:
+        raise ValueError(f"seq2seq_prefix must be one of {SEQ2SEQ_PREFIX_MODES}, got {seq2seq_prefix!r}")
     is_peft = _is_peft_model(model)
     if is_peft:
         support = _check_peft_model(model)
@@ -888,6 +1031,7 @@ def patch(model, *, backend: str = "auto", shift_positions: bool = True, prefix_
     state["backend"] = backend
     state["shift_positions"] = bool(shift_positions)
     state["prefix_dropout"] = float(prefix_dropout)
+    state["seq2seq_prefix"] = seq2seq_prefix
     state["support"] = support
     state["causal"] = any(getattr(m, "is_causal", False) for m in attention_modules(hf_model))
 
@@ -895,8 +1039,12 @@ def patch(model, *, backend: str = "auto", shift_positions: bool = True, prefix_
     _set_backend(hf_model, backend)
     if "prefix_check" not in state:  # also checks a ptkernels_prefix= handed to a plain model
         state["prefix_check"] = hf_model.register_forward_hook(check_every_layer_read_the_prefix, with_kwargs=True)
+    if getattr(hf_model.config, "is_encoder_decoder", False):
+        _install_seq2seq_hooks(model, hf_model, state)
     if is_peft:
         model.forward = types.MethodType(_patched_forward, model)
+        if state["task"] == "SEQ_2_SEQ_LM":
+            model.prepare_inputs_for_generation = types.MethodType(_seq2seq_prepare_inputs_for_generation, model)
         if state["task"] == "CAUSAL_LM":
             model.prepare_inputs_for_generation = types.MethodType(_patched_prepare_inputs_for_generation, model)
             model.generate = types.MethodType(_patched_generate, model)
@@ -915,6 +1063,10 @@ def unpatch(model):
     _set_backend(hf_model, None)
     if "prefix_check" in state:
         state["prefix_check"].remove()
+    for hook in state.get("seq2seq_hooks", ()):
+        hook.remove()
+    for module in state.get("roles", ()):
+        module.__dict__.pop(ROLE_ATTR, None)
     for name in _PATCHED_METHODS:
         if state["had_" + name]:
             model.__dict__[name] = state["orig_" + name]

@@ -42,6 +42,11 @@ from ..ops.prefix_attention.torch_path import join_prefix
 ATTN_IMPLEMENTATION = "ptkernels"
 PREFIX_KWARG = "ptkernels_prefix"
 BACKEND_ATTR = "_ptkernels_backend"
+# Encoder-decoder models: ``patch`` tags each attention module with its role. "encoder": an encoder
+# self-attention (never reads a prefix); "cross": a decoder cross-attention (queries from the
+# decoder, keys from the encoder), which reads ``LayerPrefix.cross``. Untagged: a (decoder)
+# self-attention, which reads ``LayerPrefix.stacked``.
+ROLE_ATTR = "_ptkernels_role"
 
 __all__ = ["ATTN_IMPLEMENTATION", "PREFIX_KWARG", "LayerPrefix", "ptkernels_attention_forward", "register",
            "use_prefix", "cu_seqlens_from_position_ids"]
@@ -71,18 +76,23 @@ class LayerPrefix:
         dropout_p: P-Tuning v2's dropout on the prefix keys and values (per example, KV head,
             position and channel; ``prefix_attention(prefix_dropout_p=)``); applied only while the
             attention module is in training mode, like ``nn.Dropout``.
+        cross: encoder-decoder models only: the decoder cross-attentions' prefix, laid out like
+            ``prefix`` (a tensor of the same shape); layer l's cross-attention reads entries 2l and
+            2l + 1 in front of the encoder's keys. None (default): cross-attention gets no prefix.
+            Encoder self-attention never gets one (modules tagged by ``patch``, see ``ROLE_ATTR``).
 
     Hkv is the model's number of key/value heads, D its head dim, L its number of layers.
 
-    ``read``: the layer indices whose attention has read its prefix in this forward (the patched
+    ``read``: the layer indices whose (self-)attention has read its prefix in this forward, and
+    ("cross", l) for cross-attention (the patched
     model checks after each forward that every layer did, so a model whose layers do not forward
     ``**kwargs`` to their attention raises instead of silently running without the prefix).
     """
 
-    __slots__ = ("stacked", "index", "lengths", "dropout_p", "read")
+    __slots__ = ("stacked", "index", "lengths", "dropout_p", "read", "cross")
 
     def __init__(self, prefix, *, index: Optional[Tensor] = None, lengths: Optional[Tensor] = None,
-                 dropout_p: float = 0.0) -> None:
+                 dropout_p: float = 0.0, cross: Optional[Tensor] = None) -> None:
         if isinstance(prefix, (list, tuple)):
             prefix = _stack_layers(prefix)
         if not isinstance(prefix, Tensor):
@@ -101,28 +111,39 @@ class LayerPrefix:
         self.stacked = prefix
         self.index = index
         self.lengths = lengths
+        if cross is not None and (not isinstance(cross, Tensor) or cross.shape != prefix.shape):
+            raise ValueError(f"cross must be a tensor of the prefix's shape {tuple(prefix.shape)}, got "
+                             f"{tuple(cross.shape) if isinstance(cross, Tensor) else type(cross).__name__}")
         self.dropout_p = float(dropout_p)
+        self.cross = cross
         self.read: set = set()
 
-    def unread_layers(self) -> list[int]:
-        """The layers that have not read their prefix (in ascending order)."""
-        return sorted(set(range(self.num_layers)) - self.read)
+    def unread_layers(self) -> list:
+        """The layers that have not read their prefix (self-attention: ints in ascending order, then
+        ("cross", l) for cross-attention when there is a cross prefix)."""
+        want = set(range(self.num_layers))
+        if self.cross is not None:
+            want |= {("cross", l) for l in range(self.num_layers)}
+        return sorted(want - self.read, key=lambda x: (isinstance(x, tuple), x if isinstance(x, int) else x[1]))
 
     @property
     def num_layers(self) -> int:
         return self.stacked.shape[-4] // 2
 
-    def layer(self, layer_idx: int) -> tuple[Tensor, Tensor]:
-        """(prefix_k, prefix_v) of one layer: (Hkv, P, D) each, or (B | A, Hkv, P, D)."""
+    def layer(self, layer_idx: int, *, cross: bool = False) -> tuple[Tensor, Tensor]:
+        """(prefix_k, prefix_v) of one layer's self-attention (or cross-attention with ``cross``):
+        (Hkv, P, D) each, or (B | A, Hkv, P, D)."""
         if not 0 <= layer_idx < self.num_layers:
             raise ValueError(f"the prefix has {self.num_layers} layers, attention asked for layer {layer_idx}")
-        if self.stacked.dim() == 4:
-            return self.stacked[2 * layer_idx], self.stacked[2 * layer_idx + 1]
-        return self.stacked[:, 2 * layer_idx], self.stacked[:, 2 * layer_idx + 1]
+        stacked = self.cross if cross else self.stacked
+        if stacked.dim() == 4:
+            return stacked[2 * layer_idx], stacked[2 * layer_idx + 1]
+        return stacked[:, 2 * layer_idx], stacked[:, 2 * layer_idx + 1]
 
     def fresh(self) -> "LayerPrefix":
         """The same prefix with an empty ``read`` record (one per forward)."""
-        return LayerPrefix(self.stacked, index=self.index, lengths=self.lengths, dropout_p=self.dropout_p)
+        return LayerPrefix(self.stacked, index=self.index, lengths=self.lengths, dropout_p=self.dropout_p,
+                           cross=self.cross)
 
 
 def _stack_layers(pairs) -> Tensor:
@@ -262,12 +283,15 @@ def ptkernels_attention_forward(
     backend = getattr(module, BACKEND_ATTR, "auto")
     prefix_k = prefix_v = None
     bank = dict(prefix_index=None, prefix_lengths=None, prefix_dropout_p=0.0)
+    role = getattr(module, ROLE_ATTR, None)
+    if role == "encoder" or (role == "cross" and prefix is not None and prefix.cross is None):
+        prefix = None  # an encoder's self-attention, or a cross-attention without a cross prefix
     if prefix is not None:
         layer_idx = getattr(module, "layer_idx", None)
         if layer_idx is None:
             raise ValueError(f"{type(module).__name__} has no layer_idx, cannot pick its prefix")
-        prefix_k, prefix_v = prefix.layer(layer_idx)
-        prefix.read.add(layer_idx)
+        prefix_k, prefix_v = prefix.layer(layer_idx, cross=role == "cross")
+        prefix.read.add(("cross", layer_idx) if role == "cross" else layer_idx)
         if prefix_k.dtype != query.dtype:
             prefix_k, prefix_v = prefix_k.to(query.dtype), prefix_v.to(query.dtype)
         bank = dict(
