@@ -361,3 +361,34 @@ def test_plain_bart_patched_equals_unpatched():
         got = base(input_ids=ids, attention_mask=mask, labels=labels).logits
         unpatch(base)
     torch.testing.assert_close(got, want, atol=1e-10, rtol=0)
+
+
+def test_gradient_checkpointing_equals_without():
+    """Non-reentrant gradient checkpointing (transformers' default) on a patched seq2seq model: the same
+    loss and gradients as without (the prefix is a keyword, not a cache, so checkpointing works)."""
+    model = make_model("bart")
+    patch(model, backend="torch")
+    batch = make_batch()
+    model.train()
+    want = forward_backward(model, batch)
+    model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    got = forward_backward(model, batch)
+    assert_same(got, want, atol=1e-12)
+
+
+def test_prefix_dropout_applies_in_training_only():
+    model = make_model("bart")
+    patch(model, backend="torch", prefix_dropout=0.5)
+    batch = make_batch()
+    model.eval()
+    plain = make_model("bart")
+    patch(plain, backend="torch")
+    assert_same(forward_backward(model, batch), forward_backward(plain, batch), atol=1e-12)  # eval: no dropout
+    model.train()
+    torch.manual_seed(0)
+    a = forward_backward(model, batch)
+    torch.manual_seed(0)
+    b = forward_backward(model, batch)
+    torch.manual_seed(1)
+    c = forward_backward(model, batch)
+    assert torch.equal(a[0], b[0]) and not torch.equal(a[0], c[0])
