@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import inspect
 import pathlib
 
 import pytest
@@ -41,6 +42,13 @@ def cache_of(layers_kv):
     return cache
 
 
+def with_cache(model, layers_kv) -> dict:
+    """The forward keyword that hands ``model`` a cache: ``cache`` on transformers 5.24,
+    ``past_key_values`` before (a keyword the model does not know would be swallowed by **kwargs)."""
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return {name: cache_of(layers_kv)}
+
+
 def reference_forward(example_model, eager_roberta, input_ids, attention_mask, labels):
     """P-Tuning v2's forward as the original writes it: B copies of the prefix as past_key_values,
     a (B, P + S) mask, RoBERTa counting the prefix as past (positions from the cache), eager attention."""
@@ -49,7 +57,7 @@ def reference_forward(example_model, eager_roberta, input_ids, attention_mask, l
     kv = [(prefix[2 * l].expand(batch, -1, -1, -1), prefix[2 * l + 1].expand(batch, -1, -1, -1))
           for l in range(example_model.n_layer)]
     full_mask = torch.cat([torch.ones(batch, example_model.pre_seq_len, dtype=attention_mask.dtype), attention_mask], 1)
-    hidden = eager_roberta(input_ids, attention_mask=full_mask, cache=cache_of(kv))[0]
+    hidden = eager_roberta(input_ids, attention_mask=full_mask, **with_cache(eager_roberta, kv))[0]
     logits = example_model.classifier(example_model.dropout(hidden))
     loss = torch.nn.functional.cross_entropy(logits.reshape(-1, example_model.num_labels),
                                              labels.masked_fill(attention_mask == 0, -100).reshape(-1))
@@ -147,7 +155,7 @@ def eager_row(model, ids, mask, layers_kv, positions):
     """The unpatched model (sdpa over the concatenated keys) on one row with the prefix as a cache (k, v (1, Hkv, p, D) per layer)."""
     p = layers_kv[0][0].shape[2]
     full = torch.cat([torch.ones(1, p, dtype=mask.dtype), mask], 1)
-    return model(ids, attention_mask=full, position_ids=positions, cache=cache_of(layers_kv)).logits[0]
+    return model(ids, attention_mask=full, position_ids=positions, **with_cache(model, layers_kv)).logits[0]
 
 
 FORMS = ["shared", "per_example", "bank", "pairs", "context"]
