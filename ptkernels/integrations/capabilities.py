@@ -166,15 +166,7 @@ def check_model(hf_model: nn.Module, *, prefix_tuning: bool) -> ModelSupport:
     if layers is None or idx != list(range(layers)):
         raise _refuse(model_type, f"found self-attention (layer_idx {idx}) in only some of its {layers} layers: "
                                   "hybrid models with linear-attention or state-space layers are not supported")
-    for m in mods:
-        source = _source(type(m).forward)
-        if not _INTERFACE_LOOKUP.search(source) or "attention_interface" not in source:
-            raise _refuse(model_type, f"{type(m).__name__} does not call transformers' attention interface "
-                                      "(ALL_ATTENTION_FUNCTIONS)")
-        params = inspect.signature(type(m).forward).parameters.values()
-        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params) or not _interface_call_forwards_kwargs(source):
-            raise _refuse(model_type, f"{type(m).__name__} does not forward **kwargs to the attention function, "
-                                      "so the prefix cannot reach it")
+    _check_attention_calls(model_type, mods)
 
     # attention maths the kernels do not have (yet)
     # (logit softcapping and attention sinks are: the attention function passes softcap / s_aux on)
@@ -197,8 +189,9 @@ def check_model(hf_model: nn.Module, *, prefix_tuning: bool) -> ModelSupport:
     return ModelSupport(model_type, positions)
 
 
-
 def _check_attention_calls(model_type: str, mods) -> None:
+    """Refuse unless every attention module calls transformers' attention interface and forwards
+    **kwargs into it (the prefix travels as a keyword)."""
     for m in mods:
         source = _source(type(m).forward)
         if not _INTERFACE_LOOKUP.search(source) or "attention_interface" not in source:
