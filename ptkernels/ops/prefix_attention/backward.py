@@ -28,6 +28,8 @@ from .common import (
     dropout_row_width,
     example_prefix,
     in_window,
+    prefix_tile_ranges,
+    window_key_bounds,
     key_bounds,
     load_full_tile,
     load_tile,
@@ -176,12 +178,8 @@ def _prefix_attention_bwd_dq_kernel(
         pk_base = PREFIX_K + entry * stride_pkb + kv_h * stride_pkh
         pv_base = PREFIX_V + entry * stride_pvb + kv_h * stride_pvh
         num_kv_heads = num_q_heads // GROUP
-        prefix_full = (example_prefix_len // BLOCK_N) * BLOCK_N
-        masked_from = prefix_full
-        if WINDOW:  # as in the forward: every prefix tile masked, from the first one in the block's window
-            prefix_full = 0
-            masked_from = tl.maximum(example_prefix_len + (k_len - q_len) + start_m - window + 1, 0)
-            masked_from = masked_from // BLOCK_N * BLOCK_N
+        prefix_full, masked_from = prefix_tile_ranges(example_prefix_len, start_m, q_len, k_len, window, BLOCK_N,
+                                                      WINDOW)
         for start_n in range(0, prefix_full, BLOCK_N):
             n = start_n + offs_n
             k = load_full_tile(pk_base, n, stride_pkn, offs_d, d_valid, EVEN_D, UPCAST)
@@ -221,11 +219,7 @@ def _prefix_attention_bwd_dq_kernel(
         full_end = hi_b
         if CAUSAL:
             full_end = tl.minimum(hi_b, start_m + (k_len - q_len) + 1)
-        full_lo = tl.cdiv(lo_b, BLOCK_N) * BLOCK_N
-        first_lo = lo_b
-        if WINDOW:  # as in the forward
-            full_lo = tl.cdiv(tl.maximum(lo_b, start_m + BLOCK_M + (k_len - q_len) - window), BLOCK_N) * BLOCK_N
-            first_lo = tl.maximum(lo_b, start_m + (k_len - q_len) - window + 1)
+        first_lo, full_lo = window_key_bounds(lo_b, start_m, q_len, k_len, window, BLOCK_M, BLOCK_N, WINDOW)
         full_hi = tl.maximum(tl.maximum(full_end, 0) // BLOCK_N * BLOCK_N, full_lo)
         edge_hi = tl.minimum(hi, hi_b)
         for start_n in range(first_lo // BLOCK_N * BLOCK_N, tl.minimum(full_lo, edge_hi), BLOCK_N):
@@ -254,10 +248,8 @@ def _prefix_attention_bwd_dq_kernel(
                           dropout_threshold, qk_scale_log2, dropout_scale, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N,
                           True, softcap_in, softcap_out, SOFTCAP)
     else:
-        first_key = 0
-        if WINDOW:
-            first_key = tl.maximum(start_m + (k_len - q_len) - window + 1, 0) // BLOCK_N * BLOCK_N
-        for start_n in range(first_key, hi, BLOCK_N):
+        first_key, _ = window_key_bounds(0, start_m, q_len, k_len, window, BLOCK_M, BLOCK_N, WINDOW)
+        for start_n in range(first_key // BLOCK_N * BLOCK_N, hi, BLOCK_N):
             n = start_n + offs_n
             n_valid = n < k_len
             k = load_tile(k_base, n, stride_kn, offs_d, n_valid, d_valid, UPCAST)

@@ -188,6 +188,36 @@ def bounded_keys_visible(n, lo, hi, offs_m, q_len, k_len, CAUSAL: tl.constexpr, 
 
 
 @triton.jit
+def prefix_tile_ranges(example_prefix_len, start_m, q_len, k_len, window, BLOCK_N: tl.constexpr,
+                       WINDOW: tl.constexpr):
+    """(full_end, masked_from) of the prefix tiles for the query block starting at start_m: tiles
+    [0, full_end) are seen in full by every query of the block (no masks), tiles [masked_from, P_b)
+    are masked: the last partial one, or with WINDOW every tile from the first that the block's first
+    query still sees (the prefix sits at positions 0..P_b-1, so it slides out of the window)."""
+    full_end = (example_prefix_len // BLOCK_N) * BLOCK_N
+    masked_from = full_end
+    if WINDOW:
+        full_end = 0
+        masked_from = tl.maximum(example_prefix_len + (k_len - q_len) + start_m - window + 1, 0)
+        masked_from = masked_from // BLOCK_N * BLOCK_N
+    return full_end, masked_from
+
+
+@triton.jit
+def window_key_bounds(lo, start_m, q_len, k_len, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      WINDOW: tl.constexpr):
+    """(first, full_lo) of the real keys >= lo for the query block starting at start_m: the first key
+    any of its queries may see, and the first tile start from which every query of the block has the
+    keys in its window (cdiv(lo, BLOCK_N) * BLOCK_N without WINDOW)."""
+    first = lo
+    full_lo = tl.cdiv(lo, BLOCK_N) * BLOCK_N
+    if WINDOW:  # keys every query of the block has in its window start later; the first query's earlier
+        full_lo = tl.cdiv(tl.maximum(lo, start_m + BLOCK_M + (k_len - q_len) - window), BLOCK_N) * BLOCK_N
+        first = tl.maximum(lo, start_m + (k_len - q_len) - window + 1)
+    return first, full_lo
+
+
+@triton.jit
 def in_window(key_pos, query_pos, window):
     """(BLOCK_M, BLOCK_N) sliding-window mask: key at position key_pos (BLOCK_N,) is within the
     window of the query at query_pos (BLOCK_M,) iff query_pos - key_pos < window (transformers'

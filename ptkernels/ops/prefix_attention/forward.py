@@ -28,6 +28,8 @@ from .common import (
     dropout_row_width,
     example_prefix,
     in_window,
+    prefix_tile_ranges,
+    window_key_bounds,
     key_bounds,
     load_full_tile,
     load_tile,
@@ -194,9 +196,8 @@ def _prefix_attention_fwd_kernel(
         pk_base = PREFIX_K + entry * stride_pkb + kv_h * stride_pkh
         pv_base = PREFIX_V + entry * stride_pvb + kv_h * stride_pvh
         num_kv_heads = num_q_heads // GROUP
-        prefix_full = (example_prefix_len // BLOCK_N) * BLOCK_N
-        if WINDOW:
-            prefix_full = 0
+        prefix_full, masked_from = prefix_tile_ranges(example_prefix_len, start_m, q_len, k_len, window, BLOCK_N,
+                                                      WINDOW)
         for start_n in range(0, prefix_full, BLOCK_N):
             n = start_n + offs_n
             k = load_full_tile(pk_base, n, stride_pkn, offs_d, d_valid, EVEN_D, UPCAST)
@@ -209,12 +210,7 @@ def _prefix_attention_fwd_kernel(
             acc, m_i, l_i = _online_softmax_step_full(
                 acc, m_i, l_i, qk, v, qk_scale_log2, seed, row_lanes, start_n, dropout_threshold, dropout_scale,
                 softcap_in, softcap_out, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N, SOFTCAP)
-        # The masked tiles: the last partial one; with WINDOW every tile from the first that the
-        # block's first query still sees (the prefix sits at positions 0..P-1, so it slides out).
-        masked_from = prefix_full
-        if WINDOW:
-            masked_from = tl.maximum(example_prefix_len + (k_len - q_len) + start_m - window + 1, 0)
-            masked_from = masked_from // BLOCK_N * BLOCK_N
+        # The masked tiles: the last partial one, or with WINDOW those the window's edge crosses.
         for start_n in range(masked_from, example_prefix_len, BLOCK_N):
             n = start_n + offs_n
             n_valid = n < example_prefix_len
@@ -249,11 +245,7 @@ def _prefix_attention_fwd_kernel(
         full_end = hi_b
         if CAUSAL:
             full_end = tl.minimum(hi_b, start_m + (k_len - q_len) + 1)
-        full_lo = tl.cdiv(lo_b, BLOCK_N) * BLOCK_N
-        first_lo = lo_b
-        if WINDOW:  # keys every query of the block has in its window start later; the first query's earlier
-            full_lo = tl.cdiv(tl.maximum(lo_b, start_m + BLOCK_M + (k_len - q_len) - window), BLOCK_N) * BLOCK_N
-            first_lo = tl.maximum(lo_b, start_m + (k_len - q_len) - window + 1)
+        first_lo, full_lo = window_key_bounds(lo_b, start_m, q_len, k_len, window, BLOCK_M, BLOCK_N, WINDOW)
         full_hi = tl.maximum(tl.maximum(full_end, 0) // BLOCK_N * BLOCK_N, full_lo)
         edge_hi = tl.minimum(hi, hi_b)
         for start_n in range(first_lo // BLOCK_N * BLOCK_N, tl.minimum(full_lo, edge_hi), BLOCK_N):
@@ -289,10 +281,8 @@ def _prefix_attention_fwd_kernel(
                 acc, m_i, l_i, s, v, seed, row_lanes, real_lane + start_n, dropout_threshold, dropout_scale, DROPOUT,
                 DOT_PRECISION, BLOCK_M, BLOCK_N)
     else:
-        first_key = 0
-        if WINDOW:
-            first_key = tl.maximum(start_m + (k_len - q_len) - window + 1, 0) // BLOCK_N * BLOCK_N
-        for start_n in range(first_key, hi, BLOCK_N):
+        first_key, _ = window_key_bounds(0, start_m, q_len, k_len, window, BLOCK_M, BLOCK_N, WINDOW)
+        for start_n in range(first_key // BLOCK_N * BLOCK_N, hi, BLOCK_N):
             n = start_n + offs_n
             n_valid = n < k_len
             k = load_tile(k_base, n, stride_kn, offs_d, n_valid, d_valid, UPCAST)
