@@ -24,14 +24,8 @@ def check_prefix_attention_args(q, k, v, prefix_k, prefix_v, key_padding_mask, c
     batch, q_heads, q_len, head_dim = q.shape
     if k.shape[0] != batch:
         raise ValueError(f"k must have q's batch size {batch} in dim 0, got k {tuple(k.shape)}, q {tuple(q.shape)}")
-    if k.shape[3] != head_dim:
-        raise ValueError(f"k must have q's head dim {head_dim} in dim 3, got k {tuple(k.shape)}, q {tuple(q.shape)}")
+    check_heads(q, k, head_axis=1)
     kv_heads, k_len = k.shape[1], k.shape[2]
-    if kv_heads == 0 or q_heads % kv_heads != 0:
-        raise ValueError(
-            f"q's head count must be a multiple of k's (GQA/MQA), got q heads {q_heads} (q {tuple(q.shape)}) "
-            f"and k heads {kv_heads} (k {tuple(k.shape)})"
-        )
     check_prefix_tensors(q, prefix_k, prefix_v, prefix_index, kv_heads, head_dim, batch, "B",
                          f"k {tuple(k.shape)}")
     check_prefix_bank_args(prefix_k, prefix_index, prefix_lengths, prefix_dropout_p, batch, q.device)
@@ -85,6 +79,19 @@ def check_qkv(q, k, v, k_layout: str) -> None:
             raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape {k_layout}, got k {tuple(k.shape)} and v {tuple(v.shape)}")
+
+
+def check_heads(q, k, head_axis: int) -> None:
+    """k has q's head dim (the last dim) and a head count (dim ``head_axis``) dividing q's (GQA / MQA)."""
+    head_dim, last = q.shape[-1], k.dim() - 1
+    if k.shape[-1] != head_dim:
+        raise ValueError(f"k must have q's head dim {head_dim} in dim {last}, got k {tuple(k.shape)}, q {tuple(q.shape)}")
+    q_heads, kv_heads = q.shape[head_axis], k.shape[head_axis]
+    if kv_heads == 0 or q_heads % kv_heads != 0:
+        raise ValueError(
+            f"q's head count must be a multiple of k's (GQA/MQA), got q heads {q_heads} (q {tuple(q.shape)}) "
+            f"and k heads {kv_heads} (k {tuple(k.shape)})"
+        )
 
 
 def check_softcap_and_sinks(softcap, sinks, q_heads: int, device) -> None:

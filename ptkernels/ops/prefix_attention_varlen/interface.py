@@ -18,6 +18,7 @@ from ..prefix_attention.interface import (
     autocast_inputs,
     check_prefix_bank_args,
     check_prefix_tensors,
+    check_heads,
     check_qkv,
     check_scale_and_dropout,
 )
@@ -70,14 +71,8 @@ def check_prefix_attention_varlen_args(
     the sequence lengths (seqlens_q, seqlens_k) as Python ints."""
     check_qkv(q, k, v, "(total_k, Hkv, D)")
     total_q, q_heads, head_dim = q.shape
-    if k.shape[2] != head_dim:
-        raise ValueError(f"k must have q's head dim {head_dim} in dim 2, got k {tuple(k.shape)}, q {tuple(q.shape)}")
+    check_heads(q, k, head_axis=1)
     total_k, kv_heads = k.shape[0], k.shape[1]
-    if kv_heads == 0 or q_heads % kv_heads != 0:
-        raise ValueError(
-            f"q's head count must be a multiple of k's (GQA/MQA), got q heads {q_heads} (q {tuple(q.shape)}) "
-            f"and k heads {kv_heads} (k {tuple(k.shape)})"
-        )
     seqlens_q = check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, total_q, "total_q (q.shape[0])", q.device)
     seqlens_k = check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, total_k, "total_k (k.shape[0])", q.device)
     if len(seqlens_q) != len(seqlens_k):
