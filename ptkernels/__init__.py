@@ -4,7 +4,10 @@ Public API (see README.md and DESIGN.md for the full contract):
 
     prefix_attention(q, k, v, prefix_k, prefix_v, *, key_padding_mask=None, causal=False,
                      scale=None, dropout_p=0.0, prefix_index=None, prefix_lengths=None,
-                     prefix_dropout_p=0.0, backend="auto")
+                     prefix_dropout_p=0.0, softcap=None, sinks=None, window=None,
+                     relative_bias_table=None, relative_bias_buckets=None, backend="auto")
+    relative_position_buckets(max_position, *, num_buckets=32, max_distance=128, bidirectional=True)
+        (T5's bucket of every relative position, the relative_bias_buckets of prefix_attention)
     prefix_attention_varlen(q, k, v, prefix_k, prefix_v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                             max_seqlen_k, *, causal=False, scale=None, dropout_p=0.0, prefix_index=None,
                             prefix_lengths=None, prefix_dropout_p=0.0, backend="auto")
@@ -34,6 +37,7 @@ See examples/ptuning_v2/ for P-Tuning v2's RobertaPrefixForTokenClassification r
 """
 
 from .ops.prefix_attention import prefix_attention
+from .ops.prefix_attention.relative_bias import relative_position_buckets
 from .ops.prefix_attention_varlen import prefix_attention_varlen
 from .ops.prompt_embedding import prompt_embedding, virtual_token_embedding
 from .integrations import patch, unpatch
@@ -41,5 +45,5 @@ from .integrations.transformers import LayerPrefix, use_prefix
 
 __version__ = "0.1.0"
 
-__all__ = ["prefix_attention", "prefix_attention_varlen", "prompt_embedding", "virtual_token_embedding", "patch",
+__all__ = ["prefix_attention", "relative_position_buckets", "prefix_attention_varlen", "prompt_embedding", "virtual_token_embedding", "patch",
            "unpatch", "LayerPrefix", "use_prefix", "__version__"]

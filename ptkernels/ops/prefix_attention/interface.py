@@ -18,7 +18,8 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 def check_prefix_attention_args(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, dropout_p,
                                 prefix_index=None, prefix_lengths=None, prefix_dropout_p=0.0, softcap=None,
-                                sinks=None, window=None) -> None:
+                                sinks=None, window=None, relative_bias_table=None,
+                                relative_bias_buckets=None) -> None:
     """Raise ValueError/TypeError naming the argument for anything the op does not define."""
     check_qkv(q, k, v, "(B, Hkv, Sk, D)")
     batch, q_heads, q_len, head_dim = q.shape
@@ -54,6 +55,46 @@ def check_prefix_attention_args(q, k, v, prefix_k, prefix_v, key_padding_mask, c
             raise ValueError(f"window must be a positive int or None, got {window!r}")
         if not causal:
             raise ValueError("window (a sliding window) needs causal=True: transformers' sliding windows are causal")
+    prefix_len = 0 if prefix_k is None else prefix_k.shape[-2]
+    check_relative_bias(relative_bias_table, relative_bias_buckets, q_heads, prefix_len + k_len, q.device, softcap)
+
+
+def check_relative_bias(table, buckets, q_heads: int, max_position: int, device, softcap) -> None:
+    """relative_bias_table: a floating (num_buckets, Hq) tensor on q's device; relative_bias_buckets:
+    a 1-D integer tensor of odd length 2L - 1 with L >= P + Sk (``max_position``) and values in
+    [0, num_buckets). Both or neither; not with softcap (no model combines them)."""
+    if (table is None) != (buckets is None):
+        raise ValueError("relative_bias_table and relative_bias_buckets must be given together (T5's relative "
+                         f"position bias), got {'only the table' if buckets is None else 'only the buckets'}")
+    if table is None:
+        return
+    if not isinstance(table, Tensor):
+        raise TypeError(f"relative_bias_table must be a (num_buckets, Hq) float tensor, got {type(table).__name__}")
+    if not table.is_floating_point():
+        raise TypeError(f"relative_bias_table must be a floating tensor, got dtype {table.dtype}")
+    if table.dim() != 2 or table.shape[1] != q_heads or table.shape[0] == 0:
+        raise ValueError(f"relative_bias_table must be (num_buckets, Hq) = (num_buckets, {q_heads}), one column per "
+                         f"query head (T5's relative_attention_bias.weight), got {tuple(table.shape)}")
+    if table.device != device:
+        raise ValueError(f"relative_bias_table must be on q's device {device}, got {table.device}")
+    if not isinstance(buckets, Tensor):
+        raise TypeError(f"relative_bias_buckets must be an integer tensor, got {type(buckets).__name__}")
+    if buckets.dtype == torch.bool or buckets.is_floating_point() or buckets.is_complex():
+        raise TypeError(f"relative_bias_buckets must be an integer tensor (int32 or int64), got dtype {buckets.dtype}")
+    if buckets.dim() != 1 or buckets.shape[0] % 2 == 0 or (buckets.shape[0] + 1) // 2 < max_position:
+        raise ValueError(
+            f"relative_bias_buckets must be 1-D of odd length 2L - 1 covering the relative positions "
+            f"-(L - 1) .. L - 1 with L >= P + Sk = {max_position} (length >= {2 * max_position - 1}), got shape "
+            f"{tuple(buckets.shape)}"
+        )
+    if buckets.device != device:
+        raise ValueError(f"relative_bias_buckets must be on q's device {device}, got {buckets.device}")
+    ok, lo, hi = _values_in_range(buckets, 0, table.shape[0] - 1)
+    if not ok:
+        raise ValueError(f"relative_bias_buckets must be in [0, num_buckets) = [0, {table.shape[0]}) for a table of "
+                         f"{table.shape[0]} buckets, got values from {lo} to {hi}")
+    if softcap is not None:
+        raise NotImplementedError("prefix_attention: relative_bias_table together with softcap is not supported")
 
 
 def check_scale_and_dropout(scale, dropout_p) -> None:
@@ -252,6 +293,8 @@ def prefix_attention(
     softcap: Optional[float] = None,
     sinks: Optional[Tensor] = None,
     window: Optional[int] = None,
+    relative_bias_table: Optional[Tensor] = None,
+    relative_bias_buckets: Optional[Tensor] = None,
     backend: str = "auto",
 ) -> Tensor:
     """Attention over [prefix keys; real keys], with the prefix read from its own tensor.
@@ -289,6 +332,14 @@ def prefix_attention(
             the prefix at the positions before the real keys as in PEFT's cache: query i of example b
             (position P_b + Sk - Sq + i, P_b its prefix length) sees prefix key n iff its position - n <
             window and real key j iff i + Sk - Sq - j < window (so the prefix slides out of long windows).
+        relative_bias_table: (num_buckets, Hq) float tensor or None: T5's relative position bias
+            (``relative_attention_bias.weight``), differentiable; needs relative_bias_buckets.
+        relative_bias_buckets: (2L - 1,) int32/int64, L >= P + Sk: the bucket of each relative position
+            r = key position - query position at index r + L - 1 (``relative_position_buckets``
+            builds T5's). Positions as for ``window`` (prefix 0..P_b-1, real key j at P_b + j, query
+            i at P_b + Sk - Sq + i, PEFT's cache convention). Score (h, i, key) gets
+            ``table[buckets[r + L - 1], h]`` added after the scale; the kernels gather it per tile,
+            never as a dense (B, Hq, Sq, P + Sk) tensor.
         backend: "auto" (Triton for CUDA tensors, the fast PyTorch path otherwise), "triton",
             "torch" (the fast PyTorch path: scaled_dot_product_attention, any device, float64
             included) or "reference" (the readable oracle). "triton" on CPU tensors runs Triton's
@@ -298,12 +349,14 @@ def prefix_attention(
     """
     q, k, v, prefix_k, prefix_v = autocast_inputs(q, k, v, prefix_k, prefix_v)
     check_prefix_attention_args(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, dropout_p,
-                                prefix_index, prefix_lengths, prefix_dropout_p, softcap, sinks, window)
+                                prefix_index, prefix_lengths, prefix_dropout_p, softcap, sinks, window,
+                                relative_bias_table, relative_bias_buckets)
     chosen = resolve_backend(backend, q.device)
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     dropout_p = float(dropout_p)
     bank = dict(prefix_index=prefix_index, prefix_lengths=prefix_lengths, prefix_dropout_p=float(prefix_dropout_p),
-                softcap=None if softcap is None else float(softcap), sinks=sinks, window=window)
+                softcap=None if softcap is None else float(softcap), sinks=sinks, window=window,
+                relative_bias_table=relative_bias_table, relative_bias_buckets=relative_bias_buckets)
     if chosen == "torch":
         return prefix_attention_torch(
             q, k, v, prefix_k, prefix_v,
@@ -314,6 +367,8 @@ def prefix_attention(
             q, k, v, prefix_k, prefix_v,
             key_padding_mask=key_padding_mask, causal=causal, scale=scale, dropout_p=dropout_p, **bank,
         )
+    if relative_bias_table is not None:  # TODO(kernel): being written
+        raise NotImplementedError("backend='triton' does not take relative_bias_table yet; use backend='torch'")
     if q.dtype not in FLOAT_DTYPES:
         raise TypeError(f"q must be float16, bfloat16 or float32 for backend='triton', got {q.dtype} (float64 runs with backend='torch')")
     # Imported here, not at the top: triton is needed only for backend="triton".

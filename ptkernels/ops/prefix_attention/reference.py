@@ -11,6 +11,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .relative_bias import relative_bias_dense
+
 
 def example_prefix_lengths(
     batch: int, prefix_index: Optional[Tensor], prefix_lengths: Optional[Tensor]
@@ -89,6 +91,8 @@ def prefix_attention_reference(
     softcap: Optional[float] = None,
     sinks: Optional[Tensor] = None,
     window: Optional[int] = None,
+    relative_bias_table: Optional[Tensor] = None,
+    relative_bias_buckets: Optional[Tensor] = None,
     upcast: bool = True,
 ) -> Tensor:
     """softmax(q [prefix_k; k]^T * scale + mask) [prefix_v; v], computed the obvious way.
@@ -116,6 +120,10 @@ def prefix_attention_reference(
             probability is dropped (it takes weight from the keys and attends to nothing)
         window: causal sliding window (transformers' sliding_window), the prefix counted as the
             positions before the real keys (PEFT's cache): see ``visible_keys_mask``
+        relative_bias_table, relative_bias_buckets: T5's relative position bias, (num_buckets, Hq)
+            and (2L - 1,) integers: ``table[buckets[r + L - 1], h]`` is added to every score of head
+            h whose key position minus query position is r (positions as for ``window``), after the
+            scale (see :mod:`.relative_bias`)
         upcast: compute in fp32 (True, the oracle) or in the inputs' dtype (the "PyTorch in the same
             precision" baseline of the FlashAttention error rule)
     Returns:
@@ -155,6 +163,9 @@ def prefix_attention_reference(
     scores = torch.matmul(q.to(compute_dtype), keys.transpose(-1, -2)) * scale
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
+    if relative_bias_table is not None:
+        scores = scores + relative_bias_dense(relative_bias_table, relative_bias_buckets, batch, q_len, prefix_len,
+                                              k_len, lengths).to(compute_dtype)
     visible = visible_keys_mask(batch, q_len, prefix_len, k_len, key_padding_mask, causal, q.device, prefix_visible,
                                 window)
     scores = scores.masked_fill(~visible, float("-inf"))

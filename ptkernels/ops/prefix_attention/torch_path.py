@@ -36,6 +36,7 @@ from torch import Tensor
 from torch.nn.attention.bias import causal_lower_right
 
 from .reference import example_prefix_lengths, prefix_attention_reference, select_prefix, visible_keys_mask
+from .relative_bias import relative_bias_dense
 
 
 def join_prefix(prefix: Optional[Tensor], real: Tensor) -> Tensor:
@@ -64,6 +65,8 @@ def prefix_attention_torch(
     softcap: Optional[float] = None,
     sinks: Optional[Tensor] = None,
     window: Optional[int] = None,
+    relative_bias_table: Optional[Tensor] = None,
+    relative_bias_buckets: Optional[Tensor] = None,
 ) -> Tensor:
     """Fast PyTorch prefix attention (arguments already checked by the interface).
 
@@ -84,6 +87,9 @@ def prefix_attention_torch(
             either the maths is written out (as for CPU dropout: no repeat_kv, bool mask only).
         window: causal sliding window, the prefix at the positions before the real keys: a dense
             (B, 1, Sq, P + Sk) bool mask (the reference's ``visible_keys_mask``).
+        relative_bias_table, relative_bias_buckets: T5's relative position bias ((num_buckets, Hq),
+            (2L - 1,)): gathered into a dense (1 or B, Hq, Sq, P + Sk) bias added to the written-out
+            scores (SDPA's CPU kernels have no gradient for a float mask).
     Returns:
         out: (B, Hq, Sq, D) in q's dtype.
     """
@@ -101,7 +107,8 @@ def prefix_attention_torch(
         prefix_v = prefix_v * keep[1].to(prefix_v.dtype) * (1.0 / keep_prob)
     keys, values = join_prefix(prefix_k, k), join_prefix(prefix_v, v)
     gqa = q_heads != kv_heads
-    written_out = (dropout_p > 0.0 and q.device.type == "cpu") or softcap is not None or sinks is not None
+    written_out = ((dropout_p > 0.0 and q.device.type == "cpu") or softcap is not None or sinks is not None
+                   or relative_bias_table is not None)
 
     if key_padding_mask is None and lengths is None and window is None and not written_out:
         if not causal:
@@ -147,7 +154,11 @@ def prefix_attention_torch(
         else:
             mask = mask | dead
     if written_out:
-        out = _attention_written_out(q, keys, values, mask, scale, dropout_p, softcap, sinks)
+        bias = None
+        if relative_bias_table is not None:
+            bias = relative_bias_dense(relative_bias_table, relative_bias_buckets, batch, q_len, prefix_len, k_len,
+                                       lengths)
+        out = _attention_written_out(q, keys, values, mask, scale, dropout_p, softcap, sinks, bias)
     else:
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, dropout_p=dropout_p,
                                              scale=scale, enable_gqa=gqa)
@@ -167,12 +178,13 @@ def dropout_keep_mask(shape: tuple, dropout_p: float, device: torch.device) -> t
 
 
 def _attention_written_out(q: Tensor, keys: Tensor, values: Tensor, mask: Optional[Tensor], scale: float,
-                           dropout_p: float, softcap: Optional[float] = None, sinks: Optional[Tensor] = None) -> Tensor:
-    """softmax(q keys^T * scale, softcapped, masked, with sink logits) with dropout, @ values,
-    written out (CPU dropout, or what SDPA lacks: softcap, sinks).
+                           dropout_p: float, softcap: Optional[float] = None, sinks: Optional[Tensor] = None,
+                           bias: Optional[Tensor] = None) -> Tensor:
+    """softmax(q keys^T * scale, softcapped, plus bias, masked, with sink logits) with dropout, @ values,
+    written out (CPU dropout, or what SDPA lacks: softcap, sinks, a differentiable bias).
 
     q: (B, Hq, Sq, D); keys, values: (B, Hkv, T, D); mask: bool, (B, 1, 1, T), (Sq, T) or
-    (B, 1, Sq, T), or None. The G = Hq / Hkv query heads that share a KV head are stacked into one
+    (B, 1, Sq, T), or None; bias: (1 or B, Hq, Sq, T) or None. The G = Hq / Hkv query heads that share a KV head are stacked into one
     (G * Sq) row block, so keys and values are not repeated. The keep mask is drawn over
     (B, Hq, Sq, T) in that order, which is the memory order of the (B, Hkv, G * Sq, T) scores.
 
@@ -186,6 +198,8 @@ def _attention_written_out(q: Tensor, keys: Tensor, values: Tensor, mask: Option
     scores = torch.matmul(stacked, keys.transpose(-1, -2))  # (B, Hkv, G * Sq, T), a fresh tensor
     if softcap is not None:
         scores = torch.tanh(scores * (1.0 / softcap)) * softcap  # fresh too (tanh saves its own output)
+    if bias is not None:  # query head j * G + g is row block g of KV head j: a view of the (.., Hq, Sq, T) bias
+        scores = scores + bias.to(scores.dtype).reshape(bias.shape[0], kv_heads, group * q_len, total)
     if mask is not None:
         if group > 1 and mask.shape[-2] > 1:  # per-query rows: the same rows for each of the G heads
             mask = mask.repeat(*([1] * (mask.dim() - 2)), group, 1)  # (..., G * Sq, T)
