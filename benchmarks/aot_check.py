@@ -111,6 +111,7 @@ class Case:
     softcap: bool = False  # logit softcapping (Gemma 2)
     sinks: bool = False  # per-head sink logits (gpt-oss)
     window: bool = False  # a causal sliding window
+    relative_bias: bool = False  # T5's relative position bias (a 32-bucket table)
     group: int = 1
     batch: int = 2
     kv_heads: int = 2
@@ -125,7 +126,7 @@ class Case:
         flags = [f for f, on in (("causal", self.causal), ("kpm", self.kpm), ("dropout", self.dropout),
                                  ("lengths", self.lengths), ("prefix_dropout", self.prefix_dropout),
                                  ("varlen", self.varlen), ("softcap", self.softcap), ("sinks", self.sinks),
-                                 ("window", self.window)) if on]
+                                 ("window", self.window), ("relative_bias", self.relative_bias)) if on]
         return (f"{dt}-D{self.head_dim}-{self.prefix}-g{self.group}-{'+'.join(flags) or 'plain'}"
                 f"-B{self.batch}Hkv{self.kv_heads}Sq{self.q_len}Sk{self.k_len}P{self.prefix_len}-{self.layout}")
 
@@ -175,9 +176,12 @@ def case_launches(case: Case, arch: int = 90, allow_interpreted: bool = False) -
     limits, launches = target_limits(arch), []
     launcher = recorder(launches)
     bank = (index, lengths, prefix_dropout_p, prefix_seed)
-    if case.softcap or case.sinks or case.window:
+    if case.softcap or case.sinks or case.window or case.relative_bias:
         bank += (50.0 if case.softcap else 0.0, torch.empty(hq, device="meta") if case.sinks else None,
                  48 if case.window else 0)
+    if case.relative_bias:  # (Hq, num_buckets) float32 and (2L - 1,) int32, as function.py hands them over
+        bank += (torch.empty(hq, 32, device="meta"),
+                 torch.empty(2 * (p + case.k_len) - 1, dtype=torch.int32, device="meta"))
     varlen = None
     if case.varlen:
         from ptkernels.ops.prefix_attention.launch import Varlen
@@ -321,6 +325,8 @@ def quick_cases() -> list[Case]:
         Case(torch.float16, 64, causal=True, prefix="shared", dropout=True, group=2, varlen=True),
         Case(torch.bfloat16, 128, causal=True, kpm=True, prefix="shared", group=2, softcap=True, sinks=True,
              window=True),
+        Case(torch.bfloat16, 64, causal=True, kpm=True, prefix="shared", group=2, relative_bias=True, dropout=True),
+        Case(torch.float16, 128, kpm=True, prefix="per_example", relative_bias=True),
     ]
 
 
@@ -350,6 +356,8 @@ def cases() -> list[Case]:
         Case(torch.float16, 64, causal=True, prefix="shared", softcap=True, group=2),
         Case(torch.float16, 64, causal=True, prefix="bank", lengths=True, window=True, group=4),
         Case(torch.bfloat16, 64, kpm=True, prefix="per_example", sinks=True, dropout=True, group=8),
+        Case(torch.float16, 64, causal=True, prefix="shared", relative_bias=True, group=1),
+        Case(torch.bfloat16, 64, kpm=True, prefix="bank", lengths=True, relative_bias=True, group=2),
     ]
     return out
 

@@ -62,7 +62,7 @@ if ROOT not in sys.path:
 from benchmarks import aot_check  # noqa: E402
 
 FEATURES = ("prefix", "per_example_prefix", "bank", "lengths", "prefix_dropout", "varlen", "softcap", "sinks", "window",
-            "causal", "padding", "dropout", "gqa")
+            "relative_bias", "causal", "padding", "dropout", "gqa")
 FEATURE_SETS = (
     (),
     ("prefix",),
@@ -76,6 +76,7 @@ FEATURE_SETS = (
     ("bank", "lengths", "prefix_dropout", "causal", "gqa"),  # several adapters in one batch, P-Tuning v2's dropout
     ("prefix", "varlen", "causal", "gqa"),  # packed sequences
     ("prefix", "softcap", "sinks", "window", "causal", "padding"),  # Gemma 2 / gpt-oss attention
+    ("prefix", "relative_bias", "causal", "padding"),  # a T5 decoder's self-attention
 )
 QUICK_FEATURE_SETS = (("prefix",), ("prefix", "causal", "padding", "dropout", "gqa"),
                       ("per_example_prefix", "causal", "padding", "dropout"))
@@ -105,7 +106,7 @@ def case_for(dtype: str, head_dim: int, features: tuple) -> aot_check.Case:
                           prefix=prefix, dropout="dropout" in features, group=4 if "gqa" in features else 1,
                           lengths="lengths" in features, prefix_dropout="prefix_dropout" in features,
                           varlen="varlen" in features, softcap="softcap" in features, sinks="sinks" in features,
-                          window="window" in features)
+                          window="window" in features, relative_bias="relative_bias" in features)
 
 
 def kind(kernel: str) -> Optional[str]:

@@ -51,7 +51,8 @@ def test_quick_cases_launch_every_kernel_with_the_targets_limits():
             for launch in aot_check.case_launches(case, arch, allow_interpreted=True):
                 launched.add(launch.name)
                 if launch.name == "_prefix_attention_fwd_kernel":
-                    want = forward_config(case.head_dim, case.dtype, limits, dropout=case.dropout)
+                    want = forward_config(case.head_dim, case.dtype, limits, dropout=case.dropout,
+                                          bias=case.relative_bias)
                 elif launch.name.startswith("_prefix_attention_bwd_"):
                     want = backward_config(case.head_dim, case.dtype, limits)
                 else:

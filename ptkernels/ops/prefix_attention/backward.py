@@ -22,6 +22,7 @@ from torch import Tensor
 
 from ..utils import batch_strides
 from .common import (
+    accumulate_bucket_grad,
     bounded_keys_visible,
     drop_prefix_tile,
     dropout_keep,
@@ -34,6 +35,7 @@ from .common import (
     load_full_tile,
     load_tile,
     prefix_dropout_keep,
+    relative_bias,
     tanh,
     program_coordinates,
     query_rows,
@@ -56,6 +58,7 @@ from .launch import (
     gpu_backward_configs,
     key_bounds_of,
     launch_kernel,
+    relative_bias_args,
     mask_as_int8,
     mask_strides,
     qkv_strides,
@@ -94,16 +97,24 @@ def _dq_tile(
     dq, q, do, lse, delta, k, v, s_visible, seed, row_lanes, key_lane, dropout_threshold, qk_scale_log2,
     dropout_scale, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MASKED: tl.constexpr, softcap_in, softcap_out, SOFTCAP: tl.constexpr,
+    dbias, bias_row, BIAS_BUCKETS, key_pos, query_pos, bias_center, bias_last, BIAS: tl.constexpr,
+    NB_BLOCK: tl.constexpr,
 ):
-    """dQ contribution of one key tile (before the final multiplication by the softmax scale).
-    MASKED=False: every key of the tile is visible (s_visible is ignored; the scale folds into an FMA).
-    SOFTCAP: scores softcap * tanh(qk * scale / softcap), whose derivative 1 - tanh^2 joins dS."""
+    """(dq, dbias) plus one key tile's contributions (dq before the final multiplication by the
+    softmax scale). MASKED=False: every key of the tile is visible (s_visible is ignored; the scale
+    folds into an FMA). SOFTCAP: scores softcap * tanh(qk * scale / softcap), whose derivative
+    1 - tanh^2 joins dS. BIAS: T5's relative bias of keys at key_pos (BLOCK_N,) for queries at
+    query_pos (BLOCK_M,) joins the scores, and dS summed per bucket joins dbias (NB_BLOCK,)."""
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     if SOFTCAP:
         t = tanh(qk * softcap_in)
         s = softcap_out * t
     else:
         s = qk * qk_scale_log2
+    if BIAS:
+        bias, bucket = relative_bias(bias_row, BIAS_BUCKETS, key_pos[None, :] - query_pos[:, None], bias_center,
+                                     bias_last)
+        s = s + bias
     if MASKED:
         p = tl.where(s_visible, tl.math.exp2(s - lse[:, None]), 0.0)
     else:
@@ -113,15 +124,17 @@ def _dq_tile(
         keep = dropout_keep(seed, row_lanes, key_lane, dropout_threshold, BLOCK_M, BLOCK_N)
         dp = tl.where(keep, dp * dropout_scale, 0.0)
     ds = p * (dp - delta[:, None])
+    if BIAS:  # the bias adds to the scores after the scale: its gradient is dS itself
+        dbias = accumulate_bucket_grad(dbias, ds, bucket, NB_BLOCK)
     if SOFTCAP:
         ds = ds * (1.0 - t * t)
-    return dq + tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+    return dq + tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION), dbias
 
 
 @triton.jit(do_not_specialize=["seed"])
 def _prefix_attention_bwd_dq_kernel(
     Q, K, V, PREFIX_K, PREFIX_V, PREFIX_INDEX, PREFIX_LENGTHS, KEY_PADDING_MASK, KEY_BOUNDS, CU_SEQLENS_Q, CU_SEQLENS_K,
-    GRAD_OUT, LSE, DELTA, DQ,
+    BIAS_TABLE, BIAS_BUCKETS, GRAD_OUT, LSE, DELTA, DQ, DBIAS,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -133,7 +146,9 @@ def _prefix_attention_bwd_dq_kernel(
     num_q_heads, q_len, k_len, prefix_len, head_dim, entry_step, stat_rows,
     scale, qk_scale_log2, dropout_threshold, dropout_scale, seed,
     prefix_dropout_threshold, prefix_dropout_scale, prefix_seed, softcap_in, softcap_out, window,
+    num_buckets, bias_center, bias_last,
     GROUP: tl.constexpr, VARLEN: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, CAUSAL: tl.constexpr,
+    BIAS: tl.constexpr, NB_BLOCK: tl.constexpr,
     HAS_KPM: tl.constexpr,
     HAS_PREFIX: tl.constexpr,
     HAS_INDEX: tl.constexpr, HAS_LENGTHS: tl.constexpr, PREFIX_DROPOUT: tl.constexpr,
@@ -141,7 +156,9 @@ def _prefix_attention_bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
 ):
     """DQ (B, Hq, Sq, D): one program per (query block, batch, query head). EVEN_D: head_dim == BLOCK_D.
-    Example b's prefix (bank entry, length, prefix dropout) and VARLEN as in the forward kernel."""
+    Example b's prefix (bank entry, length, prefix dropout), BIAS and VARLEN as in the forward kernel.
+    BIAS: DBIAS (programs, NB_BLOCK) float32 gets this program's per-bucket sums of dS (row = program
+    id), summed over programs in a fixed order afterwards."""
     # 1-D grid: query blocks fastest, then query heads, then batch.
     b, h, start_m, offs_m = program_coordinates(q_len, num_q_heads, BLOCK_M)
     kv_h = h // GROUP
@@ -168,6 +185,11 @@ def _prefix_attention_bwd_dq_kernel(
     row_lanes = row_stat.to(tl.int64) * row_width
     real_lane = (prefix_len + 7) // 8 * 8  # the dropout lane of real key 0
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    dbias = tl.zeros([NB_BLOCK], dtype=tl.float32)
+    query_pos = offs_m + (k_len - q_len)  # relative-bias positions from real key 0 (prefix key n: n - P_b)
+    bias_row = BIAS_TABLE  # None without BIAS
+    if BIAS:
+        bias_row = BIAS_TABLE + h * num_buckets
 
     # Prefix keys, then real keys, as in the forward: full tiles without mask arithmetic (every key
     # of the tile visible to every query of the block), then the masked boundary tiles.
@@ -188,9 +210,10 @@ def _prefix_attention_bwd_dq_kernel(
                                  prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT, BLOCK_N, BLOCK_D)
             v = drop_prefix_tile(v, prefix_seed, b, kv_h, 1, num_kv_heads, prefix_len, head_dim, n,
                                  prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT, BLOCK_N, BLOCK_D)
-            dq = _dq_tile(dq, q, do, lse, delta, k, v, all_visible, seed, row_lanes, start_n, dropout_threshold,
-                          qk_scale_log2, dropout_scale, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N, False,
-                          softcap_in, softcap_out, SOFTCAP)
+            dq, dbias = _dq_tile(dq, q, do, lse, delta, k, v, all_visible, seed, row_lanes, start_n, dropout_threshold,
+                                 qk_scale_log2, dropout_scale, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N, False,
+                                 softcap_in, softcap_out, SOFTCAP, dbias, bias_row, BIAS_BUCKETS,
+                                 n - example_prefix_len, query_pos, bias_center, bias_last, BIAS, NB_BLOCK)
         for start_n in range(masked_from, example_prefix_len, BLOCK_N):
             n = start_n + offs_n
             n_valid = n < example_prefix_len
@@ -203,9 +226,10 @@ def _prefix_attention_bwd_dq_kernel(
             visible_2d = n_valid[None, :]
             if WINDOW:
                 visible_2d = visible_2d & in_window(n, offs_m + (k_len - q_len) + example_prefix_len, window)
-            dq = _dq_tile(dq, q, do, lse, delta, k, v, visible_2d, seed, row_lanes, start_n,
-                          dropout_threshold, qk_scale_log2, dropout_scale, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N,
-                          True, softcap_in, softcap_out, SOFTCAP)
+            dq, dbias = _dq_tile(dq, q, do, lse, delta, k, v, visible_2d, seed, row_lanes, start_n,
+                                 dropout_threshold, qk_scale_log2, dropout_scale, DROPOUT, DOT_PRECISION, BLOCK_M,
+                                 BLOCK_N, True, softcap_in, softcap_out, SOFTCAP, dbias, bias_row, BIAS_BUCKETS,
+                                 n - example_prefix_len, query_pos, bias_center, bias_last, BIAS, NB_BLOCK)
 
     # Real keys: as in the forward (full tiles of a contiguous run of attended keys without masks,
     # bounds-masked edge tiles, padded tiles skipped; mask loads only for other masks).
@@ -228,25 +252,28 @@ def _prefix_attention_bwd_dq_kernel(
             k = load_tile(k_base, n, stride_kn, offs_d, n_valid, d_valid, UPCAST)
             v = load_tile(v_base, n, stride_vn, offs_d, n_valid, d_valid, UPCAST)
             visible_2d = bounded_keys_visible(n, lo_b, hi_b, offs_m, q_len, k_len, CAUSAL, window, WINDOW)
-            dq = _dq_tile(dq, q, do, lse, delta, k, v, visible_2d, seed, row_lanes, real_lane + start_n,
-                          dropout_threshold, qk_scale_log2, dropout_scale, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N,
-                          True, softcap_in, softcap_out, SOFTCAP)
+            dq, dbias = _dq_tile(dq, q, do, lse, delta, k, v, visible_2d, seed, row_lanes, real_lane + start_n,
+                                 dropout_threshold, qk_scale_log2, dropout_scale, DROPOUT, DOT_PRECISION, BLOCK_M,
+                                 BLOCK_N, True, softcap_in, softcap_out, SOFTCAP, dbias, bias_row, BIAS_BUCKETS, n,
+                                 query_pos, bias_center, bias_last, BIAS, NB_BLOCK)
         for start_n in range(full_lo, full_hi, BLOCK_N):
             n = start_n + offs_n
             k = load_full_tile(k_base, n, stride_kn, offs_d, d_valid, EVEN_D, UPCAST)
             v = load_full_tile(v_base, n, stride_vn, offs_d, d_valid, EVEN_D, UPCAST)
-            dq = _dq_tile(dq, q, do, lse, delta, k, v, all_visible, seed, row_lanes, real_lane + start_n,
-                          dropout_threshold, qk_scale_log2, dropout_scale, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N,
-                          False, softcap_in, softcap_out, SOFTCAP)
+            dq, dbias = _dq_tile(dq, q, do, lse, delta, k, v, all_visible, seed, row_lanes, real_lane + start_n,
+                                 dropout_threshold, qk_scale_log2, dropout_scale, DROPOUT, DOT_PRECISION, BLOCK_M,
+                                 BLOCK_N, False, softcap_in, softcap_out, SOFTCAP, dbias, bias_row, BIAS_BUCKETS, n,
+                                 query_pos, bias_center, bias_last, BIAS, NB_BLOCK)
         for start_n in range(full_hi, edge_hi, BLOCK_N):
             n = start_n + offs_n
             n_valid = n < hi_b
             k = load_tile(k_base, n, stride_kn, offs_d, n_valid, d_valid, UPCAST)
             v = load_tile(v_base, n, stride_vn, offs_d, n_valid, d_valid, UPCAST)
             visible_2d = bounded_keys_visible(n, lo_b, hi_b, offs_m, q_len, k_len, CAUSAL, window, WINDOW)
-            dq = _dq_tile(dq, q, do, lse, delta, k, v, visible_2d, seed, row_lanes, real_lane + start_n,
-                          dropout_threshold, qk_scale_log2, dropout_scale, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N,
-                          True, softcap_in, softcap_out, SOFTCAP)
+            dq, dbias = _dq_tile(dq, q, do, lse, delta, k, v, visible_2d, seed, row_lanes, real_lane + start_n,
+                                 dropout_threshold, qk_scale_log2, dropout_scale, DROPOUT, DOT_PRECISION, BLOCK_M,
+                                 BLOCK_N, True, softcap_in, softcap_out, SOFTCAP, dbias, bias_row, BIAS_BUCKETS, n,
+                                 query_pos, bias_center, bias_last, BIAS, NB_BLOCK)
     else:
         first_key, _ = window_key_bounds(0, start_m, q_len, k_len, window, BLOCK_M, BLOCK_N, WINDOW)
         for start_n in range(first_key // BLOCK_N * BLOCK_N, hi, BLOCK_N):
@@ -256,12 +283,15 @@ def _prefix_attention_bwd_dq_kernel(
             v = load_tile(v_base, n, stride_vn, offs_d, n_valid, d_valid, UPCAST)
             visible_2d = real_keys_visible(KEY_PADDING_MASK, b, stride_mb, stride_mn, n, n_valid, offs_m, q_len,
                                            k_len, HAS_KPM, CAUSAL, window, WINDOW)
-            dq = _dq_tile(dq, q, do, lse, delta, k, v, visible_2d, seed, row_lanes, real_lane + start_n,
-                          dropout_threshold, qk_scale_log2, dropout_scale, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N,
-                          True, softcap_in, softcap_out, SOFTCAP)
+            dq, dbias = _dq_tile(dq, q, do, lse, delta, k, v, visible_2d, seed, row_lanes, real_lane + start_n,
+                                 dropout_threshold, qk_scale_log2, dropout_scale, DROPOUT, DOT_PRECISION, BLOCK_M,
+                                 BLOCK_N, True, softcap_in, softcap_out, SOFTCAP, dbias, bias_row, BIAS_BUCKETS, n,
+                                 query_pos, bias_center, bias_last, BIAS, NB_BLOCK)
 
     dq_ptrs = DQ + b * stride_dqb + q_start * stride_dqm + h * stride_dqh + rows * stride_dqm + offs_d[None, :]
     tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=qd_mask)
+    if BIAS:
+        tl.store(DBIAS + tl.program_id(0).to(tl.int64) * NB_BLOCK + tl.arange(0, NB_BLOCK), dbias)
 
 
 @triton.jit
@@ -272,10 +302,12 @@ def _dkdv_tile(
     DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr, softcap_in, softcap_out,
     SOFTCAP: tl.constexpr, key_pos, window_shift, window, WINDOW: tl.constexpr,
+    bias_row, BIAS_BUCKETS, bias_center, bias_last, BIAS: tl.constexpr,
 ):
     """dK/dV contribution of one query tile, in transposed (keys x queries) form.
     MASKED=False: the tile's queries are all < q_len and see every key of the block
-    (key_visible_t is ignored, loads are unmasked)."""
+    (key_visible_t is ignored, loads are unmasked). Query i sits at position i + window_shift and the
+    block's keys at key_pos (BLOCK_N,) (the sliding window's and the relative bias's positions)."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     if MASKED:
         if WINDOW:  # query i (position i + window_shift) sees key position key_pos iff the gap is < window
@@ -297,6 +329,10 @@ def _dkdv_tile(
         s_t = softcap_out * t_t
     else:
         s_t = qk_t * qk_scale_log2
+    if BIAS:
+        bias_t, _ = relative_bias(bias_row, BIAS_BUCKETS, key_pos[:, None] - (offs_m[None, :] + window_shift),
+                                  bias_center, bias_last)
+        s_t = s_t + bias_t
     if MASKED:
         p_t = tl.where(key_visible_t, tl.math.exp2(s_t - lse[None, :]), 0.0)
     else:
@@ -319,7 +355,8 @@ def _dkdv_tile(
 
 @triton.jit(do_not_specialize=["seed"])
 def _prefix_attention_bwd_dkdv_kernel(
-    Q, K, V, KEY_PADDING_MASK, KEY_BOUNDS, CU_SEQLENS_Q, CU_SEQLENS_K, GRAD_OUT, LSE, DELTA, DK, DV,
+    Q, K, V, KEY_PADDING_MASK, KEY_BOUNDS, CU_SEQLENS_Q, CU_SEQLENS_K, BIAS_TABLE, BIAS_BUCKETS, GRAD_OUT, LSE, DELTA,
+    DK, DV,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -329,7 +366,9 @@ def _prefix_attention_bwd_dkdv_kernel(
     stride_dvb, stride_dvh, stride_dvn,
     num_q_heads, num_kv_heads, q_len, k_len, prefix_len, head_dim, stat_rows,
     scale, qk_scale_log2, dropout_threshold, dropout_scale, seed, softcap_in, softcap_out, window,
+    num_buckets, bias_center, bias_last,
     GROUP: tl.constexpr, VARLEN: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, CAUSAL: tl.constexpr,
+    BIAS: tl.constexpr,
     HAS_KPM: tl.constexpr,
     DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
@@ -395,6 +434,9 @@ def _prefix_attention_bwd_dkdv_kernel(
     real_lane = (prefix_len + 7) // 8 * 8 + start_n
     for g in range(GROUP):
         h = kv_h * GROUP + g
+        bias_row = BIAS_TABLE  # None without BIAS
+        if BIAS:
+            bias_row = BIAS_TABLE + h * num_buckets
         q_base = b * stride_qb + q_start * stride_qm + h * stride_qh
         do_base = b * stride_dob + q_start * stride_dom + h * stride_doh
         if VARLEN:
@@ -411,14 +453,14 @@ def _prefix_attention_bwd_dkdv_kernel(
                 start_m, q_len, offs_d, d_valid, visible_t, real_lane, stat_base, width, seed, dropout_threshold,
                 dropout_scale, qk_scale_log2, DROPOUT, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, True, EVEN_D,
                 softcap_in, softcap_out, SOFTCAP,
-                key_pos, window_shift, window, WINDOW)
+                key_pos, window_shift, window, WINDOW, bias_row, BIAS_BUCKETS, bias_center, bias_last, BIAS)
         for start_m in range(full_start, full_stop, BLOCK_M):
             dk, dv = _dkdv_tile(
                 dk, dv, k, v, Q, GRAD_OUT, LSE, DELTA, q_base, do_base, stat_base, stride_qm, stride_dom,
                 start_m, q_len, offs_d, d_valid, visible[:, None], real_lane, stat_base, width, seed,
                 dropout_threshold, dropout_scale, qk_scale_log2, DROPOUT, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N,
                 False, EVEN_D, softcap_in, softcap_out, SOFTCAP,
-                key_pos, window_shift, window, WINDOW)
+                key_pos, window_shift, window, WINDOW, bias_row, BIAS_BUCKETS, bias_center, bias_last, BIAS)
         for start_m in range(full_stop, q_end, BLOCK_M):
             visible_t = visible[:, None]
             if CAUSAL:
@@ -429,7 +471,7 @@ def _prefix_attention_bwd_dkdv_kernel(
                 start_m, q_len, offs_d, d_valid, visible_t, real_lane, stat_base, width, seed, dropout_threshold,
                 dropout_scale, qk_scale_log2, DROPOUT, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, True, EVEN_D,
                 softcap_in, softcap_out, SOFTCAP,
-                key_pos, window_shift, window, WINDOW)
+                key_pos, window_shift, window, WINDOW, bias_row, BIAS_BUCKETS, bias_center, bias_last, BIAS)
     tl.store(DK + b * stride_dkb + k_start * stride_dkn + kv_h * stride_dkh + keys * stride_dkn + offs_d[None, :],
              (dk * scale).to(DK.dtype.element_ty), mask=kd_mask)
     tl.store(DV + b * stride_dvb + k_start * stride_dvn + kv_h * stride_dvh + keys * stride_dvn + offs_d[None, :],
@@ -444,6 +486,7 @@ def _prefix_example_dkdv(
     GROUP: tl.constexpr, VARLEN: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr,
     softcap_in, softcap_out, SOFTCAP: tl.constexpr, key_pos, window_shift, window, q_end, WINDOW: tl.constexpr,
+    BIAS_TABLE, BIAS_BUCKETS, num_buckets, bias_center, bias_last, BIAS: tl.constexpr,
 ):
     """Example b's contribution to one prefix block's (dk, dv): its GROUP query heads, full query tiles
     [0, full_stop) unmasked, then the rest masked (q_len: the example's query count, q_start its
@@ -451,6 +494,9 @@ def _prefix_example_dkdv(
     the end of the masked query tiles, q_len or, with WINDOW, where the block leaves the window)."""
     for g in range(GROUP):
         h = kv_h * GROUP + g
+        bias_row = BIAS_TABLE  # None without BIAS
+        if BIAS:
+            bias_row = BIAS_TABLE + h * num_buckets
         if VARLEN:
             q_base = q_start * stride_qm + h * stride_qh
             do_base = q_start * stride_dom + h * stride_doh
@@ -465,21 +511,21 @@ def _prefix_example_dkdv(
                 start_m, q_len, offs_d, d_valid, visible_t, start_n, stat_base, width, seed, dropout_threshold,
                 dropout_scale, qk_scale_log2, DROPOUT, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, False, EVEN_D,
                 softcap_in, softcap_out, SOFTCAP,
-                key_pos, window_shift, window, WINDOW)
+                key_pos, window_shift, window, WINDOW, bias_row, BIAS_BUCKETS, bias_center, bias_last, BIAS)
         for start_m in range(full_stop, q_end, BLOCK_M):
             dk, dv = _dkdv_tile(
                 dk, dv, k, v, Q, GRAD_OUT, LSE, DELTA, q_base, do_base, stat_base, stride_qm, stride_dom,
                 start_m, q_len, offs_d, d_valid, visible_t, start_n, stat_base, width, seed, dropout_threshold,
                 dropout_scale, qk_scale_log2, DROPOUT, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, True, EVEN_D,
                 softcap_in, softcap_out, SOFTCAP,
-                key_pos, window_shift, window, WINDOW)
+                key_pos, window_shift, window, WINDOW, bias_row, BIAS_BUCKETS, bias_center, bias_last, BIAS)
     return dk, dv
 
 
 @triton.jit(do_not_specialize=["seed", "prefix_seed"])
 def _prefix_attention_bwd_prefix_dkdv_kernel(
-    Q, PREFIX_K, PREFIX_V, PREFIX_LENGTHS, EXAMPLE_ORDER, ENTRY_OFFSETS, CU_SEQLENS_Q, GRAD_OUT, LSE, DELTA,
-    DPREFIX_K, DPREFIX_V,
+    Q, PREFIX_K, PREFIX_V, PREFIX_LENGTHS, EXAMPLE_ORDER, ENTRY_OFFSETS, CU_SEQLENS_Q, BIAS_TABLE, BIAS_BUCKETS,
+    GRAD_OUT, LSE, DELTA, DPREFIX_K, DPREFIX_V,
     stride_qb, stride_qh, stride_qm,
     stride_pkb, stride_pkh, stride_pkn,
     stride_pvb, stride_pvh, stride_pvn,
@@ -489,7 +535,9 @@ def _prefix_attention_bwd_prefix_dkdv_kernel(
     examples_per_entry, examples_per_split, splits, num_q_heads, num_kv_heads, q_len, k_len, prefix_len, head_dim,
     stat_rows, scale, qk_scale_log2, dropout_threshold, dropout_scale, seed,
     prefix_dropout_threshold, prefix_dropout_scale, prefix_seed, softcap_in, softcap_out, window,
-    GROUP: tl.constexpr, VARLEN: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, HAS_INDEX: tl.constexpr,
+    num_buckets, bias_center, bias_last,
+    GROUP: tl.constexpr, VARLEN: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, BIAS: tl.constexpr,
+    HAS_INDEX: tl.constexpr,
     HAS_LENGTHS: tl.constexpr, PREFIX_DROPOUT: tl.constexpr,
     DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
@@ -541,7 +589,7 @@ def _prefix_attention_bwd_prefix_dkdv_kernel(
     # Full query tiles of a full prefix block without masks, then the last partial query tile.
     block_full = start_n + BLOCK_N <= entry_prefix_len
     full_stop = tl.where(block_full, (q_len // BLOCK_M) * BLOCK_M, 0)
-    window_shift = entry_prefix_len + (k_len - q_len)  # query i at position P + Sk - Sq + i (not with VARLEN)
+    window_shift = entry_prefix_len + (k_len - q_len)  # query i at position P_b + Sk - Sq + i (not with VARLEN)
     for i in range(split_first, split_last):
         if HAS_INDEX:
             b = tl.load(EXAMPLE_ORDER + i).to(tl.int64)
@@ -569,7 +617,8 @@ def _prefix_attention_bwd_prefix_dkdv_kernel(
                 q_len, stride_qb, stride_qh, stride_qm, stride_dob, stride_doh, stride_dom, offs_d, d_valid,
                 visible_t, start_n, width, seed, dropout_threshold, dropout_scale, qk_scale_log2,
                 GROUP, VARLEN, DROPOUT, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, EVEN_D,
-                softcap_in, softcap_out, SOFTCAP, offs_n, window_shift, window, q_end, WINDOW)
+                softcap_in, softcap_out, SOFTCAP, offs_n, window_shift, window, q_end, WINDOW,
+                BIAS_TABLE, BIAS_BUCKETS, num_buckets, bias_center, bias_last, BIAS)
             dk += tl.where(keep_k, dk_b * prefix_dropout_scale, 0.0)
             dv += tl.where(keep_v, dv_b * prefix_dropout_scale, 0.0)
         else:
@@ -578,7 +627,8 @@ def _prefix_attention_bwd_prefix_dkdv_kernel(
                 num_q_heads, q_len, stride_qb, stride_qh, stride_qm, stride_dob, stride_doh, stride_dom, offs_d,
                 d_valid, visible_t, start_n, width, seed, dropout_threshold, dropout_scale, qk_scale_log2,
                 GROUP, VARLEN, DROPOUT, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, EVEN_D,
-                softcap_in, softcap_out, SOFTCAP, offs_n, window_shift, window, q_end, WINDOW)
+                softcap_in, softcap_out, SOFTCAP, offs_n, window_shift, window, q_end, WINDOW,
+                BIAS_TABLE, BIAS_BUCKETS, num_buckets, bias_center, bias_last, BIAS)
     kd_mask = (offs_n < prefix_len)[:, None] & d_valid[None, :]  # every row of the entry: 0 past its length
     tl.store(DPREFIX_K + outer * stride_dpks + kv_h * stride_dpkh + keys * stride_dpkn + offs_d[None, :],
              (dk * scale).to(DPREFIX_K.dtype.element_ty), mask=kd_mask)
@@ -592,9 +642,10 @@ def prefix_attention_backward(
     causal: bool, scale: float, dropout_p: float, seed: int,
     prefix_index: Optional[Tensor] = None, prefix_lengths: Optional[Tensor] = None,
     prefix_dropout_p: float = 0.0, prefix_seed: int = 0, softcap: float = 0.0, sinks: Optional[Tensor] = None,
-    window: int = 0, *, varlen: Optional[Varlen] = None, limits: Optional[DeviceLimits] = None, launcher: Launcher = launch_kernel,
+    window: int = 0, relative_bias_table: Optional[Tensor] = None, relative_bias_buckets: Optional[Tensor] = None,
+    *, varlen: Optional[Varlen] = None, limits: Optional[DeviceLimits] = None, launcher: Launcher = launch_kernel,
     config: Optional[dict] = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Optional[Tensor]]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
     """Launch the backward kernels. Inputs must have a unit last stride (grad_out is made so).
 
     Arguments:
@@ -603,8 +654,8 @@ def prefix_attention_backward(
             batch, (B, Hkv, P, D) per example, or a bank (A, Hkv, P, D) read through prefix_index (B,)
             int32 (P may be 0); prefix_lengths: int32 (A,) / (B,) / (1,) or None;
             key_padding_mask: (B, Sk) bool or None.
-        causal, scale, dropout_p, seed, prefix_dropout_p, prefix_seed, softcap, sinks, varlen: as given
-            to the forward
+        causal, scale, dropout_p, seed, prefix_dropout_p, prefix_seed, softcap, sinks, window,
+            relative_bias_table (Hq, num_buckets) float32, relative_bias_buckets, varlen: as given to the forward
             (varlen: q, grad_out, out (total_q, Hq, D), k, v (total_k, Hkv, D), lse (1, Hq, total_q)).
         limits: the device's limits (default: those of q's device); launcher: runs each kernel
             launch (default: launches it; benchmarks/aot_check.py records it instead); config: the
@@ -612,7 +663,9 @@ def prefix_attention_backward(
     Returns:
         dq (B, Hq, Sq, D), dk, dv (B, Hkv, Sk, D), dprefix_k, dprefix_v shaped like prefix_k (a
         shared prefix's or bank entry's gradient summed over its examples in a fixed order), and
-        dsinks (Hq,) float32 (None without sinks): -sum over rows of P(sink) * delta.
+        dsinks (Hq,) float32 (None without sinks): -sum over rows of P(sink) * delta, and
+        dtable (Hq, num_buckets) float32 (None without a relative bias): dS summed per (head, bucket)
+        in a fixed order.
     """
     if varlen is None:
         batch, q_heads, q_len, head_dim = q.shape
@@ -629,23 +682,25 @@ def prefix_attention_backward(
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
+    dtable = None if relative_bias_table is None else torch.zeros_like(relative_bias_table, dtype=torch.float32)
     if q.numel() == 0 or batch == 0 or q_len == 0 or k.numel() == 0 and prefix_len == 0:
         dsinks = None if sinks is None else torch.zeros(q_heads, device=q.device, dtype=torch.float32)
         return (dq.zero_(), dk.zero_(), dv.zero_(), torch.zeros_like(prefix_k), torch.zeros_like(prefix_v),
-                dsinks)
+                dsinks, dtable)
 
     limits = device_limits(q.device) if limits is None else limits
     cfg = backward_config(head_dim, q.dtype, limits) if config is None else config
     if config is None and autotune_requested(limits) and launcher is launch_kernel:
         key = ("bwd", str(q.device), q.dtype, head_dim, group, causal, key_padding_mask is None, prefix_len > 0,
                per_example, dropout_p > 0.0, prefix_index is None, prefix_lengths is None, prefix_dropout_p > 0.0,
-               varlen is None, softcap > 0.0, window > 0, shape_bucket(q_len), shape_bucket(prefix_len + k_len))
+               varlen is None, softcap > 0.0, window > 0, relative_bias_table is None, shape_bucket(q_len),
+               shape_bucket(prefix_len + k_len))
 
         def measure(c):
             return triton.testing.do_bench(lambda: prefix_attention_backward(
                 grad_out, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, causal, scale, dropout_p, seed,
-                prefix_index, prefix_lengths, prefix_dropout_p, prefix_seed, softcap, sinks, window, varlen=varlen,
-                limits=limits, config=c), warmup=3, rep=20)
+                prefix_index, prefix_lengths, prefix_dropout_p, prefix_seed, softcap, sinks, window,
+                relative_bias_table, relative_bias_buckets, varlen=varlen, limits=limits, config=c), warmup=3, rep=20)
 
         cfg = tuned_config(key, gpu_backward_configs(head_dim, q.dtype, limits.max_shared_memory), measure)
     bm, bn, bd = cfg["BLOCK_M"], cfg["BLOCK_N"], block_d(head_dim)
@@ -657,7 +712,11 @@ def prefix_attention_backward(
     qk_scale_log2 = scale * LOG2_E
     threshold, dropout_scale = dropout_threshold(dropout_p)
     prefix_dropout_args = (*dropout_threshold(prefix_dropout_p), prefix_seed)
-    softcap_flags = dict(SOFTCAP=softcap > 0.0, WINDOW=window > 0)
+    softcap_flags = dict(SOFTCAP=softcap > 0.0, WINDOW=window > 0, BIAS=relative_bias_table is not None)
+    bias_table, bias_buckets, *bias_scalars = relative_bias_args(relative_bias_table, relative_bias_buckets)
+    nb_block = triton.next_power_of_2(max(bias_scalars[0], 1))
+    q_blocks = triton.cdiv(q_len, bm) * batch * q_heads
+    dbias = None if bias_table is None else torch.empty(q_blocks, nb_block, device=q.device, dtype=torch.float32)
     softcap_in, softcap_out = softcap_args(scale, softcap)
     kpm = mask_as_int8(key_padding_mask)
     bounds = key_bounds_of(key_padding_mask)
@@ -676,8 +735,9 @@ def prefix_attention_backward(
         q_heads, delta_rows, head_dim, BLOCK_M=bm, BLOCK_D=bd,
     )
 
-    launcher(_prefix_attention_bwd_dq_kernel, (triton.cdiv(q_len, bm) * batch * q_heads,))(
-        q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, kpm, bounds, cu_q, cu_k, grad_out, lse, delta, dq,
+    launcher(_prefix_attention_bwd_dq_kernel, (q_blocks,))(
+        q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, kpm, bounds, cu_q, cu_k, bias_table, bias_buckets,
+        grad_out, lse, delta, dq, dbias,
         *qkv_strides(q, varlen),
         *qkv_strides(k, varlen),
         *qkv_strides(v, varlen),
@@ -687,14 +747,16 @@ def prefix_attention_backward(
         *qkv_strides(dq, varlen),
         q_heads, q_len, k_len, prefix_len, head_dim, entry_step(prefix_k, prefix_index), stat_rows,
         scale, qk_scale_log2, threshold, dropout_scale, seed, *prefix_dropout_args, softcap_in, softcap_out, window,
-        GROUP=group, VARLEN=varlen is not None, CAUSAL=causal, **softcap_flags, HAS_KPM=key_padding_mask is not None,
+        *bias_scalars,
+        GROUP=group, VARLEN=varlen is not None, CAUSAL=causal, **softcap_flags, NB_BLOCK=nb_block,
+        HAS_KPM=key_padding_mask is not None,
         HAS_PREFIX=prefix_len > 0, **prefix_flags,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, EVEN_D=bd == head_dim, **flags, **compile_options,
     )
 
     if k_len > 0:
         launcher(_prefix_attention_bwd_dkdv_kernel, (triton.cdiv(k_len, bn) * batch * kv_heads,))(
-            q, k, v, kpm, bounds, cu_q, cu_k, grad_out, lse, delta, dk, dv,
+            q, k, v, kpm, bounds, cu_q, cu_k, bias_table, bias_buckets, grad_out, lse, delta, dk, dv,
             *qkv_strides(q, varlen),
             *qkv_strides(k, varlen),
             *qkv_strides(v, varlen),
@@ -703,7 +765,7 @@ def prefix_attention_backward(
             *qkv_strides(dk, varlen),
             *qkv_strides(dv, varlen),
             q_heads, kv_heads, q_len, k_len, prefix_len, head_dim, stat_rows,
-            scale, qk_scale_log2, threshold, dropout_scale, seed, softcap_in, softcap_out, window,
+            scale, qk_scale_log2, threshold, dropout_scale, seed, softcap_in, softcap_out, window, *bias_scalars,
             GROUP=group, VARLEN=varlen is not None, CAUSAL=causal, **softcap_flags,
             HAS_KPM=key_padding_mask is not None,
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, EVEN_D=bd == head_dim, **flags, **compile_options,
@@ -713,8 +775,10 @@ def prefix_attention_backward(
     if sinks is not None:  # d sink_h = -sum over h's rows of P(sink) * delta (torch's fixed-order sum)
         p_sink = torch.exp2(sinks.float().view(1, -1, 1) * LOG2_E - lse)
         dsinks = -(p_sink * delta).sum((0, 2))
+    if dbias is not None:  # (B * Hq * query blocks, NB_BLOCK) per-program partials: a fixed-order sum
+        dtable = dbias.view(batch, q_heads, -1, nb_block).sum((0, 2))[:, : bias_scalars[0]]
     if prefix_len == 0:
-        return dq, dk, dv, torch.zeros_like(prefix_k), torch.zeros_like(prefix_v), dsinks
+        return dq, dk, dv, torch.zeros_like(prefix_k), torch.zeros_like(prefix_v), dsinks, dtable
     prefix_blocks = triton.cdiv(prefix_len, bn)
     entries = prefix_k.shape[0] if per_example else 1
     example_order = entry_offsets = None
@@ -737,7 +801,8 @@ def prefix_attention_backward(
     dpk = torch.empty(shape, device=q.device, dtype=partial_dtype)
     dpv = torch.empty(shape, device=q.device, dtype=partial_dtype)
     launcher(_prefix_attention_bwd_prefix_dkdv_kernel, (prefix_blocks * kv_heads * entries * splits,))(
-        q, prefix_k, prefix_v, prefix_lengths, example_order, entry_offsets, cu_q, grad_out, lse, delta, dpk, dpv,
+        q, prefix_k, prefix_v, prefix_lengths, example_order, entry_offsets, cu_q, bias_table, bias_buckets, grad_out,
+        lse, delta, dpk, dpv,
         *qkv_strides(q, varlen),
         *batch_strides(prefix_k, 3), *batch_strides(prefix_v, 3),
         *qkv_strides(grad_out, varlen),
@@ -745,7 +810,7 @@ def prefix_attention_backward(
         dpv.stride(1), dpv.stride(2), dpv.stride(3),
         examples_per_entry, examples_per_split, splits, q_heads, kv_heads, q_len, k_len, prefix_len, head_dim,
         stat_rows, scale, qk_scale_log2, threshold, dropout_scale, seed, *prefix_dropout_args, softcap_in, softcap_out,
-        window,
+        window, *bias_scalars,
         GROUP=group, VARLEN=varlen is not None, **softcap_flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
         EVEN_D=bd == head_dim, **prefix_flags, **flags,
         **compile_options,
@@ -755,7 +820,7 @@ def prefix_attention_backward(
     dpv = dpv[:, 0] if splits == 1 else dpv.sum(1).to(prefix_v.dtype)
     if not per_example:
         dpk, dpv = dpk[0], dpv[0]
-    return dq, dk, dv, dpk, dpv, dsinks
+    return dq, dk, dv, dpk, dpv, dsinks, dtable
 
 
 # Every kernel of this module (benchmarks/aot_check.py compiles each of them).

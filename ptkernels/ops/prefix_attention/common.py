@@ -133,6 +133,42 @@ def log2_scores(qk, qk_scale_log2, softcap_in, softcap_out, SOFTCAP: tl.constexp
 
 
 @triton.jit
+def relative_bias(BIAS_ROW, BIAS_BUCKETS, rel, bias_center, bias_last):
+    """(bias, bucket) of a tile of relative positions rel (int, any 2-D shape) = key position - query
+    position: T5's relative position bias in the log2 domain, BIAS_ROW[bucket] * log2(e), with
+    bucket = BIAS_BUCKETS[rel + L - 1] (bias_center = L - 1; the index is clamped to
+    [0, bias_last], which only rows / keys outside the attention reach). BIAS_ROW: the query head's
+    row of the (Hq, num_buckets) float32 table."""
+    index = tl.minimum(tl.maximum(rel + bias_center, 0), bias_last)
+    bucket = tl.load(BIAS_BUCKETS + index)
+    return tl.load(BIAS_ROW + bucket) * 1.4426950408889634, bucket
+
+
+@triton.jit
+def add_relative_bias(s, BIAS_ROW, BIAS_BUCKETS, key_pos, query_pos, bias_center, bias_last, BIAS: tl.constexpr):
+    """The (BLOCK_M, BLOCK_N) log2-domain scores s plus the relative bias of keys at key_pos (BLOCK_N,)
+    for queries at query_pos (BLOCK_M,) (any common origin); s itself without BIAS."""
+    if BIAS:
+        bias, _ = relative_bias(BIAS_ROW, BIAS_BUCKETS, key_pos[None, :] - query_pos[:, None], bias_center, bias_last)
+        s = s + bias
+    return s
+
+
+@triton.jit
+def accumulate_bucket_grad(dbias, ds, bucket, NB_BLOCK: tl.constexpr):
+    """dbias (NB_BLOCK,) float32 plus the sums of the gradient tile ds over the entries of each
+    bucket (``bucket``: the tile's bucket ids, ds's shape). Loops over the buckets the tile holds only
+    (a few near the diagonal, one far from it); a fixed order, so deterministic."""
+    lo = tl.min(tl.min(bucket, 1), 0)
+    hi = tl.max(tl.max(bucket, 1), 0)
+    offs = tl.arange(0, NB_BLOCK)
+    for bb in range(lo, hi + 1):
+        total = tl.sum(tl.sum(tl.where(bucket == bb, ds, 0.0), 1), 0)
+        dbias = tl.where(offs == bb, dbias + total, dbias)
+    return dbias
+
+
+@triton.jit
 def load_tile(base, rows, stride_row, offs_d, row_valid, d_valid, UPCAST: tl.constexpr):
     """A (rows, BLOCK_D) tile of a row-major (S, D) matrix with unit last stride; masked entries read 0.
 

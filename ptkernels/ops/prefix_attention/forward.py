@@ -22,6 +22,7 @@ from torch import Tensor
 
 from ..utils import batch_strides
 from .common import (
+    add_relative_bias,
     bounded_keys_visible,
     drop_prefix_tile,
     dropout_keep,
@@ -55,6 +56,7 @@ from .launch import (
     gpu_forward_configs,
     key_bounds_of,
     launch_kernel,
+    relative_bias_args,
     mask_as_int8,
     mask_strides,
     qkv_strides,
@@ -116,7 +118,7 @@ def _online_softmax_step_full(
 @triton.jit(do_not_specialize=["seed"])
 def _prefix_attention_fwd_kernel(
     Q, K, V, PREFIX_K, PREFIX_V, PREFIX_INDEX, PREFIX_LENGTHS, KEY_PADDING_MASK, KEY_BOUNDS, CU_SEQLENS_Q,
-    CU_SEQLENS_K, SINKS, OUT, LSE,
+    CU_SEQLENS_K, SINKS, BIAS_TABLE, BIAS_BUCKETS, OUT, LSE,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -127,9 +129,11 @@ def _prefix_attention_fwd_kernel(
     num_q_heads, q_len, k_len, prefix_len, head_dim, entry_step, stat_rows,
     qk_scale_log2, dropout_threshold, dropout_scale, seed,
     prefix_dropout_threshold, prefix_dropout_scale, prefix_seed, softcap_in, softcap_out, window,
+    num_buckets, bias_center, bias_last,
     GROUP: tl.constexpr,
     VARLEN: tl.constexpr,
     SOFTCAP: tl.constexpr,
+    BIAS: tl.constexpr,
     WINDOW: tl.constexpr,
     HAS_SINKS: tl.constexpr,
     CAUSAL: tl.constexpr,
@@ -157,6 +161,9 @@ def _prefix_attention_fwd_kernel(
     WINDOW (with CAUSAL): a sliding window of ``window`` positions, the prefix at positions 0..P-1 in
     front of the real keys (PEFT's cache): query i (position P + Sk - Sq + i) sees key position t
     iff its position - t < window.
+    BIAS: T5's relative position bias, BIAS_TABLE (Hq, num_buckets) float32 read through
+    BIAS_BUCKETS (2L - 1,) int32 at key position - query position + L - 1 (positions as for WINDOW),
+    gathered per tile (``add_relative_bias``); the full tiles then take the masked tiles' step.
 
     VARLEN (packed sequences): "batch" b is sequence b, whose queries are rows CU_SEQLENS_Q[b]..
     CU_SEQLENS_Q[b + 1] of Q (total_q, Hq, D) (batch strides 0, row stride Hq * D) and keys rows
@@ -187,6 +194,11 @@ def _prefix_attention_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     row_lanes = (stat_base + offs_m.to(tl.int64)) * row_width
     real_lane = (prefix_len + 7) // 8 * 8  # the dropout lane of real key 0
+    # Relative bias positions counted from real key 0: query i at Sk - Sq + i, prefix key n at n - P_b.
+    query_pos = offs_m + (k_len - q_len)
+    bias_row = BIAS_TABLE  # None without BIAS
+    if BIAS:
+        bias_row = BIAS_TABLE + h * num_buckets
 
     # Loop 1: prefix keys, read from their own tensor (batch stride 0 when shared): full blocks
     # without masks, then the last partial block.
@@ -207,9 +219,16 @@ def _prefix_attention_fwd_kernel(
             v = drop_prefix_tile(v, prefix_seed, b, kv_h, 1, num_kv_heads, prefix_len, head_dim, n,
                                  prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT, BLOCK_N, BLOCK_D)
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-            acc, m_i, l_i = _online_softmax_step_full(
-                acc, m_i, l_i, qk, v, qk_scale_log2, seed, row_lanes, start_n, dropout_threshold, dropout_scale,
-                softcap_in, softcap_out, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N, SOFTCAP)
+            if BIAS:
+                s = add_relative_bias(qk * qk_scale_log2, bias_row, BIAS_BUCKETS, n - example_prefix_len, query_pos,
+                                      bias_center, bias_last, BIAS)
+                acc, m_i, l_i = _online_softmax_step(
+                    acc, m_i, l_i, s, v, seed, row_lanes, start_n, dropout_threshold, dropout_scale, DROPOUT,
+                    DOT_PRECISION, BLOCK_M, BLOCK_N)
+            else:
+                acc, m_i, l_i = _online_softmax_step_full(
+                    acc, m_i, l_i, qk, v, qk_scale_log2, seed, row_lanes, start_n, dropout_threshold, dropout_scale,
+                    softcap_in, softcap_out, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N, SOFTCAP)
         # The masked tiles: the last partial one, or with WINDOW those the window's edge crosses.
         for start_n in range(masked_from, example_prefix_len, BLOCK_N):
             n = start_n + offs_n
@@ -222,6 +241,8 @@ def _prefix_attention_fwd_kernel(
                                  prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT, BLOCK_N, BLOCK_D)
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
             s = log2_scores(qk, qk_scale_log2, softcap_in, softcap_out, SOFTCAP)
+            s = add_relative_bias(s, bias_row, BIAS_BUCKETS, n - example_prefix_len, query_pos, bias_center, bias_last,
+                                  BIAS)
             visible_2d = n_valid[None, :]
             if WINDOW:
                 visible_2d = visible_2d & in_window(n, offs_m + (k_len - q_len) + example_prefix_len, window)
@@ -256,6 +277,7 @@ def _prefix_attention_fwd_kernel(
             visible_2d = bounded_keys_visible(n, lo_b, hi_b, offs_m, q_len, k_len, CAUSAL, window, WINDOW)
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
             s = log2_scores(qk, qk_scale_log2, softcap_in, softcap_out, SOFTCAP)
+            s = add_relative_bias(s, bias_row, BIAS_BUCKETS, n, query_pos, bias_center, bias_last, BIAS)
             s = tl.where(visible_2d, s, float("-inf"))
             acc, m_i, l_i = _online_softmax_step(
                 acc, m_i, l_i, s, v, seed, row_lanes, real_lane + start_n, dropout_threshold, dropout_scale, DROPOUT,
@@ -265,9 +287,16 @@ def _prefix_attention_fwd_kernel(
             k = load_full_tile(k_base, n, stride_kn, offs_d, d_valid, EVEN_D, UPCAST)
             v = load_full_tile(v_base, n, stride_vn, offs_d, d_valid, EVEN_D, UPCAST)
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-            acc, m_i, l_i = _online_softmax_step_full(
-                acc, m_i, l_i, qk, v, qk_scale_log2, seed, row_lanes, real_lane + start_n, dropout_threshold,
-                dropout_scale, softcap_in, softcap_out, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N, SOFTCAP)
+            if BIAS:
+                s = add_relative_bias(qk * qk_scale_log2, bias_row, BIAS_BUCKETS, n, query_pos, bias_center,
+                                      bias_last, BIAS)
+                acc, m_i, l_i = _online_softmax_step(
+                    acc, m_i, l_i, s, v, seed, row_lanes, real_lane + start_n, dropout_threshold, dropout_scale,
+                    DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N)
+            else:
+                acc, m_i, l_i = _online_softmax_step_full(
+                    acc, m_i, l_i, qk, v, qk_scale_log2, seed, row_lanes, real_lane + start_n, dropout_threshold,
+                    dropout_scale, softcap_in, softcap_out, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N, SOFTCAP)
         for start_n in range(full_hi, edge_hi, BLOCK_N):
             n = start_n + offs_n
             n_valid = n < hi_b
@@ -276,6 +305,7 @@ def _prefix_attention_fwd_kernel(
             visible_2d = bounded_keys_visible(n, lo_b, hi_b, offs_m, q_len, k_len, CAUSAL, window, WINDOW)
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
             s = log2_scores(qk, qk_scale_log2, softcap_in, softcap_out, SOFTCAP)
+            s = add_relative_bias(s, bias_row, BIAS_BUCKETS, n, query_pos, bias_center, bias_last, BIAS)
             s = tl.where(visible_2d, s, float("-inf"))
             acc, m_i, l_i = _online_softmax_step(
                 acc, m_i, l_i, s, v, seed, row_lanes, real_lane + start_n, dropout_threshold, dropout_scale, DROPOUT,
@@ -291,6 +321,7 @@ def _prefix_attention_fwd_kernel(
                                            k_len, HAS_KPM, CAUSAL, window, WINDOW)
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
             s = log2_scores(qk, qk_scale_log2, softcap_in, softcap_out, SOFTCAP)
+            s = add_relative_bias(s, bias_row, BIAS_BUCKETS, n, query_pos, bias_center, bias_last, BIAS)
             s = tl.where(visible_2d, s, float("-inf"))
             acc, m_i, l_i = _online_softmax_step(
                 acc, m_i, l_i, s, v, seed, row_lanes, real_lane + start_n, dropout_threshold, dropout_scale, DROPOUT,
@@ -357,7 +388,8 @@ def prefix_attention_forward(
     key_padding_mask: Optional[Tensor], causal: bool, scale: float, dropout_p: float, seed: int,
     prefix_index: Optional[Tensor] = None, prefix_lengths: Optional[Tensor] = None,
     prefix_dropout_p: float = 0.0, prefix_seed: int = 0, softcap: float = 0.0, sinks: Optional[Tensor] = None,
-    window: int = 0, *, varlen: Optional[Varlen] = None, limits: Optional[DeviceLimits] = None, launcher: Launcher = launch_kernel,
+    window: int = 0, relative_bias_table: Optional[Tensor] = None, relative_bias_buckets: Optional[Tensor] = None,
+    *, varlen: Optional[Varlen] = None, limits: Optional[DeviceLimits] = None, launcher: Launcher = launch_kernel,
 ) -> tuple[Tensor, Tensor]:
     """Launch the forward kernel. Inputs must have a unit last stride (checked by the caller).
 
@@ -369,6 +401,8 @@ def prefix_attention_forward(
         prefix_dropout_p, prefix_seed: the prefix dropout and its philox seed.
         softcap: logit softcapping (0: off); sinks: (Hq,) float32 per-head sink logits or None;
         window: causal sliding window (0: off).
+        relative_bias_table: (Hq, num_buckets) float32 contiguous and relative_bias_buckets (2L - 1,)
+            int32 contiguous: T5's relative position bias, or None.
         varlen: packed sequences: q (total_q, Hq, D), k, v (total_k, Hkv, D), "batch" = sequences
             (key_padding_mask must be None); out is (total_q, Hq, D) and lse (1, Hq, total_q).
         limits: the device's limits (default: those of q's device); launcher: runs each kernel
@@ -395,13 +429,14 @@ def prefix_attention_forward(
     limits = device_limits(q.device) if limits is None else limits
     kpm = mask_as_int8(key_padding_mask)
     bounds = key_bounds_of(key_padding_mask)
+    bias_table, bias_buckets, *bias_scalars = relative_bias_args(relative_bias_table, relative_bias_buckets)
 
     def run(cfg):
         grid = (triton.cdiv(q_len, cfg["BLOCK_M"]) * batch * q_heads,)
         launcher(_prefix_attention_fwd_kernel, grid)(
             q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, kpm, bounds,
             None if varlen is None else varlen.cu_seqlens_q, None if varlen is None else varlen.cu_seqlens_k, sinks,
-            out, lse,
+            bias_table, bias_buckets, out, lse,
             *qkv_strides(q, varlen),
             *qkv_strides(k, varlen),
             *qkv_strides(v, varlen),
@@ -411,10 +446,11 @@ def prefix_attention_forward(
             *qkv_strides(out, varlen),
             q_heads, q_len, k_len, prefix_len, head_dim, entry_step(prefix_k, prefix_index), stat_rows,
             scale * LOG2_E, *dropout_threshold(dropout_p), seed,
-            *dropout_threshold(prefix_dropout_p), prefix_seed, *softcap_args(scale, softcap), window,
+            *dropout_threshold(prefix_dropout_p), prefix_seed, *softcap_args(scale, softcap), window, *bias_scalars,
             GROUP=q_heads // kv_heads,
             VARLEN=varlen is not None,
             SOFTCAP=softcap > 0.0,
+            BIAS=bias_table is not None,
             WINDOW=window > 0,
             HAS_SINKS=sinks is not None,
             CAUSAL=causal,
@@ -431,12 +467,14 @@ def prefix_attention_forward(
             **cfg,
         )
 
-    cfg = forward_config(head_dim, q.dtype, limits, dropout=dropout_p > 0.0)
+    cfg = forward_config(head_dim, q.dtype, limits, dropout=dropout_p > 0.0, bias=bias_table is not None)
     if autotune_requested(limits) and launcher is launch_kernel:
         key = ("fwd", str(q.device), q.dtype, head_dim, q_heads // kv_heads, causal, kpm is None, prefix_len > 0,
                dropout_p > 0.0, prefix_index is None, prefix_lengths is None, prefix_dropout_p > 0.0,
-               varlen is None, softcap > 0.0, sinks is None, window > 0, shape_bucket(q_len), shape_bucket(prefix_len + k_len))
-        configs = gpu_forward_configs(head_dim, q.dtype, limits.max_shared_memory, dropout_p > 0.0)
+               varlen is None, softcap > 0.0, sinks is None, window > 0, bias_table is None, shape_bucket(q_len),
+               shape_bucket(prefix_len + k_len))
+        configs = gpu_forward_configs(head_dim, q.dtype, limits.max_shared_memory, dropout_p > 0.0,
+                                      bias_table is not None)
         cfg = tuned_config(key, configs, lambda c: triton.testing.do_bench(lambda: run(c), warmup=5, rep=20))
     run(cfg)
     return out, lse

@@ -24,19 +24,22 @@ def prefix_attention_fwd_op(
     key_padding_mask: Optional[Tensor], causal: bool, scale: float, dropout_p: float, seed: int,
     prefix_index: Optional[Tensor], prefix_lengths: Optional[Tensor], prefix_dropout_p: float, prefix_seed: int,
     softcap: float, sinks: Optional[Tensor], window: int,
+    relative_bias_table: Optional[Tensor], relative_bias_buckets: Optional[Tensor],
 ) -> tuple[Tensor, Tensor]:
     """q (B, Hq, Sq, D), k, v (B, Hkv, Sk, D), prefix_k, prefix_v (Hkv, P, D), (B, Hkv, P, D) or a
     bank (A, Hkv, P, D) with prefix_index (B,) int32, prefix_lengths int32 (A,) / (B,) / (1,) or None,
     key_padding_mask (B, Sk) bool or None, all with a unit last stride; softcap (0: off), sinks (Hq,)
-    float32 or None, window (0: off) -> out (B, Hq, Sq, D) and lse (B, Hq, Sq) float32 (log2 domain,
-    for the backward)."""
+    float32 or None, window (0: off), relative_bias_table (Hq, num_buckets) float32 and
+    relative_bias_buckets (2L - 1,) int32 (contiguous) or None -> out (B, Hq, Sq, D) and lse
+    (B, Hq, Sq) float32 (log2 domain, for the backward)."""
     return prefix_attention_forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, dropout_p, seed,
-                                    prefix_index, prefix_lengths, prefix_dropout_p, prefix_seed, softcap, sinks, window)
+                                    prefix_index, prefix_lengths, prefix_dropout_p, prefix_seed, softcap, sinks, window,
+                                    relative_bias_table, relative_bias_buckets)
 
 
 @prefix_attention_fwd_op.register_fake
 def _(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, dropout_p, seed, prefix_index, prefix_lengths,
-      prefix_dropout_p, prefix_seed, softcap, sinks, window):
+      prefix_dropout_p, prefix_seed, softcap, sinks, window, relative_bias_table, relative_bias_buckets):
     return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
@@ -47,43 +50,52 @@ def prefix_attention_bwd_op(
     causal: bool, scale: float, dropout_p: float, seed: int,
     prefix_index: Optional[Tensor], prefix_lengths: Optional[Tensor], prefix_dropout_p: float, prefix_seed: int,
     softcap: float, sinks: Optional[Tensor], window: int,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    relative_bias_table: Optional[Tensor], relative_bias_buckets: Optional[Tensor],
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """grad_out, out (B, Hq, Sq, D), lse (B, Hq, Sq) and the forward's inputs -> dq, dk, dv, dprefix_k,
-    dprefix_v, each shaped like its input, and dsinks (Hq,) float32 ((0,) without sinks)."""
-    *grads, dsinks = prefix_attention_backward(
+    dprefix_v, each shaped like its input, dsinks (Hq,) float32 ((0,) without sinks) and dtable
+    (Hq, num_buckets) float32 ((0, 0) without a relative bias)."""
+    *grads, dsinks, dtable = prefix_attention_backward(
         grad_out, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, causal, scale, dropout_p, seed,
         prefix_index, prefix_lengths, prefix_dropout_p, prefix_seed, softcap, sinks, window,
+        relative_bias_table, relative_bias_buckets,
     )
-    return (*grads, q.new_zeros(0, dtype=torch.float32) if dsinks is None else dsinks)
+    return (*grads, q.new_zeros(0, dtype=torch.float32) if dsinks is None else dsinks,
+            q.new_zeros(0, 0, dtype=torch.float32) if dtable is None else dtable)
 
 
 @prefix_attention_bwd_op.register_fake
 def _(grad_out, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, causal, scale, dropout_p, seed,
-      prefix_index, prefix_lengths, prefix_dropout_p, prefix_seed, softcap, sinks, window):
+      prefix_index, prefix_lengths, prefix_dropout_p, prefix_seed, softcap, sinks, window, relative_bias_table,
+      relative_bias_buckets):
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
             torch.empty_like(prefix_k), torch.empty_like(prefix_v),
-            q.new_empty(0 if sinks is None else sinks.shape[0], dtype=torch.float32))
+            q.new_empty(0 if sinks is None else sinks.shape[0], dtype=torch.float32),
+            q.new_empty((0, 0) if relative_bias_table is None else relative_bias_table.shape, dtype=torch.float32))
 
 
 def _setup_context(ctx, inputs, output):
     (q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, dropout_p, seed,
-     prefix_index, prefix_lengths, prefix_dropout_p, prefix_seed, softcap, sinks, window) = inputs
+     prefix_index, prefix_lengths, prefix_dropout_p, prefix_seed, softcap, sinks, window,
+     relative_bias_table, relative_bias_buckets) = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, prefix_index, prefix_lengths,
-                          sinks)
+                          sinks, relative_bias_table, relative_bias_buckets)
     ctx.causal, ctx.scale, ctx.dropout_p, ctx.seed = causal, scale, dropout_p, seed
     ctx.prefix_dropout_p, ctx.prefix_seed, ctx.softcap, ctx.window = prefix_dropout_p, prefix_seed, softcap, window
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, grad_out, grad_lse):
-    q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, prefix_index, prefix_lengths, sinks = ctx.saved_tensors
-    dq, dk, dv, dpk, dpv, dsinks = prefix_attention_bwd_op(
+    (q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, prefix_index, prefix_lengths, sinks, table,
+     buckets) = ctx.saved_tensors
+    dq, dk, dv, dpk, dpv, dsinks, dtable = prefix_attention_bwd_op(
         unit_last_stride(grad_out), q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse,
         ctx.causal, ctx.scale, ctx.dropout_p, ctx.seed, prefix_index, prefix_lengths, ctx.prefix_dropout_p,
-        ctx.prefix_seed, ctx.softcap, sinks, ctx.window,
+        ctx.prefix_seed, ctx.softcap, sinks, ctx.window, table, buckets,
     )
-    return (dq, dk, dv, dpk, dpv) + (None,) * 10 + (None if sinks is None else dsinks, None)
+    return ((dq, dk, dv, dpk, dpv) + (None,) * 10 + (None if sinks is None else dsinks, None)
+            + (None if table is None else dtable, None))
 
 
 prefix_attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -99,12 +111,15 @@ def prefix_attention_triton(
     key_padding_mask: Optional[Tensor], causal: bool, scale: float, dropout_p: float,
     prefix_index: Optional[Tensor] = None, prefix_lengths: Optional[Tensor] = None, prefix_dropout_p: float = 0.0,
     softcap: Optional[float] = None, sinks: Optional[Tensor] = None, window: Optional[int] = None,
+    relative_bias_table: Optional[Tensor] = None, relative_bias_buckets: Optional[Tensor] = None,
 ) -> Tensor:
     """Triton path of ``prefix_attention`` (arguments already checked).
 
     q: (B, Hq, Sq, D); k, v: (B, Hkv, Sk, D); prefix_k, prefix_v: (Hkv, P, D), (B, Hkv, P, D), a bank
     (A, Hkv, P, D) with prefix_index (B,), or None; prefix_lengths (A,) / (B,) / (1,) or None;
-    key_padding_mask: (B, Sk) bool or None. Returns out (B, Hq, Sq, D).
+    key_padding_mask: (B, Sk) bool or None; relative_bias_table (num_buckets, Hq) (handed to the
+    kernels as a (Hq, num_buckets) float32 copy, differentiably) and relative_bias_buckets (2L - 1,)
+    or None. Returns out (B, Hq, Sq, D).
     """
     if key_padding_mask is not None and key_padding_mask.stride(-1) != 1:
         key_padding_mask = key_padding_mask.contiguous()
@@ -115,6 +130,8 @@ def prefix_attention_triton(
         key_padding_mask, causal, scale, dropout_p, seed, *bank,
         0.0 if softcap is None else softcap, None if sinks is None else sinks.float().contiguous(),
         0 if window is None else int(window),
+        None if relative_bias_table is None else relative_bias_table.float().t().contiguous(),
+        as_int32(relative_bias_buckets),
     )
     return out
 

@@ -367,8 +367,6 @@ def prefix_attention(
             q, k, v, prefix_k, prefix_v,
             key_padding_mask=key_padding_mask, causal=causal, scale=scale, dropout_p=dropout_p, **bank,
         )
-    if relative_bias_table is not None:  # TODO(kernel): being written
-        raise NotImplementedError("backend='triton' does not take relative_bias_table yet; use backend='torch'")
     if q.dtype not in FLOAT_DTYPES:
         raise TypeError(f"q must be float16, bfloat16 or float32 for backend='triton', got {q.dtype} (float64 runs with backend='torch')")
     # Imported here, not at the top: triton is needed only for backend="triton".

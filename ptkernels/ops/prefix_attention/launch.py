@@ -191,28 +191,33 @@ def dropout_threshold(dropout_p: float) -> tuple[int, float]:
     return t, 65536.0 / (65536 - t)
 
 
-def forward_config(head_dim: int, dtype: torch.dtype, limits: DeviceLimits, dropout: bool = False) -> dict:
+def forward_config(head_dim: int, dtype: torch.dtype, limits: DeviceLimits, dropout: bool = False,
+                   bias: bool = False) -> dict:
     """Forward block config (BLOCK_M, BLOCK_N, num_warps, num_stages) on a device with ``limits``."""
     if limits.interpreted:
         return dict(INTERPRETER_CONFIG)
-    return gpu_forward_config(head_dim, dtype, limits.max_shared_memory, dropout)
+    return gpu_forward_config(head_dim, dtype, limits.max_shared_memory, dropout, bias)
 
 
-def gpu_forward_config(head_dim: int, dtype: torch.dtype, max_shared: int, dropout: bool = False) -> dict:
+def gpu_forward_config(head_dim: int, dtype: torch.dtype, max_shared: int, dropout: bool = False,
+                       bias: bool = False) -> dict:
     """Forward block config on a GPU with ``max_shared`` bytes of shared memory per program."""
-    return gpu_forward_configs(head_dim, dtype, max_shared, dropout)[0]
+    return gpu_forward_configs(head_dim, dtype, max_shared, dropout, bias)[0]
 
 
-def gpu_forward_configs(head_dim: int, dtype: torch.dtype, max_shared: int, dropout: bool = False) -> list[dict]:
-    """Every forward candidate that fits, the heuristic choice first (the autotuning space)."""
+def gpu_forward_configs(head_dim: int, dtype: torch.dtype, max_shared: int, dropout: bool = False,
+                        bias: bool = False) -> list[dict]:
+    """Every forward candidate that fits, the heuristic choice first (the autotuning space).
+    bias (T5's relative bias): the pipeliner also stages the per-tile gathers of the bucket ids
+    (int32) and the bias values (float32), (BLOCK_M, BLOCK_N) each."""
     bd, size, bucket = block_d(head_dim), dtype.itemsize, head_dim_bucket(head_dim)
     if dtype == torch.float32:
         candidates = _FORWARD_CANDIDATES_FP32[bucket]
     else:
         candidates = _FORWARD_CANDIDATES.get((bucket, dropout), _FORWARD_CANDIDATES[(bucket, False)])
 
-    def need(block_m, block_n, stages):  # the Q tile, plus num_stages (K, V) tile pairs
-        return (block_m * bd + 2 * stages * block_n * bd) * size
+    def need(block_m, block_n, stages):  # the Q tile, plus num_stages (K, V) tile pairs (and bias gathers)
+        return (block_m * bd + 2 * stages * block_n * bd) * size + (stages * block_m * block_n * 8 if bias else 0)
 
     return all_fitting(candidates, need, FORWARD_SHARED_MEMORY_MARGIN[dtype], max_shared)
 
@@ -344,3 +349,12 @@ def mask_as_int8(key_padding_mask: Optional[Tensor]) -> Optional[Tensor]:
     """The (B, Sk) bool mask viewed as int8, which Triton loads (bool and int8 have the same size:
     a free reinterpretation)."""
     return None if key_padding_mask is None else key_padding_mask.view(torch.int8)
+
+
+def relative_bias_args(table: Optional[Tensor], buckets: Optional[Tensor]) -> tuple:
+    """The relative-bias arguments every kernel takes: (BIAS_TABLE, BIAS_BUCKETS, num_buckets,
+    bias_center, bias_last). table: (Hq, num_buckets) float32 contiguous, buckets: (2L - 1,) int32
+    contiguous (``function.prefix_attention_triton`` prepares both), or None (off: zeros)."""
+    if table is None:
+        return None, None, 0, 0, 0
+    return table, buckets, table.shape[1], (buckets.shape[0] - 1) // 2, buckets.shape[0] - 1
