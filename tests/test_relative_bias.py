@@ -244,3 +244,21 @@ def test_bad_relative_position_buckets_args():
         ptkernels.relative_position_buckets(0)
     with pytest.raises(ValueError, match="num_buckets must be an int >= 2"):
         ptkernels.relative_position_buckets(4, num_buckets=1)
+
+
+def test_triton_frozen_table_gets_no_gradient_and_the_rest_is_unchanged():
+    """A frozen table (PEFT freezes T5's): its gradient is not computed (the bucket sums are skipped),
+    and q / k / v / prefix gradients are those of the trainable-table run."""
+    q, k, v, pk, pv, mask, _, table, buckets = make(dict(causal=True, padding=True), seed=6)
+    frozen = table.detach()
+    grads = []
+    for t in (table, frozen):
+        out = ptkernels.prefix_attention(q, k, v, pk, pv, key_padding_mask=mask, causal=True, relative_bias_table=t,
+                                         relative_bias_buckets=buckets, backend="triton")
+        grads.append(torch.autograd.grad(out.sum(), (q, k, v, pk, pv)))
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+    out = ptkernels.prefix_attention(q, k, v, pk, pv, relative_bias_table=frozen, relative_bias_buckets=buckets,
+                                     backend="triton")
+    out.sum().backward()
+    assert frozen.grad is None and q.grad is not None

@@ -98,13 +98,13 @@ def _dq_tile(
     dropout_scale, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MASKED: tl.constexpr, softcap_in, softcap_out, SOFTCAP: tl.constexpr,
     dbias, bias_row, BIAS_BUCKETS, key_pos, query_pos, bias_center, bias_last, BIAS: tl.constexpr,
-    NB_BLOCK: tl.constexpr,
+    BIAS_GRAD: tl.constexpr, NB_BLOCK: tl.constexpr,
 ):
     """(dq, dbias) plus one key tile's contributions (dq before the final multiplication by the
     softmax scale). MASKED=False: every key of the tile is visible (s_visible is ignored; the scale
     folds into an FMA). SOFTCAP: scores softcap * tanh(qk * scale / softcap), whose derivative
     1 - tanh^2 joins dS. BIAS: T5's relative bias of keys at key_pos (BLOCK_N,) for queries at
-    query_pos (BLOCK_M,) joins the scores, and dS summed per bucket joins dbias (NB_BLOCK,)."""
+    query_pos (BLOCK_M,) joins the scores, and with BIAS_GRAD dS summed per bucket joins dbias (NB_BLOCK,)."""
     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     if SOFTCAP:
         t = tanh(qk * softcap_in)
@@ -124,7 +124,7 @@ def _dq_tile(
         keep = dropout_keep(seed, row_lanes, key_lane, dropout_threshold, BLOCK_M, BLOCK_N)
         dp = tl.where(keep, dp * dropout_scale, 0.0)
     ds = p * (dp - delta[:, None])
-    if BIAS:  # the bias adds to the scores after the scale: its gradient is dS itself
+    if BIAS_GRAD:  # the bias adds to the scores after the scale: its gradient is dS itself
         dbias = accumulate_bucket_grad(dbias, ds, bucket, NB_BLOCK)
     if SOFTCAP:
         ds = ds * (1.0 - t * t)
@@ -148,7 +148,7 @@ def _prefix_attention_bwd_dq_kernel(
     prefix_dropout_threshold, prefix_dropout_scale, prefix_seed, softcap_in, softcap_out, window,
     num_buckets, bias_center, bias_last,
     GROUP: tl.constexpr, VARLEN: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, CAUSAL: tl.constexpr,
-    BIAS: tl.constexpr, NB_BLOCK: tl.constexpr,
+    BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, NB_BLOCK: tl.constexpr,
     HAS_KPM: tl.constexpr,
     HAS_PREFIX: tl.constexpr,
     HAS_INDEX: tl.constexpr, HAS_LENGTHS: tl.constexpr, PREFIX_DROPOUT: tl.constexpr,
@@ -157,8 +157,8 @@ def _prefix_attention_bwd_dq_kernel(
 ):
     """DQ (B, Hq, Sq, D): one program per (query block, batch, query head). EVEN_D: head_dim == BLOCK_D.
     Example b's prefix (bank entry, length, prefix dropout), BIAS and VARLEN as in the forward kernel.
-    BIAS: DBIAS (programs, NB_BLOCK) float32 gets this program's per-bucket sums of dS (row = program
-    id), summed over programs in a fixed order afterwards."""
+    BIAS_GRAD (the table requires grad): DBIAS (programs, NB_BLOCK) float32 gets this program's
+    per-bucket sums of dS (row = program id), summed over programs in a fixed order afterwards."""
     # 1-D grid: query blocks fastest, then query heads, then batch.
     b, h, start_m, offs_m = program_coordinates(q_len, num_q_heads, BLOCK_M)
     kv_h = h // GROUP
@@ -213,7 +213,7 @@ def _prefix_attention_bwd_dq_kernel(
             dq, dbias = _dq_tile(dq, q, do, lse, delta, k, v, all_visible, seed, row_lanes, start_n, dropout_threshold,
                                  qk_scale_log2, dropout_scale, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N, False,
                                  softcap_in, softcap_out, SOFTCAP, dbias, bias_row, BIAS_BUCKETS,
-                                 n - example_prefix_len, query_pos, bias_center, bias_last, BIAS, NB_BLOCK)
+                                 n - example_prefix_len, query_pos, bias_center, bias_last, BIAS, BIAS_GRAD, NB_BLOCK)
         for start_n in range(masked_from, example_prefix_len, BLOCK_N):
             n = start_n + offs_n
             n_valid = n < example_prefix_len
@@ -229,7 +229,7 @@ def _prefix_attention_bwd_dq_kernel(
             dq, dbias = _dq_tile(dq, q, do, lse, delta, k, v, visible_2d, seed, row_lanes, start_n,
                                  dropout_threshold, qk_scale_log2, dropout_scale, DROPOUT, DOT_PRECISION, BLOCK_M,
                                  BLOCK_N, True, softcap_in, softcap_out, SOFTCAP, dbias, bias_row, BIAS_BUCKETS,
-                                 n - example_prefix_len, query_pos, bias_center, bias_last, BIAS, NB_BLOCK)
+                                 n - example_prefix_len, query_pos, bias_center, bias_last, BIAS, BIAS_GRAD, NB_BLOCK)
 
     # Real keys: as in the forward (full tiles of a contiguous run of attended keys without masks,
     # bounds-masked edge tiles, padded tiles skipped; mask loads only for other masks).
@@ -255,7 +255,7 @@ def _prefix_attention_bwd_dq_kernel(
             dq, dbias = _dq_tile(dq, q, do, lse, delta, k, v, visible_2d, seed, row_lanes, real_lane + start_n,
                                  dropout_threshold, qk_scale_log2, dropout_scale, DROPOUT, DOT_PRECISION, BLOCK_M,
                                  BLOCK_N, True, softcap_in, softcap_out, SOFTCAP, dbias, bias_row, BIAS_BUCKETS, n,
-                                 query_pos, bias_center, bias_last, BIAS, NB_BLOCK)
+                                 query_pos, bias_center, bias_last, BIAS, BIAS_GRAD, NB_BLOCK)
         for start_n in range(full_lo, full_hi, BLOCK_N):
             n = start_n + offs_n
             k = load_full_tile(k_base, n, stride_kn, offs_d, d_valid, EVEN_D, UPCAST)
@@ -263,7 +263,7 @@ def _prefix_attention_bwd_dq_kernel(
             dq, dbias = _dq_tile(dq, q, do, lse, delta, k, v, all_visible, seed, row_lanes, real_lane + start_n,
                                  dropout_threshold, qk_scale_log2, dropout_scale, DROPOUT, DOT_PRECISION, BLOCK_M,
                                  BLOCK_N, False, softcap_in, softcap_out, SOFTCAP, dbias, bias_row, BIAS_BUCKETS, n,
-                                 query_pos, bias_center, bias_last, BIAS, NB_BLOCK)
+                                 query_pos, bias_center, bias_last, BIAS, BIAS_GRAD, NB_BLOCK)
         for start_n in range(full_hi, edge_hi, BLOCK_N):
             n = start_n + offs_n
             n_valid = n < hi_b
@@ -273,7 +273,7 @@ def _prefix_attention_bwd_dq_kernel(
             dq, dbias = _dq_tile(dq, q, do, lse, delta, k, v, visible_2d, seed, row_lanes, real_lane + start_n,
                                  dropout_threshold, qk_scale_log2, dropout_scale, DROPOUT, DOT_PRECISION, BLOCK_M,
                                  BLOCK_N, True, softcap_in, softcap_out, SOFTCAP, dbias, bias_row, BIAS_BUCKETS, n,
-                                 query_pos, bias_center, bias_last, BIAS, NB_BLOCK)
+                                 query_pos, bias_center, bias_last, BIAS, BIAS_GRAD, NB_BLOCK)
     else:
         first_key, _ = window_key_bounds(0, start_m, q_len, k_len, window, BLOCK_M, BLOCK_N, WINDOW)
         for start_n in range(first_key // BLOCK_N * BLOCK_N, hi, BLOCK_N):
@@ -286,11 +286,11 @@ def _prefix_attention_bwd_dq_kernel(
             dq, dbias = _dq_tile(dq, q, do, lse, delta, k, v, visible_2d, seed, row_lanes, real_lane + start_n,
                                  dropout_threshold, qk_scale_log2, dropout_scale, DROPOUT, DOT_PRECISION, BLOCK_M,
                                  BLOCK_N, True, softcap_in, softcap_out, SOFTCAP, dbias, bias_row, BIAS_BUCKETS, n,
-                                 query_pos, bias_center, bias_last, BIAS, NB_BLOCK)
+                                 query_pos, bias_center, bias_last, BIAS, BIAS_GRAD, NB_BLOCK)
 
     dq_ptrs = DQ + b * stride_dqb + q_start * stride_dqm + h * stride_dqh + rows * stride_dqm + offs_d[None, :]
     tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=qd_mask)
-    if BIAS:
+    if BIAS_GRAD:
         tl.store(DBIAS + tl.program_id(0).to(tl.int64) * NB_BLOCK + tl.arange(0, NB_BLOCK), dbias)
 
 
@@ -643,6 +643,7 @@ def prefix_attention_backward(
     prefix_index: Optional[Tensor] = None, prefix_lengths: Optional[Tensor] = None,
     prefix_dropout_p: float = 0.0, prefix_seed: int = 0, softcap: float = 0.0, sinks: Optional[Tensor] = None,
     window: int = 0, relative_bias_table: Optional[Tensor] = None, relative_bias_buckets: Optional[Tensor] = None,
+    relative_bias_grad: bool = True,
     *, varlen: Optional[Varlen] = None, limits: Optional[DeviceLimits] = None, launcher: Launcher = launch_kernel,
     config: Optional[dict] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
@@ -655,7 +656,8 @@ def prefix_attention_backward(
             int32 (P may be 0); prefix_lengths: int32 (A,) / (B,) / (1,) or None;
             key_padding_mask: (B, Sk) bool or None.
         causal, scale, dropout_p, seed, prefix_dropout_p, prefix_seed, softcap, sinks, window,
-            relative_bias_table (Hq, num_buckets) float32, relative_bias_buckets, varlen: as given to the forward
+            relative_bias_table (Hq, num_buckets) float32, relative_bias_buckets, varlen: as given to the forward;
+            relative_bias_grad: compute the table's gradient (False: a frozen table, dtable is None)
             (varlen: q, grad_out, out (total_q, Hq, D), k, v (total_k, Hkv, D), lse (1, Hq, total_q)).
         limits: the device's limits (default: those of q's device); launcher: runs each kernel
             launch (default: launches it; benchmarks/aot_check.py records it instead); config: the
@@ -664,8 +666,8 @@ def prefix_attention_backward(
         dq (B, Hq, Sq, D), dk, dv (B, Hkv, Sk, D), dprefix_k, dprefix_v shaped like prefix_k (a
         shared prefix's or bank entry's gradient summed over its examples in a fixed order), and
         dsinks (Hq,) float32 (None without sinks): -sum over rows of P(sink) * delta, and
-        dtable (Hq, num_buckets) float32 (None without a relative bias): dS summed per (head, bucket)
-        in a fixed order.
+        dtable (Hq, num_buckets) float32 (None without a relative bias or without relative_bias_grad):
+        dS summed per (head, bucket) in a fixed order.
     """
     if varlen is None:
         batch, q_heads, q_len, head_dim = q.shape
@@ -682,7 +684,8 @@ def prefix_attention_backward(
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
-    dtable = None if relative_bias_table is None else torch.zeros_like(relative_bias_table, dtype=torch.float32)
+    relative_bias_grad = relative_bias_grad and relative_bias_table is not None
+    dtable = torch.zeros_like(relative_bias_table, dtype=torch.float32) if relative_bias_grad else None
     if q.numel() == 0 or batch == 0 or q_len == 0 or k.numel() == 0 and prefix_len == 0:
         dsinks = None if sinks is None else torch.zeros(q_heads, device=q.device, dtype=torch.float32)
         return (dq.zero_(), dk.zero_(), dv.zero_(), torch.zeros_like(prefix_k), torch.zeros_like(prefix_v),
@@ -700,7 +703,8 @@ def prefix_attention_backward(
             return triton.testing.do_bench(lambda: prefix_attention_backward(
                 grad_out, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, causal, scale, dropout_p, seed,
                 prefix_index, prefix_lengths, prefix_dropout_p, prefix_seed, softcap, sinks, window,
-                relative_bias_table, relative_bias_buckets, varlen=varlen, limits=limits, config=c), warmup=3, rep=20)
+                relative_bias_table, relative_bias_buckets, relative_bias_grad, varlen=varlen, limits=limits,
+                config=c), warmup=3, rep=20)
 
         cfg = tuned_config(key, gpu_backward_configs(head_dim, q.dtype, limits.max_shared_memory), measure)
     bm, bn, bd = cfg["BLOCK_M"], cfg["BLOCK_N"], block_d(head_dim)
@@ -716,7 +720,7 @@ def prefix_attention_backward(
     bias_table, bias_buckets, *bias_scalars = relative_bias_args(relative_bias_table, relative_bias_buckets)
     nb_block = triton.next_power_of_2(max(bias_scalars[0], 1))
     q_blocks = triton.cdiv(q_len, bm) * batch * q_heads
-    dbias = None if bias_table is None else torch.empty(q_blocks, nb_block, device=q.device, dtype=torch.float32)
+    dbias = torch.empty(q_blocks, nb_block, device=q.device, dtype=torch.float32) if relative_bias_grad else None
     softcap_in, softcap_out = softcap_args(scale, softcap)
     kpm = mask_as_int8(key_padding_mask)
     bounds = key_bounds_of(key_padding_mask)
@@ -748,7 +752,8 @@ def prefix_attention_backward(
         q_heads, q_len, k_len, prefix_len, head_dim, entry_step(prefix_k, prefix_index), stat_rows,
         scale, qk_scale_log2, threshold, dropout_scale, seed, *prefix_dropout_args, softcap_in, softcap_out, window,
         *bias_scalars,
-        GROUP=group, VARLEN=varlen is not None, CAUSAL=causal, **softcap_flags, NB_BLOCK=nb_block,
+        GROUP=group, VARLEN=varlen is not None, CAUSAL=causal, **softcap_flags, BIAS_GRAD=relative_bias_grad,
+        NB_BLOCK=nb_block,
         HAS_KPM=key_padding_mask is not None,
         HAS_PREFIX=prefix_len > 0, **prefix_flags,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, EVEN_D=bd == head_dim, **flags, **compile_options,

@@ -50,15 +50,15 @@ def prefix_attention_bwd_op(
     causal: bool, scale: float, dropout_p: float, seed: int,
     prefix_index: Optional[Tensor], prefix_lengths: Optional[Tensor], prefix_dropout_p: float, prefix_seed: int,
     softcap: float, sinks: Optional[Tensor], window: int,
-    relative_bias_table: Optional[Tensor], relative_bias_buckets: Optional[Tensor],
+    relative_bias_table: Optional[Tensor], relative_bias_buckets: Optional[Tensor], relative_bias_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """grad_out, out (B, Hq, Sq, D), lse (B, Hq, Sq) and the forward's inputs -> dq, dk, dv, dprefix_k,
     dprefix_v, each shaped like its input, dsinks (Hq,) float32 ((0,) without sinks) and dtable
-    (Hq, num_buckets) float32 ((0, 0) without a relative bias)."""
+    (Hq, num_buckets) float32 ((0, 0) without a relative bias, or a frozen table: relative_bias_grad False)."""
     *grads, dsinks, dtable = prefix_attention_backward(
         grad_out, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, causal, scale, dropout_p, seed,
         prefix_index, prefix_lengths, prefix_dropout_p, prefix_seed, softcap, sinks, window,
-        relative_bias_table, relative_bias_buckets,
+        relative_bias_table, relative_bias_buckets, relative_bias_grad,
     )
     return (*grads, q.new_zeros(0, dtype=torch.float32) if dsinks is None else dsinks,
             q.new_zeros(0, 0, dtype=torch.float32) if dtable is None else dtable)
@@ -67,11 +67,12 @@ def prefix_attention_bwd_op(
 @prefix_attention_bwd_op.register_fake
 def _(grad_out, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, causal, scale, dropout_p, seed,
       prefix_index, prefix_lengths, prefix_dropout_p, prefix_seed, softcap, sinks, window, relative_bias_table,
-      relative_bias_buckets):
+      relative_bias_buckets, relative_bias_grad):
     return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v),
             torch.empty_like(prefix_k), torch.empty_like(prefix_v),
             q.new_empty(0 if sinks is None else sinks.shape[0], dtype=torch.float32),
-            q.new_empty((0, 0) if relative_bias_table is None else relative_bias_table.shape, dtype=torch.float32))
+            q.new_empty(relative_bias_table.shape if relative_bias_table is not None and relative_bias_grad else (0, 0),
+                        dtype=torch.float32))
 
 
 def _setup_context(ctx, inputs, output):
@@ -92,10 +93,11 @@ def _backward(ctx, grad_out, grad_lse):
     dq, dk, dv, dpk, dpv, dsinks, dtable = prefix_attention_bwd_op(
         unit_last_stride(grad_out), q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse,
         ctx.causal, ctx.scale, ctx.dropout_p, ctx.seed, prefix_index, prefix_lengths, ctx.prefix_dropout_p,
-        ctx.prefix_seed, ctx.softcap, sinks, ctx.window, table, buckets,
+        ctx.prefix_seed, ctx.softcap, sinks, ctx.window, table, buckets, bool(ctx.needs_input_grad[17]),
     )
+    table_grad = dtable if table is not None and ctx.needs_input_grad[17] else None  # a frozen table: not computed
     return ((dq, dk, dv, dpk, dpv) + (None,) * 10 + (None if sinks is None else dsinks, None)
-            + (None if table is None else dtable, None))
+            + (table_grad, None))
 
 
 prefix_attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
