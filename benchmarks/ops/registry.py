@@ -37,7 +37,8 @@ class VerifyCase:
     prefix: str  # "none" | "shared" | "per_example" | "bank" (3 entries of lengths P, P/2, 1 read by index)
     padding: str  # "none" | "random" | "one" (every example keeps a single real key)
     causal: bool
-    features: tuple = ()  # of "softcap" (2.0), "sinks" (per-head sink logits), "window" (a sliding window of 7)
+    features: tuple = ()  # of "softcap" (2.0), "sinks" (per-head sink logits), "window" (a sliding window of 7),
+    # "relative_bias" (T5's bucketed relative position bias, 32 buckets, causal buckets when causal)
 
     @property
     def name(self) -> str:
@@ -63,6 +64,8 @@ _SMALL = [
     VerifyCase(2, 4, 1, 33, 33, 16, 32, "per_example", "random", True),
     VerifyCase(3, 4, 2, 17, 17, 9, 16, "bank", "random", True),
     VerifyCase(2, 4, 2, 19, 19, 5, 16, "shared", "random", True, ("softcap", "sinks", "window")),
+    VerifyCase(2, 4, 2, 21, 21, 6, 16, "shared", "random", True, ("relative_bias",)),
+    VerifyCase(2, 2, 2, 13, 13, 0, 16, "none", "random", False, ("relative_bias",)),
 ]
 
 

@@ -74,6 +74,8 @@ def _attention_inputs(case: VerifyCase, seed: int):
         x["prefix_k"], x["prefix_v"] = r(3, case.Hkv, case.P, case.D), r(3, case.Hkv, case.P, case.D)
     if "sinks" in case.features:
         x["sinks"] = r(case.Hq)
+    if "relative_bias" in case.features:
+        x["relative_bias_table"] = r(32, case.Hq)
     kpm = None
     if case.padding == "random":
         lengths = torch.randint(1, case.Sk + 1, (case.B,), generator=g)
@@ -90,6 +92,10 @@ def _attention_inputs(case: VerifyCase, seed: int):
         options["softcap"] = 2.0
     if "window" in case.features:
         options["window"] = 7
+    if "relative_bias" in case.features:
+        from ptkernels import relative_position_buckets
+
+        options["relative_bias_buckets"] = relative_position_buckets(case.P + case.Sk, bidirectional=not case.causal)
     return x, kpm, grad_out, options
 
 
@@ -98,7 +104,7 @@ def _run_attention(fn, x: dict, kpm, grad_out, dtype, device, causal, options=No
     options = {n: t.to(device) if isinstance(t, torch.Tensor) else t for n, t in (options or {}).items()}
     out = fn(leaves["q"], leaves["k"], leaves["v"], leaves.get("prefix_k"), leaves.get("prefix_v"),
              key_padding_mask=None if kpm is None else kpm.to(device), causal=causal, sinks=leaves.get("sinks"),
-             **options)
+             relative_bias_table=leaves.get("relative_bias_table"), **options)
     grads = torch.autograd.grad(out, list(leaves.values()), grad_out.to(device=device, dtype=dtype))
     return out.detach(), {n: gr for n, gr in zip(leaves, grads)}
 
