@@ -5,7 +5,7 @@ Public API (see README.md and DESIGN.md for the full contract):
     prefix_attention(q, k, v, prefix_k, prefix_v, *, key_padding_mask=None, causal=False,
                      scale=None, dropout_p=0.0, prefix_index=None, prefix_lengths=None,
                      prefix_dropout_p=0.0, softcap=None, sinks=None, window=None,
-                     relative_bias_table=None, relative_bias_buckets=None, backend="auto")
+                     relative_bias_table=None, relative_bias_buckets=None, alibi_slopes=None, backend="auto")
     relative_position_buckets(max_position, *, num_buckets=32, max_distance=128, bidirectional=True)
         (T5's bucket of every relative position, the relative_bias_buckets of prefix_attention)
     prefix_attention_varlen(q, k, v, prefix_k, prefix_v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,

@@ -262,3 +262,66 @@ def test_triton_frozen_table_gets_no_gradient_and_the_rest_is_unchanged():
                                      backend="triton")
     out.sum().backward()
     assert frozen.grad is None and q.grad is not None
+
+
+def bloom_oracle(q, k, v, prefix_k, prefix_v, mask, causal, slopes):
+    """BLOOM's attention over PEFT's cache, fp64: its own ``build_alibi_tensor`` over the mask
+    [prefix ones; key padding mask] (each key's slope times its position among the attended keys),
+    added to the scaled scores of the concatenated keys, masked, softmax."""
+    build_alibi_tensor = pytest.importorskip("transformers.models.bloom.modeling_bloom").build_alibi_tensor
+    q, k, v = q.double(), k.double(), v.double()
+    batch, heads, q_len, head_dim = q.shape
+    k_len, plen = k.shape[2], prefix_k.shape[1]
+    full_mask = torch.cat([torch.ones(batch, plen, dtype=torch.long),
+                           torch.ones(batch, k_len, dtype=torch.long) if mask is None else mask.long()], dim=1)
+    alibi = build_alibi_tensor(full_mask, heads, torch.float64).view(batch, heads, 1, plen + k_len)
+    assert torch.allclose(alibi[0, :, 0, 1], slopes.double())  # the slopes we hand to ptkernels are BLOOM's
+    keys = torch.cat([prefix_k.double().expand(batch, -1, -1, -1), k], dim=2)
+    values = torch.cat([prefix_v.double().expand(batch, -1, -1, -1), v], dim=2)
+    scores = q @ keys.transpose(-1, -2) * head_dim**-0.5 + alibi
+    visible = full_mask.bool()[:, None, None, :].expand(batch, 1, q_len, plen + k_len).clone()
+    if causal:
+        i = torch.arange(q_len)[:, None]
+        visible[..., plen:] &= torch.arange(k_len)[None, :] <= i + (k_len - q_len)
+    probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
+    return probs @ values
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_alibi_slopes_match_blooms_alibi(backend, causal):
+    """alibi_slopes (index positions: key position - query position) equals BLOOM's mask-cumsum ALiBi
+    over PEFT's cache (each key's position among the attended keys) on unpadded and right-padded rows:
+    the difference is a per-row constant. (Left padding shifts BLOOM's real keys against its prefix;
+    the op keeps index positions, see the README.)"""
+    _get_alibi_slopes = pytest.importorskip("transformers.models.bloom.modeling_bloom")._get_alibi_slopes
+    gen = torch.Generator().manual_seed(8)
+    B, H, S, P, D = 2, 4, 11, 3, 16
+    device = DEVICE if backend == "triton" else "cpu"
+    q, k, v = (torch.randn(B, H, S, D, generator=gen).to(device).requires_grad_() for _ in range(3))
+    pk, pv = (torch.randn(H, P, D, generator=gen).to(device).requires_grad_() for _ in range(2))
+    mask = torch.ones(B, S, dtype=torch.bool)
+    mask[1, -4:] = False  # right padding
+    slopes = _get_alibi_slopes(H, torch.device("cpu")).float()
+    out = ptkernels.prefix_attention(q, k, v, pk, pv, key_padding_mask=mask.to(device), causal=causal,
+                                     alibi_slopes=slopes.to(device), backend=backend)
+    leaves = (q, k, v, pk, pv)
+    leaves64 = [t.detach().cpu().double().requires_grad_() for t in leaves]
+    want = bloom_oracle(*leaves64, mask, causal, slopes)
+    real = mask[:, None, :, None].expand(B, H, S, D)  # rows of padded queries are defined by neither
+    torch.testing.assert_close(out.detach().cpu().double()[real], want[real], atol=2e-5, rtol=2e-5)
+    grad_out = torch.randn(out.shape, generator=gen) * real
+    for name, g, w in zip("q k v pk pv".split(), torch.autograd.grad(out, leaves, grad_out.to(device)),
+                          torch.autograd.grad(want, leaves64, grad_out.double())):
+        torch.testing.assert_close(g.detach().cpu().double(), w, atol=5e-5, rtol=5e-5, msg=name)
+
+
+def test_bad_alibi_slopes():
+    q, k, v = torch.zeros(1, 2, 5, 8), torch.zeros(1, 2, 13, 8), torch.zeros(1, 2, 13, 8)
+    with pytest.raises(ValueError, match=r"alibi_slopes must be \(Hq,\) = \(2,\)"):
+        ptkernels.prefix_attention(q, k, v, None, None, alibi_slopes=torch.ones(3), backend="torch")
+    with pytest.raises(TypeError, match="alibi_slopes must be a"):
+        ptkernels.prefix_attention(q, k, v, None, None, alibi_slopes=torch.ones(2, dtype=torch.long), backend="torch")
+    with pytest.raises(ValueError, match="either alibi_slopes or relative_bias_table"):
+        ptkernels.prefix_attention(q, k, v, None, None, alibi_slopes=torch.ones(2), relative_bias_table=torch.ones(32, 2),
+                                   relative_bias_buckets=ptkernels.relative_position_buckets(13), backend="torch")

@@ -11,6 +11,7 @@ from torch import Tensor
 from ..._backend import resolve_backend
 from ..utils import check_tensor
 from .reference import prefix_attention_reference
+from .relative_bias import alibi_as_relative_bias
 from .torch_path import prefix_attention_torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -19,7 +20,7 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 def check_prefix_attention_args(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, dropout_p,
                                 prefix_index=None, prefix_lengths=None, prefix_dropout_p=0.0, softcap=None,
                                 sinks=None, window=None, relative_bias_table=None,
-                                relative_bias_buckets=None) -> None:
+                                relative_bias_buckets=None, alibi_slopes=None) -> None:
     """Raise ValueError/TypeError naming the argument for anything the op does not define."""
     check_qkv(q, k, v, "(B, Hkv, Sk, D)")
     batch, q_heads, q_len, head_dim = q.shape
@@ -57,6 +58,19 @@ def check_prefix_attention_args(q, k, v, prefix_k, prefix_v, key_padding_mask, c
             raise ValueError("window (a sliding window) needs causal=True: transformers' sliding windows are causal")
     prefix_len = 0 if prefix_k is None else prefix_k.shape[-2]
     check_relative_bias(relative_bias_table, relative_bias_buckets, q_heads, prefix_len + k_len, q.device, softcap)
+    if alibi_slopes is not None:
+        if not isinstance(alibi_slopes, Tensor) or not alibi_slopes.is_floating_point():
+            raise TypeError(f"alibi_slopes must be a (Hq,) float tensor or None, got "
+                            f"{alibi_slopes.dtype if isinstance(alibi_slopes, Tensor) else type(alibi_slopes).__name__}")
+        if tuple(alibi_slopes.shape) != (q_heads,):
+            raise ValueError(f"alibi_slopes must be (Hq,) = ({q_heads},), one slope per query head, got "
+                             f"{tuple(alibi_slopes.shape)}")
+        if alibi_slopes.device != q.device:
+            raise ValueError(f"alibi_slopes must be on q's device {q.device}, got {alibi_slopes.device}")
+        if relative_bias_table is not None:
+            raise ValueError("give either alibi_slopes or relative_bias_table / relative_bias_buckets, not both")
+        if softcap is not None:
+            raise NotImplementedError("prefix_attention: alibi_slopes together with softcap is not supported")
 
 
 def check_relative_bias(table, buckets, q_heads: int, max_position: int, device, softcap) -> None:
@@ -295,6 +309,7 @@ def prefix_attention(
     window: Optional[int] = None,
     relative_bias_table: Optional[Tensor] = None,
     relative_bias_buckets: Optional[Tensor] = None,
+    alibi_slopes: Optional[Tensor] = None,
     backend: str = "auto",
 ) -> Tensor:
     """Attention over [prefix keys; real keys], with the prefix read from its own tensor.
@@ -340,6 +355,12 @@ def prefix_attention(
             i at P_b + Sk - Sq + i, PEFT's cache convention). Score (h, i, key) gets
             ``table[buckets[r + L - 1], h]`` added after the scale; the kernels gather it per tile,
             never as a dense (B, Hq, Sq, P + Sk) tensor.
+        alibi_slopes: (Hq,) float tensor or None: ALiBi (BLOOM, Falcon, MPT): score (h, i, key) gets
+            ``alibi_slopes[h] * (key position - query position)`` added (index positions as above).
+            BLOOM's slope times the key's position among the attended keys differs from it by a
+            per-row constant, which the softmax cancels, when no row is left-padded (left padding
+            shifts BLOOM's real keys against its prefix). Runs as a relative bias with the identity
+            bucket map.
         backend: "auto" (Triton for CUDA tensors, the fast PyTorch path otherwise), "triton",
             "torch" (the fast PyTorch path: scaled_dot_product_attention, any device, float64
             included) or "reference" (the readable oracle). "triton" on CPU tensors runs Triton's
@@ -350,7 +371,10 @@ def prefix_attention(
     q, k, v, prefix_k, prefix_v = autocast_inputs(q, k, v, prefix_k, prefix_v)
     check_prefix_attention_args(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, dropout_p,
                                 prefix_index, prefix_lengths, prefix_dropout_p, softcap, sinks, window,
-                                relative_bias_table, relative_bias_buckets)
+                                relative_bias_table, relative_bias_buckets, alibi_slopes)
+    if alibi_slopes is not None:
+        prefix_len = 0 if prefix_k is None else prefix_k.shape[-2]
+        relative_bias_table, relative_bias_buckets = alibi_as_relative_bias(alibi_slopes, max(prefix_len + k.shape[2], 1))
     chosen = resolve_backend(backend, q.device)
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     dropout_p = float(dropout_p)

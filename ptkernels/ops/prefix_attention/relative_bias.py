@@ -83,4 +83,15 @@ def relative_bias_dense(table: Tensor, buckets: Tensor, batch: int, q_len: int, 
     return table[index].permute(0, 3, 1, 2)  # (1 or B, Sq, T, Hq) -> (1 or B, Hq, Sq, T)
 
 
-__all__ = ["relative_position_buckets", "relative_positions", "relative_bias_dense"]
+def alibi_as_relative_bias(slopes: Tensor, max_position: int) -> tuple[Tensor, Tensor]:
+    """ALiBi (BLOOM, Falcon, MPT) as a relative bias: score (h, i, key) + slopes[h] * r with
+    r = key position - query position, i.e. table (2L - 1, Hq) = r * slopes[h] for r in
+    [-(L - 1), L - 1] (differentiable w.r.t. slopes) and the identity bucket map (2L - 1,) int32,
+    L = max_position. BLOOM adds slopes[h] * (position of the key among the attended keys); the two
+    differ by a constant per query row, which the softmax cancels, unless the row is left-padded."""
+    rel = torch.arange(-(max_position - 1), max_position, device=slopes.device, dtype=slopes.dtype)
+    buckets = torch.arange(2 * max_position - 1, device=slopes.device, dtype=torch.int32)
+    return rel[:, None] * slopes[None, :], buckets
+
+
+__all__ = ["relative_position_buckets", "relative_positions", "relative_bias_dense", "alibi_as_relative_bias"]
