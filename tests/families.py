@@ -45,7 +45,7 @@ FAMILIES: dict[str, tuple[str, dict, Optional[str]]] = {
     "gptj": (DEC, {}, None), "codegen": (DEC, {}, None),
     "gemma2": (DEC, {}, None), "vaultgemma": (DEC, {}, None),  # attention logit softcapping
     "gpt_oss": (DEC, {}, None),  # attention sinks
-    "gemma4_text": (DEC, {}, "head size or key width differ between layers"),
+    "gemma4_text": (DEC, {}, None),
     "bloom": (DEC, {}, "does not call transformers' attention interface"),
     "falcon": (DEC, {}, "does not call transformers' attention interface"),
     "deepseek_v3": (DEC, {}, "multi-head latent attention"),
@@ -62,6 +62,8 @@ FAMILIES: dict[str, tuple[str, dict, Optional[str]]] = {
     "megatron-bert": (ENC, {}, "does not call transformers' attention interface"),
     "roformer": (ENC, {}, "does not call transformers' attention interface"),
 }
+# P-tuning's outcome where it differs from prefix tuning's (a refusal reason).
+PTUNING_OUTCOME = {"gemma4_text": "per-layer input embeddings are computed from the token ids"}
 # Families where unpatched PEFT prefix tuning fails (so the concatenated-keys reference is used).
 REFERENCE_CONCAT: set[str] = set()
 ADAPTERS = ("prefix", "prefix_proj", "ptuning")
@@ -187,6 +189,8 @@ def markdown_table() -> str:
             text = "refused at the first forward: its layers do not forward **kwargs to the attention"
         else:
             text = f"refused at patch time: {outcome}"
+        if name in PTUNING_OUTCOME:
+            text = f"prefix tuning {text}; P-tuning refused at patch time: {PTUNING_OUTCOME[name]}"
         rows.append(f"| {name} | {kind} | {text} |")
     return "\n".join(rows)
 

@@ -90,6 +90,8 @@ def test_family(model_type, adapter):
     _, _, outcome = FAMILIES[model_type]
     if outcome == KWARGS and adapter == "ptuning":
         outcome = None  # P-tuning feeds input embeddings only: no kwargs need to reach the attention
+    if adapter == "ptuning" and model_type in families.PTUNING_OUTCOME:
+        outcome = families.PTUNING_OUTCOME[model_type]
     model, task = build_peft_model(model_type, adapter)
     ids, mask, labels = make_batch(task)
 
@@ -223,3 +225,49 @@ def test_sliding_window_generate_matches_greedy_full_forwards(adapter, monkeypat
     with torch.no_grad():
         got = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
     assert torch.equal(got, want), f"{got}\n!=\n{want}"
+
+
+@pytest.mark.parametrize("adapter", ["prefix", "prefix_proj"])
+def test_gemma4_kv_sharing_layers(adapter):
+    """Gemma 4 with 4 layers whose last one reuses layer 1's keys (it reads that layer's prefix, as
+    PEFT's cache hands it over; transformers slices its inputs before the sharing layers): equal to
+    unpatched PEFT."""
+    if not _available("gemma4_text"):
+        pytest.skip("transformers has no 'gemma4_text'")
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    from ptkernels.integrations.capabilities import per_layer_kv_geometry
+
+    types = ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
+    config = families.build_config("gemma4_text", dict(num_hidden_layers=4, num_kv_shared_layers=1,
+                                                       layer_types=types))
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float64)
+    geometry = per_layer_kv_geometry(base)
+    assert geometry is not None and geometry[3][0] == 1 and geometry[0][2] != geometry[1][2], geometry
+    kwargs = dict(prefix_projection=True, encoder_hidden_size=16) if adapter == "prefix_proj" else {}
+    model = peft.get_peft_model(base, peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P, **kwargs))
+    model = model.double().eval()
+    ids, mask, labels = make_batch("CAUSAL_LM")
+    want = _run(model, ids, mask, labels, "CAUSAL_LM", adapter)
+    patch(model, backend="torch")
+    _assert_same(_run(model, ids, mask, labels, "CAUSAL_LM", adapter), want, f"gemma4 kv sharing {adapter}")
+    assert model.__dict__["_ptkernels_state"]["layer_shapes"] == [(0, 2, 8), (1, 2, 512), (2, 2, 8), (1, 2, 512)]
+
+
+def test_layer_prefix_shapes_cut_skip_and_share():
+    """LayerPrefix(shapes=): a layer reads its source's entries cut to its (kv heads, head dim); a
+    layer with None gets no prefix and is not expected to read one."""
+    from ptkernels import LayerPrefix
+
+    stacked = torch.randn(6, 4, 3, 16)  # 3 layers, Hkv 4, P 3, D 16
+    prefix = LayerPrefix(stacked, shapes=[(0, 2, 8), None, (0, 4, 16)])
+    k0, v0 = prefix.layer(0)
+    assert torch.equal(k0, stacked[0, :2, :, :8]) and torch.equal(v0, stacked[1, :2, :, :8])
+    assert prefix.layer(1) is None
+    k2, _ = prefix.layer(2)
+    assert torch.equal(k2, stacked[0])  # layer 2 shares layer 0's keys
+    assert prefix.unread_layers() == [0, 2]
+    with pytest.raises(ValueError, match="one entry per layer"):
+        LayerPrefix(stacked, shapes=[None])

@@ -38,6 +38,7 @@ from typing import Optional
 from torch import nn
 
 __all__ = ["ModelSupport", "UnsupportedModelError", "check_model", "check_seq2seq_model", "seq2seq_roles",
+           "per_layer_kv_geometry", "check_virtual_tokens",
            "attention_modules", "text_config"]
 
 
@@ -175,12 +176,7 @@ def check_model(hf_model: nn.Module, *, prefix_tuning: bool) -> ModelSupport:
     if getattr(cfg, "kv_lora_rank", None) is not None and getattr(cfg, "qk_rope_head_dim", None) is not None:
         raise _refuse(model_type, "multi-head latent attention (keys and values of different head sizes) is not "
                                   "supported")
-    geometry = {(getattr(m, "head_dim", None), getattr(getattr(m, "k_proj", None), "out_features", None))
-                for m in mods}
-    if len(geometry) > 1:
-        raise _refuse(model_type, f"head size or key width differ between layers ({sorted(geometry, key=str)}): "
-                                  "one stacked prefix tensor cannot hold them (per-layer prefixes are not "
-                                  "implemented yet)")
+    per_layer_kv_geometry(hf_model)  # per-layer head sizes (Gemma 4): refused here if they cannot be read
 
     positions = _positions_convention(hf_model)
     if prefix_tuning and "position_ids" not in inspect.signature(hf_model.forward).parameters:
@@ -201,6 +197,55 @@ def _check_attention_calls(model_type: str, mods) -> None:
         if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params) or not _interface_call_forwards_kwargs(source):
             raise _refuse(model_type, f"{type(m).__name__} does not forward **kwargs to the attention function, "
                                       "so the prefix cannot reach it")
+
+
+def per_layer_kv_geometry(hf_model: nn.Module) -> Optional[list]:
+    """None when every self-attention layer has one key geometry; else, per layer l (Gemma 4: head
+    size and KV heads differ between sliding and global layers, and the last layers may reuse an
+    earlier layer's keys), ``(source, kv_heads, head_dim)``: the layer whose keys (and so whose prefix)
+    it attends to (itself, or for a KV-sharing layer the last earlier "store" layer of its layer type,
+    as transformers' Gemma 4 shares them), and that layer's KV heads and head size. Refuses a model
+    whose layers differ in a way it cannot read."""
+    mods = {m.layer_idx: m for m in attention_modules(hf_model)}
+    model_type = hf_model.config.model_type
+
+    def own(m):
+        k_proj = getattr(m, "k_proj", None)
+        head_dim = getattr(m, "head_dim", None)
+        if k_proj is None or not head_dim or k_proj.out_features % head_dim:
+            return None
+        return k_proj.out_features // head_dim, head_dim
+
+    geometry = {own(m) for m in mods.values() if not getattr(m, "is_kv_shared_layer", False)}
+    shared = [l for l, m in mods.items() if getattr(m, "is_kv_shared_layer", False)]
+    if len(geometry) == 1 and not shared:  # one geometry (also when it is not readable, e.g. BERT's names)
+        return None
+    if None in geometry:
+        raise _refuse(model_type, "head size or key width differ between layers and some layer's key geometry "
+                                  "(k_proj, head_dim) cannot be read")
+    out = []
+    for l in sorted(mods):
+        source = l
+        if getattr(mods[l], "is_kv_shared_layer", False):
+            layer_type = getattr(mods[l], "layer_type", None)
+            stores = [j for j in range(l) if getattr(mods[j], "store_full_length_kv", False)
+                      and getattr(mods[j], "layer_type", None) == layer_type]
+            if not stores:
+                raise _refuse(model_type, f"layer {l} reuses another layer's keys, but no earlier layer of its type "
+                                          f"{layer_type!r} stores them")
+            source = stores[-1]
+        out.append((source,) + own(mods[source]))
+    return out
+
+
+def check_virtual_tokens(hf_model: nn.Module) -> None:
+    """Prompt tuning / P-tuning feed virtual tokens as input embeddings; refuse a model that needs the
+    token ids behind its input embeddings (Gemma 3n / 4 compute per-layer inputs from input_ids and
+    reverse inputs_embeds to find them, so virtual tokens raise there, with or without ptkernels)."""
+    cfg = text_config(hf_model.config)
+    if getattr(cfg, "hidden_size_per_layer_input", None):
+        raise _refuse(cfg.model_type, "per-layer input embeddings are computed from the token ids, which virtual "
+                                      "tokens do not have (prompt tuning / P-tuning)")
 
 
 def seq2seq_roles(hf_model: nn.Module) -> dict:

@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import sys
 import types
 import warnings
@@ -67,7 +68,15 @@ from torch import Tensor, nn
 from .._backend import BACKENDS
 from ..ops.prefix_attention_varlen.interface import check_cu_seqlens
 from ..ops.prompt_embedding import prompt_embedding, virtual_token_embedding
-from .capabilities import ModelSupport, attention_modules, check_model, seq2seq_roles, text_config
+from .capabilities import (
+    ModelSupport,
+    attention_modules,
+    check_model,
+    check_virtual_tokens,
+    per_layer_kv_geometry,
+    seq2seq_roles,
+    text_config,
+)
 from .encoders import prefix_key_values, prompt_embeddings
 from .transformers import (
     ATTN_IMPLEMENTATION,
@@ -121,10 +130,40 @@ def _kv_geometry(config) -> tuple[int, int, int]:
     return layers, kv_heads, head_dim
 
 
+def _prefix_geometry(hf_model) -> tuple[int, int, int, Optional[list]]:
+    """(num_layers, kv_heads, head_dim, shapes) of the prefix PEFT provisions: for a model whose layers
+    differ in key geometry (Gemma 4) the widest layer's KV heads and head dim, with ``shapes`` the
+    per-layer (source layer, kv_heads, head_dim) of ``per_layer_kv_geometry`` (else None)."""
+    per_layer = per_layer_kv_geometry(hf_model)
+    if per_layer is None:
+        return (*_kv_geometry(hf_model.config), None)
+    return len(per_layer), max(h for _, h, _ in per_layer), max(d for _, _, d in per_layer), per_layer
+
+
+def _layer_shapes(model, hf_model, kv_heads: int, head_dim: int) -> Optional[list]:
+    """``LayerPrefix(shapes=)`` for a model whose layers differ in key geometry, read once per patch:
+    each layer's cut of the (kv_heads, head_dim) prefix, or None where the layer is wider (PEFT skips
+    such layers)."""
+    state = model.__dict__[_STATE]
+    if "layer_shapes" not in state:
+        per_layer = _prefix_geometry(hf_model)[3]
+        state["layer_shapes"] = None if per_layer is None else [
+            (source, h, d) if h <= kv_heads and d <= head_dim else None for source, h, d in per_layer]
+    return state["layer_shapes"]
+
+
 def _check_prefix_geometry(hf_model, peft_config, adapter_name: str) -> None:
-    layers, kv_heads, head_dim = _kv_geometry(hf_model.config)
+    layers, kv_heads, head_dim, per_layer = _prefix_geometry(hf_model)
     got = (peft_config.num_layers, peft_config.num_attention_heads, peft_config.token_dim)
     want = (layers, kv_heads, kv_heads * head_dim)
+    if per_layer is not None and got[0] == layers and got[2] % got[1] == 0:
+        # layers that differ (Gemma 4): PEFT cuts any provisioned (heads, head dim) down to each layer
+        # and skips the layers it cannot hold; it refuses a prefix no layer can hold, and so do we
+        heads, dim = got[1], got[2] // got[1]
+        if not any(h <= heads and d <= dim for _, h, d in per_layer):
+            raise ValueError(f"the prefix-tuning adapter {adapter_name!r} was provisioned for (kv heads, head dim) = "
+                             f"{(heads, dim)}, which no layer's keys fit (layers: {sorted(set(per_layer))})")
+        return
     if got != want:
         raise ValueError(
             f"the prefix-tuning adapter {adapter_name!r} was provisioned for (num_layers, kv heads, token_dim) = "
@@ -156,6 +195,8 @@ def _check_peft_model(model) -> ModelSupport:
         )
     hf_model = model.get_base_model()
     support = check_model(hf_model, prefix_tuning=peft_type == "PREFIX_TUNING")
+    if peft_type != "PREFIX_TUNING":
+        check_virtual_tokens(hf_model)
     if peft_type == "PREFIX_TUNING":
         _check_prefix_geometry(hf_model, peft_config, model.active_adapter)
     return support
@@ -403,7 +444,9 @@ def _compute_prefix(model, selection: _Selection) -> LayerPrefix:
     padding) read through ``index`` (B,). Each adapter's encoder runs once; P-Tuning v2's prefix
     dropout (``patch(prefix_dropout=)``) rides along and applies in training mode."""
     hf_model = model.get_base_model()
-    layers, kv_heads, head_dim = _kv_geometry(hf_model.config)
+    config = selection.configs[0]
+    layers, kv_heads, head_dim = config.num_layers, config.num_attention_heads, config.token_dim // config.num_attention_heads
+    shapes = _layer_shapes(model, hf_model, kv_heads, head_dim)
     stacks = [
         prefix_key_values(
             model.prompt_encoder[name], config.num_virtual_tokens, layers, kv_heads, head_dim,
@@ -413,12 +456,13 @@ def _compute_prefix(model, selection: _Selection) -> LayerPrefix:
     ]
     dropout_p = model.__dict__[_STATE]["prefix_dropout"]
     if selection.index is None:
-        return LayerPrefix(stacks[0], dropout_p=dropout_p)
+        return LayerPrefix(stacks[0], dropout_p=dropout_p, shapes=shapes)
     sizes = selection.num_virtual
     longest = max(sizes)
     bank = torch.stack([F.pad(s, (0, 0, 0, longest - s.shape[-2])) for s in stacks])
     lengths = None if len(set(sizes)) == 1 else torch.tensor(sizes, device=bank.device)
-    return LayerPrefix(bank, index=selection.index.to(bank.device), lengths=lengths, dropout_p=dropout_p)
+    return LayerPrefix(bank, index=selection.index.to(bank.device), lengths=lengths, dropout_p=dropout_p,
+                       shapes=shapes)
 
 
 def _compute_prompt(model, selection: _Selection) -> tuple[Tensor, Optional[Tensor]]:
@@ -1037,6 +1081,8 @@ def patch(model, *, backend: str = "auto", shift_positions: bool = True, prefix_
 
     hf_model.config._attn_implementation = ATTN_IMPLEMENTATION
     _set_backend(hf_model, backend)
+    if "kv_sharing_shims" not in state:
+        state["kv_sharing_shims"] = _keep_2d_masks_in_kv_sharing(hf_model)
     if "prefix_check" not in state:  # also checks a ptkernels_prefix= handed to a plain model
         state["prefix_check"] = hf_model.register_forward_hook(check_every_layer_read_the_prefix, with_kwargs=True)
     if getattr(hf_model.config, "is_encoder_decoder", False):
@@ -1053,6 +1099,32 @@ def patch(model, *, backend: str = "auto", shift_positions: bool = True, prefix_
     return model
 
 
+def _keep_2d_masks_in_kv_sharing(hf_model) -> list:
+    """Gemma 4 slices its inputs to the kept logits before its KV-sharing layers, masks included, as if
+    every mask were 4D (B, 1, Sq, Sk); under "ptkernels" a mask is the 2D (B, Sk) key padding mask,
+    whose keys are not sliced. Wrap each such model's ``_maybe_slice_kv_shared_inputs`` (on the
+    instance, undone by ``unpatch``) so that 2D masks pass through unsliced. Returns the wrapped modules."""
+    wrapped = []
+    for module in hf_model.modules():
+        original = getattr(module, "_maybe_slice_kv_shared_inputs", None)
+        if original is None or "_maybe_slice_kv_shared_inputs" in module.__dict__:
+            continue
+        signature = inspect.signature(original)
+
+        def keep_2d(*args, _original=original, _signature=signature, **kwargs):
+            bound = _signature.bind(*args, **kwargs)
+            masks = bound.arguments.get("causal_mask_mapping") or {}
+            flat = {k: v for k, v in masks.items() if isinstance(v, Tensor) and v.dim() == 2}
+            if flat:
+                bound.arguments["causal_mask_mapping"] = {k: None if k in flat else v for k, v in masks.items()}
+            *rest, sliced = _original(*bound.args, **bound.kwargs)
+            return (*rest, {**sliced, **flat})
+
+        module.__dict__["_maybe_slice_kv_shared_inputs"] = keep_2d
+        wrapped.append(module)
+    return wrapped
+
+
 def unpatch(model):
     """Undo :func:`patch`: the original attention implementation, forward and generation hooks."""
     state = model.__dict__.get(_STATE) if isinstance(model, nn.Module) else None
@@ -1067,6 +1139,8 @@ def unpatch(model):
         hook.remove()
     for module in state.get("roles", ()):
         module.__dict__.pop(ROLE_ATTR, None)
+    for module in state.get("kv_sharing_shims", ()):
+        module.__dict__.pop("_maybe_slice_kv_shared_inputs", None)
     for name in _PATCHED_METHODS:
         if state["had_" + name]:
             model.__dict__[name] = state["orig_" + name]

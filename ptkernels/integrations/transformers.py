@@ -80,6 +80,11 @@ class LayerPrefix:
             ``prefix`` (a tensor of the same shape); layer l's cross-attention reads entries 2l and
             2l + 1 in front of the encoder's keys. None (default): cross-attention gets no prefix.
             Encoder self-attention never gets one (modules tagged by ``patch``, see ``ROLE_ATTR``).
+        shapes: models whose layers differ in key geometry (Gemma 4) only: per layer l, None (the
+            layer gets no prefix: its keys are wider than the prefix) or ``(source, kv_heads,
+            head_dim)``: layer l reads layer ``source``'s entries (a KV-sharing layer reads the layer
+            whose keys it reuses), cut to their first kv_heads heads and head_dim channels, as PEFT
+            cuts its prefix for such models. Hkv and D of ``prefix`` are then the widest layer's.
 
     Hkv is the model's number of key/value heads, D its head dim, L its number of layers.
 
@@ -89,10 +94,10 @@ class LayerPrefix:
     ``**kwargs`` to their attention raises instead of silently running without the prefix).
     """
 
-    __slots__ = ("stacked", "index", "lengths", "dropout_p", "read", "cross")
+    __slots__ = ("stacked", "index", "lengths", "dropout_p", "read", "cross", "shapes")
 
     def __init__(self, prefix, *, index: Optional[Tensor] = None, lengths: Optional[Tensor] = None,
-                 dropout_p: float = 0.0, cross: Optional[Tensor] = None) -> None:
+                 dropout_p: float = 0.0, cross: Optional[Tensor] = None, shapes: Optional[list] = None) -> None:
         if isinstance(prefix, (list, tuple)):
             prefix = _stack_layers(prefix)
         if not isinstance(prefix, Tensor):
@@ -116,12 +121,17 @@ class LayerPrefix:
                              f"{tuple(cross.shape) if isinstance(cross, Tensor) else type(cross).__name__}")
         self.dropout_p = float(dropout_p)
         self.cross = cross
+        if shapes is not None and len(shapes) != self.num_layers:
+            raise ValueError(f"shapes must give one entry per layer ({self.num_layers}), got {len(shapes)}")
+        self.shapes = shapes
         self.read: set = set()
 
     def unread_layers(self) -> list:
         """The layers that have not read their prefix (self-attention: ints in ascending order, then
         ("cross", l) for cross-attention when there is a cross prefix)."""
         want = set(range(self.num_layers))
+        if self.shapes is not None:
+            want = {l for l in want if self.shapes[l] is not None}
         if self.cross is not None:
             want |= {("cross", l) for l in range(self.num_layers)}
         return sorted(want - self.read, key=lambda x: (isinstance(x, tuple), x if isinstance(x, int) else x[1]))
@@ -130,20 +140,29 @@ class LayerPrefix:
     def num_layers(self) -> int:
         return self.stacked.shape[-4] // 2
 
-    def layer(self, layer_idx: int, *, cross: bool = False) -> tuple[Tensor, Tensor]:
+    def layer(self, layer_idx: int, *, cross: bool = False) -> Optional[tuple[Tensor, Tensor]]:
         """(prefix_k, prefix_v) of one layer's self-attention (or cross-attention with ``cross``):
-        (Hkv, P, D) each, or (B | A, Hkv, P, D)."""
+        (Hkv, P, D) each, or (B | A, Hkv, P, D); None for a layer that gets no prefix (``shapes``)."""
         if not 0 <= layer_idx < self.num_layers:
             raise ValueError(f"the prefix has {self.num_layers} layers, attention asked for layer {layer_idx}")
         stacked = self.cross if cross else self.stacked
+        source, kv_heads, head_dim = layer_idx, None, None
+        if self.shapes is not None and not cross:
+            if self.shapes[layer_idx] is None:
+                return None
+            source, kv_heads, head_dim = self.shapes[layer_idx]
         if stacked.dim() == 4:
-            return stacked[2 * layer_idx], stacked[2 * layer_idx + 1]
-        return stacked[:, 2 * layer_idx], stacked[:, 2 * layer_idx + 1]
+            pair = stacked[2 * source], stacked[2 * source + 1]
+        else:
+            pair = stacked[:, 2 * source], stacked[:, 2 * source + 1]
+        if kv_heads is not None:  # the layer's own geometry: PEFT's cut of the widest layer's prefix
+            pair = tuple(t[..., :kv_heads, :, :head_dim] for t in pair)
+        return pair
 
     def fresh(self) -> "LayerPrefix":
         """The same prefix with an empty ``read`` record (one per forward)."""
         return LayerPrefix(self.stacked, index=self.index, lengths=self.lengths, dropout_p=self.dropout_p,
-                           cross=self.cross)
+                           cross=self.cross, shapes=self.shapes)
 
 
 def _stack_layers(pairs) -> Tensor:
@@ -290,8 +309,10 @@ def ptkernels_attention_forward(
         layer_idx = getattr(module, "layer_idx", None)
         if layer_idx is None:
             raise ValueError(f"{type(module).__name__} has no layer_idx, cannot pick its prefix")
-        prefix_k, prefix_v = prefix.layer(layer_idx, cross=role == "cross")
+        pair = prefix.layer(layer_idx, cross=role == "cross")
         prefix.read.add(("cross", layer_idx) if role == "cross" else layer_idx)
+        prefix_k, prefix_v = pair if pair is not None else (None, None)
+    if prefix_k is not None:
         if prefix_k.dtype != query.dtype:
             prefix_k, prefix_v = prefix_k.to(query.dtype), prefix_v.to(query.dtype)
         bank = dict(
