@@ -1,4 +1,5 @@
-"""ptkernels.patch on encoder-decoder models (BART family) with PEFT SEQ_2_SEQ_LM prefix tuning.
+"""ptkernels.patch on encoder-decoder models (BART family) with PEFT SEQ_2_SEQ_LM prefix tuning
+(the T5 family: tests/test_seq2seq_t5.py).
 
 Default mode: the patched model is compared with the SAME model unpatched (PEFT 0.21.2's own code
 path, run on transformers 5.24 through the oracle shim): logits, loss, the gradient of every
@@ -34,8 +35,6 @@ from transformers import (  # noqa: E402
     MBartForConditionalGeneration,
     PegasusConfig,
     PegasusForConditionalGeneration,
-    T5Config,
-    T5ForConditionalGeneration,
 )
 from transformers.masking_utils import AttentionMaskInterface, eager_mask  # noqa: E402
 from transformers.models.bart.modeling_bart import eager_attention_forward  # noqa: E402
@@ -328,17 +327,6 @@ def test_bad_seq2seq_prefix(bad):
     model = without_peft_oracle_shim(make_model("bart"))
     with pytest.raises(ValueError, match="seq2seq_prefix"):
         patch(model, seq2seq_prefix=bad)
-
-
-def test_t5_refused_with_reason():
-    config = T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
-                      decoder_start_token_id=0, pad_token_id=0)
-    base = T5ForConditionalGeneration(config)
-    with pytest.raises(ValueError, match="relative position bias"):
-        patch(base)
-    model = get_peft_model(base, PrefixTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=P))
-    with pytest.raises(ValueError, match="relative position bias"):
-        patch(model)
 
 
 def test_seq2seq_prompt_tuning_refused():
