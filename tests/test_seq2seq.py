@@ -28,6 +28,7 @@ from transformers import (  # noqa: E402
     AttentionInterface,
     BartConfig,
     BartForConditionalGeneration,
+    BartForSequenceClassification,
     GenerationConfig,
     MarianConfig,
     MarianMTModel,
@@ -336,6 +337,22 @@ def test_seq2seq_prompt_tuning_refused():
                                 decoder_ffn_dim=48))
     model = get_peft_model(base, PromptTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=P))
     with pytest.raises(ValueError, match="PREFIX_TUNING only"):
+        patch(model)
+
+
+@pytest.mark.parametrize("config", [PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=P),
+                                    PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=P)],
+                         ids=["prefix", "prompt"])
+def test_encoder_decoder_with_another_task_refused(config):
+    """PEFT hands an encoder-decoder classifier's prefix / prompt to the whole model, which the
+    decoder-only / encoder-only path does not reproduce (BART SEQ_CLS prefix tuning patched used to
+    run and differ from PEFT by ~1e-4): refused, naming the task."""
+    base = BartForSequenceClassification(BartConfig(
+        vocab_size=VOCAB, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48, num_labels=2))
+    model = get_peft_model(base, config)
+    with pytest.raises(ValueError, match="encoder-decoder models .*BartForSequenceClassification.* SEQ_2_SEQ_LM only, "
+                                         "got task_type SEQ_CLS"):
         patch(model)
 
 

@@ -160,6 +160,13 @@ def _check_peft_model(model) -> ModelSupport:
         )
     if task == "SEQ_2_SEQ_LM":
         return _check_seq2seq_peft_model(model, peft_type)
+    if getattr(model.get_base_model().config, "is_encoder_decoder", False):
+        # PEFT hands such a model's prefix / prompt to the whole encoder-decoder (e.g. BART / T5 for
+        # sequence classification), which the patched decoder-only / encoder-only path does not reproduce
+        raise ValueError(
+            f"ptkernels.patch supports encoder-decoder models ({type(model.get_base_model()).__name__}) with "
+            f"task_type SEQ_2_SEQ_LM only, got task_type {task}"
+        )
     if (peft_config.num_transformer_submodules or 1) != 1:
         raise ValueError(
             f"ptkernels.patch supports decoder-only / encoder-only models (num_transformer_submodules=1), "
