@@ -526,6 +526,23 @@ def test_longt5_refused_with_reason():
     assert base.config._attn_implementation != "ptkernels"
 
 
+def test_switch_transformers_refused_with_reason():
+    """SwitchTransformers has T5's blocks and bias, but its encoder builds an additive 4D mask by
+    hand, which ptkernels' attention does not take with a relative bias: refused at patch time
+    (not at the first padded forward)."""
+    from transformers import SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
+
+    config = SwitchTransformersConfig(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=48, expert_capacity=8, num_layers=2,
+                                      num_sparse_encoder_layers=1, num_decoder_layers=2, num_sparse_decoder_layers=1,
+                                      num_heads=4, num_experts=2, decoder_start_token_id=PAD, pad_token_id=PAD)
+    base = SwitchTransformersForConditionalGeneration(config)
+    model = get_peft_model(base, PrefixTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=P))
+    with pytest.raises(ValueError, match=r"model_type 'switch_transformers'.*encoder SwitchTransformersStack builds "
+                                         r"its 4D attention mask by hand"):
+        patch(model)
+    assert base.config._attn_implementation != "ptkernels"
+
+
 def test_stack_without_shared_bias_refused(monkeypatch):
     """T5's later layers have no table of their own: they are given layer 0's only because the
     stack's forward hands layer 0's bias on (read from its source). A stack whose source does not

@@ -26,8 +26,9 @@ a cross-attention module that call the attention interface with ``**kwargs``, in
   bias (no position embedding), which ptkernels' attention takes as the table and the buckets
   (:func:`seq2seq_relative_biases`): each self-attention has a table of its own (UMT5) or reuses the
   one of its stack's first layer (T5, mT5: the stack hands layer 0's bias to the other layers), and
-  cross-attention has none. Anything else with a relative bias (LongT5's local / transient-global
-  encoder attention, a relative bias in another layout) is refused.
+  cross-attention has none; both stacks build their masks through transformers' mask functions.
+  Anything else with a relative bias (LongT5's local / transient-global encoder attention,
+  SwitchTransformers' hand-built encoder mask, a relative bias in another layout) is refused.
 
 Anything else is refused at patch time with :class:`UnsupportedModelError` (a ``ValueError``)
 naming the model type and the missing capability. The word embedding needs nothing: a plain
@@ -254,6 +255,9 @@ def seq2seq_roles(hf_model: nn.Module) -> dict:
 # The stack's forward hands the first layer's position bias to the next layers (T5Stack:
 # ``position_bias = self_attention_position_bias``; older code: ``position_bias = layer_outputs[1]``).
 _SHARES_BIAS = re.compile(r"^\s*position_bias\s*=\s*(?!None\b)\S", re.MULTILINE)
+# An additive 4D mask built by hand in the stack (SwitchTransformers' encoder:
+# ``mask[:, None, None, :]``, ``(1.0 - mask) * torch.finfo(dtype).min``).
+_HAND_BUILT_MASK = re.compile(r"\[:,\s*None,\s*None,\s*:\]|finfo\(")
 
 
 def seq2seq_relative_biases(hf_model: nn.Module) -> dict:
@@ -262,7 +266,9 @@ def seq2seq_relative_biases(hf_model: nn.Module) -> dict:
     and the decoder gets its bias (its own table, or, when the stack passes layer 0's bias on to the
     other layers, layer 0's), every decoder cross-attention ``NO_BIAS`` (T5 hands it zeros).
 
-    Raises :class:`UnsupportedModelError` where the layout is not T5's: an encoder or decoder block
+    Raises :class:`UnsupportedModelError` where the layout is not T5's: a stack that builds its 4D
+    attention mask by hand (SwitchTransformers' encoder) rather than through transformers' mask
+    functions (which give ptkernels the 2D padding mask), an encoder or decoder block
     whose first sub-layer has no ``SelfAttention`` (LongT5's local / transient-global attention), a
     self-attention without a table of its own in a stack that does not share layer 0's, a
     cross-attention with a relative bias, or a table that is not an (num_buckets, heads) embedding."""
@@ -274,7 +280,14 @@ def seq2seq_relative_biases(hf_model: nn.Module) -> dict:
         blocks = getattr(stack, "block", None)
         if not blocks:
             raise _refuse(model_type, f"the {name} {type(stack).__name__} has no .block of T5 blocks")
-        shares = bool(_SHARES_BIAS.search(_source(type(stack).forward)))
+        source = _source(type(stack).forward)
+        if "create_causal_mask" not in source and "create_bidirectional_mask" not in source \
+                or _HAND_BUILT_MASK.search(source):
+            raise _refuse(model_type, f"the {name} {type(stack).__name__} builds its 4D attention mask by hand, not "
+                                      "through transformers' mask functions (create_causal_mask / "
+                                      "create_bidirectional_mask), and ptkernels' attention takes a relative position "
+                                      "bias only with the 2D padding mask those give it")
+        shares = bool(_SHARES_BIAS.search(source))
         first = None
         for idx, block in enumerate(blocks):
             sub = list(getattr(block, "layer", ()))
