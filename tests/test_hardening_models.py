@@ -326,10 +326,18 @@ def _t5():
     return T5ForConditionalGeneration(T5Config(vocab_size=VOCAB, d_model=16, d_kv=8, d_ff=16, num_layers=1, num_heads=2))
 
 
-def _t5_prefix():
+def _longt5():
+    from transformers import LongT5Config, LongT5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    return LongT5ForConditionalGeneration(LongT5Config(vocab_size=VOCAB, d_model=16, d_kv=8, d_ff=16, num_layers=1,
+                                                       num_heads=2, encoder_attention_type="transient-global"))
+
+
+def _longt5_prefix():
     from peft import PrefixTuningConfig, TaskType, get_peft_model
 
-    return get_peft_model(_t5(), PrefixTuningConfig(task_type=TaskType.SEQ_2_SEQ_LM, num_virtual_tokens=2))
+    return get_peft_model(_longt5(), PrefixTuningConfig(task_type=TaskType.SEQ_2_SEQ_LM, num_virtual_tokens=2))
 
 
 def _t5_prompt():
@@ -348,8 +356,8 @@ def _bert_with_cross_attention():
 UNSUPPORTED = {
     "plain_module": (lambda: nn.Linear(4, 4), TypeError, "PreTrainedModel or a PEFT PeftModel, got Linear"),
     "wrapped_hf_model": (lambda: nn.Sequential(make_base("bert", "SEQ_CLS")), TypeError, "got Sequential"),
-    "t5": (_t5, ValueError, "model_type 't5'"),
-    "t5_prefix_tuning": (_t5_prefix, ValueError, "T5.s relative position bias"),
+    "longt5": (_longt5, ValueError, "model_type 'longt5'.*TransientGlobalSelfAttention"),
+    "longt5_prefix_tuning": (_longt5_prefix, ValueError, "model_type 'longt5'.*local / transient-global"),
     "t5_prompt_tuning": (_t5_prompt, ValueError, "PREFIX_TUNING only"),
     "cross_attention": (_bert_with_cross_attention, ValueError, "cross-attention"),
 }

@@ -15,11 +15,20 @@ A model is supported when what the patched path relies on is there:
   keys and values of one head size shared by every layer (one stacked prefix tensor), no latent
   (MLA) attention, no linear-attention / state-space layers.
 
-Encoder-decoder models (BART, mBART, Marian, Pegasus: :func:`check_seq2seq_model`): every
-decoder layer has a self-attention and a cross-attention (``encoder_attn``) module that call the
-attention interface with ``**kwargs``, and the decoder's position embedding takes ``position_ids``
-(so that PEFT's shift of the decoder positions by P can be reproduced). T5's relative position
-bias is not in the kernel and is refused.
+Encoder-decoder models (:func:`check_seq2seq_model`): every decoder layer has a self-attention and
+a cross-attention module that call the attention interface with ``**kwargs``, in one of two layouts:
+
+* BART family (BART, mBART, Marian, Pegasus): ``decoder.layers[l].self_attn`` / ``.encoder_attn``,
+  and the decoder's position embedding takes ``position_ids`` (so that PEFT's shift of the decoder
+  positions by P can be reproduced);
+* T5 family (T5, mT5, UMT5): ``block[l].layer[0].SelfAttention`` in both stacks and
+  ``decoder.block[l].layer[1].EncDecAttention``, positions given by T5's bucketed relative position
+  bias (no position embedding), which ptkernels' attention takes as the table and the buckets
+  (:func:`seq2seq_relative_biases`): each self-attention has a table of its own (UMT5) or reuses the
+  one of its stack's first layer (T5, mT5: the stack hands layer 0's bias to the other layers), and
+  cross-attention has none; both stacks build their masks through transformers' mask functions.
+  Anything else with a relative bias (LongT5's local / transient-global encoder attention,
+  SwitchTransformers' hand-built encoder mask, a relative bias in another layout) is refused.
 
 Anything else is refused at patch time with :class:`UnsupportedModelError` (a ``ValueError``)
 naming the model type and the missing capability. The word embedding needs nothing: a plain
@@ -39,7 +48,7 @@ from torch import nn
 
 __all__ = ["ModelSupport", "UnsupportedModelError", "check_model", "check_seq2seq_model", "seq2seq_roles",
            "per_layer_kv_geometry", "check_virtual_tokens",
-           "attention_modules", "text_config"]
+           "seq2seq_relative_biases", "decoder_attention_pairs", "attention_modules", "text_config"]
 
 
 class UnsupportedModelError(ValueError):
@@ -53,7 +62,9 @@ class ModelSupport:
     positions: how the model derives positions when it is given no ``position_ids``, which is what
         PEFT's prefix shifts: "arange" (``arange(S)`` + past length: GPT-2, Llama and most decoders,
         BERT), "roberta" (RoBERTa's padding-aware ``create_position_ids_from_input_ids``), or
-        "cumsum" (the attention mask's cumulative sum: OPT).
+        "cumsum" (the attention mask's cumulative sum: OPT); for encoder-decoder models "arange" (the
+        BART family's decoder position embedding) or "relative" (T5's relative position bias: no
+        positions to shift, the bias places the prefix at PEFT's cache positions).
     """
 
     model_type: str
@@ -248,42 +259,146 @@ def check_virtual_tokens(hf_model: nn.Module) -> None:
                                       "tokens do not have (prompt tuning / P-tuning)")
 
 
+def decoder_attention_pairs(decoder: nn.Module) -> Optional[list]:
+    """[(self-attention, cross-attention or None)] per decoder layer, in the BART layout
+    (``decoder.layers[l].self_attn`` / ``.encoder_attn``) or the T5 layout
+    (``decoder.block[l].layer[0].SelfAttention`` / ``.layer[1].EncDecAttention``); None when the
+    decoder has neither ``.layers`` nor ``.block``."""
+    layers = getattr(decoder, "layers", None)
+    if layers is not None:
+        return [(getattr(layer, "self_attn", None), getattr(layer, "encoder_attn", None)) for layer in layers]
+    blocks = getattr(decoder, "block", None)
+    if blocks is None:
+        return None
+    pairs = []
+    for block in blocks:
+        sub = list(getattr(block, "layer", ()))
+        self_attn = getattr(sub[0], "SelfAttention", None) if sub else None
+        cross = getattr(sub[1], "EncDecAttention", None) if len(sub) > 1 else None
+        pairs.append((self_attn, cross))
+    return pairs
+
+
+def _is_t5_layout(hf_model: nn.Module) -> bool:
+    return getattr(hf_model.get_decoder(), "block", None) is not None
+
+
 def seq2seq_roles(hf_model: nn.Module) -> dict:
     """{attention module: "encoder" | "self" | "cross"} of an encoder-decoder model: the encoder's
-    attention modules, and per decoder layer its self-attention (``self_attn``) and its
-    cross-attention (``encoder_attn``, whose keys come from the encoder)."""
+    attention modules, and per decoder layer its self-attention and its cross-attention (whose keys
+    come from the encoder), in either layout of :func:`decoder_attention_pairs`."""
     roles = {}
     for m in attention_modules(hf_model.get_encoder()):
         roles[m] = "encoder"
-    for layer in hf_model.get_decoder().layers:
-        for name, role in (("self_attn", "self"), ("encoder_attn", "cross")):
-            m = getattr(layer, name, None)
+    for self_attn, cross in decoder_attention_pairs(hf_model.get_decoder()) or ():
+        for m, role in ((self_attn, "self"), (cross, "cross")):
             if m is not None:
                 roles[m] = role
     return roles
 
 
+# The stack's forward hands the first layer's position bias to the next layers (T5Stack:
+# ``position_bias = self_attention_position_bias``; older code: ``position_bias = layer_outputs[1]``).
+_SHARES_BIAS = re.compile(r"^\s*position_bias\s*=\s*(?!None\b)\S", re.MULTILINE)
+# An additive 4D mask built by hand in the stack (SwitchTransformers' encoder:
+# ``mask[:, None, None, :]``, ``(1.0 - mask) * torch.finfo(dtype).min``).
+_HAND_BUILT_MASK = re.compile(r"\[:,\s*None,\s*None,\s*:\]|finfo\(")
+
+
+def seq2seq_relative_biases(hf_model: nn.Module) -> dict:
+    """{attention module: RelativeBias | NO_BIAS} of a T5-family model (see
+    :class:`~ptkernels.integrations.transformers.RelativeBias`): every self-attention of the encoder
+    and the decoder gets its bias (its own table, or, when the stack passes layer 0's bias on to the
+    other layers, layer 0's), every decoder cross-attention ``NO_BIAS`` (T5 hands it zeros).
+
+    Raises :class:`UnsupportedModelError` where the layout is not T5's: a stack that builds its 4D
+    attention mask by hand (SwitchTransformers' encoder) rather than through transformers' mask
+    functions (which give ptkernels the 2D padding mask), an encoder or decoder block
+    whose first sub-layer has no ``SelfAttention`` (LongT5's local / transient-global attention), a
+    self-attention without a table of its own in a stack that does not share layer 0's, a
+    cross-attention with a relative bias, or a table that is not an (num_buckets, heads) embedding."""
+    from .transformers import NO_BIAS, RelativeBias
+
+    model_type = hf_model.config.model_type
+    biases = {}
+    for name, stack in (("encoder", hf_model.get_encoder()), ("decoder", hf_model.get_decoder())):
+        blocks = getattr(stack, "block", None)
+        if not blocks:
+            raise _refuse(model_type, f"the {name} {type(stack).__name__} has no .block of T5 blocks")
+        source = _source(type(stack).forward)
+        if "create_causal_mask" not in source and "create_bidirectional_mask" not in source \
+                or _HAND_BUILT_MASK.search(source):
+            raise _refuse(model_type, f"the {name} {type(stack).__name__} builds its 4D attention mask by hand, not "
+                                      "through transformers' mask functions (create_causal_mask / "
+                                      "create_bidirectional_mask), and ptkernels' attention takes a relative position "
+                                      "bias only with the 2D padding mask those give it")
+        shares = bool(_SHARES_BIAS.search(source))
+        first = None
+        for idx, block in enumerate(blocks):
+            sub = list(getattr(block, "layer", ()))
+            attn = getattr(sub[0], "SelfAttention", None) if sub else None
+            if attn is None:
+                kind = type(sub[0]).__name__ if sub else type(block).__name__
+                raise _refuse(model_type, f"the {name}'s block {idx} attends with {kind}, not a T5 self-attention "
+                                          "(SelfAttention): local / transient-global attention (LongT5) is not in "
+                                          "ptkernels' attention")
+            if idx == 0:
+                first = attn
+            if getattr(attn, "has_relative_attention_bias", False):
+                owner = attn
+            elif shares and getattr(first, "has_relative_attention_bias", False):
+                owner = first
+            else:
+                raise _refuse(model_type, f"the {name}'s self-attention in block {idx} ({type(attn).__name__}) has no "
+                                          "relative position bias table of its own and its stack does not pass on "
+                                          "layer 0's, so its bias cannot be given to ptkernels' attention")
+            table = getattr(getattr(owner, "relative_attention_bias", None), "weight", None)
+            heads = getattr(attn, "n_heads", None)
+            if (table is None or table.dim() != 2 or table.shape[1] != heads
+                    or not callable(getattr(owner, "_relative_position_bucket", None))
+                    or getattr(owner, "relative_attention_num_buckets", None) != table.shape[0]):
+                raise _refuse(model_type, f"the {name}'s self-attention in block {idx} ({type(attn).__name__}) has no "
+                                          "T5 relative bias table (relative_attention_bias, (num_buckets, heads)) and "
+                                          "bucketing (_relative_position_bucket)")
+            biases[attn] = RelativeBias(owner, bidirectional=not owner.is_decoder)
+            cross = getattr(sub[1], "EncDecAttention", None) if name == "decoder" and len(sub) > 1 else None
+            if cross is not None:
+                if getattr(cross, "has_relative_attention_bias", False):
+                    raise _refuse(model_type, f"the decoder's cross-attention in block {idx} has a relative position "
+                                              "bias, which ptkernels does not place")
+                biases[cross] = NO_BIAS
+    return biases
+
+
 def check_seq2seq_model(hf_model: nn.Module) -> ModelSupport:
-    """What ``patch`` needs from an encoder-decoder model (BART family), or
-    :class:`UnsupportedModelError`: a self-attention and a cross-attention per decoder layer, with
-    layer_idx 0 .. L-1, calling the attention interface with ``**kwargs``; a decoder position
-    embedding that takes ``position_ids``; no relative position bias (T5)."""
+    """What ``patch`` needs from an encoder-decoder model, or :class:`UnsupportedModelError`: a
+    self-attention and a cross-attention per decoder layer (BART or T5 layout, see
+    :func:`decoder_attention_pairs`), with layer_idx 0 .. L-1, calling the attention interface with
+    ``**kwargs``; then either a decoder position embedding that takes ``position_ids`` (BART family:
+    ``positions="arange"``) or T5's relative position bias in every self-attention
+    (:func:`seq2seq_relative_biases`; ``positions="relative"``)."""
     config = hf_model.config
     model_type = config.model_type
-    if getattr(config, "relative_attention_num_buckets", None) is not None:
-        raise _refuse(model_type, "T5's relative position bias is not in ptkernels' attention yet")
     if not hasattr(hf_model, "get_encoder") or not hasattr(hf_model, "get_decoder"):
         raise _refuse(model_type, f"{type(hf_model).__name__} has no get_encoder() / get_decoder()")
     decoder = hf_model.get_decoder()
-    layers = getattr(decoder, "layers", None)
-    if layers is None:
-        raise _refuse(model_type, f"the decoder {type(decoder).__name__} has no .layers")
+    pairs = decoder_attention_pairs(decoder)
+    if pairs is None:
+        raise _refuse(model_type, f"the decoder {type(decoder).__name__} has neither .layers (BART) nor .block (T5)")
+    relative = getattr(config, "relative_attention_num_buckets", None) is not None
+    if relative and not _is_t5_layout(hf_model):
+        raise _refuse(model_type, "a relative position bias outside T5's block layout is not in ptkernels' attention")
     roles = seq2seq_roles(hf_model)
     for kind in ("self", "cross"):
         idx = [getattr(m, "layer_idx", None) for m, r in roles.items() if r == kind]
-        if idx != list(range(len(layers))):
+        if idx != list(range(len(pairs))):
             raise _refuse(model_type, f"found decoder {kind}-attention modules with layer_idx {idx}, expected one per "
-                                      f"decoder layer (self_attn / encoder_attn, layer_idx 0 .. {len(layers) - 1})")
+                                      f"decoder layer (self_attn / encoder_attn, or T5's SelfAttention / "
+                                      f"EncDecAttention, layer_idx 0 .. {len(pairs) - 1})")
+    if relative:
+        seq2seq_relative_biases(hf_model)  # raises where the bias is not T5's
+        _check_attention_calls(model_type, list(roles))
+        return ModelSupport(model_type, "relative")
     _check_attention_calls(model_type, list(roles))
     positions = getattr(decoder, "embed_positions", None)
     if positions is None or "position_ids" not in inspect.signature(type(positions).forward).parameters:

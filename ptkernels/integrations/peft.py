@@ -4,9 +4,11 @@ What patching does (in place; ``unpatch`` undoes every step):
 
 1. Registers the "ptkernels" attention function and 2D mask builder with transformers
    (:mod:`ptkernels.integrations.transformers`) and sets the base model's
-   ``config._attn_implementation`` to "ptkernels". Each attention module gets the chosen backend
-   as an attribute. For a plain HF model that is all: attention runs through
-   ``ptkernels.prefix_attention`` with no prefix.
+   ``config._attn_implementation`` to "ptkernels" (and its sub-models' configs: T5's encoder and
+   decoder stacks hold copies). Each attention module gets the chosen backend as an attribute;
+   encoder-decoder models' attention modules also get their role (encoder / decoder self / cross)
+   and, T5 family, their relative position bias. For a plain HF model that is all: attention runs
+   through ``ptkernels.prefix_attention`` with no prefix.
 2. For a PEFT ``PeftModel`` it replaces the instance's ``forward`` (and, for causal LMs,
    ``prepare_inputs_for_generation``, which PEFT's ``generate`` installs on the base model):
 
@@ -74,6 +76,8 @@ from .capabilities import (
     check_model,
     check_virtual_tokens,
     per_layer_kv_geometry,
+    decoder_attention_pairs,
+    seq2seq_relative_biases,
     seq2seq_roles,
     text_config,
 )
@@ -81,6 +85,7 @@ from .encoders import prefix_key_values, prompt_embeddings
 from .transformers import (
     ATTN_IMPLEMENTATION,
     BACKEND_ATTR,
+    BIAS_ATTR,
     PREFIX_KWARG,
     ROLE_ATTR,
     LayerPrefix,
@@ -188,6 +193,13 @@ def _check_peft_model(model) -> ModelSupport:
         )
     if task == "SEQ_2_SEQ_LM":
         return _check_seq2seq_peft_model(model, peft_type)
+    if getattr(model.get_base_model().config, "is_encoder_decoder", False):
+        # PEFT hands such a model's prefix / prompt to the whole encoder-decoder (e.g. BART / T5 for
+        # sequence classification), which the patched decoder-only / encoder-only path does not reproduce
+        raise ValueError(
+            f"ptkernels.patch supports encoder-decoder models ({type(model.get_base_model()).__name__}) with "
+            f"task_type SEQ_2_SEQ_LM only, got task_type {task}"
+        )
     if (peft_config.num_transformer_submodules or 1) != 1:
         raise ValueError(
             f"ptkernels.patch supports decoder-only / encoder-only models (num_transformer_submodules=1), "
@@ -203,11 +215,13 @@ def _check_peft_model(model) -> ModelSupport:
 
 
 def _seq2seq_geometry(hf_model) -> tuple[int, int, int]:
-    """(decoder layers, decoder self-attention heads, head dim) of an encoder-decoder model."""
-    layers = hf_model.get_decoder().layers
-    attn = layers[0].self_attn
-    head_dim = attn.head_dim
-    return len(layers), attn.k_proj.out_features // head_dim, head_dim
+    """(decoder layers, decoder self-attention heads, head dim) of an encoder-decoder model (BART
+    layout: ``head_dim`` and ``k_proj``; T5 layout: ``key_value_proj_dim`` and ``k``)."""
+    pairs = decoder_attention_pairs(hf_model.get_decoder())
+    attn = pairs[0][0]
+    head_dim = getattr(attn, "head_dim", None) or attn.key_value_proj_dim
+    key_proj = getattr(attn, "k_proj", None) or attn.k
+    return len(pairs), key_proj.out_features // head_dim, head_dim
 
 
 def _check_seq2seq_peft_model(model, peft_type: str) -> ModelSupport:
@@ -230,7 +244,8 @@ def _check_seq2seq_peft_model(model, peft_type: str) -> ModelSupport:
         raise ValueError(
             f"the prefix-tuning adapter {model.active_adapter!r} was provisioned for num_layers "
             f"{peft_config.num_layers}, (heads, token_dim) = {got}, but the model's decoder has {layers} layers of "
-            f"{(heads, heads * head_dim)}"
+            f"{(heads, heads * head_dim)} (where heads * head dim differs from the hidden size, as in T5 v1.1 / "
+            f"mT5, give PrefixTuningConfig(num_attention_heads={heads}, token_dim={heads * head_dim}))"
         )
     return support
 
@@ -842,12 +857,23 @@ def _seq2seq_prepare_inputs_for_generation(self, *args, task_ids=None, **kwargs)
 
 def _install_seq2seq_hooks(model, hf_model, state: dict) -> None:
     """Tag the attention modules with their role (encoder / decoder self / cross, read by the
-    attention function) and shift the decoder's positions by P while a prefix is present."""
+    attention function) and, T5 family, with their relative position bias (``BIAS_ATTR``: the
+    table and bucketing the attention function hands to ``prefix_attention`` in place of the dense
+    ``position_bias``); BART family: shift the decoder's positions by P while a prefix is present.
+    T5 needs no shift: its bias puts the prefix at PEFT's cache positions by itself."""
     roles = seq2seq_roles(hf_model)
     for module, role in roles.items():
         setattr(module, ROLE_ATTR, role)
     state["roles"] = list(roles)
+    relative = state["support"].positions == "relative"
+    biases = seq2seq_relative_biases(hf_model) if relative else {}
+    for module, bias in biases.items():
+        setattr(module, BIAS_ATTR, bias)
+    state["biased"] = list(biases)
     if "seq2seq_hooks" in state:
+        return
+    if relative:
+        state["seq2seq_hooks"] = []
         return
     decoder = hf_model.get_decoder()
     shift = {"by": 0}
@@ -977,6 +1003,21 @@ def _positions_from_mask(attention_mask: Tensor, num_new: int) -> Tensor:
 _PATCHED_METHODS = ("forward", "prepare_inputs_for_generation", "generate")
 
 
+def _submodel_configs(hf_model: nn.Module) -> list:
+    """The configs of the sub-models of ``hf_model`` other than its own config (distinct objects):
+    T5's encoder and decoder stacks hold deep copies of the model's config, which their attention
+    modules read ``_attn_implementation`` from, so patching sets it there too (as transformers'
+    ``set_attn_implementation`` does). BART-family stacks share the model's config: nothing to do."""
+    from transformers import PreTrainedModel
+
+    seen, configs = {id(hf_model.config)}, []
+    for module in hf_model.modules():
+        if isinstance(module, PreTrainedModel) and id(module.config) not in seen:
+            seen.add(id(module.config))
+            configs.append(module.config)
+    return configs
+
+
 def _set_backend(hf_model: nn.Module, backend: Optional[str]) -> None:
     for m in attention_modules(hf_model):
         if backend is None:
@@ -993,8 +1034,11 @@ def patch(model, *, backend: str = "auto", shift_positions: bool = True, prefix_
     Arguments:
         model: a PEFT ``PeftModel`` whose active adapter is PREFIX_TUNING (with or without
             ``prefix_projection``), P_TUNING (MLP or LSTM encoder) or PROMPT_TUNING, for task types
-            SEQ_CLS, TOKEN_CLS, CAUSAL_LM or FEATURE_EXTRACTION; or a plain transformers model
-            (attention then runs through ``ptkernels.prefix_attention`` without a prefix).
+            SEQ_CLS, TOKEN_CLS, CAUSAL_LM or FEATURE_EXTRACTION, or PREFIX_TUNING for SEQ_2_SEQ_LM on
+            BART- and T5-family encoder-decoder models (see ``seq2seq_prefix``); or a plain
+            transformers model (attention then runs through ``ptkernels.prefix_attention`` without
+            a prefix; T5's relative position bias as the op's ``relative_bias_table`` /
+            ``relative_bias_buckets``).
             Architectures: decided by capability (:mod:`ptkernels.integrations.capabilities`);
             a model without what the patched path needs raises ``UnsupportedModelError`` (a
             ValueError) here, at patch time, naming the model type and the reason.
@@ -1006,20 +1050,25 @@ def patch(model, *, backend: str = "auto", shift_positions: bool = True, prefix_
             input to ``max_position_embeddings - P`` tokens (BERT: 512 - P). False: real tokens
             start at position 0 as in the base model (the full 512 for BERT, the positions seen
             in pre-training), but outputs then differ from the unpatched PEFT model, so train and
-            serve the adapter with the same setting. Only prefix tuning is affected.
+            serve the adapter with the same setting. Only prefix tuning is affected, and not on
+            T5-family models, which have no absolute positions: their relative position bias always
+            puts the prefix at PEFT's cache positions (0 .. P-1 before the real tokens).
         prefix_dropout: P-Tuning v2's recipe: in training mode, dropout with this probability on
             every layer's prefix keys and values, an independent mask per example (its reference
             implementation applies ``nn.Dropout`` to the batch-expanded ``past_key_values``), done
             inside ``prefix_attention`` without B copies of the prefix. Default 0: the patched model
             equals the unpatched PEFT model (PEFT has no such dropout). Prefix tuning only (prompt
             tuning / P-tuning have no prefix keys and values). ValueError outside [0, 1).
-        seq2seq_prefix: SEQ_2_SEQ_LM prefix tuning (BART family) only. "peft" (default): the
-            prefix goes exactly where PEFT 0.21.2 puts it: only into the decoder's self-attention,
-            decoder layer l reading entries 4l mod 2L and 4l + 1 mod 2L of the encoder's output, so
-            with L > 1 part of the prefix is never used; the decoder's positions start at P (with
-            ``shift_positions``). "per_layer": decoder layer l's self-attention and its
-            cross-attention both read its own entries 2l and 2l + 1 (every entry trained); not
-            interchangeable with PEFT. The encoder never gets a prefix. ValueError otherwise.
+        seq2seq_prefix: SEQ_2_SEQ_LM prefix tuning (BART and T5 families) only. "peft" (default):
+            the prefix goes exactly where PEFT 0.21.2 puts it: only into the decoder's
+            self-attention, decoder layer l reading entries 4l mod 2N and 4l + 1 mod 2N of the
+            prefix encoder's output (N = the adapter's num_layers: the decoder's layers for BART,
+            T5's ``num_layers``, the encoder's), so part of the prefix is never used; the decoder's
+            positions start at P (BART, with ``shift_positions``; T5: the relative bias's query
+            positions are P + ..., as under PEFT). "per_layer": decoder layer l's self-attention
+            and its cross-attention both read its own entries 2l and 2l + 1 (every decoder layer's
+            entries trained); not interchangeable with PEFT. The encoder never gets a prefix.
+            ValueError otherwise.
 
     Several adapters in one batch: with more than one prompt-learning adapter loaded
     (``load_adapter`` / ``add_adapter``), ``model(..., adapter_names=[name per example])`` and
@@ -1062,6 +1111,7 @@ def patch(model, *, backend: str = "auto", shift_positions: bool = True, prefix_
     if state is None:
         state = {
             "attn_implementation": hf_model.config._attn_implementation,
+            "sub_attn_implementations": [(c, c._attn_implementation) for c in _submodel_configs(hf_model)],
             "is_peft": is_peft,
         }
         if is_peft:
@@ -1080,6 +1130,8 @@ def patch(model, *, backend: str = "auto", shift_positions: bool = True, prefix_
     state["causal"] = any(getattr(m, "is_causal", False) for m in attention_modules(hf_model))
 
     hf_model.config._attn_implementation = ATTN_IMPLEMENTATION
+    for config, _ in state["sub_attn_implementations"]:
+        config._attn_implementation = ATTN_IMPLEMENTATION
     _set_backend(hf_model, backend)
     if "kv_sharing_shims" not in state:
         state["kv_sharing_shims"] = _keep_2d_masks_in_kv_sharing(hf_model)
@@ -1132,6 +1184,8 @@ def unpatch(model):
         return model
     hf_model = model.get_base_model() if state["is_peft"] else model
     hf_model.config._attn_implementation = state["attn_implementation"]
+    for config, original in state.get("sub_attn_implementations", ()):
+        config._attn_implementation = original
     _set_backend(hf_model, None)
     if "prefix_check" in state:
         state["prefix_check"].remove()
@@ -1141,6 +1195,8 @@ def unpatch(model):
         module.__dict__.pop(ROLE_ATTR, None)
     for module in state.get("kv_sharing_shims", ()):
         module.__dict__.pop("_maybe_slice_kv_shared_inputs", None)
+    for module in state.get("biased", ()):
+        module.__dict__.pop(BIAS_ATTR, None)
     for name in _PATCHED_METHODS:
         if state["had_" + name]:
             model.__dict__[name] = state["orig_" + name]

@@ -17,6 +17,11 @@ the function picks the layer's (k, v) by ``module.layer_idx``. No global state, 
 ``torch.cat`` of K/V, no 4D mask, no ``repeat_kv``: all of that is ``ptkernels.prefix_attention``'s
 job. Because the prefix is not a cache, gradient checkpointing keeps working.
 
+Encoder-decoder models: ``patch`` tags each attention module with its role (``ROLE_ATTR``) and, in
+T5-family models, with its relative position bias (``BIAS_ATTR``, a :class:`RelativeBias`), which
+goes to ``prefix_attention`` as a (num_buckets, H) table and (2L - 1,) buckets instead of the dense
+bias the model hands over.
+
 Packed (padding-free) batches: a batch of one row holding several sequences, given either as the
 flash-attention keyword arguments ``cu_seq_lens_q`` / ``cu_seq_lens_k`` / ``max_length_q`` /
 ``max_length_k`` (``DataCollatorWithFlattening(return_flash_attn_kwargs=True)``; the patched PEFT
@@ -29,6 +34,7 @@ flash-attention path detects packing the same two ways.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from typing import Optional
 
 import torch
@@ -47,9 +53,16 @@ BACKEND_ATTR = "_ptkernels_backend"
 # decoder, keys from the encoder), which reads ``LayerPrefix.cross``. Untagged: a (decoder)
 # self-attention, which reads ``LayerPrefix.stacked``.
 ROLE_ATTR = "_ptkernels_role"
+# T5-family models: ``patch`` tags each attention module with what its ``position_bias`` keyword is
+# (see :class:`RelativeBias`): a RelativeBias (the module's own or its stack's bucketed table, passed
+# to ``prefix_attention`` as ``relative_bias_table`` / ``relative_bias_buckets``; the dense bias the
+# model hands over is ignored) or ``NO_BIAS`` (a cross-attention, whose position_bias is zeros).
+# Untagged modules that receive a position_bias raise.
+BIAS_ATTR = "_ptkernels_relative_bias"
+NO_BIAS = "none"
 
-__all__ = ["ATTN_IMPLEMENTATION", "PREFIX_KWARG", "LayerPrefix", "ptkernels_attention_forward", "register",
-           "use_prefix", "cu_seqlens_from_position_ids"]
+__all__ = ["ATTN_IMPLEMENTATION", "PREFIX_KWARG", "LayerPrefix", "RelativeBias", "ptkernels_attention_forward",
+           "register", "use_prefix", "cu_seqlens_from_position_ids"]
 
 # flash-attention's varlen keyword arguments, as transformers names them (TransformersKwargs)
 VARLEN_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
@@ -186,6 +199,72 @@ def _stack_layers(pairs) -> Tensor:
     return torch.stack(flat, dim=flat[0].dim() - 3)
 
 
+class RelativeBias:
+    """T5's relative position bias of one attention module, in the form ``prefix_attention`` takes it
+    (``relative_bias_table`` / ``relative_bias_buckets``) instead of the dense (1, H, Sq, Sk)
+    ``position_bias`` the model computes.
+
+    Arguments:
+        owner: the attention module holding the table (``owner.relative_attention_bias``, an
+            ``nn.Embedding`` (num_buckets, H)) and the bucketing (``owner._relative_position_bucket``):
+            for T5 / mT5 the stack's first self-attention, whose bias every layer of the stack reuses;
+            for UMT5 the module itself (a table per layer).
+        bidirectional: T5's ``not owner.is_decoder``: keys after the query get buckets of their own
+            (encoder); a causal decoder puts them all in bucket 0.
+
+    Positions are PEFT's cache convention (``prefix_attention``'s): the prefix keys at 0 .. P-1, real key
+    j at P + j, query i at P + Sk - Sq + i, which is what T5's ``compute_bias`` gives when PEFT puts
+    P prefix keys in the cache (past_seen_tokens = P). Between real tokens the prefix cancels out.
+    """
+
+    __slots__ = ("owner", "bidirectional", "num_buckets", "max_distance", "__weakref__")
+
+    def __init__(self, owner: torch.nn.Module, *, bidirectional: bool) -> None:
+        self.owner = owner
+        self.bidirectional = bool(bidirectional)
+        self.num_buckets = int(owner.relative_attention_num_buckets)
+        self.max_distance = int(owner.relative_attention_max_distance)
+
+    def table(self) -> Tensor:
+        """(num_buckets, H): the owner's embedding weight itself (its gradient flows back to it)."""
+        return self.owner.relative_attention_bias.weight
+
+    def buckets(self, min_length: int, device) -> Tensor:
+        """(2L - 1,) int32 on ``device``, L the smallest power of two >= max(min_length, 64): entry
+        r + L - 1 is the bucket of relative position r = key position - query position, computed by
+        the owner's own ``_relative_position_bucket`` on ``arange(-(L - 1), L)``. Cached per bucketing
+        function, settings, L and device, so one tensor serves every layer and call (and the op's
+        value check of it, a host read, runs once)."""
+        length = max(64, 1 << max(0, int(min_length) - 1).bit_length())
+        fn = getattr(type(self.owner), "_relative_position_bucket")
+        device = torch.device(device)
+        key = (fn, self.bidirectional, self.num_buckets, self.max_distance, length, device)
+        cached = _BUCKETS.get(key)
+        if cached is not None:
+            return cached
+        bucket = self.owner._relative_position_bucket
+        # built as a normal tensor even inside inference_mode (the kernels may save it for backward)
+        with torch.inference_mode(False), torch.no_grad():
+            rel = torch.arange(-(length - 1), length, device=device)
+            if "bidirectional" in inspect.signature(bucket).parameters:  # T5: a static method
+                out = bucket(rel, bidirectional=self.bidirectional, num_buckets=self.num_buckets,
+                             max_distance=self.max_distance)
+            else:  # UMT5: reads the owner's own settings (is_decoder, num_buckets, max_distance)
+                out = bucket(rel)
+            out = out.to(torch.int32)
+        if len(_BUCKETS) >= 32:
+            _BUCKETS.pop(next(iter(_BUCKETS)))
+        _BUCKETS[key] = out
+        return out
+
+    def __repr__(self) -> str:
+        return (f"RelativeBias({type(self.owner).__name__}, bidirectional={self.bidirectional}, "
+                f"num_buckets={self.num_buckets}, max_distance={self.max_distance})")
+
+
+# (bucketing function, bidirectional, num_buckets, max_distance, L, device) -> (2L - 1,) int32 buckets
+_BUCKETS: dict = {}
+
 _UNSUPPORTED_KWARGS = ("position_bias",)
 
 
@@ -291,10 +370,21 @@ def ptkernels_attention_forward(
     bank with per-example indices and per-entry lengths, passed on to ``prefix_attention``); it is
     always visible (up to its length) and never in the cache. Its dropout applies only while
     ``module.training``.
+
+    Encoder-decoder models (modules tagged by ``patch``): an encoder self-attention reads no prefix,
+    a cross-attention reads ``LayerPrefix.cross`` (if any), a decoder self-attention is causal. T5
+    family: the dense ``position_bias`` keyword (1, H, Sq, Sk) the model computes is ignored and the
+    module's :class:`RelativeBias` (``BIAS_ATTR``) goes to ``prefix_attention`` as the table and the
+    buckets, with PEFT's cache positions for the prefix; a cross-attention (``NO_BIAS``) gets none.
+    Untagged modules given a ``position_bias`` raise NotImplementedError, as do a relative bias with
+    a 4D mask or with packed sequences.
     """
-    for name in _UNSUPPORTED_KWARGS:
-        if kwargs.get(name) is not None:
-            raise NotImplementedError(f"ptkernels attention does not support {name!r} (model {type(module).__name__})")
+    bias_tag = getattr(module, BIAS_ATTR, None)  # T5 family: what its position_bias stands for
+    if bias_tag is None:
+        for name in _UNSUPPORTED_KWARGS:
+            if kwargs.get(name) is not None:
+                raise NotImplementedError(f"ptkernels attention does not support {name!r} (model {type(module).__name__})")
+    relative = bias_tag if isinstance(bias_tag, RelativeBias) else None
 
     softcap = kwargs.get("softcap")  # Gemma 2 / VaultGemma's attn_logit_softcapping
     sinks = kwargs.get("s_aux", kwargs.get("sinks"))  # gpt-oss: per-head sink logits (Hq,)
@@ -323,6 +413,11 @@ def ptkernels_attention_forward(
 
     q_len, k_len = query.shape[2], key.shape[2]
     causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
+    if role == "self":
+        # an encoder-decoder model's decoder self-attention is causal (transformers builds its mask with
+        # create_causal_mask) whatever the module says: UMT5 on transformers 5.17 leaves is_causal False
+        # and relies on the 4D mask, which the 2D padding mask handed over here does not carry
+        causal = True
     # A sliding window (Mistral, Gemma 2/3, gpt-oss, ... layers): transformers' causal window, the
     # prefix at the cache positions before the real keys, as in PEFT's cache, so it slides out.
     window = kwargs.get("sliding_window")
@@ -338,12 +433,18 @@ def ptkernels_attention_forward(
             and attention_mask.dim() == 4:
         raise NotImplementedError(f"ptkernels attention: logit softcapping / attention sinks / a sliding window "
                                   f"narrower than the keys with a 4D mask are not supported ({type(module).__name__})")
+    if relative is not None and attention_mask is not None and attention_mask.dim() == 4:
+        raise NotImplementedError(f"ptkernels attention: T5's relative position bias with a 4D attention mask is not "
+                                  f"supported ({type(module).__name__}); pass a 2D (B, S) padding mask")
     if attention_mask is not None and attention_mask.dim() == 4:
         out = _fallback_4d(query, key, value, prefix_k, prefix_v, attention_mask, dropout, scaling, **bank)
         return out, None
 
     packed = _packed_sequences(module, query, key, attention_mask, kwargs)
     if packed is not None:  # one row, N sequences: each sees its own tokens and the whole prefix
+        if relative is not None:
+            raise NotImplementedError(f"ptkernels attention: T5's relative position bias with packed sequences is not "
+                                      f"supported ({type(module).__name__})")
         if softcap is not None or sinks is not None or window is not None:
             raise NotImplementedError(f"ptkernels attention: logit softcapping / attention sinks / a sliding window "
                                       f"narrower than the keys with packed sequences are not supported "
@@ -357,7 +458,7 @@ def ptkernels_attention_forward(
                 prefix_lengths = bank["prefix_lengths"][entry:entry + 1]
         elif bank["prefix_lengths"] is not None:
             prefix_lengths = bank["prefix_lengths"]
-        causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
+        causal = role == "self" or bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
         out = prefix_attention_varlen(
             query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1), prefix_k, prefix_v,
             cu_q, cu_k, max_q, max_k, causal=causal, scale=scaling, dropout_p=float(dropout),
@@ -374,6 +475,12 @@ def ptkernels_attention_forward(
         if key_padding_mask.device != query.device:
             key_padding_mask = key_padding_mask.to(query.device)
 
+    relative_bias = {}
+    if relative is not None:  # the table and the buckets instead of the dense (1, H, Sq, Sk) position_bias
+        table = relative.table()
+        relative_bias = dict(relative_bias_table=table if table.dtype == query.dtype else table.to(query.dtype),
+                             relative_bias_buckets=relative.buckets(total, query.device))
+
     out = prefix_attention(
         query, key, value, prefix_k, prefix_v,
         key_padding_mask=key_padding_mask,
@@ -385,6 +492,7 @@ def ptkernels_attention_forward(
         window=None if window is None else int(window),
         backend=backend,
         **bank,
+        **relative_bias,
     )
     return out.transpose(1, 2), None
 
