@@ -405,6 +405,22 @@ def test_generate_equals_full_forwards(arch, mode):
         assert all((row == GEN_EOS).any() for row in got[:, 1:])
 
 
+def test_generate_equals_full_forwards_triton():
+    """The same with the Triton kernels (interpreter on CPU) in float32, against the unpatched PEFT
+    model's greedy full forwards in float32: decoding steps of one query over the cached keys, with
+    the relative bias's query position counted past the prefix and the cache."""
+    model = make_model("t5", dtype=torch.float32)
+    ids, mask, _ = make_batch()
+    new = 6
+    want = greedy_seq2seq_by_full_forwards(model, ids, mask, max_new_tokens=new)
+    without_peft_oracle_shim(model)
+    patch(model, backend="triton")
+    with torch.no_grad():
+        got = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False, num_beams=1)
+    assert len(set(got[:, 1:].flatten().tolist())) > 1  # a non-trivial decode
+    assert torch.equal(got, want[:, : got.shape[1]]), (got, want)
+
+
 # ------------------------------------------------------------------------------------------------
 # training features, unpatch
 # ------------------------------------------------------------------------------------------------
