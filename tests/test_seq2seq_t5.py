@@ -52,7 +52,6 @@ from ptkernels.integrations.transformers import (  # noqa: E402
     BIAS_ATTR,
     NO_BIAS,
     ROLE_ATTR,
-    RelativeBias,
     ptkernels_attention_forward,
 )
 from ptkernels.testing import (  # noqa: E402
@@ -60,7 +59,8 @@ from ptkernels.testing import (  # noqa: E402
     with_peft_oracle_shim,
     without_peft_oracle_shim,
 )
-from test_seq2seq import assert_same, forward_backward  # noqa: E402
+from test_seq2seq import add_prefix_adapter, assert_generate_matches, assert_same, forward_backward  # noqa: E402
+from test_seq2seq import make_batch as _make_batch  # noqa: E402
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 triton_backend = pytest.mark.skipif(not HAS_TRITON, reason="triton not installed")
@@ -111,26 +111,12 @@ def make_model(arch: str, *, projection: bool = False, dtype=torch.float64, seed
     """The base model with a fresh PEFT prefix-tuning adapter (unpatched, with the oracle shim)."""
     base = make_base(arch, dtype=dtype, seed=seed, d_kv=d_kv)
     extra = {} if d_kv == D_KV else dict(num_attention_heads=HEADS, token_dim=HEADS * d_kv)
-    peft_config = PrefixTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=P, prefix_projection=projection,
-                                     encoder_hidden_size=24, **extra)
-    model = get_peft_model(base, peft_config).to(dtype)
-    torch.manual_seed(seed + 1)
-    with torch.no_grad():  # PEFT's init is small; make the prefix matter
-        for p in model.prompt_encoder.parameters():
-            p.normal_(0.0, 0.5)
-    return with_peft_oracle_shim(model).eval()
+    return add_prefix_adapter(base, projection=projection, dtype=dtype, seed=seed, **extra)
 
 
 def make_batch(seed: int = 1):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, VOCAB, (3, 7), generator=g)
-    mask = torch.ones_like(ids)
-    mask[1, :2] = 0  # left padding
-    mask[2, 5:] = 0  # right padding
-    ids = ids.masked_fill(mask == 0, PAD)
-    labels = torch.randint(3, VOCAB, (3, 5), generator=g)
-    labels[2, 3:] = -100
-    return ids, mask, labels
+    """test_seq2seq's batch with T5's pad id."""
+    return _make_batch(seed, pad=PAD)
 
 
 def _num_layers(model) -> int:
@@ -396,13 +382,7 @@ def test_generate_equals_full_forwards(arch, mode):
         want = greedy_seq2seq_by_full_forwards(_ReferenceDecoder(model), ids, mask, max_new_tokens=new)
     without_peft_oracle_shim(model)
     patch(model, backend="torch", seq2seq_prefix=mode)
-    with torch.no_grad():
-        got = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False, num_beams=1)
-    assert got.shape[1] <= want.shape[1]
-    assert len(set(got[:, 1:].flatten().tolist())) > 1  # a non-trivial decode
-    assert torch.equal(got, want[:, : got.shape[1]]), (got, want)
-    if got.shape[1] < want.shape[1]:  # generate stops when every row has ended
-        assert all((row == GEN_EOS).any() for row in got[:, 1:])
+    assert_generate_matches(model, ids, mask, want, new)
 
 
 def test_generate_equals_full_forwards_triton():
@@ -415,10 +395,7 @@ def test_generate_equals_full_forwards_triton():
     want = greedy_seq2seq_by_full_forwards(model, ids, mask, max_new_tokens=new)
     without_peft_oracle_shim(model)
     patch(model, backend="triton")
-    with torch.no_grad():
-        got = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False, num_beams=1)
-    assert len(set(got[:, 1:].flatten().tolist())) > 1  # a non-trivial decode
-    assert torch.equal(got, want[:, : got.shape[1]]), (got, want)
+    assert_generate_matches(model, ids, mask, want, new)
 
 
 # ------------------------------------------------------------------------------------------------
