@@ -15,7 +15,7 @@ Public API (see README.md and DESIGN.md for the full contract):
     virtual_token_embedding(token_ids, weight, prompt, *, backend="auto")
     patch(model, *, backend="auto", shift_positions=True, prefix_dropout=0.0, seq2seq_prefix="peft") / unpatch(model)
         (patched PEFT models also take ``adapter_names=[...]`` in forward and generate)
-    LayerPrefix(prefix, *, index=None, lengths=None, dropout_p=0.0, cross=None)   # model(..., ptkernels_prefix=...)
+    LayerPrefix(prefix, *, index=None, lengths=None, dropout_p=0.0, cross=None, shapes=None)   # model(..., ptkernels_prefix=...)
     use_prefix(model, prefix, *, index=None, lengths=None, dropout_p=0.0)   # context manager
 
 Per-layer prefixes for your own models (P-Tuning v2 style, no PEFT): patch the Hugging Face model
