@@ -246,20 +246,28 @@ def test_bad_relative_position_buckets_args():
         ptkernels.relative_position_buckets(4, num_buckets=1)
 
 
-def test_triton_frozen_table_gets_no_gradient_and_the_rest_is_unchanged():
-    """A frozen table (PEFT freezes T5's): its gradient is not computed (the bucket sums are skipped),
-    and q / k / v / prefix gradients are those of the trainable-table run."""
-    q, k, v, pk, pv, mask, _, table, buckets = make(dict(causal=True, padding=True), seed=6)
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("case", [dict(causal=True, padding=True), dict(bidirectional=True, prefix=False, padding=True),
+                                  dict(causal=True, per_example=True, lengths=True, gqa=True)], ids=case_id)
+def test_frozen_table_gets_no_gradient_and_the_rest_is_unchanged(backend, case):
+    """A frozen table (PEFT freezes T5's): its gradient is not computed (Triton skips the bucket sums,
+    the fast path runs SDPA with the bias as its float mask), and the output and the q / k / v /
+    prefix gradients are those of the trainable-table run."""
+    q, k, v, pk, pv, mask, lengths, table, buckets = make(case, device=DEVICE if backend == "triton" else "cpu",
+                                                          seed=6)
     frozen = table.detach()
-    grads = []
+    leaves = [t for t in (q, k, v, pk, pv) if t is not None]
+    runs = []
     for t in (table, frozen):
-        out = ptkernels.prefix_attention(q, k, v, pk, pv, key_padding_mask=mask, causal=True, relative_bias_table=t,
-                                         relative_bias_buckets=buckets, backend="triton")
-        grads.append(torch.autograd.grad(out.sum(), (q, k, v, pk, pv)))
-    for a, b in zip(*grads):
-        assert torch.equal(a, b)
+        out = ptkernels.prefix_attention(q, k, v, pk, pv, key_padding_mask=mask, causal=case.get("causal", False),
+                                         prefix_lengths=lengths, relative_bias_table=t, relative_bias_buckets=buckets,
+                                         backend=backend)
+        runs.append((out,) + torch.autograd.grad(out.square().sum(), leaves))
+    tol = dict(atol=0, rtol=0) if backend == "triton" else dict(atol=2e-5, rtol=2e-5)
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, **tol)
     out = ptkernels.prefix_attention(q, k, v, pk, pv, relative_bias_table=frozen, relative_bias_buckets=buckets,
-                                     backend="triton")
+                                     backend=backend)
     out.sum().backward()
     assert frozen.grad is None and q.grad is not None
 

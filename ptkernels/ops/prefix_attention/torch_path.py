@@ -88,8 +88,9 @@ def prefix_attention_torch(
         window: causal sliding window, the prefix at the positions before the real keys: a dense
             (B, 1, Sq, P + Sk) bool mask (the reference's ``visible_keys_mask``).
         relative_bias_table, relative_bias_buckets: T5's relative position bias ((num_buckets, Hq),
-            (2L - 1,)): gathered into a dense (1 or B, Hq, Sq, P + Sk) bias added to the written-out
-            scores (SDPA's CPU kernels have no gradient for a float mask).
+            (2L - 1,)): gathered into a dense (1 or B, Hq, Sq, P + Sk) bias, SDPA's float mask when the
+            table needs no gradient (PEFT's frozen T5), else added to the written-out scores (SDPA's
+            CPU kernels have no gradient for a float mask).
     Returns:
         out: (B, Hq, Sq, D) in q's dtype.
     """
@@ -107,10 +108,14 @@ def prefix_attention_torch(
         prefix_v = prefix_v * keep[1].to(prefix_v.dtype) * (1.0 / keep_prob)
     keys, values = join_prefix(prefix_k, k), join_prefix(prefix_v, v)
     gqa = q_heads != kv_heads
+    # A relative bias whose table needs no gradient (PEFT freezes T5's) rides in SDPA's float mask;
+    # a trainable one is written out (SDPA's CPU kernels give no gradient for a float mask).
+    trainable_bias = relative_bias_table is not None and torch.is_grad_enabled() and relative_bias_table.requires_grad
     written_out = ((dropout_p > 0.0 and q.device.type == "cpu") or softcap is not None or sinks is not None
-                   or relative_bias_table is not None)
+                   or trainable_bias)
 
-    if key_padding_mask is None and lengths is None and window is None and not written_out:
+    if (key_padding_mask is None and lengths is None and window is None and not written_out
+            and relative_bias_table is None):
         if not causal:
             mask = None
         elif q_len == total:  # Sq = P + Sk: bottom-right is top-left
@@ -160,7 +165,13 @@ def prefix_attention_torch(
                                        lengths)
         out = _attention_written_out(q, keys, values, mask, scale, dropout_p, softcap, sinks, bias)
     else:
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, dropout_p=dropout_p,
+        attn_mask = mask
+        if relative_bias_table is not None:  # a frozen table: the dense bias as the float mask
+            attn_mask = relative_bias_dense(relative_bias_table, relative_bias_buckets, batch, q_len, prefix_len,
+                                            k_len, lengths).to(q.dtype)  # (1 or B, Hq, Sq, P + Sk)
+            if mask is not None:
+                attn_mask = torch.where(mask, attn_mask, float("-inf"))
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=attn_mask, dropout_p=dropout_p,
                                              scale=scale, enable_gqa=gqa)
     if dead is not None:
         out = out.masked_fill(dead, 0.0)
