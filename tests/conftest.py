@@ -5,11 +5,16 @@ time, before any test module imports ptkernels' kernels. On a GPU machine the ke
 """
 
 import os
+import tempfile
 
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# A fresh inductor / AOTAutograd cache per test session: torch's cache key covers the forward graph
+# but not the Python backward registered for a custom op, so a cache left by an older checkout on the
+# same machine can replay an outdated backward call (seen when a backward argument was added).
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="ptkernels-inductor-"))
 
 import pytest  # noqa: E402
 
