@@ -353,6 +353,15 @@ def _bert_with_cross_attention():
                                       intermediate_size=16, is_decoder=True, add_cross_attention=True))
 
 
+def _bart_decoder():
+    from transformers import BartConfig, BartForCausalLM
+
+    torch.manual_seed(0)
+    return BartForCausalLM(BartConfig(vocab_size=VOCAB, d_model=16, encoder_layers=1, decoder_layers=2,
+                                      encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=16,
+                                      decoder_ffn_dim=16))
+
+
 UNSUPPORTED = {
     "plain_module": (lambda: nn.Linear(4, 4), TypeError, "PreTrainedModel or a PEFT PeftModel, got Linear"),
     "wrapped_hf_model": (lambda: nn.Sequential(make_base("bert", "SEQ_CLS")), TypeError, "got Sequential"),
@@ -360,6 +369,7 @@ UNSUPPORTED = {
     "longt5_prefix_tuning": (_longt5_prefix, ValueError, "model_type 'longt5'.*local / transient-global"),
     "t5_prompt_tuning": (_t5_prompt, ValueError, "PREFIX_TUNING only"),
     "cross_attention": (_bert_with_cross_attention, ValueError, "cross-attention"),
+    "bart_as_decoder": (_bart_decoder, ValueError, r"model_type 'bart'.*found 2 attention layers.*counts 1"),
 }
 
 

@@ -175,6 +175,10 @@ def check_model(hf_model: nn.Module, *, prefix_tuning: bool) -> ModelSupport:
         raise _refuse(model_type, f"found no self-attention module with a layer_idx in {type(hf_model).__name__} "
                                   "(its attention does not go through transformers' attention interface, or its layers are not "
                                   "attention layers)")
+    if layers is not None and idx == list(range(len(idx))) and len(idx) > layers:
+        raise _refuse(model_type, f"found {len(idx)} attention layers (layer_idx 0 .. {len(idx) - 1}) but its config "
+                                  f"counts {layers} (num_hidden_layers): a stack whose layer count lives elsewhere "
+                                  "(e.g. an encoder-decoder's decoder used alone) is not supported")
     if layers is None or idx != list(range(layers)):
         raise _refuse(model_type, f"found self-attention (layer_idx {idx}) in only some of its {layers} layers: "
                                   "hybrid models with linear-attention or state-space layers are not supported")
