@@ -36,6 +36,7 @@ from .common import (
     load_tile,
     prefix_dropout_keep,
     relative_bias,
+    relative_bucket,
     tanh,
     program_coordinates,
     query_rows,
@@ -112,9 +113,8 @@ def _dq_tile(
     else:
         s = qk * qk_scale_log2
     if BIAS:
-        bias, bucket = relative_bias(bias_row, BIAS_BUCKETS, key_pos[None, :] - query_pos[:, None], bias_center,
-                                     bias_last)
-        s = s + bias
+        rel = key_pos[None, :] - query_pos[:, None]
+        s = s + relative_bias(bias_row, rel, bias_center, bias_last)
     if MASKED:
         p = tl.where(s_visible, tl.math.exp2(s - lse[:, None]), 0.0)
     else:
@@ -125,7 +125,7 @@ def _dq_tile(
         dp = tl.where(keep, dp * dropout_scale, 0.0)
     ds = p * (dp - delta[:, None])
     if BIAS_GRAD:  # the bias adds to the scores after the scale: its gradient is dS itself
-        dbias = accumulate_bucket_grad(dbias, ds, bucket, NB_BLOCK)
+        dbias = accumulate_bucket_grad(dbias, ds, relative_bucket(BIAS_BUCKETS, rel, bias_center, bias_last), NB_BLOCK)
     if SOFTCAP:
         ds = ds * (1.0 - t * t)
     return dq + tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION), dbias
@@ -146,7 +146,7 @@ def _prefix_attention_bwd_dq_kernel(
     num_q_heads, q_len, k_len, prefix_len, head_dim, entry_step, stat_rows,
     scale, qk_scale_log2, dropout_threshold, dropout_scale, seed,
     prefix_dropout_threshold, prefix_dropout_scale, prefix_seed, softcap_in, softcap_out, window,
-    num_buckets, bias_center, bias_last,
+    bias_row_len, bias_center, bias_last,
     GROUP: tl.constexpr, VARLEN: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, CAUSAL: tl.constexpr,
     BIAS: tl.constexpr, BIAS_GRAD: tl.constexpr, NB_BLOCK: tl.constexpr,
     HAS_KPM: tl.constexpr,
@@ -189,7 +189,7 @@ def _prefix_attention_bwd_dq_kernel(
     query_pos = offs_m + (k_len - q_len)  # relative-bias positions from real key 0 (prefix key n: n - P_b)
     bias_row = BIAS_TABLE  # None without BIAS
     if BIAS:
-        bias_row = BIAS_TABLE + h * num_buckets
+        bias_row = BIAS_TABLE + h * bias_row_len
 
     # Prefix keys, then real keys, as in the forward: full tiles without mask arithmetic (every key
     # of the tile visible to every query of the block), then the masked boundary tiles.
@@ -330,8 +330,7 @@ def _dkdv_tile(
     else:
         s_t = qk_t * qk_scale_log2
     if BIAS:
-        bias_t, _ = relative_bias(bias_row, BIAS_BUCKETS, key_pos[:, None] - (offs_m[None, :] + window_shift),
-                                  bias_center, bias_last)
+        bias_t = relative_bias(bias_row, key_pos[:, None] - (offs_m[None, :] + window_shift), bias_center, bias_last)
         s_t = s_t + bias_t
     if MASKED:
         p_t = tl.where(key_visible_t, tl.math.exp2(s_t - lse[None, :]), 0.0)
@@ -366,7 +365,7 @@ def _prefix_attention_bwd_dkdv_kernel(
     stride_dvb, stride_dvh, stride_dvn,
     num_q_heads, num_kv_heads, q_len, k_len, prefix_len, head_dim, stat_rows,
     scale, qk_scale_log2, dropout_threshold, dropout_scale, seed, softcap_in, softcap_out, window,
-    num_buckets, bias_center, bias_last,
+    bias_row_len, bias_center, bias_last,
     GROUP: tl.constexpr, VARLEN: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, CAUSAL: tl.constexpr,
     BIAS: tl.constexpr,
     HAS_KPM: tl.constexpr,
@@ -436,7 +435,7 @@ def _prefix_attention_bwd_dkdv_kernel(
         h = kv_h * GROUP + g
         bias_row = BIAS_TABLE  # None without BIAS
         if BIAS:
-            bias_row = BIAS_TABLE + h * num_buckets
+            bias_row = BIAS_TABLE + h * bias_row_len
         q_base = b * stride_qb + q_start * stride_qm + h * stride_qh
         do_base = b * stride_dob + q_start * stride_dom + h * stride_doh
         if VARLEN:
@@ -486,7 +485,7 @@ def _prefix_example_dkdv(
     GROUP: tl.constexpr, VARLEN: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr,
     softcap_in, softcap_out, SOFTCAP: tl.constexpr, key_pos, window_shift, window, q_end, WINDOW: tl.constexpr,
-    BIAS_TABLE, BIAS_BUCKETS, num_buckets, bias_center, bias_last, BIAS: tl.constexpr,
+    BIAS_TABLE, BIAS_BUCKETS, bias_row_len, bias_center, bias_last, BIAS: tl.constexpr,
 ):
     """Example b's contribution to one prefix block's (dk, dv): its GROUP query heads, full query tiles
     [0, full_stop) unmasked, then the rest masked (q_len: the example's query count, q_start its
@@ -496,7 +495,7 @@ def _prefix_example_dkdv(
         h = kv_h * GROUP + g
         bias_row = BIAS_TABLE  # None without BIAS
         if BIAS:
-            bias_row = BIAS_TABLE + h * num_buckets
+            bias_row = BIAS_TABLE + h * bias_row_len
         if VARLEN:
             q_base = q_start * stride_qm + h * stride_qh
             do_base = q_start * stride_dom + h * stride_doh
@@ -535,7 +534,7 @@ def _prefix_attention_bwd_prefix_dkdv_kernel(
     examples_per_entry, examples_per_split, splits, num_q_heads, num_kv_heads, q_len, k_len, prefix_len, head_dim,
     stat_rows, scale, qk_scale_log2, dropout_threshold, dropout_scale, seed,
     prefix_dropout_threshold, prefix_dropout_scale, prefix_seed, softcap_in, softcap_out, window,
-    num_buckets, bias_center, bias_last,
+    bias_row_len, bias_center, bias_last,
     GROUP: tl.constexpr, VARLEN: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, BIAS: tl.constexpr,
     HAS_INDEX: tl.constexpr,
     HAS_LENGTHS: tl.constexpr, PREFIX_DROPOUT: tl.constexpr,
@@ -618,7 +617,7 @@ def _prefix_attention_bwd_prefix_dkdv_kernel(
                 visible_t, start_n, width, seed, dropout_threshold, dropout_scale, qk_scale_log2,
                 GROUP, VARLEN, DROPOUT, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, EVEN_D,
                 softcap_in, softcap_out, SOFTCAP, offs_n, window_shift, window, q_end, WINDOW,
-                BIAS_TABLE, BIAS_BUCKETS, num_buckets, bias_center, bias_last, BIAS)
+                BIAS_TABLE, BIAS_BUCKETS, bias_row_len, bias_center, bias_last, BIAS)
             dk += tl.where(keep_k, dk_b * prefix_dropout_scale, 0.0)
             dv += tl.where(keep_v, dv_b * prefix_dropout_scale, 0.0)
         else:
@@ -628,7 +627,7 @@ def _prefix_attention_bwd_prefix_dkdv_kernel(
                 d_valid, visible_t, start_n, width, seed, dropout_threshold, dropout_scale, qk_scale_log2,
                 GROUP, VARLEN, DROPOUT, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, EVEN_D,
                 softcap_in, softcap_out, SOFTCAP, offs_n, window_shift, window, q_end, WINDOW,
-                BIAS_TABLE, BIAS_BUCKETS, num_buckets, bias_center, bias_last, BIAS)
+                BIAS_TABLE, BIAS_BUCKETS, bias_row_len, bias_center, bias_last, BIAS)
     kd_mask = (offs_n < prefix_len)[:, None] & d_valid[None, :]  # every row of the entry: 0 past its length
     tl.store(DPREFIX_K + outer * stride_dpks + kv_h * stride_dpkh + keys * stride_dpkn + offs_d[None, :],
              (dk * scale).to(DPREFIX_K.dtype.element_ty), mask=kd_mask)
@@ -718,7 +717,8 @@ def prefix_attention_backward(
     prefix_dropout_args = (*dropout_threshold(prefix_dropout_p), prefix_seed)
     softcap_flags = dict(SOFTCAP=softcap > 0.0, WINDOW=window > 0, BIAS=relative_bias_table is not None)
     bias_table, bias_buckets, *bias_scalars = relative_bias_args(relative_bias_table, relative_bias_buckets)
-    nb_block = triton.next_power_of_2(max(bias_scalars[0], 1))
+    num_buckets = 0 if relative_bias_table is None else relative_bias_table.shape[1]
+    nb_block = triton.next_power_of_2(max(num_buckets, 1))
     q_blocks = triton.cdiv(q_len, bm) * batch * q_heads
     dbias = torch.empty(q_blocks, nb_block, device=q.device, dtype=torch.float32) if relative_bias_grad else None
     softcap_in, softcap_out = softcap_args(scale, softcap)
@@ -781,7 +781,7 @@ def prefix_attention_backward(
         p_sink = torch.exp2(sinks.float().view(1, -1, 1) * LOG2_E - lse)
         dsinks = -(p_sink * delta).sum((0, 2))
     if dbias is not None:  # (B * Hq * query blocks, NB_BLOCK) per-program partials: a fixed-order sum
-        dtable = dbias.view(batch, q_heads, -1, nb_block).sum((0, 2))[:, : bias_scalars[0]]
+        dtable = dbias.view(batch, q_heads, -1, nb_block).sum((0, 2))[:, :num_buckets]
     if prefix_len == 0:
         return dq, dk, dv, torch.zeros_like(prefix_k), torch.zeros_like(prefix_v), dsinks, dtable
     prefix_blocks = triton.cdiv(prefix_len, bn)

@@ -133,24 +133,28 @@ def log2_scores(qk, qk_scale_log2, softcap_in, softcap_out, SOFTCAP: tl.constexp
 
 
 @triton.jit
-def relative_bias(BIAS_ROW, BIAS_BUCKETS, rel, bias_center, bias_last):
-    """(bias, bucket) of a tile of relative positions rel (int, any 2-D shape) = key position - query
-    position: T5's relative position bias in the log2 domain, BIAS_ROW[bucket] * log2(e), with
-    bucket = BIAS_BUCKETS[rel + L - 1] (bias_center = L - 1; the index is clamped to
-    [0, bias_last], which only rows / keys outside the attention reach). BIAS_ROW: the query head's
-    row of the (Hq, num_buckets) float32 table."""
+def relative_bias(BIAS_ROW, rel, bias_center, bias_last):
+    """T5's relative position bias in the log2 domain for a tile of relative positions rel (int, any
+    2-D shape) = key position - query position: BIAS_ROW[rel + L - 1] * log2(e) (bias_center = L - 1;
+    the index is clamped to [0, bias_last], which only rows / keys outside the attention reach).
+    BIAS_ROW: the query head's row of the (Hq, 2L - 1) float32 bias per relative position (the table
+    gathered through the bucket map once per call by the launcher: one gather per score here)."""
     index = tl.minimum(tl.maximum(rel + bias_center, 0), bias_last)
-    bucket = tl.load(BIAS_BUCKETS + index)
-    return tl.load(BIAS_ROW + bucket) * 1.4426950408889634, bucket
+    return tl.load(BIAS_ROW + index) * 1.4426950408889634
 
 
 @triton.jit
-def add_relative_bias(s, BIAS_ROW, BIAS_BUCKETS, key_pos, query_pos, bias_center, bias_last, BIAS: tl.constexpr):
+def relative_bucket(BIAS_BUCKETS, rel, bias_center, bias_last):
+    """The bucket ids BIAS_BUCKETS[rel + L - 1] of a tile of relative positions (for the table's gradient)."""
+    return tl.load(BIAS_BUCKETS + tl.minimum(tl.maximum(rel + bias_center, 0), bias_last))
+
+
+@triton.jit
+def add_relative_bias(s, BIAS_ROW, key_pos, query_pos, bias_center, bias_last, BIAS: tl.constexpr):
     """The (BLOCK_M, BLOCK_N) log2-domain scores s plus the relative bias of keys at key_pos (BLOCK_N,)
     for queries at query_pos (BLOCK_M,) (any common origin); s itself without BIAS."""
     if BIAS:
-        bias, _ = relative_bias(BIAS_ROW, BIAS_BUCKETS, key_pos[None, :] - query_pos[:, None], bias_center, bias_last)
-        s = s + bias
+        s = s + relative_bias(BIAS_ROW, key_pos[None, :] - query_pos[:, None], bias_center, bias_last)
     return s
 
 

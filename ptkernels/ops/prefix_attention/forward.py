@@ -129,7 +129,7 @@ def _prefix_attention_fwd_kernel(
     num_q_heads, q_len, k_len, prefix_len, head_dim, entry_step, stat_rows,
     qk_scale_log2, dropout_threshold, dropout_scale, seed,
     prefix_dropout_threshold, prefix_dropout_scale, prefix_seed, softcap_in, softcap_out, window,
-    num_buckets, bias_center, bias_last,
+    bias_row_len, bias_center, bias_last,
     GROUP: tl.constexpr,
     VARLEN: tl.constexpr,
     SOFTCAP: tl.constexpr,
@@ -161,8 +161,8 @@ def _prefix_attention_fwd_kernel(
     WINDOW (with CAUSAL): a sliding window of ``window`` positions, the prefix at positions 0..P-1 in
     front of the real keys (PEFT's cache): query i (position P + Sk - Sq + i) sees key position t
     iff its position - t < window.
-    BIAS: T5's relative position bias, BIAS_TABLE (Hq, num_buckets) float32 read through
-    BIAS_BUCKETS (2L - 1,) int32 at key position - query position + L - 1 (positions as for WINDOW),
+    BIAS: T5's relative position bias, BIAS_TABLE (Hq, 2L - 1) float32 (bias_row_len = 2L - 1): the
+    bias of each relative position key position - query position + L - 1 (positions as for WINDOW),
     gathered per tile (``add_relative_bias``); the full tiles then take the masked tiles' step.
 
     VARLEN (packed sequences): "batch" b is sequence b, whose queries are rows CU_SEQLENS_Q[b]..
@@ -198,7 +198,7 @@ def _prefix_attention_fwd_kernel(
     query_pos = offs_m + (k_len - q_len)
     bias_row = BIAS_TABLE  # None without BIAS
     if BIAS:
-        bias_row = BIAS_TABLE + h * num_buckets
+        bias_row = BIAS_TABLE + h * bias_row_len
 
     # Loop 1: prefix keys, read from their own tensor (batch stride 0 when shared): full blocks
     # without masks, then the last partial block.
@@ -220,7 +220,7 @@ def _prefix_attention_fwd_kernel(
                                  prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT, BLOCK_N, BLOCK_D)
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
             if BIAS:
-                s = add_relative_bias(qk * qk_scale_log2, bias_row, BIAS_BUCKETS, n - example_prefix_len, query_pos,
+                s = add_relative_bias(qk * qk_scale_log2, bias_row, n - example_prefix_len, query_pos,
                                       bias_center, bias_last, BIAS)
                 acc, m_i, l_i = _online_softmax_step(
                     acc, m_i, l_i, s, v, seed, row_lanes, start_n, dropout_threshold, dropout_scale, DROPOUT,
@@ -241,7 +241,7 @@ def _prefix_attention_fwd_kernel(
                                  prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT, BLOCK_N, BLOCK_D)
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
             s = log2_scores(qk, qk_scale_log2, softcap_in, softcap_out, SOFTCAP)
-            s = add_relative_bias(s, bias_row, BIAS_BUCKETS, n - example_prefix_len, query_pos, bias_center, bias_last,
+            s = add_relative_bias(s, bias_row, n - example_prefix_len, query_pos, bias_center, bias_last,
                                   BIAS)
             visible_2d = n_valid[None, :]
             if WINDOW:
@@ -277,7 +277,7 @@ def _prefix_attention_fwd_kernel(
             visible_2d = bounded_keys_visible(n, lo_b, hi_b, offs_m, q_len, k_len, CAUSAL, window, WINDOW)
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
             s = log2_scores(qk, qk_scale_log2, softcap_in, softcap_out, SOFTCAP)
-            s = add_relative_bias(s, bias_row, BIAS_BUCKETS, n, query_pos, bias_center, bias_last, BIAS)
+            s = add_relative_bias(s, bias_row, n, query_pos, bias_center, bias_last, BIAS)
             s = tl.where(visible_2d, s, float("-inf"))
             acc, m_i, l_i = _online_softmax_step(
                 acc, m_i, l_i, s, v, seed, row_lanes, real_lane + start_n, dropout_threshold, dropout_scale, DROPOUT,
@@ -288,7 +288,7 @@ def _prefix_attention_fwd_kernel(
             v = load_full_tile(v_base, n, stride_vn, offs_d, d_valid, EVEN_D, UPCAST)
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
             if BIAS:
-                s = add_relative_bias(qk * qk_scale_log2, bias_row, BIAS_BUCKETS, n, query_pos, bias_center,
+                s = add_relative_bias(qk * qk_scale_log2, bias_row, n, query_pos, bias_center,
                                       bias_last, BIAS)
                 acc, m_i, l_i = _online_softmax_step(
                     acc, m_i, l_i, s, v, seed, row_lanes, real_lane + start_n, dropout_threshold, dropout_scale,
@@ -305,7 +305,7 @@ def _prefix_attention_fwd_kernel(
             visible_2d = bounded_keys_visible(n, lo_b, hi_b, offs_m, q_len, k_len, CAUSAL, window, WINDOW)
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
             s = log2_scores(qk, qk_scale_log2, softcap_in, softcap_out, SOFTCAP)
-            s = add_relative_bias(s, bias_row, BIAS_BUCKETS, n, query_pos, bias_center, bias_last, BIAS)
+            s = add_relative_bias(s, bias_row, n, query_pos, bias_center, bias_last, BIAS)
             s = tl.where(visible_2d, s, float("-inf"))
             acc, m_i, l_i = _online_softmax_step(
                 acc, m_i, l_i, s, v, seed, row_lanes, real_lane + start_n, dropout_threshold, dropout_scale, DROPOUT,
@@ -321,7 +321,7 @@ def _prefix_attention_fwd_kernel(
                                            k_len, HAS_KPM, CAUSAL, window, WINDOW)
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
             s = log2_scores(qk, qk_scale_log2, softcap_in, softcap_out, SOFTCAP)
-            s = add_relative_bias(s, bias_row, BIAS_BUCKETS, n, query_pos, bias_center, bias_last, BIAS)
+            s = add_relative_bias(s, bias_row, n, query_pos, bias_center, bias_last, BIAS)
             s = tl.where(visible_2d, s, float("-inf"))
             acc, m_i, l_i = _online_softmax_step(
                 acc, m_i, l_i, s, v, seed, row_lanes, real_lane + start_n, dropout_threshold, dropout_scale, DROPOUT,

@@ -352,9 +352,13 @@ def mask_as_int8(key_padding_mask: Optional[Tensor]) -> Optional[Tensor]:
 
 
 def relative_bias_args(table: Optional[Tensor], buckets: Optional[Tensor]) -> tuple:
-    """The relative-bias arguments every kernel takes: (BIAS_TABLE, BIAS_BUCKETS, num_buckets,
-    bias_center, bias_last). table: (Hq, num_buckets) float32 contiguous, buckets: (2L - 1,) int32
-    contiguous (``function.prefix_attention_triton`` prepares both), or None (off: zeros)."""
+    """The relative-bias arguments every kernel takes: (BIAS_TABLE, BIAS_BUCKETS, bias_row_len,
+    bias_center, bias_last), or (None, None, 0, 0, 0) without a bias. table: (Hq, num_buckets) float32,
+    buckets: (2L - 1,) int32, both contiguous (``function.prefix_attention_triton`` prepares them);
+    the kernels get the table gathered through the buckets once here, (Hq, 2L - 1) float32 (the bias
+    of every relative position: one gather per score instead of two dependent ones), and the buckets
+    themselves for the table's gradient."""
     if table is None:
         return None, None, 0, 0, 0
-    return table, buckets, table.shape[1], (buckets.shape[0] - 1) // 2, buckets.shape[0] - 1
+    values = table.detach()[:, buckets.long()].contiguous()  # tiny: Hq x (2L - 1)
+    return values, buckets, values.shape[1], (buckets.shape[0] - 1) // 2, buckets.shape[0] - 1
