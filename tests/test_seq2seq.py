@@ -223,16 +223,19 @@ def assert_generate_matches(model, ids, mask, want, new: int) -> None:
         assert all((row == GEN_EOS).any() for row in got[:, 1:])
 
 
-def test_generate_equals_full_forwards_triton():
-    """generate() with the Triton kernels (interpreter on CPU), float32, against the unpatched PEFT
-    model's greedy full forwards in float32."""
-    model = make_model("bart", dtype=torch.float32)
-    ids, mask, _ = make_batch()
-    new = 6
+def assert_triton_generate_matches_peft(model, ids, mask, new: int = 6) -> None:
+    """``model`` (float32, unpatched) patched with the Triton kernels generates what the unpatched
+    PEFT model's greedy full forwards give."""
     want = greedy_seq2seq_by_full_forwards(model, ids, mask, max_new_tokens=new)
     without_peft_oracle_shim(model)
     patch(model, backend="triton")
     assert_generate_matches(model, ids, mask, want, new)
+
+
+def test_generate_equals_full_forwards_triton():
+    """generate() with the Triton kernels (interpreter on CPU), float32, against the unpatched PEFT
+    model's greedy full forwards in float32."""
+    assert_triton_generate_matches_peft(make_model("bart", dtype=torch.float32), *make_batch()[:2])
 
 
 def test_unpatch_restores_peft():

@@ -59,7 +59,13 @@ from ptkernels.testing import (  # noqa: E402
     with_peft_oracle_shim,
     without_peft_oracle_shim,
 )
-from test_seq2seq import add_prefix_adapter, assert_generate_matches, assert_same, forward_backward  # noqa: E402
+from test_seq2seq import (  # noqa: E402
+    add_prefix_adapter,
+    assert_generate_matches,
+    assert_same,
+    assert_triton_generate_matches_peft,
+    forward_backward,
+)
 from test_seq2seq import make_batch as _make_batch  # noqa: E402
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -389,13 +395,7 @@ def test_generate_equals_full_forwards_triton():
     """The same with the Triton kernels (interpreter on CPU) in float32, against the unpatched PEFT
     model's greedy full forwards in float32: decoding steps of one query over the cached keys, with
     the relative bias's query position counted past the prefix and the cache."""
-    model = make_model("t5", dtype=torch.float32)
-    ids, mask, _ = make_batch()
-    new = 6
-    want = greedy_seq2seq_by_full_forwards(model, ids, mask, max_new_tokens=new)
-    without_peft_oracle_shim(model)
-    patch(model, backend="triton")
-    assert_generate_matches(model, ids, mask, want, new)
+    assert_triton_generate_matches_peft(make_model("t5", dtype=torch.float32), *make_batch()[:2])
 
 
 # ------------------------------------------------------------------------------------------------
