@@ -45,5 +45,6 @@ from .integrations.transformers import LayerPrefix, use_prefix
 
 __version__ = "0.1.0"
 
-__all__ = ["prefix_attention", "relative_position_buckets", "prefix_attention_varlen", "prompt_embedding", "virtual_token_embedding", "patch",
+__all__ = ["prefix_attention", "relative_position_buckets",
+           "prefix_attention_varlen", "prompt_embedding", "virtual_token_embedding", "patch",
            "unpatch", "LayerPrefix", "use_prefix", "__version__"]

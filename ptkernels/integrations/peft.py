@@ -460,7 +460,8 @@ def _compute_prefix(model, selection: _Selection) -> LayerPrefix:
     dropout (``patch(prefix_dropout=)``) rides along and applies in training mode."""
     hf_model = model.get_base_model()
     config = selection.configs[0]
-    layers, kv_heads, head_dim = config.num_layers, config.num_attention_heads, config.token_dim // config.num_attention_heads
+    layers, kv_heads = config.num_layers, config.num_attention_heads  # checked by _check_prefix_geometry
+    head_dim = config.token_dim // kv_heads
     shapes = _layer_shapes(model, hf_model, kv_heads, head_dim)
     stacks = [
         prefix_key_values(

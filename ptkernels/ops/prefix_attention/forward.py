@@ -94,12 +94,18 @@ def _online_softmax_step_full(
     acc, m_i, l_i, qk, v, qk_scale_log2, seed, row_lanes, key_lane, dropout_threshold, dropout_scale,
     softcap_in, softcap_out,
     DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    SOFTCAP: tl.constexpr,
+    SOFTCAP: tl.constexpr, bias_row=None, key_pos=None, query_pos=None, bias_center=0, bias_last=0,
+    BIAS: tl.constexpr = False,
 ):
     """``_online_softmax_step`` for a tile where every key is visible to every query: no mask, so
     the row maximum is finite and the scale folds into one multiply-add (as in Triton's tutorial).
-    qk: the raw (BLOCK_M, BLOCK_N) q k^T, not yet scaled (SOFTCAP: softcapped here)."""
-    if SOFTCAP:
+    qk: the raw (BLOCK_M, BLOCK_N) q k^T, not yet scaled (SOFTCAP: softcapped here; BIAS: T5's
+    relative bias of keys at key_pos for queries at query_pos added, ``add_relative_bias``)."""
+    if BIAS:  # (never with SOFTCAP)
+        s = add_relative_bias(qk * qk_scale_log2, bias_row, key_pos, query_pos, bias_center, bias_last, BIAS)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.math.exp2(s - m_new[:, None])
+    elif SOFTCAP:
         s = log2_scores(qk, qk_scale_log2, softcap_in, softcap_out, SOFTCAP)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.math.exp2(s - m_new[:, None])
@@ -163,7 +169,7 @@ def _prefix_attention_fwd_kernel(
     iff its position - t < window.
     BIAS: T5's relative position bias, BIAS_TABLE (Hq, 2L - 1) float32 (bias_row_len = 2L - 1): the
     bias of each relative position key position - query position + L - 1 (positions as for WINDOW),
-    gathered per tile (``add_relative_bias``); the full tiles then take the masked tiles' step.
+    gathered per tile (``add_relative_bias``).
 
     VARLEN (packed sequences): "batch" b is sequence b, whose queries are rows CU_SEQLENS_Q[b]..
     CU_SEQLENS_Q[b + 1] of Q (total_q, Hq, D) (batch strides 0, row stride Hq * D) and keys rows
@@ -219,16 +225,10 @@ def _prefix_attention_fwd_kernel(
             v = drop_prefix_tile(v, prefix_seed, b, kv_h, 1, num_kv_heads, prefix_len, head_dim, n,
                                  prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT, BLOCK_N, BLOCK_D)
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-            if BIAS:
-                s = add_relative_bias(qk * qk_scale_log2, bias_row, n - example_prefix_len, query_pos,
-                                      bias_center, bias_last, BIAS)
-                acc, m_i, l_i = _online_softmax_step(
-                    acc, m_i, l_i, s, v, seed, row_lanes, start_n, dropout_threshold, dropout_scale, DROPOUT,
-                    DOT_PRECISION, BLOCK_M, BLOCK_N)
-            else:
-                acc, m_i, l_i = _online_softmax_step_full(
-                    acc, m_i, l_i, qk, v, qk_scale_log2, seed, row_lanes, start_n, dropout_threshold, dropout_scale,
-                    softcap_in, softcap_out, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N, SOFTCAP)
+            acc, m_i, l_i = _online_softmax_step_full(
+                acc, m_i, l_i, qk, v, qk_scale_log2, seed, row_lanes, start_n, dropout_threshold, dropout_scale,
+                softcap_in, softcap_out, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N, SOFTCAP,
+                bias_row, n - example_prefix_len, query_pos, bias_center, bias_last, BIAS)
         # The masked tiles: the last partial one, or with WINDOW those the window's edge crosses.
         for start_n in range(masked_from, example_prefix_len, BLOCK_N):
             n = start_n + offs_n
@@ -287,16 +287,10 @@ def _prefix_attention_fwd_kernel(
             k = load_full_tile(k_base, n, stride_kn, offs_d, d_valid, EVEN_D, UPCAST)
             v = load_full_tile(v_base, n, stride_vn, offs_d, d_valid, EVEN_D, UPCAST)
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-            if BIAS:
-                s = add_relative_bias(qk * qk_scale_log2, bias_row, n, query_pos, bias_center,
-                                      bias_last, BIAS)
-                acc, m_i, l_i = _online_softmax_step(
-                    acc, m_i, l_i, s, v, seed, row_lanes, real_lane + start_n, dropout_threshold, dropout_scale,
-                    DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N)
-            else:
-                acc, m_i, l_i = _online_softmax_step_full(
-                    acc, m_i, l_i, qk, v, qk_scale_log2, seed, row_lanes, real_lane + start_n, dropout_threshold,
-                    dropout_scale, softcap_in, softcap_out, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N, SOFTCAP)
+            acc, m_i, l_i = _online_softmax_step_full(
+                acc, m_i, l_i, qk, v, qk_scale_log2, seed, row_lanes, real_lane + start_n, dropout_threshold,
+                dropout_scale, softcap_in, softcap_out, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N, SOFTCAP,
+                bias_row, n, query_pos, bias_center, bias_last, BIAS)
         for start_n in range(full_hi, edge_hi, BLOCK_N):
             n = start_n + offs_n
             n_valid = n < hi_b

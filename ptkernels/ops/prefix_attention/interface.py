@@ -374,7 +374,8 @@ def prefix_attention(
                                 relative_bias_table, relative_bias_buckets, alibi_slopes)
     if alibi_slopes is not None:
         prefix_len = 0 if prefix_k is None else prefix_k.shape[-2]
-        relative_bias_table, relative_bias_buckets = alibi_as_relative_bias(alibi_slopes, max(prefix_len + k.shape[2], 1))
+        max_position = max(prefix_len + k.shape[2], 1)
+        relative_bias_table, relative_bias_buckets = alibi_as_relative_bias(alibi_slopes, max_position)
     chosen = resolve_backend(backend, q.device)
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     dropout_p = float(dropout_p)

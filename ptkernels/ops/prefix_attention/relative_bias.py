@@ -14,7 +14,8 @@ small tensors instead of a dense (B, H, Sq, P + Sk) one:
 Positions follow PEFT's cache convention: example b's prefix keys sit at positions 0 .. P_b - 1,
 its real key j at P_b + j and its query i at P_b + Sk - Sq + i (bottom-right, as in decoding), P_b
 the example's prefix length. So L >= P + Sk is needed; for the real keys P_b cancels out.
-The kernels gather the bias tile from these two tensors inside the key loop.
+The Triton launcher gathers the table through the map once per call into an (Hq, 2L - 1) bias per
+relative position, which the kernels read per score tile; the buckets serve the table's gradient.
 """
 
 from __future__ import annotations

@@ -158,19 +158,15 @@ def prefix_attention_torch(
             dead = None  # the usual case (right padding): skip the zeroing's two full passes (no sync on CPU)
         else:
             mask = mask | dead
+    bias = None  # (1 or B, Hq, Sq, P + Sk)
+    if relative_bias_table is not None:
+        bias = relative_bias_dense(relative_bias_table, relative_bias_buckets, batch, q_len, prefix_len, k_len, lengths)
     if written_out:
-        bias = None
-        if relative_bias_table is not None:
-            bias = relative_bias_dense(relative_bias_table, relative_bias_buckets, batch, q_len, prefix_len, k_len,
-                                       lengths)
         out = _attention_written_out(q, keys, values, mask, scale, dropout_p, softcap, sinks, bias)
     else:
         attn_mask = mask
-        if relative_bias_table is not None:  # a frozen table: the dense bias as the float mask
-            attn_mask = relative_bias_dense(relative_bias_table, relative_bias_buckets, batch, q_len, prefix_len,
-                                            k_len, lengths).to(q.dtype)  # (1 or B, Hq, Sq, P + Sk)
-            if mask is not None:
-                attn_mask = torch.where(mask, attn_mask, float("-inf"))
+        if bias is not None:  # a frozen table: the dense bias as the float mask
+            attn_mask = bias.to(q.dtype) if mask is None else torch.where(mask, bias.to(q.dtype), float("-inf"))
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=attn_mask, dropout_p=dropout_p,
                                              scale=scale, enable_gqa=gqa)
     if dead is not None:
