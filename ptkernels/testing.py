@@ -53,6 +53,23 @@ def output_rounding(dtype: torch.dtype, ref: torch.Tensor) -> float:
 _SHIM = "_ptkernels_test_oracle_shim"
 
 
+def assert_matches_fp64(out: torch.Tensor, leaves, want: torch.Tensor, leaves64, names, *, out_tol: float,
+                        grad_tol: float) -> tuple:
+    """An op's output ``out`` and its gradients w.r.t. ``leaves`` against an fp64 oracle ``want``
+    computed from ``leaves64`` (fp64 CPU copies of the leaves, in the same order; ``names`` label
+    them): outputs within ``out_tol``, gradients (for a fixed random grad_out, seed 1) within
+    ``grad_tol`` (absolute and relative); a leaf the oracle does not use must get a zero gradient.
+    Returns the oracle's gradients (None for an unused leaf)."""
+    torch.testing.assert_close(out.detach().cpu().double(), want, atol=out_tol, rtol=out_tol)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    got = torch.autograd.grad(out, list(leaves), grad_out.to(out.device))
+    wanted = torch.autograd.grad(want, list(leaves64), grad_out.double(), allow_unused=True)
+    for name, g, w in zip(names, got, wanted):
+        w = torch.zeros_like(g, dtype=torch.float64) if w is None else w
+        torch.testing.assert_close(g.detach().cpu().double(), w, atol=grad_tol, rtol=grad_tol, msg=name)
+    return wanted
+
+
 def peft_needs_oracle_shim(model) -> bool:
     """True when unpatched PEFT prefix tuning cannot run this model as it is.
 

@@ -12,7 +12,7 @@ import torch
 
 import ptkernels
 from ptkernels.ops.prefix_attention.reference import prefix_attention_reference
-from ptkernels.testing import flash_attention_bound
+from ptkernels.testing import assert_matches_fp64, flash_attention_bound
 
 from conftest import DEVICE
 
@@ -108,13 +108,7 @@ def test_softcap_and_sinks_match_naive_fp64(case, backend):
                      leaves64))
     want = naive_fp64(named["q"], named["k"], named["v"], named.get("pk"), named.get("pv"),
                       None if mask is None else mask.cpu(), causal, case.get("softcap"), named.get("sinks"))
-    torch.testing.assert_close(out.detach().cpu().double(), want, atol=2e-5, rtol=2e-5)
-    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
-    got = torch.autograd.grad(out, leaves, grad_out.to(out.device))
-    wanted = torch.autograd.grad(want, leaves64, grad_out.double(), allow_unused=True)
-    for name, g, w in zip(named, got, wanted):
-        w = torch.zeros_like(g, dtype=torch.float64) if w is None else w
-        torch.testing.assert_close(g.detach().cpu().double(), w, atol=5e-5, rtol=5e-5, msg=name)
+    assert_matches_fp64(out, leaves, want, leaves64, list(named), out_tol=2e-5, grad_tol=5e-5)
     if case.get("padding") == "all":
         assert torch.equal(out, torch.zeros_like(out))
 

@@ -12,7 +12,7 @@ import torch
 
 import ptkernels
 from ptkernels.ops.prefix_attention.reference import prefix_attention_reference
-from ptkernels.testing import flash_attention_bound
+from ptkernels.testing import assert_matches_fp64, flash_attention_bound
 
 from conftest import DEVICE
 
@@ -123,13 +123,7 @@ def test_relative_bias_matches_t5_oracle(case, backend):
                      None if mask is None else mask.cpu(), causal, named["table"], case.get("bidirectional", False),
                      None if lengths is None else lengths.cpu(), case.get("num_buckets", 32),
                      case.get("max_distance", 128))
-    torch.testing.assert_close(out.detach().cpu().double(), want, atol=2e-5, rtol=2e-5)
-    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
-    got = torch.autograd.grad(out, leaves, grad_out.to(out.device))
-    wanted = torch.autograd.grad(want, leaves64, grad_out.double(), allow_unused=True)
-    for name, g, w in zip(names, got, wanted):
-        w = torch.zeros_like(g, dtype=torch.float64) if w is None else w
-        torch.testing.assert_close(g.detach().cpu().double(), w, atol=5e-5, rtol=5e-5, msg=name)
+    wanted = assert_matches_fp64(out, leaves, want, leaves64, names, out_tol=2e-5, grad_tol=5e-5)
     assert named["table"].grad is None and wanted[-1].abs().sum() > 0  # the table gets a real gradient
 
 
