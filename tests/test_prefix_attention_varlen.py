@@ -273,7 +273,8 @@ def test_triton_dropout_matches_per_sequence_reference_given_the_kernels_masks()
     prefix_seed = int(torch.randint(0, 2**62, (1,), dtype=torch.int64).item())
     seed = int(torch.randint(0, 2**62, (1,), dtype=torch.int64).item())
     num, total_q, plen = len(case.lens_q), sum(case.lens_q), case.prefix_len
-    akeep = dropout_keep_mask(1, case.q_heads, total_q, plen, max_k, p, seed, "cpu")[0]  # (Hq, total_q, P + max_k)
+    akeep = dropout_keep_mask(1, case.q_heads, total_q, plen, max_k, p, seed, "cpu",
+                              cu_seqlens_q=inputs["cu_q"])[0]  # (Hq, total_q, P + max_k)
     pkeep = prefix_dropout_keep_mask(num, case.kv_heads, plen, case.head_dim, pp, prefix_seed, "cpu")
     outs = []
     for n in range(num):

@@ -25,8 +25,8 @@ from .common import (
     accumulate_bucket_grad,
     bounded_keys_visible,
     drop_prefix_tile,
-    dropout_keep,
-    dropout_row_width,
+    attention_dropout_keep,
+    dropout_real_lane,
     example_prefix,
     in_window,
     prefix_tile_ranges,
@@ -95,7 +95,7 @@ def _delta_kernel(
 
 @triton.jit
 def _dq_tile(
-    dq, q, do, lse, delta, k, v, s_visible, seed, row_lanes, key_lane, dropout_threshold, qk_scale_log2,
+    dq, q, do, lse, delta, k, v, s_visible, seed, first_row, key_lane, dropout_threshold, qk_scale_log2,
     dropout_scale, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MASKED: tl.constexpr, softcap_in, softcap_out, SOFTCAP: tl.constexpr,
     dbias, bias_row, BIAS_BUCKETS, key_pos, query_pos, bias_center, bias_last, BIAS: tl.constexpr,
@@ -121,9 +121,10 @@ def _dq_tile(
         p = tl.math.exp2(s - lse[:, None])
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
     if DROPOUT:
-        keep = dropout_keep(seed, row_lanes, key_lane, dropout_threshold, BLOCK_M, BLOCK_N)
-        dp = tl.where(keep, dp * dropout_scale, 0.0)
-    ds = p * (dp - delta[:, None])
+        keep = attention_dropout_keep(seed, first_row, key_lane, dropout_threshold, BLOCK_M, BLOCK_N)
+        ds = p * tl.where(keep, dp * dropout_scale - delta[:, None], -delta[:, None])
+    else:
+        ds = p * (dp - delta[:, None])
     if BIAS_GRAD:  # the bias adds to the scores after the scale: its gradient is dS itself
         dbias = accumulate_bucket_grad(dbias, ds, relative_bucket(BIAS_BUCKETS, rel, bias_center, bias_last), NB_BLOCK)
     if SOFTCAP:
@@ -162,7 +163,6 @@ def _prefix_attention_bwd_dq_kernel(
     # 1-D grid: query blocks fastest, then query heads, then batch.
     b, h, start_m, offs_m = program_coordinates(q_len, num_q_heads, BLOCK_M)
     kv_h = h // GROUP
-    row_width = dropout_row_width(prefix_len, k_len)
     q_start, q_len, k_start, k_len, stat_base = query_rows(CU_SEQLENS_Q, CU_SEQLENS_K, b, h, num_q_heads, q_len,
                                                            k_len, stat_rows, VARLEN)
     if VARLEN:
@@ -182,8 +182,8 @@ def _prefix_attention_bwd_dq_kernel(
     row_stat = stat_base + offs_m
     lse = tl.load(LSE + row_stat, mask=m_valid, other=float("inf"))
     delta = tl.load(DELTA + row_stat, mask=m_valid, other=0.0)
-    row_lanes = row_stat.to(tl.int64) * row_width
-    real_lane = (prefix_len + 7) // 8 * 8  # the dropout lane of real key 0
+    first_row = (stat_base + start_m).to(tl.int64)  # dropout row id of the tile's first query
+    real_lane = dropout_real_lane(prefix_len)  # the dropout lane of real key 0
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     dbias = tl.zeros([NB_BLOCK], dtype=tl.float32)
     query_pos = offs_m + (k_len - q_len)  # relative-bias positions from real key 0 (prefix key n: n - P_b)
@@ -210,7 +210,7 @@ def _prefix_attention_bwd_dq_kernel(
                                  prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT, BLOCK_N, BLOCK_D)
             v = drop_prefix_tile(v, prefix_seed, b, kv_h, 1, num_kv_heads, prefix_len, head_dim, n,
                                  prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT, BLOCK_N, BLOCK_D)
-            dq, dbias = _dq_tile(dq, q, do, lse, delta, k, v, all_visible, seed, row_lanes, start_n, dropout_threshold,
+            dq, dbias = _dq_tile(dq, q, do, lse, delta, k, v, all_visible, seed, first_row, start_n, dropout_threshold,
                                  qk_scale_log2, dropout_scale, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N, False,
                                  softcap_in, softcap_out, SOFTCAP, dbias, bias_row, BIAS_BUCKETS,
                                  n - example_prefix_len, query_pos, bias_center, bias_last, BIAS, BIAS_GRAD, NB_BLOCK)
@@ -226,7 +226,7 @@ def _prefix_attention_bwd_dq_kernel(
             visible_2d = n_valid[None, :]
             if WINDOW:
                 visible_2d = visible_2d & in_window(n, offs_m + (k_len - q_len) + example_prefix_len, window)
-            dq, dbias = _dq_tile(dq, q, do, lse, delta, k, v, visible_2d, seed, row_lanes, start_n,
+            dq, dbias = _dq_tile(dq, q, do, lse, delta, k, v, visible_2d, seed, first_row, start_n,
                                  dropout_threshold, qk_scale_log2, dropout_scale, DROPOUT, DOT_PRECISION, BLOCK_M,
                                  BLOCK_N, True, softcap_in, softcap_out, SOFTCAP, dbias, bias_row, BIAS_BUCKETS,
                                  n - example_prefix_len, query_pos, bias_center, bias_last, BIAS, BIAS_GRAD, NB_BLOCK)
@@ -252,7 +252,7 @@ def _prefix_attention_bwd_dq_kernel(
             k = load_tile(k_base, n, stride_kn, offs_d, n_valid, d_valid, UPCAST)
             v = load_tile(v_base, n, stride_vn, offs_d, n_valid, d_valid, UPCAST)
             visible_2d = bounded_keys_visible(n, lo_b, hi_b, offs_m, q_len, k_len, CAUSAL, window, WINDOW)
-            dq, dbias = _dq_tile(dq, q, do, lse, delta, k, v, visible_2d, seed, row_lanes, real_lane + start_n,
+            dq, dbias = _dq_tile(dq, q, do, lse, delta, k, v, visible_2d, seed, first_row, real_lane + start_n,
                                  dropout_threshold, qk_scale_log2, dropout_scale, DROPOUT, DOT_PRECISION, BLOCK_M,
                                  BLOCK_N, True, softcap_in, softcap_out, SOFTCAP, dbias, bias_row, BIAS_BUCKETS, n,
                                  query_pos, bias_center, bias_last, BIAS, BIAS_GRAD, NB_BLOCK)
@@ -260,7 +260,7 @@ def _prefix_attention_bwd_dq_kernel(
             n = start_n + offs_n
             k = load_full_tile(k_base, n, stride_kn, offs_d, d_valid, EVEN_D, UPCAST)
             v = load_full_tile(v_base, n, stride_vn, offs_d, d_valid, EVEN_D, UPCAST)
-            dq, dbias = _dq_tile(dq, q, do, lse, delta, k, v, all_visible, seed, row_lanes, real_lane + start_n,
+            dq, dbias = _dq_tile(dq, q, do, lse, delta, k, v, all_visible, seed, first_row, real_lane + start_n,
                                  dropout_threshold, qk_scale_log2, dropout_scale, DROPOUT, DOT_PRECISION, BLOCK_M,
                                  BLOCK_N, False, softcap_in, softcap_out, SOFTCAP, dbias, bias_row, BIAS_BUCKETS, n,
                                  query_pos, bias_center, bias_last, BIAS, BIAS_GRAD, NB_BLOCK)
@@ -270,7 +270,7 @@ def _prefix_attention_bwd_dq_kernel(
             k = load_tile(k_base, n, stride_kn, offs_d, n_valid, d_valid, UPCAST)
             v = load_tile(v_base, n, stride_vn, offs_d, n_valid, d_valid, UPCAST)
             visible_2d = bounded_keys_visible(n, lo_b, hi_b, offs_m, q_len, k_len, CAUSAL, window, WINDOW)
-            dq, dbias = _dq_tile(dq, q, do, lse, delta, k, v, visible_2d, seed, row_lanes, real_lane + start_n,
+            dq, dbias = _dq_tile(dq, q, do, lse, delta, k, v, visible_2d, seed, first_row, real_lane + start_n,
                                  dropout_threshold, qk_scale_log2, dropout_scale, DROPOUT, DOT_PRECISION, BLOCK_M,
                                  BLOCK_N, True, softcap_in, softcap_out, SOFTCAP, dbias, bias_row, BIAS_BUCKETS, n,
                                  query_pos, bias_center, bias_last, BIAS, BIAS_GRAD, NB_BLOCK)
@@ -283,7 +283,7 @@ def _prefix_attention_bwd_dq_kernel(
             v = load_tile(v_base, n, stride_vn, offs_d, n_valid, d_valid, UPCAST)
             visible_2d = real_keys_visible(KEY_PADDING_MASK, b, stride_mb, stride_mn, n, n_valid, offs_m, q_len,
                                            k_len, HAS_KPM, CAUSAL, window, WINDOW)
-            dq, dbias = _dq_tile(dq, q, do, lse, delta, k, v, visible_2d, seed, row_lanes, real_lane + start_n,
+            dq, dbias = _dq_tile(dq, q, do, lse, delta, k, v, visible_2d, seed, first_row, real_lane + start_n,
                                  dropout_threshold, qk_scale_log2, dropout_scale, DROPOUT, DOT_PRECISION, BLOCK_M,
                                  BLOCK_N, True, softcap_in, softcap_out, SOFTCAP, dbias, bias_row, BIAS_BUCKETS, n,
                                  query_pos, bias_center, bias_last, BIAS, BIAS_GRAD, NB_BLOCK)
@@ -297,7 +297,7 @@ def _prefix_attention_bwd_dq_kernel(
 @triton.jit
 def _dkdv_tile(
     dk, dv, k, v, Q, GRAD_OUT, LSE, DELTA, q_base, do_base, stat_base, stride_qm, stride_dom,
-    start_m, q_len, offs_d, d_valid, key_visible_t, key_lane, row_base, row_width,
+    start_m, q_len, offs_d, d_valid, key_visible_t, key_lane, row_base,
     seed, dropout_threshold, dropout_scale, qk_scale_log2,
     DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr, softcap_in, softcap_out,
@@ -338,14 +338,14 @@ def _dkdv_tile(
         p_t = tl.math.exp2(s_t - lse[None, :])
     dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
     if DROPOUT:
-        row_lanes = (row_base + offs_m.to(tl.int64)) * row_width
-        keep_t = tl.trans(dropout_keep(seed, row_lanes, key_lane, dropout_threshold, BLOCK_M, BLOCK_N))
-        p_dropped_t = tl.where(keep_t, p_t * dropout_scale, 0.0)
-        dp_t = tl.where(keep_t, dp_t * dropout_scale, 0.0)
+        keep_t = attention_dropout_keep(seed, (row_base + start_m).to(tl.int64), key_lane, dropout_threshold,
+                                        BLOCK_M, BLOCK_N, TRANSPOSED=True)
+        # dV's 1 / P(keep) is applied once, when the kernels store dV
+        dv += tl.dot(tl.where(keep_t, p_t, 0.0).to(do.dtype), do, input_precision=DOT_PRECISION)
+        ds_t = p_t * tl.where(keep_t, dp_t * dropout_scale - delta[None, :], -delta[None, :])
     else:
-        p_dropped_t = p_t
-    dv += tl.dot(p_dropped_t.to(do.dtype), do, input_precision=DOT_PRECISION)
-    ds_t = p_t * (dp_t - delta[None, :])
+        dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
     if SOFTCAP:
         ds_t = ds_t * (1.0 - t_t * t_t)
     dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
@@ -376,7 +376,6 @@ def _prefix_attention_bwd_dkdv_kernel(
     VARLEN as in the forward kernel (b is a packed sequence; DK, DV are (total_k, Hkv, D))."""
     # 1-D grid: key blocks fastest, then kv heads, then batch.
     b, kv_h, start_n, offs_n = program_coordinates(k_len, num_kv_heads, BLOCK_N)
-    width = dropout_row_width(prefix_len, k_len)  # from the max key length under VARLEN
     q_len_max = q_len
     q_start = 0
     k_start = 0
@@ -430,7 +429,7 @@ def _prefix_attention_bwd_dkdv_kernel(
         q_end = tl.minimum(q_len, start_n + BLOCK_N - 1 - window_shift + window)
         full_stop = tl.maximum(tl.minimum(full_stop, (start_n - window_shift + window) // BLOCK_M * BLOCK_M),
                                full_start)
-    real_lane = (prefix_len + 7) // 8 * 8 + start_n
+    real_lane = dropout_real_lane(prefix_len) + start_n
     for g in range(GROUP):
         h = kv_h * GROUP + g
         bias_row = BIAS_TABLE  # None without BIAS
@@ -449,14 +448,14 @@ def _prefix_attention_bwd_dkdv_kernel(
                 visible_t = visible_t & (offs_n[:, None] <= offs_m[None, :] + (k_len - q_len))
             dk, dv = _dkdv_tile(
                 dk, dv, k, v, Q, GRAD_OUT, LSE, DELTA, q_base, do_base, stat_base, stride_qm, stride_dom,
-                start_m, q_len, offs_d, d_valid, visible_t, real_lane, stat_base, width, seed, dropout_threshold,
+                start_m, q_len, offs_d, d_valid, visible_t, real_lane, stat_base, seed, dropout_threshold,
                 dropout_scale, qk_scale_log2, DROPOUT, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, True, EVEN_D,
                 softcap_in, softcap_out, SOFTCAP,
                 key_pos, window_shift, window, WINDOW, bias_row, BIAS_BUCKETS, bias_center, bias_last, BIAS)
         for start_m in range(full_start, full_stop, BLOCK_M):
             dk, dv = _dkdv_tile(
                 dk, dv, k, v, Q, GRAD_OUT, LSE, DELTA, q_base, do_base, stat_base, stride_qm, stride_dom,
-                start_m, q_len, offs_d, d_valid, visible[:, None], real_lane, stat_base, width, seed,
+                start_m, q_len, offs_d, d_valid, visible[:, None], real_lane, stat_base, seed,
                 dropout_threshold, dropout_scale, qk_scale_log2, DROPOUT, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N,
                 False, EVEN_D, softcap_in, softcap_out, SOFTCAP,
                 key_pos, window_shift, window, WINDOW, bias_row, BIAS_BUCKETS, bias_center, bias_last, BIAS)
@@ -467,12 +466,14 @@ def _prefix_attention_bwd_dkdv_kernel(
                 visible_t = visible_t & (offs_n[:, None] <= offs_m[None, :] + (k_len - q_len))
             dk, dv = _dkdv_tile(
                 dk, dv, k, v, Q, GRAD_OUT, LSE, DELTA, q_base, do_base, stat_base, stride_qm, stride_dom,
-                start_m, q_len, offs_d, d_valid, visible_t, real_lane, stat_base, width, seed, dropout_threshold,
+                start_m, q_len, offs_d, d_valid, visible_t, real_lane, stat_base, seed, dropout_threshold,
                 dropout_scale, qk_scale_log2, DROPOUT, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, True, EVEN_D,
                 softcap_in, softcap_out, SOFTCAP,
                 key_pos, window_shift, window, WINDOW, bias_row, BIAS_BUCKETS, bias_center, bias_last, BIAS)
     tl.store(DK + b * stride_dkb + k_start * stride_dkn + kv_h * stride_dkh + keys * stride_dkn + offs_d[None, :],
              (dk * scale).to(DK.dtype.element_ty), mask=kd_mask)
+    if DROPOUT:  # the attention dropout's 1 / P(keep) of every kept weight (see _dkdv_tile)
+        dv = dv * dropout_scale
     tl.store(DV + b * stride_dvb + k_start * stride_dvn + kv_h * stride_dvh + keys * stride_dvn + offs_d[None, :],
              dv.to(DV.dtype.element_ty), mask=kd_mask)
 
@@ -480,7 +481,7 @@ def _prefix_attention_bwd_dkdv_kernel(
 @triton.jit
 def _prefix_example_dkdv(
     dk, dv, k, v, Q, GRAD_OUT, LSE, DELTA, b, kv_h, q_start, q_len, full_stop, stat_rows, num_q_heads, batch_q_len,
-    stride_qb, stride_qh, stride_qm, stride_dob, stride_doh, stride_dom, offs_d, d_valid, visible_t, start_n, width,
+    stride_qb, stride_qh, stride_qm, stride_dob, stride_doh, stride_dom, offs_d, d_valid, visible_t, start_n,
     seed, dropout_threshold, dropout_scale, qk_scale_log2,
     GROUP: tl.constexpr, VARLEN: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr,
@@ -507,14 +508,14 @@ def _prefix_example_dkdv(
         for start_m in range(0, full_stop, BLOCK_M):
             dk, dv = _dkdv_tile(
                 dk, dv, k, v, Q, GRAD_OUT, LSE, DELTA, q_base, do_base, stat_base, stride_qm, stride_dom,
-                start_m, q_len, offs_d, d_valid, visible_t, start_n, stat_base, width, seed, dropout_threshold,
+                start_m, q_len, offs_d, d_valid, visible_t, start_n, stat_base, seed, dropout_threshold,
                 dropout_scale, qk_scale_log2, DROPOUT, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, False, EVEN_D,
                 softcap_in, softcap_out, SOFTCAP,
                 key_pos, window_shift, window, WINDOW, bias_row, BIAS_BUCKETS, bias_center, bias_last, BIAS)
         for start_m in range(full_stop, q_end, BLOCK_M):
             dk, dv = _dkdv_tile(
                 dk, dv, k, v, Q, GRAD_OUT, LSE, DELTA, q_base, do_base, stat_base, stride_qm, stride_dom,
-                start_m, q_len, offs_d, d_valid, visible_t, start_n, stat_base, width, seed, dropout_threshold,
+                start_m, q_len, offs_d, d_valid, visible_t, start_n, stat_base, seed, dropout_threshold,
                 dropout_scale, qk_scale_log2, DROPOUT, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, True, EVEN_D,
                 softcap_in, softcap_out, SOFTCAP,
                 key_pos, window_shift, window, WINDOW, bias_row, BIAS_BUCKETS, bias_center, bias_last, BIAS)
@@ -584,7 +585,6 @@ def _prefix_attention_bwd_prefix_dkdv_kernel(
     visible_t = n_valid[:, None]
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    width = dropout_row_width(prefix_len, k_len)
     # Full query tiles of a full prefix block without masks, then the last partial query tile.
     block_full = start_n + BLOCK_N <= entry_prefix_len
     full_stop = tl.where(block_full, (q_len // BLOCK_M) * BLOCK_M, 0)
@@ -614,7 +614,7 @@ def _prefix_attention_bwd_prefix_dkdv_kernel(
                 tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32), tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32),
                 k, v, Q, GRAD_OUT, LSE, DELTA, b, kv_h, q_start, example_q_len, full_stop, stat_rows, num_q_heads,
                 q_len, stride_qb, stride_qh, stride_qm, stride_dob, stride_doh, stride_dom, offs_d, d_valid,
-                visible_t, start_n, width, seed, dropout_threshold, dropout_scale, qk_scale_log2,
+                visible_t, start_n, seed, dropout_threshold, dropout_scale, qk_scale_log2,
                 GROUP, VARLEN, DROPOUT, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, EVEN_D,
                 softcap_in, softcap_out, SOFTCAP, offs_n, window_shift, window, q_end, WINDOW,
                 BIAS_TABLE, BIAS_BUCKETS, bias_row_len, bias_center, bias_last, BIAS)
@@ -624,13 +624,15 @@ def _prefix_attention_bwd_prefix_dkdv_kernel(
             dk, dv = _prefix_example_dkdv(
                 dk, dv, k_raw, v_raw, Q, GRAD_OUT, LSE, DELTA, b, kv_h, q_start, example_q_len, full_stop, stat_rows,
                 num_q_heads, q_len, stride_qb, stride_qh, stride_qm, stride_dob, stride_doh, stride_dom, offs_d,
-                d_valid, visible_t, start_n, width, seed, dropout_threshold, dropout_scale, qk_scale_log2,
+                d_valid, visible_t, start_n, seed, dropout_threshold, dropout_scale, qk_scale_log2,
                 GROUP, VARLEN, DROPOUT, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, EVEN_D,
                 softcap_in, softcap_out, SOFTCAP, offs_n, window_shift, window, q_end, WINDOW,
                 BIAS_TABLE, BIAS_BUCKETS, bias_row_len, bias_center, bias_last, BIAS)
     kd_mask = (offs_n < prefix_len)[:, None] & d_valid[None, :]  # every row of the entry: 0 past its length
     tl.store(DPREFIX_K + outer * stride_dpks + kv_h * stride_dpkh + keys * stride_dpkn + offs_d[None, :],
              (dk * scale).to(DPREFIX_K.dtype.element_ty), mask=kd_mask)
+    if DROPOUT:  # the attention dropout's 1 / P(keep) of every kept weight (see _dkdv_tile)
+        dv = dv * dropout_scale
     tl.store(DPREFIX_V + outer * stride_dpvs + kv_h * stride_dpvh + keys * stride_dpvn + offs_d[None, :],
              dv.to(DPREFIX_V.dtype.element_ty), mask=kd_mask)
 

@@ -51,20 +51,54 @@ def query_rows(CU_SEQLENS_Q, CU_SEQLENS_K, b, h, num_q_heads, q_len, k_len, stat
 
 
 @triton.jit
-def dropout_row_width(prefix_len, k_len):
-    """Lanes per query row in the dropout numbering: the prefix keys, then the real keys, each run
-    padded to a multiple of 8 so that every key tile starts on a philox counter."""
-    return (prefix_len + 7) // 8 * 8 + (k_len + 7) // 8 * 8
+def dropout_real_lane(prefix_len):
+    """The dropout lane of real key 0: the prefix run of lanes padded to a multiple of 16, so that
+    every key tile starts on a 16-key group (see ``attention_dropout_keep``)."""
+    return (prefix_len + 15) // 16 * 16
+
+
+@triton.jit
+def attention_dropout_keep(seed, first_row, key_lane, threshold, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+                           TRANSPOSED: tl.constexpr = False):
+    """(BLOCK_R, BLOCK_K) keep mask of the attention weights of rows first_row.. (query rows) and
+    key lanes key_lane.. (prefix key n: lane n; real key n: lane ``dropout_real_lane(P)`` + n),
+    shared by the forward and backward kernels: a 16-bit random lane >= threshold, so
+    P(keep) = 1 - threshold / 65536.
+
+    first_row: int64 id of the tile's first query row (stat_base + start_m: unique per example,
+    head and query; start_m a multiple of 16); key_lane: a multiple of 16. BLOCK_R, BLOCK_K:
+    multiples of 16.
+
+    One philox call (tl.philox, 4 x 32 bits = 8 16-bit lanes) draws the lanes of a 2 x 2 x 2 cell
+    of the tile: rows (i, i + 8) x keys (j, j + 8) x keys (j, j + 1), for i % 16 < 8, j % 16 < 8,
+    j even. Those are the elements one thread holds of the MMA accumulator of a (query, key) tile
+    on sm_80 and sm_90 (row bit 3, key bits 0 and 3 are register bits there), so the mask is drawn
+    where the scores live, with no layout conversion. The call's counter is (c0 = the cell's key
+    index key // 16 * 4 + (key % 8) // 2, (c1, c2) = the id of row i, c3 = 0); lane
+    4 * [row i + 8] + 2 * [key j + 8] + [key j + 1] of the 8 (lane l: bits 16 (l % 2).. of word l // 2)."""
+    cells_r: tl.constexpr = BLOCK_R // 16
+    cells_k: tl.constexpr = BLOCK_K // 16
+    row = (first_row + (tl.arange(0, cells_r) * 16)[:, None, None, None]
+           + tl.arange(0, 8)[None, :, None, None])  # (R/16, 8, 1, 1) int64: row i of each cell
+    key = (key_lane // 4 + (tl.arange(0, cells_k) * 4)[:, None] + tl.arange(0, 4)[None, :])[None, None, :, :]
+    r0, r1, r2, r3 = tl.philox(seed, key.to(tl.uint32), row.to(tl.uint32), (row >> 32).to(tl.uint32), 0)
+    # (R/16, 8, K/16, 4, key bit 3, row bit 3): word 2 * [row i + 8] + [key j + 8]
+    words = tl.join(tl.join(r0, r1), tl.join(r2, r3))
+    # lane >= threshold for both 16-bit halves, as unsigned 32-bit compares against threshold << 16
+    high_threshold = (threshold << 16).to(tl.uint32, bitcast=True)
+    keep = tl.join((words << 16) >= high_threshold, words >= high_threshold)  # (..., key bit 0)
+    if TRANSPOSED:  # (K/16, key bit 3, 4, key bit 0, R/16, row bit 3, 8)
+        return tl.reshape(tl.permute(keep, (2, 4, 3, 6, 0, 5, 1)), (BLOCK_K, BLOCK_R))
+    keep = tl.permute(keep, (0, 5, 1, 2, 4, 3, 6))  # (R/16, row bit 3, 8, K/16, key bit 3, 4, key bit 0)
+    return tl.reshape(keep, (BLOCK_R, BLOCK_K))
 
 
 @triton.jit
 def dropout_keep(seed, row_lanes, key_lane, threshold, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
-    """(BLOCK_R, BLOCK_K) keep mask, shared by forward and backward: 16-bit random lane >= threshold.
-
-    row_lanes: (BLOCK_R,) int64 lane of each row's first key (row * dropout_row_width);
-    key_lane: the tile's first key (prefix key n: n; real key n: round_up(P, 8) + n), a multiple
-    of 8. One philox call (tl.randint4x: 4 x 32 bits) gives the 16-bit lanes of 8 keys, so a
-    tile costs BLOCK_R * BLOCK_K / 8 philox calls; P(keep) = 1 - threshold / 65536."""
+    """(BLOCK_R, BLOCK_K) keep mask of the prefix dropout (``prefix_dropout_keep``): 16-bit random lane
+    >= threshold. row_lanes: (BLOCK_R,) int64 lane of each row's first element; key_lane: the tile's
+    first element, a multiple of 8. One philox call (tl.randint4x: 4 x 32 bits) gives the lanes of
+    8 consecutive elements; P(keep) = 1 - threshold / 65536."""
     counters = (row_lanes[:, None] + key_lane) // 8 + tl.arange(0, BLOCK_K // 8)[None, :]
     r0, r1, r2, r3 = tl.randint4x(seed, counters)
     words = tl.join(tl.join(r0, r1), tl.join(r2, r3))  # (BLOCK_R, BLOCK_K / 8, 2, 2)

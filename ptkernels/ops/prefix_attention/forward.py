@@ -6,9 +6,11 @@ shared, so no expand and no concat), then the real key blocks (with the causal u
 key padding mask). Softmax is online, in fp32, in the exp2 domain. The row's log-sum-exp (log2
 domain) is stored for the backward pass; a row with no visible key stores +inf and outputs zeros.
 
-Dropout keeps attention weight (query i, key j) iff philox(seed, offset) >= p with
-offset = ((b * Hq + h) * Sq + i) * (P + Sk) + j, where j indexes the concatenated keys
-[prefix; real]. The backward kernels regenerate the same numbers from the same offsets.
+Dropout keeps attention weight (query i, key j) iff its 16-bit philox lane is >= round(p * 65536),
+drawn by ``common.attention_dropout_keep`` from the query's row id ((b * Hq + h) * Sq + i, or
+h * total_q + row with packed sequences) and the key's lane (prefix key n: n; real key n:
+round_up(P, 16) + n), eight lanes per philox call in the cells one thread holds of the MMA
+accumulator. The backward kernels regenerate the same numbers.
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ from .common import (
     add_relative_bias,
     bounded_keys_visible,
     drop_prefix_tile,
-    dropout_keep,
-    dropout_row_width,
+    attention_dropout_keep,
+    dropout_real_lane,
     example_prefix,
     in_window,
     prefix_tile_ranges,
@@ -68,12 +70,12 @@ from .launch import (
 
 @triton.jit
 def _online_softmax_step(
-    acc, m_i, l_i, s, v, seed, row_lanes, key_lane, dropout_threshold, dropout_scale,
+    acc, m_i, l_i, s, v, seed, first_row, key_lane, dropout_threshold, dropout_scale,
     DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Fold one (BLOCK_M, BLOCK_N) tile of log2-domain scores s into the running (acc, m_i, l_i).
 
-    With DROPOUT, weight (row, key) is kept iff dropout_keep(seed, row_lanes, key_lane) is true.
+    With DROPOUT, weight (row, key) is kept iff attention_dropout_keep(seed, first_row, key_lane) is true.
     """
     m_new = tl.maximum(m_i, tl.max(s, 1))
     # A row that has seen no visible key yet has m_new == -inf: subtract 0 instead, so that
@@ -83,15 +85,15 @@ def _online_softmax_step(
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
     if DROPOUT:
-        keep = dropout_keep(seed, row_lanes, key_lane, dropout_threshold, BLOCK_M, BLOCK_N)
-        p = tl.where(keep, p * dropout_scale, 0.0)
+        keep = attention_dropout_keep(seed, first_row, key_lane, dropout_threshold, BLOCK_M, BLOCK_N)
+        p = tl.where(keep, p, 0.0)  # kept weights are scaled by 1 / P(keep) once, at the end
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return acc, m_new, l_i
 
 
 @triton.jit
 def _online_softmax_step_full(
-    acc, m_i, l_i, qk, v, qk_scale_log2, seed, row_lanes, key_lane, dropout_threshold, dropout_scale,
+    acc, m_i, l_i, qk, v, qk_scale_log2, seed, first_row, key_lane, dropout_threshold, dropout_scale,
     softcap_in, softcap_out,
     DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SOFTCAP: tl.constexpr, bias_row=None, key_pos=None, query_pos=None, bias_center=0, bias_last=0,
@@ -115,8 +117,8 @@ def _online_softmax_step_full(
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
     if DROPOUT:
-        keep = dropout_keep(seed, row_lanes, key_lane, dropout_threshold, BLOCK_M, BLOCK_N)
-        p = tl.where(keep, p * dropout_scale, 0.0)
+        keep = attention_dropout_keep(seed, first_row, key_lane, dropout_threshold, BLOCK_M, BLOCK_N)
+        p = tl.where(keep, p, 0.0)  # kept weights are scaled by 1 / P(keep) once, at the end
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return acc, m_new, l_i
 
@@ -179,7 +181,6 @@ def _prefix_attention_fwd_kernel(
     # 1-D grid: query blocks fastest, then query heads, then batch (programs of one head adjacent).
     b, h, start_m, offs_m = program_coordinates(q_len, num_q_heads, BLOCK_M)
     kv_h = h // GROUP
-    row_width = dropout_row_width(prefix_len, k_len)  # from the max key length under VARLEN
     # this program's rows of LSE: stat_base + offs_m
     q_start, q_len, k_start, k_len, stat_base = query_rows(CU_SEQLENS_Q, CU_SEQLENS_K, b, h, num_q_heads, q_len,
                                                            k_len, stat_rows, VARLEN)
@@ -198,8 +199,8 @@ def _prefix_attention_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    row_lanes = (stat_base + offs_m.to(tl.int64)) * row_width
-    real_lane = (prefix_len + 7) // 8 * 8  # the dropout lane of real key 0
+    first_row = (stat_base + start_m).to(tl.int64)  # dropout row id of the tile's first query
+    real_lane = dropout_real_lane(prefix_len)  # the dropout lane of real key 0
     # Relative bias positions counted from real key 0: query i at Sk - Sq + i, prefix key n at n - P_b.
     query_pos = offs_m + (k_len - q_len)
     bias_row = BIAS_TABLE  # None without BIAS
@@ -226,7 +227,7 @@ def _prefix_attention_fwd_kernel(
                                  prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT, BLOCK_N, BLOCK_D)
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
             acc, m_i, l_i = _online_softmax_step_full(
-                acc, m_i, l_i, qk, v, qk_scale_log2, seed, row_lanes, start_n, dropout_threshold, dropout_scale,
+                acc, m_i, l_i, qk, v, qk_scale_log2, seed, first_row, start_n, dropout_threshold, dropout_scale,
                 softcap_in, softcap_out, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N, SOFTCAP,
                 bias_row, n - example_prefix_len, query_pos, bias_center, bias_last, BIAS)
         # The masked tiles: the last partial one, or with WINDOW those the window's edge crosses.
@@ -248,7 +249,7 @@ def _prefix_attention_fwd_kernel(
                 visible_2d = visible_2d & in_window(n, offs_m + (k_len - q_len) + example_prefix_len, window)
             s = tl.where(visible_2d, s, float("-inf"))
             acc, m_i, l_i = _online_softmax_step(
-                acc, m_i, l_i, s, v, seed, row_lanes, start_n, dropout_threshold, dropout_scale, DROPOUT,
+                acc, m_i, l_i, s, v, seed, first_row, start_n, dropout_threshold, dropout_scale, DROPOUT,
                 DOT_PRECISION, BLOCK_M, BLOCK_N)
 
     # Loop 2: real keys, up to the causal bound of this query block. When the attended keys are one
@@ -261,52 +262,58 @@ def _prefix_attention_fwd_kernel(
         hi = tl.minimum(k_len, start_m + BLOCK_M + (k_len - q_len))
     k_base = K + b * stride_kb + k_start * stride_kn + kv_h * stride_kh
     v_base = V + b * stride_vb + k_start * stride_vn + kv_h * stride_vh
+    # (Both kinds of loop sit at the top level, their ranges empty when they do not apply: buffers of
+    # loops in the two branches of an if would count as live together, and 128 x 128 tiles at D=128
+    # would not fit shared memory.)
     lo_b, hi_b, contiguous = key_bounds(KEY_BOUNDS, b, k_len, HAS_KPM)
-    if contiguous:
-        full_end = hi_b
-        if CAUSAL:
-            full_end = tl.minimum(hi_b, start_m + (k_len - q_len) + 1)
-        first_lo, full_lo = window_key_bounds(lo_b, start_m, q_len, k_len, window, BLOCK_M, BLOCK_N, WINDOW)
-        full_hi = tl.maximum(tl.maximum(full_end, 0) // BLOCK_N * BLOCK_N, full_lo)
-        edge_hi = tl.minimum(hi, hi_b)
-        for start_n in range(first_lo // BLOCK_N * BLOCK_N, tl.minimum(full_lo, edge_hi), BLOCK_N):
-            n = start_n + offs_n
-            n_valid = n < hi_b
-            k = load_tile(k_base, n, stride_kn, offs_d, n_valid, d_valid, UPCAST)
-            v = load_tile(v_base, n, stride_vn, offs_d, n_valid, d_valid, UPCAST)
-            visible_2d = bounded_keys_visible(n, lo_b, hi_b, offs_m, q_len, k_len, CAUSAL, window, WINDOW)
-            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-            s = log2_scores(qk, qk_scale_log2, softcap_in, softcap_out, SOFTCAP)
-            s = add_relative_bias(s, bias_row, n, query_pos, bias_center, bias_last, BIAS)
-            s = tl.where(visible_2d, s, float("-inf"))
-            acc, m_i, l_i = _online_softmax_step(
-                acc, m_i, l_i, s, v, seed, row_lanes, real_lane + start_n, dropout_threshold, dropout_scale, DROPOUT,
-                DOT_PRECISION, BLOCK_M, BLOCK_N)
-        for start_n in range(full_lo, full_hi, BLOCK_N):
-            n = start_n + offs_n
-            k = load_full_tile(k_base, n, stride_kn, offs_d, d_valid, EVEN_D, UPCAST)
-            v = load_full_tile(v_base, n, stride_vn, offs_d, d_valid, EVEN_D, UPCAST)
-            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-            acc, m_i, l_i = _online_softmax_step_full(
-                acc, m_i, l_i, qk, v, qk_scale_log2, seed, row_lanes, real_lane + start_n, dropout_threshold,
-                dropout_scale, softcap_in, softcap_out, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N, SOFTCAP,
-                bias_row, n, query_pos, bias_center, bias_last, BIAS)
-        for start_n in range(full_hi, edge_hi, BLOCK_N):
-            n = start_n + offs_n
-            n_valid = n < hi_b
-            k = load_tile(k_base, n, stride_kn, offs_d, n_valid, d_valid, UPCAST)
-            v = load_tile(v_base, n, stride_vn, offs_d, n_valid, d_valid, UPCAST)
-            visible_2d = bounded_keys_visible(n, lo_b, hi_b, offs_m, q_len, k_len, CAUSAL, window, WINDOW)
-            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-            s = log2_scores(qk, qk_scale_log2, softcap_in, softcap_out, SOFTCAP)
-            s = add_relative_bias(s, bias_row, n, query_pos, bias_center, bias_last, BIAS)
-            s = tl.where(visible_2d, s, float("-inf"))
-            acc, m_i, l_i = _online_softmax_step(
-                acc, m_i, l_i, s, v, seed, row_lanes, real_lane + start_n, dropout_threshold, dropout_scale, DROPOUT,
-                DOT_PRECISION, BLOCK_M, BLOCK_N)
-    else:
+    full_end = hi_b
+    if CAUSAL:
+        full_end = tl.minimum(hi_b, start_m + (k_len - q_len) + 1)
+    first_lo, full_lo = window_key_bounds(lo_b, start_m, q_len, k_len, window, BLOCK_M, BLOCK_N, WINDOW)
+    full_hi = tl.maximum(tl.maximum(full_end, 0) // BLOCK_N * BLOCK_N, full_lo)
+    edge_hi = tl.minimum(hi, hi_b)
+    if HAS_KPM:  # a mask that is not one run of keys: no tiles here, all in the general loop below
+        full_hi = tl.where(contiguous, full_hi, full_lo)
+        edge_hi = tl.where(contiguous, edge_hi, 0)
+    for start_n in range(first_lo // BLOCK_N * BLOCK_N, tl.minimum(full_lo, edge_hi), BLOCK_N):
+        n = start_n + offs_n
+        n_valid = n < hi_b
+        k = load_tile(k_base, n, stride_kn, offs_d, n_valid, d_valid, UPCAST)
+        v = load_tile(v_base, n, stride_vn, offs_d, n_valid, d_valid, UPCAST)
+        visible_2d = bounded_keys_visible(n, lo_b, hi_b, offs_m, q_len, k_len, CAUSAL, window, WINDOW)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        s = log2_scores(qk, qk_scale_log2, softcap_in, softcap_out, SOFTCAP)
+        s = add_relative_bias(s, bias_row, n, query_pos, bias_center, bias_last, BIAS)
+        s = tl.where(visible_2d, s, float("-inf"))
+        acc, m_i, l_i = _online_softmax_step(
+            acc, m_i, l_i, s, v, seed, first_row, real_lane + start_n, dropout_threshold, dropout_scale, DROPOUT,
+            DOT_PRECISION, BLOCK_M, BLOCK_N)
+    for start_n in range(full_lo, full_hi, BLOCK_N):
+        n = start_n + offs_n
+        k = load_full_tile(k_base, n, stride_kn, offs_d, d_valid, EVEN_D, UPCAST)
+        v = load_full_tile(v_base, n, stride_vn, offs_d, d_valid, EVEN_D, UPCAST)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        acc, m_i, l_i = _online_softmax_step_full(
+            acc, m_i, l_i, qk, v, qk_scale_log2, seed, first_row, real_lane + start_n, dropout_threshold,
+            dropout_scale, softcap_in, softcap_out, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N, SOFTCAP,
+            bias_row, n, query_pos, bias_center, bias_last, BIAS)
+    for start_n in range(full_hi, edge_hi, BLOCK_N):
+        n = start_n + offs_n
+        n_valid = n < hi_b
+        k = load_tile(k_base, n, stride_kn, offs_d, n_valid, d_valid, UPCAST)
+        v = load_tile(v_base, n, stride_vn, offs_d, n_valid, d_valid, UPCAST)
+        visible_2d = bounded_keys_visible(n, lo_b, hi_b, offs_m, q_len, k_len, CAUSAL, window, WINDOW)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        s = log2_scores(qk, qk_scale_log2, softcap_in, softcap_out, SOFTCAP)
+        s = add_relative_bias(s, bias_row, n, query_pos, bias_center, bias_last, BIAS)
+        s = tl.where(visible_2d, s, float("-inf"))
+        acc, m_i, l_i = _online_softmax_step(
+            acc, m_i, l_i, s, v, seed, first_row, real_lane + start_n, dropout_threshold, dropout_scale, DROPOUT,
+            DOT_PRECISION, BLOCK_M, BLOCK_N)
+    if HAS_KPM:  # any other key padding mask: every tile loads its mask
         first_key, _ = window_key_bounds(0, start_m, q_len, k_len, window, BLOCK_M, BLOCK_N, WINDOW)
-        for start_n in range(first_key // BLOCK_N * BLOCK_N, hi, BLOCK_N):
+        general_lo = first_key // BLOCK_N * BLOCK_N
+        for start_n in range(general_lo, tl.where(contiguous, general_lo, hi), BLOCK_N):
             n = start_n + offs_n
             n_valid = n < k_len
             k = load_tile(k_base, n, stride_kn, offs_d, n_valid, d_valid, UPCAST)
@@ -318,7 +325,7 @@ def _prefix_attention_fwd_kernel(
             s = add_relative_bias(s, bias_row, n, query_pos, bias_center, bias_last, BIAS)
             s = tl.where(visible_2d, s, float("-inf"))
             acc, m_i, l_i = _online_softmax_step(
-                acc, m_i, l_i, s, v, seed, row_lanes, real_lane + start_n, dropout_threshold, dropout_scale, DROPOUT,
+                acc, m_i, l_i, s, v, seed, first_row, real_lane + start_n, dropout_threshold, dropout_scale, DROPOUT,
                 DOT_PRECISION, BLOCK_M, BLOCK_N)
 
     if HAS_SINKS:  # the head's sink logit joins every row's normaliser (and attends to nothing)
@@ -329,7 +336,10 @@ def _prefix_attention_fwd_kernel(
         acc = acc * alpha[:, None]
         m_i = m_sink
     has_key = l_i > 0.0
-    out = acc / tl.where(has_key, l_i, 1.0)[:, None]
+    inv_l = 1.0 / tl.where(has_key, l_i, 1.0)
+    if DROPOUT:
+        inv_l = inv_l * dropout_scale
+    out = acc * inv_l[:, None]
     o_ptrs = (OUT + b * stride_ob + q_start * stride_om + h * stride_oh + offs_m[:, None].to(tl.int64) * stride_om
               + offs_d[None, :])
     tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=m_valid[:, None] & d_valid[None, :])
@@ -339,22 +349,24 @@ def _prefix_attention_fwd_kernel(
 
 @triton.jit(do_not_specialize=["seed"])
 def _dropout_keep_mask_kernel(
-    OUT, num_rows, prefix_len, k_len, dropout_threshold, seed,
+    OUT, q_len, head_rows, first_query, prefix_len, k_len, dropout_threshold, seed,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Materialise the keep mask the attention kernels use, OUT (rows, P + Sk) int8 over the
-    concatenated keys [prefix; real] (tests replay it through the reference). One program per
-    (row block, block of BLOCK_N dropout lanes)."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    width = dropout_row_width(prefix_len, k_len)
+    """Materialise the keep mask the attention kernels use into OUT (rows, P + Sk) int8 over the
+    concatenated keys [prefix; real] (tests replay it through the reference): the q_len queries of
+    each (example x head) bh, rows bh * head_rows + first_query + i, numbered as the attention
+    kernels number them. One program per (query block, bh) x block of BLOCK_N dropout lanes."""
+    bh, _, start_m, offs_m = program_coordinates(q_len, 1, BLOCK_M)
+    first_row = bh * head_rows + first_query
     lane0 = tl.program_id(1) * BLOCK_N
-    keep = dropout_keep(seed, rows.to(tl.int64) * width, lane0, dropout_threshold, BLOCK_M, BLOCK_N)
+    keep = attention_dropout_keep(seed, first_row + start_m, lane0, dropout_threshold, BLOCK_M, BLOCK_N)
     lanes = lane0 + tl.arange(0, BLOCK_N)
-    real_lane = (prefix_len + 7) // 8 * 8
+    real_lane = dropout_real_lane(prefix_len)
     key = tl.where(lanes < real_lane, lanes, lanes - real_lane + prefix_len)  # index in [prefix; real]
     valid = tl.where(lanes < real_lane, lanes < prefix_len, lanes - real_lane < k_len)
-    mask = (rows[:, None] < num_rows) & valid[None, :]
-    tl.store(OUT + rows[:, None].to(tl.int64) * (prefix_len + k_len) + key[None, :], keep.to(tl.int8), mask=mask)
+    mask = (offs_m[:, None] < q_len) & valid[None, :]
+    rows = first_row + offs_m[:, None].to(tl.int64)
+    tl.store(OUT + rows * (prefix_len + k_len) + key[None, :], keep.to(tl.int8), mask=mask)
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -476,17 +488,27 @@ def prefix_attention_forward(
 
 def dropout_keep_mask(
     batch: int, q_heads: int, q_len: int, prefix_len: int, k_len: int, dropout_p: float, seed: int, device,
-    *, launcher: Launcher = launch_kernel,
+    *, cu_seqlens_q: Optional[Tensor] = None, launcher: Launcher = launch_kernel,
 ) -> Tensor:
     """The (B, Hq, Sq, P + Sk) bool keep mask that the kernels draw for ``seed`` (for tests/debugging).
-    Its P(keep) is 1 - t / 65536 with t = ``dropout_threshold(dropout_p)[0]``."""
-    num_rows = batch * q_heads * q_len
-    out = torch.empty(num_rows, prefix_len + k_len, dtype=torch.int8, device=device)
+    Its P(keep) is 1 - t / 65536 with t = ``dropout_threshold(dropout_p)[0]``. With packed sequences
+    (``cu_seqlens_q`` (N + 1,), batch 1, q_len = total_q, k_len = the max key length) the mask of
+    ``prefix_attention_varlen``: each sequence's queries are numbered from its own first row."""
+    out = torch.empty(batch * q_heads, q_len, prefix_len + k_len, dtype=torch.int8, device=device)
     if out.numel():
-        width = (prefix_len + 7) // 8 * 8 + (k_len + 7) // 8 * 8
-        grid = (triton.cdiv(num_rows, 16), triton.cdiv(width, 16))
-        launcher(_dropout_keep_mask_kernel, grid)(out, num_rows, prefix_len, k_len, dropout_threshold(dropout_p)[0],
-                                                  seed, BLOCK_M=16, BLOCK_N=16)
+        width = (prefix_len + 15) // 16 * 16 + (k_len + 15) // 16 * 16  # the dropout lanes of a row
+        threshold = dropout_threshold(dropout_p)[0]
+        if cu_seqlens_q is None:
+            starts = [(0, q_len, batch * q_heads)]
+        else:
+            if batch != 1:
+                raise ValueError(f"dropout_keep_mask: batch must be 1 with cu_seqlens_q, got {batch}")
+            bounds = [int(x) for x in cu_seqlens_q.tolist()]
+            starts = [(lo, hi - lo, q_heads) for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
+        for first_query, rows, heads in starts:
+            grid = (triton.cdiv(rows, 16) * heads, triton.cdiv(width, 16))
+            launcher(_dropout_keep_mask_kernel, grid)(out, rows, q_len, first_query, prefix_len, k_len, threshold,
+                                                      seed, BLOCK_M=16, BLOCK_N=16)
     return out.view(batch, q_heads, q_len, prefix_len + k_len).bool()
 
 

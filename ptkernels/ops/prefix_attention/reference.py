@@ -188,3 +188,42 @@ def prefix_attention_reference(
     elif dropout_p > 0.0:
         probs = torch.nn.functional.dropout(probs, p=dropout_p, training=True)
     return torch.matmul(probs, values).to(out_dtype)
+
+
+def philox4x32(seed: int, counter: tuple[int, int, int, int], rounds: int = 10) -> tuple[int, int, int, int]:
+    """Philox4x32 (Salmon et al., 2011) as ``tl.philox`` computes it for 32-bit counters: key
+    (seed mod 2**32, seed >> 32 mod 2**32), ``rounds`` rounds; four 32-bit words."""
+    c0, c1, c2, c3 = counter
+    k0, k1 = seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF
+    for _ in range(rounds):
+        p0, p2 = 0xD2511F53 * c0, 0xCD9E8D57 * c2
+        c0, c1, c2, c3 = (p2 >> 32) ^ c1 ^ k0, p2 & 0xFFFFFFFF, (p0 >> 32) ^ c3 ^ k1, p0 & 0xFFFFFFFF
+        k0, k1 = (k0 + 0x9E3779B9) & 0xFFFFFFFF, (k1 + 0xBB67AE85) & 0xFFFFFFFF
+    return c0, c1, c2, c3
+
+
+def attention_dropout_keep_reference(rows: int, prefix_len: int, k_len: int, dropout_p: float, seed: int,
+                                     first_row: int = 0) -> Tensor:
+    """The (rows, P + Sk) bool keep mask of the Triton kernels' attention dropout, computed one philox
+    call at a time in Python, from the documented numbering (``common.attention_dropout_keep``):
+    query row r has id first_row + r (rows count from a multiple of 16 in their sequence), key j of
+    [prefix; real] has lane j (prefix) or round_up(P, 16) + j - P (real); (row i, lane n) is drawn by the
+    call with counter (n // 16 * 4 + (n % 8) // 2, id(i - 8 * [i % 16 >= 8]) mod 2**32, its high
+    word, 0), as 16-bit lane 4 * [i % 16 >= 8] + 2 * [n % 16 >= 8] + n % 2 (lane l: bits 16 (l % 2)..
+    of word l // 2), and kept iff that lane >= round(p * 65536) (capped at 65535). Slow: small shapes."""
+    threshold = min(round(dropout_p * 65536), 65535)
+    real_lane = (prefix_len + 15) // 16 * 16
+    keep = torch.zeros(rows, prefix_len + k_len, dtype=torch.bool)
+    calls = {}
+    for i in range(rows):
+        high_row = (i % 16) >= 8
+        row_id = first_row + i - (8 if high_row else 0)
+        for j in range(prefix_len + k_len):
+            n = j if j < prefix_len else real_lane + j - prefix_len
+            counter = (n // 16 * 4 + (n % 8) // 2, row_id & 0xFFFFFFFF, (row_id >> 32) & 0xFFFFFFFF, 0)
+            if counter not in calls:
+                calls[counter] = philox4x32(seed, counter)
+            lane = 4 * high_row + 2 * ((n % 16) >= 8) + n % 2
+            word = calls[counter][lane // 2]
+            keep[i, j] = ((word >> (16 * (lane % 2))) & 0xFFFF) >= threshold
+    return keep

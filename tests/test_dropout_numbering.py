@@ -1,0 +1,87 @@
+"""The attention dropout's random numbers: the Triton kernels' keep mask equals an independent
+pure-Python Philox4x32-10 over the documented numbering, does not depend on the tile shape a kernel
+uses (the GPU launchers pick 128 x 64 / 64 x 64 tiles, the interpreter 16 x 16), transposed tiles
+(the dK/dV kernels) read the same bits, and the draws look independent."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import DEVICE
+
+triton = pytest.importorskip("triton")
+tl = triton.language
+
+from ptkernels.ops.prefix_attention.common import attention_dropout_keep  # noqa: E402
+from ptkernels.ops.prefix_attention.forward import dropout_keep_mask  # noqa: E402
+from ptkernels.ops.prefix_attention.reference import attention_dropout_keep_reference  # noqa: E402
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _keep_tiles_kernel(OUT, first_row, threshold, seed, width, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+                       TRANSPOSED: tl.constexpr):
+    """OUT (rows, width) int8: the keep mask drawn tile by tile with (BLOCK_R, BLOCK_K) tiles (lanes 0..)."""
+    start_r = tl.program_id(0) * BLOCK_R
+    start_k = tl.program_id(1) * BLOCK_K
+    r = start_r + tl.arange(0, BLOCK_R)
+    k = start_k + tl.arange(0, BLOCK_K)
+    if TRANSPOSED:
+        keep_t = attention_dropout_keep(seed, first_row + start_r, start_k, threshold, BLOCK_R, BLOCK_K,
+                                        TRANSPOSED=True)  # (BLOCK_K, BLOCK_R)
+        tl.store(OUT + r[None, :] * width + k[:, None], keep_t.to(tl.int8))
+    else:
+        keep = attention_dropout_keep(seed, first_row + start_r, start_k, threshold, BLOCK_R, BLOCK_K)
+        tl.store(OUT + r[:, None] * width + k[None, :], keep.to(tl.int8))
+
+
+def _tiles(rows, width, block_r, block_k, transposed, seed=2**40 + 77, first_row=0, threshold=16384):
+    out = torch.empty(rows, width, dtype=torch.int8, device=DEVICE)
+    grid = (rows // block_r, width // block_k)
+    _keep_tiles_kernel[grid](out, first_row, threshold, seed, width, BLOCK_R=block_r, BLOCK_K=block_k,
+                             TRANSPOSED=transposed)
+    return out.bool().cpu()
+
+
+@pytest.mark.parametrize("prefix_len,k_len,q_len", [(5, 7, 19), (0, 16, 16), (20, 33, 24), (16, 1, 9)])
+def test_kernel_mask_equals_python_philox_of_the_documented_numbering(prefix_len, k_len, q_len):
+    """Odd lengths, P = 0, rows past a 16-row cell boundary; two examples x heads (row ids 0.. and Sq..)."""
+    seed, p = 2**40 + 12345, 0.3
+    got = dropout_keep_mask(1, 2, q_len, prefix_len, k_len, p, seed, DEVICE).cpu()  # (1, 2, Sq, P + Sk)
+    for head in range(2):
+        want = attention_dropout_keep_reference(q_len, prefix_len, k_len, p, seed, first_row=head * q_len)
+        assert torch.equal(got[0, head], want), head
+
+
+def test_packed_sequences_number_rows_from_each_sequence_start():
+    seed, p = 99, 0.5
+    cu = torch.tensor([0, 5, 5, 26], dtype=torch.int32)
+    got = dropout_keep_mask(1, 1, 26, 3, 10, p, seed, DEVICE, cu_seqlens_q=cu).cpu()[0, 0]
+    assert torch.equal(got[:5], attention_dropout_keep_reference(5, 3, 10, p, seed, first_row=0))
+    assert torch.equal(got[5:], attention_dropout_keep_reference(21, 3, 10, p, seed, first_row=5))
+
+
+def test_tile_shape_and_transposition_do_not_change_the_bits():
+    rows, width = 64, 64
+    base = _tiles(rows, width, 16, 16, False)
+    for block_r, block_k in [(32, 16), (16, 64), (64, 32)]:
+        assert torch.equal(_tiles(rows, width, block_r, block_k, False), base), (block_r, block_k)
+        assert torch.equal(_tiles(rows, width, block_r, block_k, True), base), (block_r, block_k, "transposed")
+    other_rows = _tiles(rows, width, 16, 16, False, first_row=rows)  # the next example's rows
+    assert not torch.equal(other_rows, base)
+
+
+def test_draws_look_independent():
+    """P(keep) within 5 sigma of 1 - p; the rows and lanes one philox call serves are not alike
+    (rows i and i + 8, keys j and j + 8, keys j and j + 1 agree about as often as independent draws)."""
+    p = 0.25
+    keep = _tiles(256, 256, 32, 32, False, threshold=round(p * 65536)).float()
+    n = keep.numel()
+    sigma = (p * (1 - p) / n) ** 0.5
+    assert abs(keep.mean().item() - (1 - p)) < 5 * sigma
+    expected_agreement = (1 - p) ** 2 + p ** 2
+    for a, b in [(keep[0::16], keep[8::16]), (keep[:, 0::16], keep[:, 8::16]), (keep[:, 0::2], keep[:, 1::2]),
+                 (keep[:-1], keep[1:])]:
+        agree = (a == b).float().mean().item()
+        m = a.numel()
+        assert abs(agree - expected_agreement) < 5 * (expected_agreement * (1 - expected_agreement) / m) ** 0.5
