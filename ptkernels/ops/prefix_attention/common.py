@@ -94,7 +94,8 @@ def attention_dropout_keep(seed, first_row, key_lane, threshold, BLOCK_R: tl.con
 
 
 @triton.jit
-def dropout_keep(seed, row_lanes, key_lane, threshold, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+def consecutive_lanes_keep(seed, row_lanes, key_lane, threshold, BLOCK_R: tl.constexpr,
+                           BLOCK_K: tl.constexpr):
     """(BLOCK_R, BLOCK_K) keep mask of the prefix dropout (``prefix_dropout_keep``): 16-bit random lane
     >= threshold. row_lanes: (BLOCK_R,) int64 lane of each row's first element; key_lane: the tile's
     first element, a multiple of 8. One philox call (tl.randint4x: 4 x 32 bits) gives the lanes of
@@ -113,11 +114,11 @@ def prefix_dropout_keep(seed, b, kv_h, which, num_kv_heads, prefix_len, head_dim
     prefix positions n (BLOCK_N,) and channels 0..BLOCK_D: ``which`` 0 for the keys, 1 for the values.
 
     Lane numbering: row ((b * Hkv + kv_h) * 2 + which) * P + n has round_up(D, 8) lanes, one per
-    channel, drawn as ``dropout_keep`` draws them (8 lanes per philox call); the same for every query
-    and query head that reads this KV head, and regenerated identically in backward."""
+    channel, drawn as ``consecutive_lanes_keep`` draws them (8 lanes per philox call); the same for
+    every query and query head that reads this KV head, and regenerated identically in backward."""
     width = (head_dim + 7) // 8 * 8
     rows = ((b * num_kv_heads + kv_h) * 2 + which) * prefix_len + n.to(tl.int64)
-    return dropout_keep(seed, rows * width, 0, threshold, BLOCK_N, BLOCK_D)
+    return consecutive_lanes_keep(seed, rows * width, 0, threshold, BLOCK_N, BLOCK_D)
 
 
 @triton.jit
