@@ -1,7 +1,7 @@
 """The attention dropout's random numbers: the Triton kernels' keep mask equals an independent
 pure-Python Philox4x32-10 over the documented numbering, does not depend on the tile shape a kernel
-uses (the GPU launchers pick 128 x 64 / 64 x 64 tiles, the interpreter 16 x 16), transposed tiles
-(the dK/dV kernels) read the same bits, and the draws look independent."""
+uses (the GPU launchers pick 128 x 64 / 64 x 64 tiles, the interpreter 16 x 16), and the draws look
+independent."""
 
 from __future__ import annotations
 
@@ -19,27 +19,20 @@ from ptkernels.ops.prefix_attention.reference import attention_dropout_keep_refe
 
 
 @triton.jit(do_not_specialize=["seed"])
-def _keep_tiles_kernel(OUT, first_row, threshold, seed, width, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-                       TRANSPOSED: tl.constexpr):
+def _keep_tiles_kernel(OUT, first_row, threshold, seed, width, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     """OUT (rows, width) int8: the keep mask drawn tile by tile with (BLOCK_R, BLOCK_K) tiles (lanes 0..)."""
     start_r = tl.program_id(0) * BLOCK_R
     start_k = tl.program_id(1) * BLOCK_K
     r = start_r + tl.arange(0, BLOCK_R)
     k = start_k + tl.arange(0, BLOCK_K)
-    if TRANSPOSED:
-        keep_t = attention_dropout_keep(seed, first_row + start_r, start_k, threshold, BLOCK_R, BLOCK_K,
-                                        TRANSPOSED=True)  # (BLOCK_K, BLOCK_R)
-        tl.store(OUT + r[None, :] * width + k[:, None], keep_t.to(tl.int8))
-    else:
-        keep = attention_dropout_keep(seed, first_row + start_r, start_k, threshold, BLOCK_R, BLOCK_K)
-        tl.store(OUT + r[:, None] * width + k[None, :], keep.to(tl.int8))
+    keep = attention_dropout_keep(seed, first_row + start_r, start_k, threshold, BLOCK_R, BLOCK_K)
+    tl.store(OUT + r[:, None] * width + k[None, :], keep.to(tl.int8))
 
 
-def _tiles(rows, width, block_r, block_k, transposed, seed=2**40 + 77, first_row=0, threshold=16384):
+def _tiles(rows, width, block_r, block_k, seed=2**40 + 77, first_row=0, threshold=16384):
     out = torch.empty(rows, width, dtype=torch.int8, device=DEVICE)
     grid = (rows // block_r, width // block_k)
-    _keep_tiles_kernel[grid](out, first_row, threshold, seed, width, BLOCK_R=block_r, BLOCK_K=block_k,
-                             TRANSPOSED=transposed)
+    _keep_tiles_kernel[grid](out, first_row, threshold, seed, width, BLOCK_R=block_r, BLOCK_K=block_k)
     return out.bool().cpu()
 
 
@@ -61,13 +54,12 @@ def test_packed_sequences_number_rows_from_each_sequence_start():
     assert torch.equal(got[5:], attention_dropout_keep_reference(21, 3, 10, p, seed, first_row=5))
 
 
-def test_tile_shape_and_transposition_do_not_change_the_bits():
+def test_tile_shape_does_not_change_the_bits():
     rows, width = 64, 64
-    base = _tiles(rows, width, 16, 16, False)
+    base = _tiles(rows, width, 16, 16)
     for block_r, block_k in [(32, 16), (16, 64), (64, 32)]:
-        assert torch.equal(_tiles(rows, width, block_r, block_k, False), base), (block_r, block_k)
-        assert torch.equal(_tiles(rows, width, block_r, block_k, True), base), (block_r, block_k, "transposed")
-    other_rows = _tiles(rows, width, 16, 16, False, first_row=rows)  # the next example's rows
+        assert torch.equal(_tiles(rows, width, block_r, block_k), base), (block_r, block_k)
+    other_rows = _tiles(rows, width, 16, 16, first_row=rows)  # the next example's rows
     assert not torch.equal(other_rows, base)
 
 
@@ -75,7 +67,7 @@ def test_draws_look_independent():
     """P(keep) within 5 sigma of 1 - p; the rows and lanes one philox call serves are not alike
     (rows i and i + 8, keys j and j + 8, keys j and j + 1 agree about as often as independent draws)."""
     p = 0.25
-    keep = _tiles(256, 256, 32, 32, False, threshold=round(p * 65536)).float()
+    keep = _tiles(256, 256, 32, 32, threshold=round(p * 65536)).float()
     n = keep.numel()
     sigma = (p * (1 - p) / n) ** 0.5
     assert abs(keep.mean().item() - (1 - p)) < 5 * sigma

@@ -240,3 +240,33 @@ def test_bad_window_raises(window, causal, match):
     q, k, v, pk, pv, _, _ = make({}, device="cpu")
     with pytest.raises(ValueError, match=match):
         ptkernels.prefix_attention(q, k, v, pk, pv, causal=causal, window=window, backend="torch")
+
+
+@pytest.mark.parametrize("window", [None, 9])
+def test_triton_softcap_sinks_window_with_dropout_match_reference_given_the_kernels_mask(window):
+    """Attention dropout with the softcap, sinks, sliding window, causal, padding and GQA all at once:
+    the Triton kernels (whose dK/dV kernel takes its (query x key) branch under dropout) equal the
+    reference replaying the kernels' keep mask, forward and backward."""
+    from ptkernels.ops.prefix_attention.forward import dropout_keep_mask
+    from ptkernels.ops.prefix_attention.function import draw_dropout_seed
+    from ptkernels.ops.prefix_attention.launch import dropout_threshold
+
+    q, k, v, pk, pv, mask, sinks = make(dict(softcap=2.0, sinks=True, causal=True, padding=True), seed=3)
+    p = 0.3
+    kwargs = dict(key_padding_mask=mask, causal=True, softcap=2.0, sinks=sinks, window=window)
+    torch.manual_seed(11)
+    out = ptkernels.prefix_attention(q, k, v, pk, pv, dropout_p=p, backend="triton", **kwargs)
+    torch.manual_seed(11)
+    seed = draw_dropout_seed()
+    batch, q_heads, q_len, _ = q.shape
+    keep = dropout_keep_mask(batch, q_heads, q_len, pk.shape[1], k.shape[2], p, seed, q.device)
+    assert 0.5 < keep.float().mean().item() < 0.9
+    ref = prefix_attention_reference(q, k, v, pk, pv, dropout_p=dropout_threshold(p)[0] / 65536,
+                                     dropout_keep_mask=keep, **kwargs)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+    leaves = (q, k, v, pk, pv, sinks)
+    grad_out = torch.randn_like(out)
+    got = torch.autograd.grad(out, leaves, grad_out)
+    want = torch.autograd.grad(ref, leaves, grad_out)
+    for name, g, w in zip("q k v pk pv sinks".split(), got, want):
+        torch.testing.assert_close(g, w, atol=5e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")

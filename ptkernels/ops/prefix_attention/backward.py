@@ -304,7 +304,8 @@ def _dkdv_tile(
     SOFTCAP: tl.constexpr, key_pos, window_shift, window, WINDOW: tl.constexpr,
     bias_row, BIAS_BUCKETS, bias_center, bias_last, BIAS: tl.constexpr,
 ):
-    """dK/dV contribution of one query tile, in transposed (keys x queries) form.
+    """dK/dV contribution of one query tile, in transposed (keys x queries) form (with DROPOUT in
+    (queries x keys) form).
     MASKED=False: the tile's queries are all < q_len and see every key of the block
     (key_visible_t is ignored, loads are unmasked). Query i sits at position i + window_shift and the
     block's keys at key_pos (BLOCK_N,) (the sliding window's and the relative bias's positions)."""
@@ -323,32 +324,52 @@ def _dkdv_tile(
         lse = tl.load(LSE + stat_base + offs_m)
         delta = tl.load(DELTA + stat_base + offs_m)
 
-    qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
-    if SOFTCAP:
-        t_t = tanh(qk_t * softcap_in)
-        s_t = softcap_out * t_t
-    else:
-        s_t = qk_t * qk_scale_log2
-    if BIAS:
-        bias_t = relative_bias(bias_row, key_pos[:, None] - (offs_m[None, :] + window_shift), bias_center, bias_last)
-        s_t = s_t + bias_t
-    if MASKED:
-        p_t = tl.where(key_visible_t, tl.math.exp2(s_t - lse[None, :]), 0.0)
-    else:
-        p_t = tl.math.exp2(s_t - lse[None, :])
-    dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
     if DROPOUT:
-        keep_t = attention_dropout_keep(seed, (row_base + start_m).to(tl.int64), key_lane, dropout_threshold,
-                                        BLOCK_M, BLOCK_N, TRANSPOSED=True)
+        # (query x key) orientation, as in the forward and dQ kernels: the keep mask is drawn where
+        # the scores live (attention_dropout_keep: no layout conversion); P and dS reach the dV / dK
+        # matmuls transposed, through shared memory.
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        if SOFTCAP:
+            t = tanh(qk * softcap_in)
+            s = softcap_out * t
+        else:
+            s = qk * qk_scale_log2
+        if BIAS:
+            s = s + relative_bias(bias_row, key_pos[None, :] - (offs_m[:, None] + window_shift), bias_center,
+                                  bias_last)
+        if MASKED:
+            p = tl.where(tl.trans(key_visible_t), tl.math.exp2(s - lse[:, None]), 0.0)
+        else:
+            p = tl.math.exp2(s - lse[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        keep = attention_dropout_keep(seed, (row_base + start_m).to(tl.int64), key_lane, dropout_threshold,
+                                      BLOCK_M, BLOCK_N)
         # dV's 1 / P(keep) is applied once, when the kernels store dV
-        dv += tl.dot(tl.where(keep_t, p_t, 0.0).to(do.dtype), do, input_precision=DOT_PRECISION)
-        ds_t = p_t * tl.where(keep_t, dp_t * dropout_scale - delta[None, :], -delta[None, :])
-    else:
+        dv += tl.dot(tl.trans(tl.where(keep, p, 0.0).to(do.dtype)), do, input_precision=DOT_PRECISION)
+        ds = p * tl.where(keep, dp * dropout_scale - delta[:, None], -delta[:, None])
+        if SOFTCAP:
+            ds = ds * (1.0 - t * t)
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
+    else:  # (key x query) orientation, as Triton's tutorial: no transposition through shared memory
+        qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
+        if SOFTCAP:
+            t_t = tanh(qk_t * softcap_in)
+            s_t = softcap_out * t_t
+        else:
+            s_t = qk_t * qk_scale_log2
+        if BIAS:
+            s_t = s_t + relative_bias(bias_row, key_pos[:, None] - (offs_m[None, :] + window_shift), bias_center,
+                                      bias_last)
+        if MASKED:
+            p_t = tl.where(key_visible_t, tl.math.exp2(s_t - lse[None, :]), 0.0)
+        else:
+            p_t = tl.math.exp2(s_t - lse[None, :])
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
-    if SOFTCAP:
-        ds_t = ds_t * (1.0 - t_t * t_t)
-    dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
+        if SOFTCAP:
+            ds_t = ds_t * (1.0 - t_t * t_t)
+        dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
     return dk, dv
 
 

@@ -58,8 +58,7 @@ def dropout_real_lane(prefix_len):
 
 
 @triton.jit
-def attention_dropout_keep(seed, first_row, key_lane, threshold, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-                           TRANSPOSED: tl.constexpr = False):
+def attention_dropout_keep(seed, first_row, key_lane, threshold, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     """(BLOCK_R, BLOCK_K) keep mask of the attention weights of rows first_row.. (query rows) and
     key lanes key_lane.. (prefix key n: lane n; real key n: lane ``dropout_real_lane(P)`` + n),
     shared by the forward and backward kernels: a 16-bit random lane >= threshold, so
@@ -87,8 +86,6 @@ def attention_dropout_keep(seed, first_row, key_lane, threshold, BLOCK_R: tl.con
     # lane >= threshold for both 16-bit halves, as unsigned 32-bit compares against threshold << 16
     high_threshold = (threshold << 16).to(tl.uint32, bitcast=True)
     keep = tl.join((words << 16) >= high_threshold, words >= high_threshold)  # (..., key bit 0)
-    if TRANSPOSED:  # (K/16, key bit 3, 4, key bit 0, R/16, row bit 3, 8)
-        return tl.reshape(tl.permute(keep, (2, 4, 3, 6, 0, 5, 1)), (BLOCK_K, BLOCK_R))
     keep = tl.permute(keep, (0, 5, 1, 2, 4, 3, 6))  # (R/16, row bit 3, 8, K/16, key bit 3, 4, key bit 0)
     return tl.reshape(keep, (BLOCK_R, BLOCK_K))
 
