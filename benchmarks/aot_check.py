@@ -112,6 +112,7 @@ class Case:
     sinks: bool = False  # per-head sink logits (gpt-oss)
     window: bool = False  # a causal sliding window
     relative_bias: bool = False  # T5's relative position bias (a 32-bucket table)
+    dropout_p: float = 0.1  # of dropout / prefix_dropout (2**-16: threshold 1, an int Triton specialises)
     group: int = 1
     batch: int = 2
     kv_heads: int = 2
@@ -127,7 +128,8 @@ class Case:
                                  ("lengths", self.lengths), ("prefix_dropout", self.prefix_dropout),
                                  ("varlen", self.varlen), ("softcap", self.softcap), ("sinks", self.sinks),
                                  ("window", self.window), ("relative_bias", self.relative_bias)) if on]
-        return (f"{dt}-D{self.head_dim}-{self.prefix}-g{self.group}-{'+'.join(flags) or 'plain'}"
+        p = f"-p{self.dropout_p:g}" if (self.dropout or self.prefix_dropout) and self.dropout_p != 0.1 else ""
+        return (f"{dt}-D{self.head_dim}-{self.prefix}-g{self.group}-{'+'.join(flags) or 'plain'}{p}"
                 f"-B{self.batch}Hkv{self.kv_heads}Sq{self.q_len}Sk{self.k_len}P{self.prefix_len}-{self.layout}")
 
 
@@ -167,10 +169,10 @@ def case_launches(case: Case, arch: int = 90, allow_interpreted: bool = False) -
     pv = torch.empty(prefix_shape, dtype=case.dtype, device="meta")
     index = torch.empty(b, dtype=torch.int32, device="meta") if case.prefix == "bank" else None
     lengths = torch.empty(entries or 1, dtype=torch.int32, device="meta") if case.lengths else None
-    prefix_dropout_p = 0.1 if case.prefix_dropout else 0.0
+    prefix_dropout_p = case.dropout_p if case.prefix_dropout else 0.0
     prefix_seed = case.seed + 1 if case.prefix_dropout else 0
     kpm = torch.empty(b, case.k_len, dtype=torch.bool, device="meta") if case.kpm else None
-    dropout_p = 0.1 if case.dropout else 0.0
+    dropout_p = case.dropout_p if case.dropout else 0.0
     seed = case.seed if case.dropout else 0
     scale = d**-0.5
     limits, launches = target_limits(arch), []
@@ -327,6 +329,7 @@ def quick_cases() -> list[Case]:
              window=True),
         Case(torch.bfloat16, 64, causal=True, kpm=True, prefix="shared", group=2, relative_bias=True, dropout=True),
         Case(torch.float16, 128, kpm=True, prefix="per_example", relative_bias=True),
+        Case(torch.float16, 64, kpm=True, prefix="bank", prefix_dropout=True, dropout=True, dropout_p=2**-16),
     ]
 
 

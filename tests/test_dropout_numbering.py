@@ -1,7 +1,7 @@
 """The attention dropout's random numbers: the Triton kernels' keep mask equals an independent
 pure-Python Philox4x32-10 over the documented numbering, does not depend on the tile shape a kernel
-uses (the GPU launchers pick 128 x 64 / 64 x 64 tiles, the interpreter 16 x 16), and the draws look
-independent."""
+uses (the GPU launchers pick 128 x 128, 128 x 64 or 64 x 64 tiles, the interpreter 16 x 16), the extreme
+thresholds (1, which Triton specialises, and 65535) draw as documented, and the draws look independent."""
 
 from __future__ import annotations
 
@@ -44,6 +44,19 @@ def test_kernel_mask_equals_python_philox_of_the_documented_numbering(prefix_len
     for head in range(2):
         want = attention_dropout_keep_reference(q_len, prefix_len, k_len, p, seed, first_row=head * q_len)
         assert torch.equal(got[0, head], want), head
+
+
+@pytest.mark.parametrize("p", [2**-16, 1 - 2**-18, 0.5])
+def test_extreme_thresholds_follow_the_documented_numbering(p):
+    """p = 2**-16 is threshold 1 (an int argument Triton compiles as a constant); 1 - 2**-18 the cap, 65535."""
+    seed = 5
+    got = dropout_keep_mask(1, 1, 18, 3, 21, p, seed, DEVICE).cpu()[0, 0]
+    assert torch.equal(got, attention_dropout_keep_reference(18, 3, 21, p, seed))
+
+
+def test_mask_of_packed_sequences_checks_cu_seqlens():
+    with pytest.raises(ValueError, match="cu_seqlens_q"):
+        dropout_keep_mask(1, 1, 30, 3, 10, 0.5, 1, DEVICE, cu_seqlens_q=torch.tensor([0, 5, 26], dtype=torch.int32))
 
 
 def test_packed_sequences_number_rows_from_each_sequence_start():

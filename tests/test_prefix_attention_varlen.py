@@ -253,8 +253,8 @@ def test_shared_prefix_gradient_is_bitwise_deterministic(backend):
 
 def test_triton_dropout_matches_per_sequence_reference_given_the_kernels_masks():
     """Attention dropout and prefix dropout on packed sequences: each sequence equals the batched
-    reference on it alone, replaying the kernels' own keep masks (attention lanes numbered by the
-    (Hq, total_q) row and the max key length; prefix masks per sequence)."""
+    reference on it alone, replaying the kernels' own keep masks (attention rows numbered h * total_q +
+    row, counted in 16-row cells from each sequence's start; prefix masks per sequence)."""
     from ptkernels.ops.prefix_attention.forward import dropout_keep_mask, prefix_dropout_keep_mask
     from ptkernels.ops.prefix_attention.reference import prefix_attention_reference
 

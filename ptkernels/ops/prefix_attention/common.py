@@ -84,7 +84,8 @@ def attention_dropout_keep(seed, first_row, key_lane, threshold, BLOCK_R: tl.con
     # (R/16, 8, K/16, 4, key bit 3, row bit 3): word 2 * [row i + 8] + [key j + 8]
     words = tl.join(tl.join(r0, r1), tl.join(r2, r3))
     # lane >= threshold for both 16-bit halves, as unsigned 32-bit compares against threshold << 16
-    high_threshold = (threshold << 16).to(tl.uint32, bitcast=True)
+    # (to_tensor: a threshold of 1 reaches a compiled kernel as a constant, which Triton specialises)
+    high_threshold = (tl.to_tensor(threshold).to(tl.int32) << 16).to(tl.uint32, bitcast=True)
     keep = tl.join((words << 16) >= high_threshold, words >= high_threshold)  # (..., key bit 0)
     keep = tl.permute(keep, (0, 5, 1, 2, 4, 3, 6))  # (R/16, row bit 3, 8, K/16, key bit 3, 4, key bit 0)
     return tl.reshape(keep, (BLOCK_R, BLOCK_K))

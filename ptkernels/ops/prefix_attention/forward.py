@@ -504,6 +504,9 @@ def dropout_keep_mask(
             if batch != 1:
                 raise ValueError(f"dropout_keep_mask: batch must be 1 with cu_seqlens_q, got {batch}")
             bounds = [int(x) for x in cu_seqlens_q.tolist()]
+            if not bounds or bounds[0] != 0 or bounds[-1] != q_len:
+                raise ValueError(f"dropout_keep_mask: cu_seqlens_q must run from 0 to q_len = {q_len} (the total "
+                                 f"query rows), got {bounds}")
             starts = [(lo, hi - lo, q_heads) for lo, hi in zip(bounds[:-1], bounds[1:]) if hi > lo]
         for first_query, rows, heads in starts:
             grid = (triton.cdiv(rows, 16) * heads, triton.cdiv(width, 16))
