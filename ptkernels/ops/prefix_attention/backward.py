@@ -94,6 +94,44 @@ def _delta_kernel(
 
 
 @triton.jit
+def _tile_probs_and_grad(
+    q, do, lse, delta, k, v, s_visible, seed, first_row, key_lane, dropout_threshold, qk_scale_log2, dropout_scale,
+    DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr, softcap_in, softcap_out, SOFTCAP: tl.constexpr,
+    bias_row, key_pos, query_pos, bias_center, bias_last, BIAS: tl.constexpr,
+):
+    """(p_kept, ds) of one (BLOCK_M queries x BLOCK_N keys) tile, in the (query x key) orientation of
+    the forward: the recomputed weights with the dropped ones zeroed (kept ones not yet scaled by
+    1 / P(keep)), and dS = dL/d(scores) (with SOFTCAP including the 1 - tanh^2 of the softcap; with
+    BIAS, which never comes with SOFTCAP, dS is also the bias's gradient). MASKED=False: every key is
+    visible (s_visible is ignored). BIAS: T5's relative bias of keys at key_pos (BLOCK_N,) for queries
+    at query_pos (BLOCK_M,). DROPOUT: the keep mask drawn where the scores live (attention_dropout_keep)."""
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    if SOFTCAP:
+        t = tanh(qk * softcap_in)
+        s = softcap_out * t
+    else:
+        s = qk * qk_scale_log2
+    if BIAS:
+        s = s + relative_bias(bias_row, key_pos[None, :] - query_pos[:, None], bias_center, bias_last)
+    if MASKED:
+        p = tl.where(s_visible, tl.math.exp2(s - lse[:, None]), 0.0)
+    else:
+        p = tl.math.exp2(s - lse[:, None])
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+    if DROPOUT:
+        keep = attention_dropout_keep(seed, first_row, key_lane, dropout_threshold, BLOCK_M, BLOCK_N)
+        p_kept = tl.where(keep, p, 0.0)
+        ds = p * tl.where(keep, dp * dropout_scale - delta[:, None], -delta[:, None])
+    else:
+        p_kept = p
+        ds = p * (dp - delta[:, None])
+    if SOFTCAP:
+        ds = ds * (1.0 - t * t)
+    return p_kept, ds
+
+
+@triton.jit
 def _dq_tile(
     dq, q, do, lse, delta, k, v, s_visible, seed, first_row, key_lane, dropout_threshold, qk_scale_log2,
     dropout_scale, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -102,33 +140,15 @@ def _dq_tile(
     BIAS_GRAD: tl.constexpr, NB_BLOCK: tl.constexpr,
 ):
     """(dq, dbias) plus one key tile's contributions (dq before the final multiplication by the
-    softmax scale). MASKED=False: every key of the tile is visible (s_visible is ignored; the scale
-    folds into an FMA). SOFTCAP: scores softcap * tanh(qk * scale / softcap), whose derivative
-    1 - tanh^2 joins dS. BIAS: T5's relative bias of keys at key_pos (BLOCK_N,) for queries at
-    query_pos (BLOCK_M,) joins the scores, and with BIAS_GRAD dS summed per bucket joins dbias (NB_BLOCK,)."""
-    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-    if SOFTCAP:
-        t = tanh(qk * softcap_in)
-        s = softcap_out * t
-    else:
-        s = qk * qk_scale_log2
-    if BIAS:
-        rel = key_pos[None, :] - query_pos[:, None]
-        s = s + relative_bias(bias_row, rel, bias_center, bias_last)
-    if MASKED:
-        p = tl.where(s_visible, tl.math.exp2(s - lse[:, None]), 0.0)
-    else:
-        p = tl.math.exp2(s - lse[:, None])
-    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-    if DROPOUT:
-        keep = attention_dropout_keep(seed, first_row, key_lane, dropout_threshold, BLOCK_M, BLOCK_N)
-        ds = p * tl.where(keep, dp * dropout_scale - delta[:, None], -delta[:, None])
-    else:
-        ds = p * (dp - delta[:, None])
+    softmax scale), from ``_tile_probs_and_grad``'s dS; with BIAS_GRAD dS summed per bucket joins
+    dbias (NB_BLOCK,)."""
+    _, ds = _tile_probs_and_grad(
+        q, do, lse, delta, k, v, s_visible, seed, first_row, key_lane, dropout_threshold, qk_scale_log2,
+        dropout_scale, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N, MASKED, softcap_in, softcap_out, SOFTCAP,
+        bias_row, key_pos, query_pos, bias_center, bias_last, BIAS)
     if BIAS_GRAD:  # the bias adds to the scores after the scale: its gradient is dS itself
+        rel = key_pos[None, :] - query_pos[:, None]
         dbias = accumulate_bucket_grad(dbias, ds, relative_bucket(BIAS_BUCKETS, rel, bias_center, bias_last), NB_BLOCK)
-    if SOFTCAP:
-        ds = ds * (1.0 - t * t)
     return dq + tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION), dbias
 
 
@@ -326,29 +346,13 @@ def _dkdv_tile(
 
     if DROPOUT:
         # (query x key) orientation, as in the forward and dQ kernels: the keep mask is drawn where
-        # the scores live (attention_dropout_keep: no layout conversion); P and dS reach the dV / dK
-        # matmuls transposed, through shared memory.
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        if SOFTCAP:
-            t = tanh(qk * softcap_in)
-            s = softcap_out * t
-        else:
-            s = qk * qk_scale_log2
-        if BIAS:
-            s = s + relative_bias(bias_row, key_pos[None, :] - (offs_m[:, None] + window_shift), bias_center,
-                                  bias_last)
-        if MASKED:
-            p = tl.where(tl.trans(key_visible_t), tl.math.exp2(s - lse[:, None]), 0.0)
-        else:
-            p = tl.math.exp2(s - lse[:, None])
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        keep = attention_dropout_keep(seed, (row_base + start_m).to(tl.int64), key_lane, dropout_threshold,
-                                      BLOCK_M, BLOCK_N)
-        # dV's 1 / P(keep) is applied once, when the kernels store dV
-        dv += tl.dot(tl.trans(tl.where(keep, p, 0.0).to(do.dtype)), do, input_precision=DOT_PRECISION)
-        ds = p * tl.where(keep, dp * dropout_scale - delta[:, None], -delta[:, None])
-        if SOFTCAP:
-            ds = ds * (1.0 - t * t)
+        # the scores live (no layout conversion); P and dS reach the dV / dK matmuls transposed,
+        # through shared memory. dV's 1 / P(keep) is applied once, when the kernels store dV.
+        p_kept, ds = _tile_probs_and_grad(
+            q, do, lse, delta, k, v, tl.trans(key_visible_t), seed, (row_base + start_m).to(tl.int64), key_lane,
+            dropout_threshold, qk_scale_log2, dropout_scale, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N, MASKED,
+            softcap_in, softcap_out, SOFTCAP, bias_row, key_pos, offs_m + window_shift, bias_center, bias_last, BIAS)
+        dv += tl.dot(tl.trans(p_kept.to(do.dtype)), do, input_precision=DOT_PRECISION)
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
     else:  # (key x query) orientation, as Triton's tutorial: no transposition through shared memory
         qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
