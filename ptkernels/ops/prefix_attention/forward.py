@@ -70,7 +70,7 @@ from .launch import (
 
 @triton.jit
 def _online_softmax_step(
-    acc, m_i, l_i, s, v, seed, first_row, key_lane, dropout_threshold, dropout_scale,
+    acc, m_i, l_i, s, v, seed, first_row, key_lane, dropout_threshold,
     DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Fold one (BLOCK_M, BLOCK_N) tile of log2-domain scores s into the running (acc, m_i, l_i).
@@ -93,7 +93,7 @@ def _online_softmax_step(
 
 @triton.jit
 def _online_softmax_step_full(
-    acc, m_i, l_i, qk, v, qk_scale_log2, seed, first_row, key_lane, dropout_threshold, dropout_scale,
+    acc, m_i, l_i, qk, v, qk_scale_log2, seed, first_row, key_lane, dropout_threshold,
     softcap_in, softcap_out,
     DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SOFTCAP: tl.constexpr, bias_row=None, key_pos=None, query_pos=None, bias_center=0, bias_last=0,
@@ -227,7 +227,7 @@ def _prefix_attention_fwd_kernel(
                                  prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT, BLOCK_N, BLOCK_D)
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
             acc, m_i, l_i = _online_softmax_step_full(
-                acc, m_i, l_i, qk, v, qk_scale_log2, seed, first_row, start_n, dropout_threshold, dropout_scale,
+                acc, m_i, l_i, qk, v, qk_scale_log2, seed, first_row, start_n, dropout_threshold,
                 softcap_in, softcap_out, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N, SOFTCAP,
                 bias_row, n - example_prefix_len, query_pos, bias_center, bias_last, BIAS)
         # The masked tiles: the last partial one, or with WINDOW those the window's edge crosses.
@@ -249,7 +249,7 @@ def _prefix_attention_fwd_kernel(
                 visible_2d = visible_2d & in_window(n, offs_m + (k_len - q_len) + example_prefix_len, window)
             s = tl.where(visible_2d, s, float("-inf"))
             acc, m_i, l_i = _online_softmax_step(
-                acc, m_i, l_i, s, v, seed, first_row, start_n, dropout_threshold, dropout_scale, DROPOUT,
+                acc, m_i, l_i, s, v, seed, first_row, start_n, dropout_threshold, DROPOUT,
                 DOT_PRECISION, BLOCK_M, BLOCK_N)
 
     # Loop 2: real keys, up to the causal bound of this query block. When the attended keys are one
@@ -286,7 +286,7 @@ def _prefix_attention_fwd_kernel(
         s = add_relative_bias(s, bias_row, n, query_pos, bias_center, bias_last, BIAS)
         s = tl.where(visible_2d, s, float("-inf"))
         acc, m_i, l_i = _online_softmax_step(
-            acc, m_i, l_i, s, v, seed, first_row, real_lane + start_n, dropout_threshold, dropout_scale, DROPOUT,
+            acc, m_i, l_i, s, v, seed, first_row, real_lane + start_n, dropout_threshold, DROPOUT,
             DOT_PRECISION, BLOCK_M, BLOCK_N)
     for start_n in range(full_lo, full_hi, BLOCK_N):
         n = start_n + offs_n
@@ -295,7 +295,7 @@ def _prefix_attention_fwd_kernel(
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         acc, m_i, l_i = _online_softmax_step_full(
             acc, m_i, l_i, qk, v, qk_scale_log2, seed, first_row, real_lane + start_n, dropout_threshold,
-            dropout_scale, softcap_in, softcap_out, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N, SOFTCAP,
+            softcap_in, softcap_out, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N, SOFTCAP,
             bias_row, n, query_pos, bias_center, bias_last, BIAS)
     for start_n in range(full_hi, edge_hi, BLOCK_N):
         n = start_n + offs_n
@@ -308,7 +308,7 @@ def _prefix_attention_fwd_kernel(
         s = add_relative_bias(s, bias_row, n, query_pos, bias_center, bias_last, BIAS)
         s = tl.where(visible_2d, s, float("-inf"))
         acc, m_i, l_i = _online_softmax_step(
-            acc, m_i, l_i, s, v, seed, first_row, real_lane + start_n, dropout_threshold, dropout_scale, DROPOUT,
+            acc, m_i, l_i, s, v, seed, first_row, real_lane + start_n, dropout_threshold, DROPOUT,
             DOT_PRECISION, BLOCK_M, BLOCK_N)
     if HAS_KPM:  # any other key padding mask: every tile loads its mask
         first_key, _ = window_key_bounds(0, start_m, q_len, k_len, window, BLOCK_M, BLOCK_N, WINDOW)
@@ -325,7 +325,7 @@ def _prefix_attention_fwd_kernel(
             s = add_relative_bias(s, bias_row, n, query_pos, bias_center, bias_last, BIAS)
             s = tl.where(visible_2d, s, float("-inf"))
             acc, m_i, l_i = _online_softmax_step(
-                acc, m_i, l_i, s, v, seed, first_row, real_lane + start_n, dropout_threshold, dropout_scale, DROPOUT,
+                acc, m_i, l_i, s, v, seed, first_row, real_lane + start_n, dropout_threshold, DROPOUT,
                 DOT_PRECISION, BLOCK_M, BLOCK_N)
 
     if HAS_SINKS:  # the head's sink logit joins every row's normaliser (and attends to nothing)
