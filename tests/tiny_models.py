@@ -127,16 +127,19 @@ def run_ranks(worker, tmp_path, *, world: int = 2, timeout_s: float = 240) -> li
     rank saved to ``out_dir/rank{r}.pt`` (``torch.save``), in rank order.
 
     The worker joins a gloo group through ``init_file`` (``init_method=f"file://{init_file}"``: no
-    ports, no torchrun). fork: the children inherit the imported transformers / PEFT (no re-import
-    per rank); spawn where fork is unavailable, once CUDA is initialised here (CUDA does not survive a
-    fork), or on request (PTKERNELS_TEST_START_METHOD=spawn, to check that path). A failing rank
+    ports, no torchrun). spawn: forked ranks (a fork of this multi-threaded pytest process) sometimes
+    hung until the timeout (2 ranks past 240 s, once in a local CI run and once in a run of the three
+    distributed test files), while spawned ranks start in seconds; fork only on request
+    (PTKERNELS_TEST_START_METHOD=fork, and never once CUDA is initialised here: CUDA does not survive
+    a fork). A failing rank
     raises here with its traceback; ranks still running after ``timeout_s`` are killed and fail the test.
     """
     import torch.multiprocessing as mp
 
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    if torch.cuda.is_initialized() or os.environ.get("PTKERNELS_TEST_START_METHOD") == "spawn":
-        method = "spawn"
+    method = "spawn"
+    if (os.environ.get("PTKERNELS_TEST_START_METHOD") == "fork" and not torch.cuda.is_initialized()
+            and "fork" in multiprocessing.get_all_start_methods()):
+        method = "fork"
     ctx = mp.start_processes(worker, args=(world, str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=world,
                              join=False, start_method=method)
     deadline = time.monotonic() + timeout_s
