@@ -190,9 +190,10 @@ def prefix_attention_reference(
     return torch.matmul(probs, values).to(out_dtype)
 
 
-def philox4x32(seed: int, counter: tuple[int, int, int, int], rounds: int = 10) -> tuple[int, int, int, int]:
+def philox4x32(seed: int, counter: tuple[int, int, int, int], rounds: int = 7) -> tuple[int, int, int, int]:
     """Philox4x32 (Salmon et al., 2011) as ``tl.philox`` computes it for 32-bit counters: key
-    (seed mod 2**32, seed >> 32 mod 2**32), ``rounds`` rounds; four 32-bit words."""
+    (seed mod 2**32, seed >> 32 mod 2**32), ``rounds`` rounds (the kernels' ``common.PHILOX_ROUNDS``,
+    7); four 32-bit words."""
     c0, c1, c2, c3 = counter
     k0, k1 = seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF
     for _ in range(rounds):
