@@ -55,10 +55,11 @@ TARGETS = {
 def target_limits(arch: int):
     """The ``DeviceLimits`` of sm_<arch>, for the launchers (imported here: triton may be missing,
     and main() says so)."""
-    from ptkernels.ops.prefix_attention.launch import DeviceLimits
+    from ptkernels.ops.prefix_attention.launch import DeviceLimits, TensorDescriptor
 
     max_shared_memory, multi_processor_count = TARGETS[arch]
-    return DeviceLimits(max_shared_memory, multi_processor_count, interpreted=False, hip=False)
+    return DeviceLimits(max_shared_memory, multi_processor_count, interpreted=False, hip=False,
+                        tma=arch >= 90 and TensorDescriptor is not None)
 
 
 @dataclasses.dataclass
@@ -435,8 +436,17 @@ def _picklable(job):
     from triton.runtime.jit import MockTensor
 
     launch, arch, case, cubin = job
-    # Argument specialisation reads a tensor's dtype and data_ptr (0 here: 16-byte aligned).
-    args = tuple(MockTensor(a.dtype, list(a.shape)) if isinstance(a, torch.Tensor) else a for a in launch.args)
+
+    # Argument specialisation reads a tensor's dtype and data_ptr (0 here: 16-byte aligned), and a
+    # tensor descriptor's base dtype and block shape.
+    def mock(a):
+        if isinstance(a, torch.Tensor):
+            return MockTensor(a.dtype, list(a.shape))
+        if type(a).__name__ == "TensorDescriptor":
+            return dataclasses.replace(a, base=MockTensor(a.base.dtype, list(a.base.shape)))
+        return a
+
+    args = tuple(mock(a) for a in launch.args)
     return _PickledLaunch(launch.name, launch.grid, args, launch.kwargs), arch, case, cubin
 
 

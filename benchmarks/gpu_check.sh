@@ -7,7 +7,8 @@
 #   1. the whole test suite with compiled Triton kernels (conftest uses the interpreter only without CUDA);
 #   2. the op benchmarks (`ptkernels bench --e2e none`: Triton vs the fast PyTorch path vs PEFT's path
 #      vs cat + SDPA, fp16/bf16), the end-to-end `gpu` suite (PEFT vs patched training steps), the
-#      packed-sequence step (issue 16) and the mixed-adapter / prefix-dropout step (issue 17);
+#      packed-sequence step (issue 16) and the mixed-adapter / prefix-dropout step (issue 17), and the
+#      attention rows once more with PTKERNELS_TMA=0 (pointer loads instead of TMA descriptors);
 #   3. the static report for the GPU's architecture (SASS per loop, registers, spills);
 # and writes everything under benchmarks/results/gpu-<date>-<gpu>/ (or OUT_DIR) with device,
 # versions and date in env.txt. Budget: under 10 minutes on an H100/H200 (the e2e suite runs
@@ -37,6 +38,11 @@ tail -3 "$out/pytest.txt"
 echo "== 2/3 benchmarks"
 timeout 240 ptkernels bench --e2e none --out "$out/ops" > "$out/bench_ops.txt" 2>&1 || status=1
 tail -20 "$out/bench_ops.txt"
+# the attention rows again with the TMA loads off (cp.async pointer loads): TMA vs not, each against
+# the same SDPA rows
+PTKERNELS_TMA=0 timeout 150 ptkernels bench --e2e none --sections attention --peers sdpa,ptk-triton \
+  --out "$out/ops_no_tma" > "$out/bench_ops_no_tma.txt" 2>&1 || status=1
+tail -12 "$out/bench_ops_no_tma.txt"
 timeout 240 python benchmarks/e2e.py --suite gpu --rounds "${ROUNDS:-2}" --min-run-time 0.5 --out "$out/e2e" \
   > "$out/e2e.txt" 2>&1 || status=1
 tail -25 "$out/e2e.txt"

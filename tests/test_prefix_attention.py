@@ -600,7 +600,7 @@ def test_launch_grids_fit_cuda_limits_when_batch_times_heads_exceeds_65535():
         LaunchCase(torch.float16, 64, batch=70000, kv_heads=1, q_len=16, k_len=16, prefix="shared", causal=True),
     ]:
         launches = case_launches(case, allow_interpreted=True)
-        assert len(launches) >= 5
+        assert len(launches) >= 4  # forward, dQ (with delta), dK/dV, prefix dK/dV
         problems = [err for launch in launches if (err := check_grid(launch)) is not None]
         assert problems == [], problems
 

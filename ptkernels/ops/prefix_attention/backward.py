@@ -32,7 +32,7 @@ from .common import (
     prefix_tile_ranges,
     window_key_bounds,
     key_bounds,
-    load_full_tile,
+    load_full_rows,
     load_tile,
     prefix_dropout_keep,
     relative_bias,
@@ -66,31 +66,10 @@ from .launch import (
     shape_bucket,
     bank_splits,
     shared_prefix_splits,
+    tma_descriptors,
     tuned_config,
     upcast_in_interpreter,
 )
-
-
-@triton.jit
-def _delta_kernel(
-    OUT, GRAD_OUT, DELTA,
-    stride_ob, stride_oh, stride_om,
-    stride_dob, stride_doh, stride_dom,
-    num_heads, q_len, head_dim,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """DELTA[b, h, i] = sum_d GRAD_OUT[b, h, i, d] * OUT[b, h, i, d] in fp32.
-
-    OUT, GRAD_OUT: (B, H, Sq, D); DELTA: (B, H, Sq) float32."""
-    # 1-D grid: query blocks fastest, then heads, then batch.
-    b, h, _, offs_m = program_coordinates(q_len, num_heads, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_m[:, None] < q_len) & (offs_d[None, :] < head_dim)
-    rows = offs_m[:, None].to(tl.int64)
-    o = tl.load(OUT + b * stride_ob + h * stride_oh + rows * stride_om + offs_d[None, :], mask=mask, other=0.0)
-    do = tl.load(GRAD_OUT + b * stride_dob + h * stride_doh + rows * stride_dom + offs_d[None, :], mask=mask, other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(DELTA + (b * num_heads + h) * q_len + offs_m, delta, mask=offs_m < q_len)
 
 
 @triton.jit
@@ -155,13 +134,14 @@ def _dq_tile(
 @triton.jit(do_not_specialize=["seed"])
 def _prefix_attention_bwd_dq_kernel(
     Q, K, V, PREFIX_K, PREFIX_V, PREFIX_INDEX, PREFIX_LENGTHS, KEY_PADDING_MASK, KEY_BOUNDS, CU_SEQLENS_Q, CU_SEQLENS_K,
-    BIAS_TABLE, BIAS_BUCKETS, GRAD_OUT, LSE, DELTA, DQ, DBIAS,
+    BIAS_TABLE, BIAS_BUCKETS, OUT, GRAD_OUT, LSE, DELTA, DQ, DBIAS, K_DESC, V_DESC, PK_DESC, PV_DESC,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_pkb, stride_pkh, stride_pkn,
     stride_pvb, stride_pvh, stride_pvn,
     stride_mb, stride_mn,
+    stride_ob, stride_oh, stride_om,
     stride_dob, stride_doh, stride_dom,
     stride_dqb, stride_dqh, stride_dqm,
     num_q_heads, q_len, k_len, prefix_len, head_dim, entry_step, stat_rows,
@@ -173,11 +153,14 @@ def _prefix_attention_bwd_dq_kernel(
     HAS_KPM: tl.constexpr,
     HAS_PREFIX: tl.constexpr,
     HAS_INDEX: tl.constexpr, HAS_LENGTHS: tl.constexpr, PREFIX_DROPOUT: tl.constexpr,
-    DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
 ):
     """DQ (B, Hq, Sq, D): one program per (query block, batch, query head). EVEN_D: head_dim == BLOCK_D.
-    Example b's prefix (bank entry, length, prefix dropout), BIAS and VARLEN as in the forward kernel.
+    It also writes DELTA (B, Hq, Sq) float32 (like LSE), delta_i = sum_d dO[i, d] * OUT[i, d], of its
+    rows, which it uses itself and the dK/dV kernels read after it (no separate pre-pass launch).
+    Example b's prefix (bank entry, length, prefix dropout), BIAS, VARLEN and TMA (full key tiles
+    through K_DESC, V_DESC, PK_DESC, PV_DESC) as in the forward kernel.
     BIAS_GRAD (the table requires grad): DBIAS (programs, NB_BLOCK) float32 gets this program's
     per-bucket sums of dS (row = program id), summed over programs in a fixed order afterwards."""
     # 1-D grid: query blocks fastest, then query heads, then batch.
@@ -199,9 +182,12 @@ def _prefix_attention_bwd_dq_kernel(
                   d_valid, UPCAST)
     do = load_tile(GRAD_OUT + b * stride_dob + q_start * stride_dom + h * stride_doh, offs_m, stride_dom, offs_d,
                    m_valid, d_valid, UPCAST)
+    o = load_tile(OUT + b * stride_ob + q_start * stride_om + h * stride_oh, offs_m, stride_om, offs_d, m_valid,
+                  d_valid, False)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     row_stat = stat_base + offs_m
+    tl.store(DELTA + row_stat, delta, mask=m_valid)
     lse = tl.load(LSE + row_stat, mask=m_valid, other=float("inf"))
-    delta = tl.load(DELTA + row_stat, mask=m_valid, other=0.0)
     first_row = (stat_base + start_m).to(tl.int64)  # dropout row id of the tile's first query
     real_lane = dropout_real_lane(prefix_len)  # the dropout lane of real key 0
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -224,8 +210,10 @@ def _prefix_attention_bwd_dq_kernel(
                                                       WINDOW)
         for start_n in range(0, prefix_full, BLOCK_N):
             n = start_n + offs_n
-            k = load_full_tile(pk_base, n, stride_pkn, offs_d, d_valid, EVEN_D, UPCAST)
-            v = load_full_tile(pv_base, n, stride_pvn, offs_d, d_valid, EVEN_D, UPCAST)
+            k = load_full_rows(PK_DESC, entry, kv_h, start_n, pk_base, n, stride_pkn, offs_d, d_valid, EVEN_D,
+                               UPCAST, TMA, BLOCK_N, BLOCK_D)
+            v = load_full_rows(PV_DESC, entry, kv_h, start_n, pv_base, n, stride_pvn, offs_d, d_valid, EVEN_D,
+                               UPCAST, TMA, BLOCK_N, BLOCK_D)
             k = drop_prefix_tile(k, prefix_seed, b, kv_h, 0, num_kv_heads, prefix_len, head_dim, n,
                                  prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT, BLOCK_N, BLOCK_D)
             v = drop_prefix_tile(v, prefix_seed, b, kv_h, 1, num_kv_heads, prefix_len, head_dim, n,
@@ -259,6 +247,9 @@ def _prefix_attention_bwd_dq_kernel(
     k_base = K + b * stride_kb + k_start * stride_kn + kv_h * stride_kh
     v_base = V + b * stride_vb + k_start * stride_vn + kv_h * stride_vh
     lo_b, hi_b, contiguous = key_bounds(KEY_BOUNDS, b, k_len, HAS_KPM)
+    kv_batch = b  # the K / V descriptors' batch index: packed sequences are one batch of total_k rows
+    if VARLEN:
+        kv_batch = 0
     if contiguous:
         full_end = hi_b
         if CAUSAL:
@@ -278,8 +269,10 @@ def _prefix_attention_bwd_dq_kernel(
                                  query_pos, bias_center, bias_last, BIAS, BIAS_GRAD, NB_BLOCK)
         for start_n in range(full_lo, full_hi, BLOCK_N):
             n = start_n + offs_n
-            k = load_full_tile(k_base, n, stride_kn, offs_d, d_valid, EVEN_D, UPCAST)
-            v = load_full_tile(v_base, n, stride_vn, offs_d, d_valid, EVEN_D, UPCAST)
+            k = load_full_rows(K_DESC, kv_batch, kv_h, k_start + start_n, k_base, n, stride_kn, offs_d, d_valid,
+                               EVEN_D, UPCAST, TMA, BLOCK_N, BLOCK_D)
+            v = load_full_rows(V_DESC, kv_batch, kv_h, k_start + start_n, v_base, n, stride_vn, offs_d, d_valid,
+                               EVEN_D, UPCAST, TMA, BLOCK_N, BLOCK_D)
             dq, dbias = _dq_tile(dq, q, do, lse, delta, k, v, all_visible, seed, first_row, real_lane + start_n,
                                  dropout_threshold, qk_scale_log2, dropout_scale, DROPOUT, DOT_PRECISION, BLOCK_M,
                                  BLOCK_N, False, softcap_in, softcap_out, SOFTCAP, dbias, bias_row, BIAS_BUCKETS, n,
@@ -323,11 +316,13 @@ def _dkdv_tile(
     BLOCK_N: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr, softcap_in, softcap_out,
     SOFTCAP: tl.constexpr, key_pos, window_shift, window, WINDOW: tl.constexpr,
     bias_row, BIAS_BUCKETS, bias_center, bias_last, BIAS: tl.constexpr,
+    Q_DESC, DO_DESC, desc_batch, desc_head, desc_row, TMA: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """dK/dV contribution of one query tile, in transposed (keys x queries) form (with DROPOUT in
     (queries x keys) form).
     MASKED=False: the tile's queries are all < q_len and see every key of the block
-    (key_visible_t is ignored, loads are unmasked). Query i sits at position i + window_shift and the
+    (key_visible_t is ignored, loads are unmasked; TMA: Q and dO through Q_DESC, DO_DESC at
+    (desc_batch, desc_head, desc_row + start_m)). Query i sits at position i + window_shift and the
     block's keys at key_pos (BLOCK_N,) (the sliding window's and the relative bias's positions)."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     if MASKED:
@@ -339,8 +334,10 @@ def _dkdv_tile(
         lse = tl.load(LSE + stat_base + offs_m, mask=m_valid, other=float("inf"))
         delta = tl.load(DELTA + stat_base + offs_m, mask=m_valid, other=0.0)
     else:
-        q = load_full_tile(Q + q_base, offs_m, stride_qm, offs_d, d_valid, EVEN_D, UPCAST)
-        do = load_full_tile(GRAD_OUT + do_base, offs_m, stride_dom, offs_d, d_valid, EVEN_D, UPCAST)
+        q = load_full_rows(Q_DESC, desc_batch, desc_head, desc_row + start_m, Q + q_base, offs_m, stride_qm, offs_d,
+                           d_valid, EVEN_D, UPCAST, TMA, BLOCK_M, BLOCK_D)
+        do = load_full_rows(DO_DESC, desc_batch, desc_head, desc_row + start_m, GRAD_OUT + do_base, offs_m,
+                            stride_dom, offs_d, d_valid, EVEN_D, UPCAST, TMA, BLOCK_M, BLOCK_D)
         lse = tl.load(LSE + stat_base + offs_m)
         delta = tl.load(DELTA + stat_base + offs_m)
 
@@ -380,7 +377,7 @@ def _dkdv_tile(
 @triton.jit(do_not_specialize=["seed"])
 def _prefix_attention_bwd_dkdv_kernel(
     Q, K, V, KEY_PADDING_MASK, KEY_BOUNDS, CU_SEQLENS_Q, CU_SEQLENS_K, BIAS_TABLE, BIAS_BUCKETS, GRAD_OUT, LSE, DELTA,
-    DK, DV,
+    DK, DV, Q_DESC, DO_DESC,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -394,11 +391,12 @@ def _prefix_attention_bwd_dkdv_kernel(
     GROUP: tl.constexpr, VARLEN: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, CAUSAL: tl.constexpr,
     BIAS: tl.constexpr,
     HAS_KPM: tl.constexpr,
-    DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
 ):
     """DK, DV (B, Hkv, Sk, D) of the real keys: one program per (key block, batch, kv head).
-    VARLEN as in the forward kernel (b is a packed sequence; DK, DV are (total_k, Hkv, D))."""
+    VARLEN as in the forward kernel (b is a packed sequence; DK, DV are (total_k, Hkv, D)).
+    TMA: full query tiles load Q and dO through Q_DESC, DO_DESC (``launch.tma_descriptor``)."""
     # 1-D grid: key blocks fastest, then kv heads, then batch.
     b, kv_h, start_n, offs_n = program_coordinates(k_len, num_kv_heads, BLOCK_N)
     q_len_max = q_len
@@ -455,6 +453,9 @@ def _prefix_attention_bwd_dkdv_kernel(
         full_stop = tl.maximum(tl.minimum(full_stop, (start_n - window_shift + window) // BLOCK_M * BLOCK_M),
                                full_start)
     real_lane = dropout_real_lane(prefix_len) + start_n
+    desc_batch = b  # the Q / dO descriptors' batch index: packed sequences are one batch of total_q rows
+    if VARLEN:
+        desc_batch = 0
     for g in range(GROUP):
         h = kv_h * GROUP + g
         bias_row = BIAS_TABLE  # None without BIAS
@@ -476,14 +477,16 @@ def _prefix_attention_bwd_dkdv_kernel(
                 start_m, q_len, offs_d, d_valid, visible_t, real_lane, stat_base, seed, dropout_threshold,
                 dropout_scale, qk_scale_log2, DROPOUT, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, True, EVEN_D,
                 softcap_in, softcap_out, SOFTCAP,
-                key_pos, window_shift, window, WINDOW, bias_row, BIAS_BUCKETS, bias_center, bias_last, BIAS)
+                key_pos, window_shift, window, WINDOW, bias_row, BIAS_BUCKETS, bias_center, bias_last, BIAS,
+                Q_DESC, DO_DESC, desc_batch, h, q_start, TMA, BLOCK_D)
         for start_m in range(full_start, full_stop, BLOCK_M):
             dk, dv = _dkdv_tile(
                 dk, dv, k, v, Q, GRAD_OUT, LSE, DELTA, q_base, do_base, stat_base, stride_qm, stride_dom,
                 start_m, q_len, offs_d, d_valid, visible[:, None], real_lane, stat_base, seed,
                 dropout_threshold, dropout_scale, qk_scale_log2, DROPOUT, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N,
                 False, EVEN_D, softcap_in, softcap_out, SOFTCAP,
-                key_pos, window_shift, window, WINDOW, bias_row, BIAS_BUCKETS, bias_center, bias_last, BIAS)
+                key_pos, window_shift, window, WINDOW, bias_row, BIAS_BUCKETS, bias_center, bias_last, BIAS,
+                Q_DESC, DO_DESC, desc_batch, h, q_start, TMA, BLOCK_D)
         for start_m in range(full_stop, q_end, BLOCK_M):
             visible_t = visible[:, None]
             if CAUSAL:
@@ -494,7 +497,8 @@ def _prefix_attention_bwd_dkdv_kernel(
                 start_m, q_len, offs_d, d_valid, visible_t, real_lane, stat_base, seed, dropout_threshold,
                 dropout_scale, qk_scale_log2, DROPOUT, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, True, EVEN_D,
                 softcap_in, softcap_out, SOFTCAP,
-                key_pos, window_shift, window, WINDOW, bias_row, BIAS_BUCKETS, bias_center, bias_last, BIAS)
+                key_pos, window_shift, window, WINDOW, bias_row, BIAS_BUCKETS, bias_center, bias_last, BIAS,
+                Q_DESC, DO_DESC, desc_batch, h, q_start, TMA, BLOCK_D)
     tl.store(DK + b * stride_dkb + k_start * stride_dkn + kv_h * stride_dkh + keys * stride_dkn + offs_d[None, :],
              (dk * scale).to(DK.dtype.element_ty), mask=kd_mask)
     if DROPOUT:  # the attention dropout's 1 / P(keep) of every kept weight (see _dkdv_tile)
@@ -512,6 +516,7 @@ def _prefix_example_dkdv(
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_D: tl.constexpr,
     softcap_in, softcap_out, SOFTCAP: tl.constexpr, key_pos, window_shift, window, q_end, WINDOW: tl.constexpr,
     BIAS_TABLE, BIAS_BUCKETS, bias_row_len, bias_center, bias_last, BIAS: tl.constexpr,
+    Q_DESC, DO_DESC, TMA: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Example b's contribution to one prefix block's (dk, dv): its GROUP query heads, full query tiles
     [0, full_stop) unmasked, then the rest masked (q_len: the example's query count, q_start its
@@ -530,27 +535,32 @@ def _prefix_example_dkdv(
             q_base = b * stride_qb + h * stride_qh
             do_base = b * stride_dob + h * stride_doh
             stat_base = (b * num_q_heads + h) * batch_q_len
+        desc_batch = b  # the Q / dO descriptors' batch index: packed sequences are one batch
+        if VARLEN:
+            desc_batch = 0
         for start_m in range(0, full_stop, BLOCK_M):
             dk, dv = _dkdv_tile(
                 dk, dv, k, v, Q, GRAD_OUT, LSE, DELTA, q_base, do_base, stat_base, stride_qm, stride_dom,
                 start_m, q_len, offs_d, d_valid, visible_t, start_n, stat_base, seed, dropout_threshold,
                 dropout_scale, qk_scale_log2, DROPOUT, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, False, EVEN_D,
                 softcap_in, softcap_out, SOFTCAP,
-                key_pos, window_shift, window, WINDOW, bias_row, BIAS_BUCKETS, bias_center, bias_last, BIAS)
+                key_pos, window_shift, window, WINDOW, bias_row, BIAS_BUCKETS, bias_center, bias_last, BIAS,
+                Q_DESC, DO_DESC, desc_batch, h, q_start, TMA, BLOCK_D)
         for start_m in range(full_stop, q_end, BLOCK_M):
             dk, dv = _dkdv_tile(
                 dk, dv, k, v, Q, GRAD_OUT, LSE, DELTA, q_base, do_base, stat_base, stride_qm, stride_dom,
                 start_m, q_len, offs_d, d_valid, visible_t, start_n, stat_base, seed, dropout_threshold,
                 dropout_scale, qk_scale_log2, DROPOUT, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, True, EVEN_D,
                 softcap_in, softcap_out, SOFTCAP,
-                key_pos, window_shift, window, WINDOW, bias_row, BIAS_BUCKETS, bias_center, bias_last, BIAS)
+                key_pos, window_shift, window, WINDOW, bias_row, BIAS_BUCKETS, bias_center, bias_last, BIAS,
+                Q_DESC, DO_DESC, desc_batch, h, q_start, TMA, BLOCK_D)
     return dk, dv
 
 
 @triton.jit(do_not_specialize=["seed", "prefix_seed"])
 def _prefix_attention_bwd_prefix_dkdv_kernel(
     Q, PREFIX_K, PREFIX_V, PREFIX_LENGTHS, EXAMPLE_ORDER, ENTRY_OFFSETS, CU_SEQLENS_Q, BIAS_TABLE, BIAS_BUCKETS,
-    GRAD_OUT, LSE, DELTA, DPREFIX_K, DPREFIX_V,
+    GRAD_OUT, LSE, DELTA, DPREFIX_K, DPREFIX_V, Q_DESC, DO_DESC,
     stride_qb, stride_qh, stride_qm,
     stride_pkb, stride_pkh, stride_pkn,
     stride_pvb, stride_pvh, stride_pvn,
@@ -564,7 +574,7 @@ def _prefix_attention_bwd_prefix_dkdv_kernel(
     GROUP: tl.constexpr, VARLEN: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, BIAS: tl.constexpr,
     HAS_INDEX: tl.constexpr,
     HAS_LENGTHS: tl.constexpr, PREFIX_DROPOUT: tl.constexpr,
-    DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
 ):
     """DPREFIX_K, DPREFIX_V (A * splits, Hkv, P, D): one program per (prefix block, kv head, entry, split).
@@ -580,6 +590,7 @@ def _prefix_attention_bwd_prefix_dkdv_kernel(
     With PREFIX_DROPOUT each example's contribution is accumulated apart and multiplied by that
     example's keep mask times 1 / P(keep) (the gradient of the dropped tile w.r.t. the raw one).
     VARLEN: example b is packed sequence b (its queries rows CU_SEQLENS_Q[b].. of Q, LSE (Hq, total_q)).
+    TMA: full query tiles load Q and dO through Q_DESC, DO_DESC (``launch.tma_descriptor``).
     """
     # 1-D grid: prefix blocks fastest, then kv heads, then (entry, split).
     outer, kv_h, start_n, offs_n = program_coordinates(prefix_len, num_kv_heads, BLOCK_N)
@@ -642,7 +653,7 @@ def _prefix_attention_bwd_prefix_dkdv_kernel(
                 visible_t, start_n, seed, dropout_threshold, dropout_scale, qk_scale_log2,
                 GROUP, VARLEN, DROPOUT, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, EVEN_D,
                 softcap_in, softcap_out, SOFTCAP, offs_n, window_shift, window, q_end, WINDOW,
-                BIAS_TABLE, BIAS_BUCKETS, bias_row_len, bias_center, bias_last, BIAS)
+                BIAS_TABLE, BIAS_BUCKETS, bias_row_len, bias_center, bias_last, BIAS, Q_DESC, DO_DESC, TMA, BLOCK_D)
             dk += tl.where(keep_k, dk_b * prefix_dropout_scale, 0.0)
             dv += tl.where(keep_v, dv_b * prefix_dropout_scale, 0.0)
         else:
@@ -652,7 +663,7 @@ def _prefix_attention_bwd_prefix_dkdv_kernel(
                 d_valid, visible_t, start_n, seed, dropout_threshold, dropout_scale, qk_scale_log2,
                 GROUP, VARLEN, DROPOUT, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, EVEN_D,
                 softcap_in, softcap_out, SOFTCAP, offs_n, window_shift, window, q_end, WINDOW,
-                BIAS_TABLE, BIAS_BUCKETS, bias_row_len, bias_center, bias_last, BIAS)
+                BIAS_TABLE, BIAS_BUCKETS, bias_row_len, bias_center, bias_last, BIAS, Q_DESC, DO_DESC, TMA, BLOCK_D)
     kd_mask = (offs_n < prefix_len)[:, None] & d_valid[None, :]  # every row of the entry: 0 past its length
     tl.store(DPREFIX_K + outer * stride_dpks + kv_h * stride_dpkh + keys * stride_dpkn + offs_d[None, :],
              (dk * scale).to(DPREFIX_K.dtype.element_ty), mask=kd_mask)
@@ -755,25 +766,21 @@ def prefix_attention_backward(
     cu_q = None if varlen is None else varlen.cu_seqlens_q
     cu_k = None if varlen is None else varlen.cu_seqlens_k
 
+    # delta = rowsum(dO * O), laid out like lse: the dQ kernel writes it for its query rows (every
+    # row has one dQ program), and the dK/dV kernels, launched after it, read it. 1-D grids
+    # throughout: CUDA caps grid y/z at 65535, and B * H (or B) can exceed it.
     delta = torch.empty_like(lse)
-    # 1-D grids throughout: CUDA caps grid y/z at 65535, and B * H (or B) can exceed it. Packed
-    # sequences: delta is row-wise, so (total_q, Hq, D) runs as one batch of total_q rows.
-    delta_batch, delta_rows = (batch, q_len) if varlen is None else (1, stat_rows)
-    launcher(_delta_kernel, (triton.cdiv(delta_rows, bm) * delta_batch * q_heads,))(
-        out, grad_out, delta,
-        *qkv_strides(out, varlen),
-        *qkv_strides(grad_out, varlen),
-        q_heads, delta_rows, head_dim, BLOCK_M=bm, BLOCK_D=bd,
-    )
 
+    kv_descs = tma_descriptors((k, v), (prefix_k, prefix_v), bn, bd, varlen is not None, limits)
     launcher(_prefix_attention_bwd_dq_kernel, (q_blocks,))(
         q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, kpm, bounds, cu_q, cu_k, bias_table, bias_buckets,
-        grad_out, lse, delta, dq, dbias,
+        out, grad_out, lse, delta, dq, dbias, *(kv_descs or (None,) * 4),
         *qkv_strides(q, varlen),
         *qkv_strides(k, varlen),
         *qkv_strides(v, varlen),
         *batch_strides(prefix_k, 3), *batch_strides(prefix_v, 3),
         *mask_strides(key_padding_mask),
+        *qkv_strides(out, varlen),
         *qkv_strides(grad_out, varlen),
         *qkv_strides(dq, varlen),
         q_heads, q_len, k_len, prefix_len, head_dim, entry_step(prefix_k, prefix_index), stat_rows,
@@ -782,13 +789,15 @@ def prefix_attention_backward(
         GROUP=group, VARLEN=varlen is not None, CAUSAL=causal, **softcap_flags, BIAS_GRAD=relative_bias_grad,
         NB_BLOCK=nb_block,
         HAS_KPM=key_padding_mask is not None,
-        HAS_PREFIX=prefix_len > 0, **prefix_flags,
+        HAS_PREFIX=prefix_len > 0, **prefix_flags, TMA=kv_descs is not None,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, EVEN_D=bd == head_dim, **flags, **compile_options,
     )
+    q_descs = tma_descriptors((q, grad_out), (), bm, bd, varlen is not None, limits)
 
     if k_len > 0:
         launcher(_prefix_attention_bwd_dkdv_kernel, (triton.cdiv(k_len, bn) * batch * kv_heads,))(
             q, k, v, kpm, bounds, cu_q, cu_k, bias_table, bias_buckets, grad_out, lse, delta, dk, dv,
+            *(q_descs or (None,) * 2),
             *qkv_strides(q, varlen),
             *qkv_strides(k, varlen),
             *qkv_strides(v, varlen),
@@ -799,7 +808,7 @@ def prefix_attention_backward(
             q_heads, kv_heads, q_len, k_len, prefix_len, head_dim, stat_rows,
             scale, qk_scale_log2, threshold, dropout_scale, seed, softcap_in, softcap_out, window, *bias_scalars,
             GROUP=group, VARLEN=varlen is not None, CAUSAL=causal, **softcap_flags,
-            HAS_KPM=key_padding_mask is not None,
+            HAS_KPM=key_padding_mask is not None, TMA=q_descs is not None,
             BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, EVEN_D=bd == head_dim, **flags, **compile_options,
         )
 
@@ -834,7 +843,7 @@ def prefix_attention_backward(
     dpv = torch.empty(shape, device=q.device, dtype=partial_dtype)
     launcher(_prefix_attention_bwd_prefix_dkdv_kernel, (prefix_blocks * kv_heads * entries * splits,))(
         q, prefix_k, prefix_v, prefix_lengths, example_order, entry_offsets, cu_q, bias_table, bias_buckets, grad_out,
-        lse, delta, dpk, dpv,
+        lse, delta, dpk, dpv, *(q_descs or (None,) * 2),
         *qkv_strides(q, varlen),
         *batch_strides(prefix_k, 3), *batch_strides(prefix_v, 3),
         *qkv_strides(grad_out, varlen),
@@ -844,7 +853,7 @@ def prefix_attention_backward(
         stat_rows, scale, qk_scale_log2, threshold, dropout_scale, seed, *prefix_dropout_args, softcap_in, softcap_out,
         window, *bias_scalars,
         GROUP=group, VARLEN=varlen is not None, **softcap_flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
-        EVEN_D=bd == head_dim, **prefix_flags, **flags,
+        EVEN_D=bd == head_dim, **prefix_flags, **flags, TMA=q_descs is not None,
         **compile_options,
     )
     # Fixed-order sum of the fp32 partials: deterministic.
@@ -856,7 +865,7 @@ def prefix_attention_backward(
 
 
 # Every kernel of this module (benchmarks/aot_check.py compiles each of them).
-KERNELS = (_delta_kernel, _prefix_attention_bwd_dq_kernel, _prefix_attention_bwd_dkdv_kernel,
+KERNELS = (_prefix_attention_bwd_dq_kernel, _prefix_attention_bwd_dkdv_kernel,
            _prefix_attention_bwd_prefix_dkdv_kernel)
 
 __all__ = ["prefix_attention_backward", "KERNELS"]

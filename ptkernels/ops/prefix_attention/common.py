@@ -240,6 +240,23 @@ def load_full_tile(base, rows, stride_row, offs_d, d_valid, EVEN_D: tl.constexpr
 
 
 @triton.jit
+def load_full_rows(DESC, batch, head, first_row, base, rows, stride_row, offs_d, d_valid, EVEN_D: tl.constexpr,
+                   UPCAST: tl.constexpr, TMA: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``load_full_tile`` of rows first_row + (0..BLOCK_ROWS) (``rows``), all in range. TMA: through
+    the tensor descriptor DESC of the 4-D (batch, head, row, D) tensor (``launch.tma_descriptor``:
+    block (1, 1, BLOCK_ROWS, BLOCK_D), channels past head_dim read 0), at (batch, head, first_row);
+    else through pointers (base: the (batch, head) matrix, as for ``load_full_tile``)."""
+    if TMA:
+        tile = DESC.load([tl.to_tensor(batch).to(tl.int32), tl.to_tensor(head).to(tl.int32),
+                          tl.to_tensor(first_row).to(tl.int32), 0]).reshape(BLOCK_ROWS, BLOCK_D)
+        if UPCAST:
+            tile = tile.to(tl.float32)
+    else:
+        tile = load_full_tile(base, rows, stride_row, offs_d, d_valid, EVEN_D, UPCAST)
+    return tile
+
+
+@triton.jit
 def key_bounds(KEY_BOUNDS, b, k_len, HAS_KPM: tl.constexpr):
     """(lo, hi, contiguous) of example b's attended real keys: with a key padding mask, its
     KEY_BOUNDS row (first attended key, one past the last, 1 when every key in between is attended:

@@ -34,7 +34,7 @@ from .common import (
     prefix_tile_ranges,
     window_key_bounds,
     key_bounds,
-    load_full_tile,
+    load_full_rows,
     load_tile,
     log2_scores,
     prefix_dropout_keep,
@@ -63,6 +63,7 @@ from .launch import (
     mask_strides,
     qkv_strides,
     shape_bucket,
+    tma_descriptors,
     tuned_config,
     upcast_in_interpreter,
 )
@@ -126,7 +127,7 @@ def _online_softmax_step_full(
 @triton.jit(do_not_specialize=["seed"])
 def _prefix_attention_fwd_kernel(
     Q, K, V, PREFIX_K, PREFIX_V, PREFIX_INDEX, PREFIX_LENGTHS, KEY_PADDING_MASK, KEY_BOUNDS, CU_SEQLENS_Q,
-    CU_SEQLENS_K, SINKS, BIAS_TABLE, BIAS_BUCKETS, OUT, LSE,
+    CU_SEQLENS_K, SINKS, BIAS_TABLE, BIAS_BUCKETS, OUT, LSE, K_DESC, V_DESC, PK_DESC, PV_DESC,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -153,13 +154,18 @@ def _prefix_attention_fwd_kernel(
     DROPOUT: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    TMA: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     EVEN_D: tl.constexpr,
 ):
     """OUT (B, Hq, Sq, D) and LSE (B, Hq, Sq): one program per (query block, batch, query head).
-    EVEN_D: head_dim == BLOCK_D (no head-dim mask on full tiles).
+    EVEN_D: head_dim == BLOCK_D (no head-dim mask on full tiles). TMA: the full key tiles (those
+    with every key in range, the hot loops) load through the tensor descriptors K_DESC, V_DESC
+    (4-D views of K, V, ``launch.tma_descriptor``) and PK_DESC, PV_DESC (of the prefix, as
+    (entries, Hkv, P, D)); edge tiles keep masked pointer loads (a masked key's V row is never read,
+    so garbage there cannot reach the output as 0 * inf).
 
     Example b's prefix: entry ``example_prefix(...)`` of PREFIX_K / PREFIX_V (a bank read through
     PREFIX_INDEX, a per-example prefix, or a shared one with batch stride 0), its first
@@ -219,8 +225,10 @@ def _prefix_attention_fwd_kernel(
                                                       WINDOW)
         for start_n in range(0, prefix_full, BLOCK_N):
             n = start_n + offs_n
-            k = load_full_tile(pk_base, n, stride_pkn, offs_d, d_valid, EVEN_D, UPCAST)
-            v = load_full_tile(pv_base, n, stride_pvn, offs_d, d_valid, EVEN_D, UPCAST)
+            k = load_full_rows(PK_DESC, entry, kv_h, start_n, pk_base, n, stride_pkn, offs_d, d_valid, EVEN_D,
+                               UPCAST, TMA, BLOCK_N, BLOCK_D)
+            v = load_full_rows(PV_DESC, entry, kv_h, start_n, pv_base, n, stride_pvn, offs_d, d_valid, EVEN_D,
+                               UPCAST, TMA, BLOCK_N, BLOCK_D)
             k = drop_prefix_tile(k, prefix_seed, b, kv_h, 0, num_kv_heads, prefix_len, head_dim, n,
                                  prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT, BLOCK_N, BLOCK_D)
             v = drop_prefix_tile(v, prefix_seed, b, kv_h, 1, num_kv_heads, prefix_len, head_dim, n,
@@ -288,10 +296,15 @@ def _prefix_attention_fwd_kernel(
         acc, m_i, l_i = _online_softmax_step(
             acc, m_i, l_i, s, v, seed, first_row, real_lane + start_n, dropout_threshold, DROPOUT,
             DOT_PRECISION, BLOCK_M, BLOCK_N)
+    kv_batch = b  # the K / V descriptors' batch index: packed sequences are one batch of total_k rows
+    if VARLEN:
+        kv_batch = 0
     for start_n in range(full_lo, full_hi, BLOCK_N):
         n = start_n + offs_n
-        k = load_full_tile(k_base, n, stride_kn, offs_d, d_valid, EVEN_D, UPCAST)
-        v = load_full_tile(v_base, n, stride_vn, offs_d, d_valid, EVEN_D, UPCAST)
+        k = load_full_rows(K_DESC, kv_batch, kv_h, k_start + start_n, k_base, n, stride_kn, offs_d, d_valid, EVEN_D,
+                           UPCAST, TMA, BLOCK_N, BLOCK_D)
+        v = load_full_rows(V_DESC, kv_batch, kv_h, k_start + start_n, v_base, n, stride_vn, offs_d, d_valid, EVEN_D,
+                           UPCAST, TMA, BLOCK_N, BLOCK_D)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         acc, m_i, l_i = _online_softmax_step_full(
             acc, m_i, l_i, qk, v, qk_scale_log2, seed, first_row, real_lane + start_n, dropout_threshold,
@@ -439,10 +452,12 @@ def prefix_attention_forward(
 
     def run(cfg):
         grid = (triton.cdiv(q_len, cfg["BLOCK_M"]) * batch * q_heads,)
+        descs = tma_descriptors((k, v), (prefix_k, prefix_v), cfg["BLOCK_N"], block_d(head_dim), varlen is not None,
+                                limits)
         launcher(_prefix_attention_fwd_kernel, grid)(
             q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, kpm, bounds,
             None if varlen is None else varlen.cu_seqlens_q, None if varlen is None else varlen.cu_seqlens_k, sinks,
-            bias_table, bias_buckets, out, lse,
+            bias_table, bias_buckets, out, lse, *(descs or (None,) * 4),
             *qkv_strides(q, varlen),
             *qkv_strides(k, varlen),
             *qkv_strides(v, varlen),
@@ -468,6 +483,7 @@ def prefix_attention_forward(
             DROPOUT=dropout_p > 0.0,
             UPCAST=upcast_in_interpreter(q.dtype, limits.interpreted),
             DOT_PRECISION=dot_precision(q.dtype, limits.hip),
+            TMA=descs is not None,
             BLOCK_D=block_d(head_dim),
             EVEN_D=block_d(head_dim) == head_dim,
             **cfg,

@@ -36,12 +36,26 @@ class DeviceLimits:
     multi_processor_count: SMs, or None off CUDA (CPU tensors in the interpreter, meta tensors).
     interpreted: the kernels run in Triton's interpreter (TRITON_INTERPRET=1 when triton was imported).
     hip: a ROCm device.
+    tma: full tiles may load through TMA tensor descriptors (``tma_descriptor``): an NVIDIA GPU of
+        compute capability 9.0 or newer, this triton has ``triton.tools.tensor_descriptor``, and
+        PTKERNELS_TMA is not "0". Off the GPU only when asked (tests pass limits with tma=True to
+        run the descriptor path in the interpreter).
     """
 
     max_shared_memory: int
     multi_processor_count: Optional[int]
     interpreted: bool
     hip: bool = False
+    tma: bool = False
+
+
+# PTKERNELS_TMA=0 turns the TMA loads off (cp.async pointer loads everywhere, as before sm_90).
+TMA_ENV = "PTKERNELS_TMA"
+
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # a triton without host-side tensor descriptors: pointer loads only
+    TensorDescriptor = None
 
 
 def device_limits(device) -> DeviceLimits:
@@ -49,14 +63,17 @@ def device_limits(device) -> DeviceLimits:
     device = torch.device(device)
     if device.type != "cuda":
         return DeviceLimits(232448, None, KERNELS_INTERPRETED, bool(torch.version.hip))
-    return _cuda_device_limits(device.index if device.index is not None else torch.cuda.current_device())
+    return _cuda_device_limits(device.index if device.index is not None else torch.cuda.current_device(),
+                               os.environ.get(TMA_ENV, "1") != "0")
 
 
 @functools.lru_cache(maxsize=None)
-def _cuda_device_limits(index: int) -> DeviceLimits:
+def _cuda_device_limits(index: int, tma_allowed: bool = True) -> DeviceLimits:
     max_shared = int(triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"])
-    sms = torch.cuda.get_device_properties(index).multi_processor_count
-    return DeviceLimits(max_shared, sms, KERNELS_INTERPRETED, bool(torch.version.hip))
+    props = torch.cuda.get_device_properties(index)
+    hip = bool(torch.version.hip)
+    tma = tma_allowed and not hip and not KERNELS_INTERPRETED and TensorDescriptor is not None and props.major >= 9
+    return DeviceLimits(max_shared, props.multi_processor_count, KERNELS_INTERPRETED, hip, tma)
 
 
 # A launcher is given (kernel, grid) and calls what it returns with the kernel's arguments; by default
@@ -332,6 +349,46 @@ def qkv_strides(t: Tensor, varlen: Optional[Varlen]) -> tuple[int, int, int]:
     if varlen is None:
         return t.stride(0), t.stride(1), t.stride(2)
     return 0, t.stride(1), t.stride(0)
+
+
+def tma_descriptor(t: Tensor, block_rows: int, block_d: int, varlen: bool = False, limits: Optional[DeviceLimits] = None):
+    """A TMA tensor descriptor of ``t`` as a 4-D (batch, head, row, D) tensor with (1, 1, block_rows,
+    block_d) boxes, or None where TMA cannot read it (then the kernels load through pointers):
+
+    t: (B, H, S, D) q / k / v, or (total, H, D) packed (``varlen``: one batch of total rows), or a
+    prefix (Hkv, P, D) shared (one entry) or (A, Hkv, P, D). None when ``limits.tma`` is off, for a
+    dtype other than fp16 / bf16, an empty tensor, a base address not 16-byte aligned, a stride of 0
+    (an expanded tensor) or one that is not a multiple of 16 bytes (TMA's rules; the last stride is 1,
+    as the launchers require anyway). Boxes past the tensor's end read zeros: channels past D
+    when block_d > D, rows past the end."""
+    if limits is None or not limits.tma or TensorDescriptor is None:
+        return None
+    if t.dtype not in (torch.float16, torch.bfloat16) or t.numel() == 0:
+        return None
+    if varlen:
+        t = t.unsqueeze(0).transpose(1, 2)  # (1, H, total, D)
+    elif t.dim() == 3:
+        t = t.unsqueeze(0)  # a shared prefix: entry 0
+    size = t.element_size()
+    strides = list(t.stride())
+    # A size-1 dim's stride is never stepped: give it a legal one.
+    strides = [s if n > 1 else t.shape[-1] * 8 for s, n in zip(strides, t.shape)]
+    if strides[-1] != 1 or t.data_ptr() % 16 or any(s <= 0 or s * size % 16 for s in strides[:-1]):
+        return None
+    return TensorDescriptor(t, list(t.shape), strides, [1, 1, block_rows, block_d])
+
+
+def tma_descriptors(real: tuple, prefix: tuple, block_rows: int, block_d: int, varlen: bool,
+                    limits: DeviceLimits) -> Optional[tuple]:
+    """Descriptors (``tma_descriptor``) of the ``real`` tensors (q / k / v / ... rows of the real
+    sequence), then of the ``prefix`` tensors (empty prefixes get none: their loops never run), or
+    None unless every one of them can be read by TMA (a kernel takes all of them or none)."""
+    descs = [tma_descriptor(t, block_rows, block_d, varlen, limits) for t in real]
+    descs += [tma_descriptor(t, block_rows, block_d, False, limits) if t.shape[-2] > 0 else None for t in prefix]
+    if any(d is None for d in descs[:len(real)]) or any(
+            d is None and t.shape[-2] > 0 for d, t in zip(descs[len(real):], prefix)):
+        return None
+    return tuple(descs)
 
 
 def softcap_args(scale: float, softcap: float) -> tuple[float, float]:

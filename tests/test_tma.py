@@ -1,0 +1,220 @@
+"""TMA tensor-descriptor loads (sm_90+): the full key / query tiles of the forward, dQ, dK/dV and
+prefix dK/dV kernels load through ``launch.tma_descriptor`` views instead of pointers.
+
+On this CPU machine the descriptor path runs in Triton's interpreter (which implements descriptor
+loads, zero-filling boxes past a tensor's end): the launchers are handed device limits with tma=True,
+and every output and gradient must equal the pointer path's bit for bit (the same values loaded
+into the same computation), at awkward shapes (odd lengths, a head dim that is not a power of two,
+P = 0, GQA, padding, causal, packed sequences, per-example prefixes and banks, dropout). On a
+Hopper GPU the same tests compare the compiled kernels within a small tolerance. A recording
+launcher checks that the descriptor path was really taken, and the descriptor rules (alignment,
+strides, dtypes) fall back to pointer loads rather than fail.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import ptkernels
+from ptkernels.ops.prefix_attention import backward, forward, function, launch
+from ptkernels.ops.prefix_attention.launch import DeviceLimits, tma_descriptor
+
+from conftest import DEVICE, ON_GPU
+
+pytestmark = pytest.mark.skipif(launch.TensorDescriptor is None, reason="this triton has no tensor descriptors")
+
+
+def _limits(tma: bool) -> DeviceLimits:
+    if ON_GPU:
+        if torch.cuda.get_device_capability()[0] < 9 and tma:
+            pytest.skip("TMA needs sm_90 or newer")
+        return dataclasses.replace(launch.device_limits(DEVICE), tma=tma)
+    return DeviceLimits(232448, None, True, tma=tma)
+
+
+@pytest.fixture
+def tma_switch(monkeypatch):
+    """set(tma) makes the launchers use limits with TMA on / off and records each kernel's TMA flag."""
+    taken = {}
+
+    def recording(kernel, grid):
+        run = kernel[grid]
+
+        def launch_and_record(*args, **kwargs):
+            if "TMA" in kwargs:
+                taken.setdefault(kernel.fn.__name__, set()).add(kwargs["TMA"])
+            return run(*args, **kwargs)
+
+        return launch_and_record
+
+    def set_tma(tma: bool):
+        limits = _limits(tma)
+        for module in (forward, backward):
+            monkeypatch.setattr(module, "device_limits", lambda device: limits)
+        taken.clear()
+        return taken
+
+    # The launchers' default launcher argument is bound at definition: wrap the launchers where the
+    # autograd functions call them.
+    for name in ("prefix_attention_forward", "prefix_attention_backward"):
+        original = getattr(function, name)
+
+        def wrapped(*args, _original=original, **kwargs):
+            kwargs.setdefault("launcher", recording)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(function, name, wrapped)
+    return set_tma
+
+
+def _run(fn, inputs, seed=0):
+    """Outputs and gradients of fn(*inputs) for a fixed upstream gradient (dropout seed fixed)."""
+    leaves = [x.detach().clone().requires_grad_(x.is_floating_point()) if x is not None else None for x in inputs]
+    torch.manual_seed(seed)
+    out = fn(*leaves)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float32).to(out)
+    out.backward(grad)
+    return [out.detach()] + [x.grad for x in leaves if x is not None and x.is_floating_point()]
+
+
+def _assert_same(a, b):
+    for x, y in zip(a, b):
+        if ON_GPU:
+            torch.testing.assert_close(x, y, atol=2e-3, rtol=2e-3)
+        else:
+            assert torch.equal(x, y)
+
+
+def _kernel_names(prefix: bool) -> set:
+    names = {"_prefix_attention_fwd_kernel", "_prefix_attention_bwd_dq_kernel", "_prefix_attention_bwd_dkdv_kernel"}
+    return names | ({"_prefix_attention_bwd_prefix_dkdv_kernel"} if prefix else set())
+
+
+@pytest.mark.parametrize("dtype, prefix, head_dim", [
+    (torch.float16, "none", 24), (torch.float16, "shared", 24), (torch.bfloat16, "per_example", 32),
+    (torch.float16, "bank", 24)])
+def test_tma_matches_pointer_loads(tma_switch, dtype, prefix, head_dim):
+    """head_dim 24: the descriptors' 32-wide boxes read zeros past the head dim."""
+    batch, q_heads, kv_heads, q_len, k_len, prefix_len = 3, 4, 2, 35, 41, 21
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen).to(DEVICE, dtype)
+
+    # q as Hugging Face lays it out ((B, S, H, D) viewed as BHSD), k / v contiguous
+    q = rand(batch, q_len, q_heads, head_dim).transpose(1, 2)
+    k, v = rand(batch, kv_heads, k_len, head_dim), rand(batch, kv_heads, k_len, head_dim)
+    shape = {"none": (kv_heads, 0, head_dim), "shared": (kv_heads, prefix_len, head_dim),
+             "per_example": (batch, kv_heads, prefix_len, head_dim), "bank": (2, kv_heads, prefix_len, head_dim)}[prefix]
+    pk, pv = rand(*shape), rand(*shape)
+    index = torch.tensor([1, 0, 1], dtype=torch.int32, device=DEVICE) if prefix == "bank" else None
+    mask = torch.ones(batch, k_len, dtype=torch.bool, device=DEVICE)
+    mask[1, 30:] = False  # right padding
+    mask[2, :5] = False  # left padding
+
+    for causal, dropout_p in ((False, 0.0), (True, 0.2)):
+        def fn(q, k, v, pk, pv):
+            return ptkernels.prefix_attention(q, k, v, pk, pv, key_padding_mask=mask, causal=causal,
+                                              dropout_p=dropout_p, prefix_index=index, backend="triton")
+
+        taken = tma_switch(False)
+        pointer = _run(fn, (q, k, v, pk, pv))
+        assert taken and all(flags == {False} for flags in taken.values())
+        taken = tma_switch(True)
+        tma = _run(fn, (q, k, v, pk, pv))
+        assert set(taken) == _kernel_names(prefix != "none") and all(flags == {True} for flags in taken.values())
+        _assert_same(tma, pointer)
+
+
+@pytest.mark.parametrize("prefix", ["shared", "per_sequence"])
+def test_tma_packed_sequences(tma_switch, prefix):
+    """Packed sequences: one descriptor batch of total rows, each sequence at its cu_seqlens row."""
+    dtype, q_heads, kv_heads, head_dim, prefix_len = torch.float16, 2, 1, 32, 18
+    lens_q, lens_k = [19, 33, 5], [19, 40, 17]
+    gen = torch.Generator().manual_seed(2)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen).to(DEVICE, dtype)
+
+    q = rand(sum(lens_q), q_heads, head_dim)
+    k, v = rand(sum(lens_k), kv_heads, head_dim), rand(sum(lens_k), kv_heads, head_dim)
+    shape = (kv_heads, prefix_len, head_dim) if prefix == "shared" else (3, kv_heads, prefix_len, head_dim)
+    pk, pv = rand(*shape), rand(*shape)
+    cu_q = torch.tensor([0, 19, 52, 57], dtype=torch.int32, device=DEVICE)
+    cu_k = torch.tensor([0, 19, 59, 76], dtype=torch.int32, device=DEVICE)
+
+    def fn(q, k, v, pk, pv):
+        return ptkernels.prefix_attention_varlen(q, k, v, pk, pv, cu_q, cu_k, max(lens_q), max(lens_k), causal=True,
+                                                 backend="triton")
+
+    tma_switch(False)
+    pointer = _run(fn, (q, k, v, pk, pv))
+    taken = tma_switch(True)
+    tma = _run(fn, (q, k, v, pk, pv))
+    assert set(taken) == _kernel_names(True) and all(flags == {True} for flags in taken.values())
+    _assert_same(tma, pointer)
+
+
+def test_tma_falls_back_to_pointer_loads(tma_switch):
+    """A k whose storage starts 2 bytes past a 16-byte boundary cannot be a TMA source: the forward
+    then loads through pointers (TMA off for all of its tensors: a kernel takes all descriptors or
+    none), with the same result as an aligned copy."""
+    dtype, head_dim = torch.float16, 32
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 2, 20, head_dim, generator=gen).to(DEVICE, dtype)
+    storage = torch.randn(2 * 2 * 20 * head_dim + 1, generator=gen).to(DEVICE, dtype)
+    k = storage[1:].view(2, 2, 20, head_dim)
+    v = torch.randn(2, 2, 20, head_dim, generator=gen).to(DEVICE, dtype)
+    pk = torch.randn(2, 16, head_dim, generator=gen).to(DEVICE, dtype)
+    pv = torch.randn(2, 16, head_dim, generator=gen).to(DEVICE, dtype)
+    taken = tma_switch(True)
+    out = ptkernels.prefix_attention(q, k, v, pk, pv, backend="triton")
+    assert taken == {"_prefix_attention_fwd_kernel": {False}}
+    taken = tma_switch(True)
+    aligned = ptkernels.prefix_attention(q, k.clone(), v, pk, pv, backend="triton")
+    assert taken == {"_prefix_attention_fwd_kernel": {True}}
+    _assert_same([out], [aligned])
+
+
+def test_tma_descriptor_rules():
+    """tma_descriptor: a 4-D (batch, head, row, D) view or None where TMA cannot read the tensor."""
+    on = DeviceLimits(232448, None, True, tma=True)
+    off = DeviceLimits(232448, None, True, tma=False)
+    x = torch.zeros(2, 3, 40, 64, dtype=torch.bfloat16)
+    desc = tma_descriptor(x, 32, 64, limits=on)
+    assert desc.shape == [2, 3, 40, 64] and desc.block_shape == [1, 1, 32, 64]
+    assert tma_descriptor(x, 32, 64, limits=off) is None
+    assert tma_descriptor(x, 32, 64, limits=None) is None
+    # Hugging Face's (B, S, H, D) buffer viewed as (B, H, S, D): strides (S*H*D, D, H*D, 1)
+    bshd = torch.zeros(2, 40, 3, 64, dtype=torch.float16).transpose(1, 2)
+    assert tma_descriptor(bshd, 32, 64, limits=on).strides == [40 * 3 * 64, 64, 3 * 64, 1]
+    # packed (total, H, D) -> (1, H, total, D); a shared prefix (Hkv, P, D) -> (1, Hkv, P, D)
+    packed = torch.zeros(50, 3, 64, dtype=torch.float16)
+    assert tma_descriptor(packed, 16, 64, varlen=True, limits=on).shape == [1, 3, 50, 64]
+    assert tma_descriptor(packed, 16, 64, limits=on).shape == [1, 50, 3, 64]
+    assert tma_descriptor(torch.zeros(2, 0, 64, dtype=torch.float16), 16, 64, limits=on) is None
+    assert tma_descriptor(x.float(), 32, 64, limits=on) is None  # fp32 keeps pointer loads
+    assert tma_descriptor(x[..., :60], 32, 64, limits=on) is not None  # row stride 128 bytes, D = 60
+    assert tma_descriptor(torch.zeros(2, 3, 40, 68, dtype=torch.float16)[..., :64], 32, 64,
+                          limits=on) is None  # row stride 136 bytes
+    head_dim_8 = torch.zeros(2, 3, 40, 8, dtype=torch.float16)  # 16-byte rows: legal
+    assert tma_descriptor(head_dim_8, 32, 16, limits=on) is not None
+    assert tma_descriptor(torch.zeros(2, 3, 40, 4, dtype=torch.float16), 32, 16, limits=on) is None
+    assert tma_descriptor(torch.zeros(1, 3, 40, 64, dtype=torch.float16).expand(2, 3, 40, 64), 32, 64,
+                          limits=on) is None  # batch stride 0
+    misaligned = torch.zeros(2 * 3 * 40 * 64 + 1, dtype=torch.float16)[1:].view(2, 3, 40, 64)
+    assert tma_descriptor(misaligned, 32, 64, limits=on) is None
+
+
+def test_tma_off_unless_hopper_or_asked(monkeypatch):
+    """Off the GPU the limits never turn TMA on by themselves (the interpreter tests ask for it)."""
+    assert launch.device_limits("cpu").tma is False
+    if ON_GPU:
+        major = torch.cuda.get_device_capability()[0]
+        launch._cuda_device_limits.cache_clear()
+        assert launch.device_limits(DEVICE).tma == (major >= 9 and not torch.version.hip)
+        monkeypatch.setenv(launch.TMA_ENV, "0")
+        assert launch.device_limits(DEVICE).tma is False
