@@ -685,3 +685,36 @@ def test_autotune_is_opt_in_and_its_space_starts_with_the_heuristic(monkeypatch)
             space = gpu_forward_configs(head_dim, dtype, 232448)
             assert space[0] == gpu_forward_config(head_dim, dtype, 232448) and len(space) >= 2
             assert gpu_backward_configs(head_dim, dtype, 232448)[0] == gpu_backward_config(head_dim, dtype, 232448)
+
+
+@pytest.mark.parametrize("k_len", [0, 1, 7, 1500, 2500])
+def test_key_bounds_kernel_matches_its_pytorch_twin(k_len):
+    """forward.key_bounds_of (one kernel launch) against launch.key_bounds_reference (PyTorch): right /
+    left padding, holes, all-False and all-True rows, a strided mask, lengths past one 1024-key block."""
+    from ptkernels.ops.prefix_attention.forward import key_bounds_of
+    from ptkernels.ops.prefix_attention.launch import key_bounds_reference
+
+    gen = torch.Generator().manual_seed(k_len)
+    rows = [torch.ones(k_len, dtype=torch.bool), torch.zeros(k_len, dtype=torch.bool)]
+    for _ in range(6):
+        lo, hi = sorted(torch.randint(0, k_len + 1, (2,), generator=gen).tolist())
+        run = torch.zeros(k_len, dtype=torch.bool)
+        run[lo:hi] = True
+        rows.append(run)
+        holes = run.clone()
+        if hi - lo > 2:
+            holes[torch.randint(lo + 1, hi - 1, (1,), generator=gen)] = False
+        rows.append(holes)
+    rows.append(torch.rand(k_len, generator=gen) < 0.5)
+    mask = torch.stack(rows).to(DEVICE)
+    strided = torch.stack([mask, ~mask], 2)[..., 0]  # key stride 2
+    for m in (mask, strided):
+        got = key_bounds_of(m)
+        want = key_bounds_reference(m)
+        assert got.dtype == torch.int32 and torch.equal(got.cpu(), want.cpu()), (got, want)
+    # the obvious cases, written out
+    if k_len == 7:
+        m = torch.tensor([[1, 1, 1, 0, 0, 0, 0], [0, 0, 1, 1, 1, 1, 1], [1, 0, 1, 0, 0, 0, 0], [0] * 7],
+                         dtype=torch.bool, device=DEVICE)
+        assert key_bounds_of(m).cpu().tolist() == [[0, 3, 1], [2, 7, 1], [0, 3, 0], [0, 0, 1]]
+    assert key_bounds_of(None) is None

@@ -43,6 +43,7 @@ from .common import (
     real_keys_visible,
     sequence_extent,
 )
+from .forward import key_bounds_of
 from .launch import (
     LOG2_E,
     DeviceLimits,
@@ -57,7 +58,6 @@ from .launch import (
     entry_step,
     softcap_args,
     gpu_backward_configs,
-    key_bounds_of,
     launch_kernel,
     relative_bias_args,
     mask_as_int8,
@@ -761,7 +761,7 @@ def prefix_attention_backward(
     dbias = torch.empty(q_blocks, nb_block, device=q.device, dtype=torch.float32) if relative_bias_grad else None
     softcap_in, softcap_out = softcap_args(scale, softcap)
     kpm = mask_as_int8(key_padding_mask)
-    bounds = key_bounds_of(key_padding_mask)
+    bounds = key_bounds_of(key_padding_mask, launcher)
 
     cu_q = None if varlen is None else varlen.cu_seqlens_q
     cu_k = None if varlen is None else varlen.cu_seqlens_k

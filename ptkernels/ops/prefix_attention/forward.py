@@ -56,7 +56,6 @@ from .launch import (
     softcap_args,
     forward_config,
     gpu_forward_configs,
-    key_bounds_of,
     launch_kernel,
     relative_bias_args,
     mask_as_int8,
@@ -360,6 +359,46 @@ def _prefix_attention_fwd_kernel(
     tl.store(LSE + stat_base + offs_m, lse, mask=m_valid)
 
 
+@triton.jit
+def _key_bounds_kernel(KEY_PADDING_MASK, BOUNDS, stride_mb, stride_mn, k_len, BLOCK: tl.constexpr):
+    """BOUNDS (B, 3) int32 of a (B, Sk) int8 key padding mask, one program per example (see
+    ``key_bounds_of``): first attended key, one past the last, and 1 when every key in between is
+    attended (0, 0, 1 for a row with none)."""
+    b = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    first = tl.full([BLOCK], 2147483647, tl.int32)
+    last = tl.zeros([BLOCK], tl.int32)
+    count = tl.zeros([BLOCK], tl.int32)
+    for start in range(0, k_len, BLOCK):
+        n = start + offs
+        attend = tl.load(KEY_PADDING_MASK + b * stride_mb + n.to(tl.int64) * stride_mn, mask=n < k_len, other=0) != 0
+        first = tl.minimum(first, tl.where(attend, n, 2147483647))
+        last = tl.maximum(last, tl.where(attend, n + 1, 0))
+        count += attend.to(tl.int32)
+    count_all = tl.sum(count, 0)
+    first_all = tl.where(count_all > 0, tl.min(first, 0), 0)
+    last_all = tl.max(last, 0)
+    tl.store(BOUNDS + b * 3, first_all)
+    tl.store(BOUNDS + b * 3 + 1, last_all)
+    tl.store(BOUNDS + b * 3 + 2, (count_all == last_all - first_all).to(tl.int32))
+
+
+def key_bounds_of(key_padding_mask: Optional[Tensor], launcher: Launcher = launch_kernel) -> Optional[Tensor]:
+    """(B, 3) int32 per example of a (B, Sk) bool key padding mask: first attended key, one past the
+    last, and 1 when every key in between is attended (right or left padding, the usual case: the
+    kernels then need no mask loads and skip the padded tiles), else 0; None without a mask. One
+    kernel launch on the mask's device, no host sync (``launch.key_bounds_reference`` is the
+    PyTorch twin that the tests compare it with)."""
+    if key_padding_mask is None:
+        return None
+    batch, k_len = key_padding_mask.shape
+    bounds = torch.empty(batch, 3, dtype=torch.int32, device=key_padding_mask.device)
+    if batch:
+        launcher(_key_bounds_kernel, (batch,))(mask_as_int8(key_padding_mask), bounds, *mask_strides(key_padding_mask),
+                                               k_len, BLOCK=1024)
+    return bounds
+
+
 @triton.jit(do_not_specialize=["seed"])
 def _dropout_keep_mask_kernel(
     OUT, q_len, head_rows, first_query, prefix_len, k_len, dropout_threshold, seed,
@@ -447,7 +486,7 @@ def prefix_attention_forward(
         return out.zero_(), lse
     limits = device_limits(q.device) if limits is None else limits
     kpm = mask_as_int8(key_padding_mask)
-    bounds = key_bounds_of(key_padding_mask)
+    bounds = key_bounds_of(key_padding_mask, launcher)
     bias_table, bias_buckets, *bias_scalars = relative_bias_args(relative_bias_table, relative_bias_buckets)
 
     def run(cfg):
@@ -547,6 +586,6 @@ def prefix_dropout_keep_mask(
 
 
 # Every kernel of this module (benchmarks/aot_check.py compiles each of them).
-KERNELS = (_prefix_attention_fwd_kernel, _dropout_keep_mask_kernel, _prefix_dropout_keep_mask_kernel)
+KERNELS = (_prefix_attention_fwd_kernel, _key_bounds_kernel, _dropout_keep_mask_kernel, _prefix_dropout_keep_mask_kernel)
 
-__all__ = ["prefix_attention_forward", "dropout_keep_mask", "prefix_dropout_keep_mask", "KERNELS"]
+__all__ = ["prefix_attention_forward", "key_bounds_of", "dropout_keep_mask", "prefix_dropout_keep_mask", "KERNELS"]

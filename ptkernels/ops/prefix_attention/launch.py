@@ -306,17 +306,16 @@ def mask_strides(key_padding_mask: Optional[Tensor]) -> tuple[int, int]:
     return (0, 0) if key_padding_mask is None else (key_padding_mask.stride(0), key_padding_mask.stride(1))
 
 
-def key_bounds_of(key_padding_mask: Optional[Tensor]) -> Optional[Tensor]:
-    """(B, 3) int32 per example: first attended key, one past the last, and 1 when every key in
-    between is attended (right or left padding, the usual case; the kernels then need no mask loads
-    and skip the padded tiles), else 0. Computed on the mask's device, no host sync; None without
-    a mask."""
+def key_bounds_reference(key_padding_mask: Optional[Tensor]) -> Optional[Tensor]:
+    """``forward.key_bounds_of`` in PyTorch (about 14 small launches where the kernel takes one):
+    (B, 3) int32 per example: first attended key, one past the last, and 1 when every key in
+    between is attended, else 0 ((0, 0, 1) for a row with none); None without a mask."""
     if key_padding_mask is None:
         return None
     mask = key_padding_mask.to(torch.int32)
     batch, k_len = mask.shape
-    if k_len == 0:
-        return torch.zeros(batch, 3, dtype=torch.int32, device=mask.device)
+    if k_len == 0:  # no keys: every row is an empty run
+        return torch.tensor([0, 0, 1], dtype=torch.int32, device=mask.device).repeat(batch, 1)
     count = mask.sum(1)
     first = mask.argmax(1)
     last = k_len - mask.flip(1).argmax(1)
