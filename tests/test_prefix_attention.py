@@ -718,3 +718,22 @@ def test_key_bounds_kernel_matches_its_pytorch_twin(k_len):
                          dtype=torch.bool, device=DEVICE)
         assert key_bounds_of(m).cpu().tolist() == [[0, 3, 1], [2, 7, 1], [0, 3, 0], [0, 0, 1]]
     assert key_bounds_of(None) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_sum_splits_kernel_matches_its_pytorch_twin(dtype):
+    """backward.sum_splits (one launch for K and V) against partial.sum(1).to(dtype): a shared
+    prefix's or bank entry's gradient summed over its batch slices, odd sizes, more than one block."""
+    from ptkernels.ops.prefix_attention.backward import sum_splits
+
+    gen = torch.Generator().manual_seed(5)
+    for entries, splits, shape in ((1, 3, (2, 21, 24)), (3, 2, (1, 7, 8)), (2, 5, (3, 130, 40))):
+        pk = torch.randn(entries, splits, *shape, generator=gen).to(DEVICE)
+        pv = torch.randn(entries, splits, *shape, generator=gen).to(DEVICE)
+        got_k, got_v = sum_splits(pk, pv, dtype)
+        assert got_k.shape == (entries,) + shape and got_k.dtype == dtype
+        # fp32 sums in a different order may differ in the last bit; the cast to 16 bits hides that mostly
+        tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
+        torch.testing.assert_close(got_k, pk.sum(1).to(dtype), **tol)
+        torch.testing.assert_close(got_v, pv.sum(1).to(dtype), **tol)
+        assert not torch.equal(got_k, got_v)

@@ -673,6 +673,46 @@ def _prefix_attention_bwd_prefix_dkdv_kernel(
              dv.to(DPREFIX_V.dtype.element_ty), mask=kd_mask)
 
 
+@triton.jit
+def _sum_splits_kernel(PARTIAL_K, PARTIAL_V, OUT_K, OUT_V, splits, entry_numel, BLOCK: tl.constexpr):
+    """OUT_K[a] = sum over s = 0, 1, .. of PARTIAL_K[a, s] in that order (fp32), cast to OUT_K's dtype;
+    likewise V. PARTIAL_*: (A, splits, Hkv, P, D) float32, OUT_*: (A, Hkv, P, D), both contiguous
+    (entry_numel = Hkv * P * D). One program per (K or V, entry, block of BLOCK elements)."""
+    blocks = tl.cdiv(entry_numel, BLOCK)
+    pid = tl.program_id(0)
+    which = pid % 2
+    entry = (pid // 2) // blocks
+    offs = ((pid // 2) % blocks) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < entry_numel
+    src = entry.to(tl.int64) * splits * entry_numel + offs
+    dst = entry.to(tl.int64) * entry_numel + offs
+    total = tl.zeros([BLOCK], dtype=tl.float32)
+    if which == 0:
+        for split in range(splits):
+            total += tl.load(PARTIAL_K + src + split * entry_numel, mask=mask, other=0.0)
+        tl.store(OUT_K + dst, total.to(OUT_K.dtype.element_ty), mask=mask)
+    else:
+        for split in range(splits):
+            total += tl.load(PARTIAL_V + src + split * entry_numel, mask=mask, other=0.0)
+        tl.store(OUT_V + dst, total.to(OUT_V.dtype.element_ty), mask=mask)
+
+
+def sum_splits(partial_k: Tensor, partial_v: Tensor, dtype: torch.dtype,
+               launcher: Launcher = launch_kernel) -> tuple[Tensor, Tensor]:
+    """(partial_k.sum(1), partial_v.sum(1)) in a fixed order, cast to ``dtype``, in one launch
+    (PyTorch would take four: a sum and a cast each). partial_*: (A, splits, Hkv, P, D) float32
+    contiguous; returns two (A, Hkv, P, D) tensors."""
+    entries, splits = partial_k.shape[:2]
+    out_k = torch.empty((entries,) + tuple(partial_k.shape[2:]), device=partial_k.device, dtype=dtype)
+    out_v = torch.empty_like(out_k)
+    entry_numel = out_k[0].numel() if entries else 0
+    if entries and entry_numel:
+        block = 1024
+        launcher(_sum_splits_kernel, (2 * entries * triton.cdiv(entry_numel, block),))(
+            partial_k, partial_v, out_k, out_v, splits, entry_numel, BLOCK=block)
+    return out_k, out_v
+
+
 def prefix_attention_backward(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, prefix_k: Tensor, prefix_v: Tensor,
     key_padding_mask: Optional[Tensor], out: Tensor, lse: Tensor,
@@ -857,8 +897,10 @@ def prefix_attention_backward(
         **compile_options,
     )
     # Fixed-order sum of the fp32 partials: deterministic.
-    dpk = dpk[:, 0] if splits == 1 else dpk.sum(1).to(prefix_k.dtype)
-    dpv = dpv[:, 0] if splits == 1 else dpv.sum(1).to(prefix_v.dtype)
+    if splits == 1:
+        dpk, dpv = dpk[:, 0], dpv[:, 0]
+    else:
+        dpk, dpv = sum_splits(dpk, dpv, prefix_k.dtype, launcher)
     if not per_example:
         dpk, dpv = dpk[0], dpv[0]
     return dq, dk, dv, dpk, dpv, dsinks, dtable
@@ -866,6 +908,6 @@ def prefix_attention_backward(
 
 # Every kernel of this module (benchmarks/aot_check.py compiles each of them).
 KERNELS = (_prefix_attention_bwd_dq_kernel, _prefix_attention_bwd_dkdv_kernel,
-           _prefix_attention_bwd_prefix_dkdv_kernel)
+           _prefix_attention_bwd_prefix_dkdv_kernel, _sum_splits_kernel)
 
 __all__ = ["prefix_attention_backward", "KERNELS"]
