@@ -132,7 +132,7 @@ def test_tma_matches_pointer_loads(tma_switch, dtype, prefix, head_dim):
 @pytest.mark.parametrize("prefix", ["shared", "per_sequence"])
 def test_tma_packed_sequences(tma_switch, prefix):
     """Packed sequences: one descriptor batch of total rows, each sequence at its cu_seqlens row."""
-    dtype, q_heads, kv_heads, head_dim, prefix_len = torch.float16, 2, 1, 32, 18
+    dtype, q_heads, kv_heads, head_dim, prefix_len = torch.float16, 4, 2, 32, 18
     lens_q, lens_k = [19, 33, 5], [19, 40, 17]
     gen = torch.Generator().manual_seed(2)
 
@@ -156,6 +156,55 @@ def test_tma_packed_sequences(tma_switch, prefix):
     tma = _run(fn, (q, k, v, pk, pv))
     assert set(taken) == _kernel_names(True) and all(flags == {True} for flags in taken.values())
     _assert_same(tma, pointer)
+
+
+def test_tma_with_lengths_window_softcap_and_hf_layout(tma_switch):
+    """Per-example prefix lengths, a causal sliding window and softcapping, with q, k and v all in
+    Hugging Face's (B, S, H, D) layout viewed as (B, H, S, D)."""
+    dtype, batch, q_heads, kv_heads, q_len, k_len, prefix_len, head_dim = torch.float16, 2, 4, 2, 35, 41, 21, 32
+    gen = torch.Generator().manual_seed(4)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen).to(DEVICE, dtype)
+
+    q = rand(batch, q_len, q_heads, head_dim).transpose(1, 2)
+    k = rand(batch, k_len, kv_heads, head_dim).transpose(1, 2)
+    v = rand(batch, k_len, kv_heads, head_dim).transpose(1, 2)
+    pk, pv = rand(batch, kv_heads, prefix_len, head_dim), rand(batch, kv_heads, prefix_len, head_dim)
+    lengths = torch.tensor([21, 9], dtype=torch.int32, device=DEVICE)
+
+    def fn(q, k, v, pk, pv):
+        return ptkernels.prefix_attention(q, k, v, pk, pv, causal=True, prefix_lengths=lengths, window=40,
+                                          softcap=20.0, backend="triton")
+
+    tma_switch(False)
+    pointer = _run(fn, (q, k, v, pk, pv))
+    taken = tma_switch(True)
+    tma = _run(fn, (q, k, v, pk, pv))
+    assert taken and all(flags == {True} for flags in taken.values())
+    _assert_same(tma, pointer)
+
+
+def test_tma_descriptor_boxes_follow_each_kernels_tiles():
+    """The descriptors' boxes are the tiles each kernel loads: (1, 1, BLOCK_N, BLOCK_D) for the key
+    tiles of the forward and dQ kernels, (1, 1, BLOCK_M, BLOCK_D) for the query / dO tiles of the
+    dK/dV kernels, with sm_90's real (non-square) forward tiles (recorded launches, no compile)."""
+    from benchmarks import aot_check
+
+    case = aot_check.Case(torch.bfloat16, 64, causal=True, kpm=True, prefix="shared", group=2)
+    launches = aot_check.case_launches(case, 90, allow_interpreted=True)
+    checked = set()
+    for recorded in launches:
+        descs = [a for a in recorded.args if type(a).__name__ == "TensorDescriptor"]
+        if not descs:
+            continue
+        assert recorded.kwargs["TMA"] is True
+        rows = recorded.kwargs["BLOCK_M"] if "dkdv" in recorded.name else recorded.kwargs["BLOCK_N"]
+        assert all(d.block_shape == [1, 1, rows, recorded.kwargs["BLOCK_D"]] for d in descs), recorded.name
+        checked.add(recorded.name)
+    assert checked == _kernel_names(True)
+    fwd = next(x for x in launches if x.name == "_prefix_attention_fwd_kernel")
+    assert fwd.kwargs["BLOCK_M"] != fwd.kwargs["BLOCK_N"]  # a swap of the two would show
 
 
 def test_tma_falls_back_to_pointer_loads(tma_switch):
@@ -207,6 +256,20 @@ def test_tma_descriptor_rules():
                           limits=on) is None  # batch stride 0
     misaligned = torch.zeros(2 * 3 * 40 * 64 + 1, dtype=torch.float16)[1:].view(2, 3, 40, 64)
     assert tma_descriptor(misaligned, 32, 64, limits=on) is None
+    # int32 coordinates: 2**31 rows of a packed tensor are out (meta tensors: no memory)
+    huge = torch.empty(2**31, 1, 64, dtype=torch.float16, device="meta")
+    assert tma_descriptor(huge, 16, 64, varlen=True, limits=on) is None
+    assert tma_descriptor(huge[: 2**31 - 16], 16, 64, varlen=True, limits=on) is not None
+
+
+def test_tma_supported_only_on_sm90_and_newer():
+    assert launch.tma_supported(9, False, False, None)
+    assert launch.tma_supported(10, False, False, "1")
+    assert not launch.tma_supported(8, False, False, None)  # A100: cp.async
+    assert not launch.tma_supported(9, True, False, None)  # ROCm
+    assert not launch.tma_supported(9, False, True, None)  # the interpreter (tests ask for it explicitly)
+    assert not launch.tma_supported(9, False, False, "0")  # PTKERNELS_TMA=0
+    assert not launch.tma_supported(9, False, False, None, has_descriptors=False)
 
 
 def test_tma_off_unless_hopper_or_asked(monkeypatch):

@@ -67,12 +67,21 @@ def device_limits(device) -> DeviceLimits:
                                os.environ.get(TMA_ENV, "1") != "0")
 
 
+def tma_supported(capability_major: int, hip: bool, interpreted: bool, env_value: Optional[str],
+                  has_descriptors: bool = True) -> bool:
+    """Whether the launchers may use TMA descriptors on a device: NVIDIA compute capability >= 9,
+    compiled kernels, a triton with host-side tensor descriptors, and PTKERNELS_TMA (``env_value``)
+    not "0"."""
+    return (capability_major >= 9 and not hip and not interpreted and has_descriptors
+            and (env_value or "1") != "0")
+
+
 @functools.lru_cache(maxsize=None)
 def _cuda_device_limits(index: int, tma_allowed: bool = True) -> DeviceLimits:
     max_shared = int(triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"])
     props = torch.cuda.get_device_properties(index)
     hip = bool(torch.version.hip)
-    tma = tma_allowed and not hip and not KERNELS_INTERPRETED and TensorDescriptor is not None and props.major >= 9
+    tma = tma_allowed and tma_supported(props.major, hip, KERNELS_INTERPRETED, None, TensorDescriptor is not None)
     return DeviceLimits(max_shared, props.multi_processor_count, KERNELS_INTERPRETED, hip, tma)
 
 
@@ -357,8 +366,9 @@ def tma_descriptor(t: Tensor, block_rows: int, block_d: int, varlen: bool = Fals
     t: (B, H, S, D) q / k / v, or (total, H, D) packed (``varlen``: one batch of total rows), or a
     prefix (Hkv, P, D) shared (one entry) or (A, Hkv, P, D). None when ``limits.tma`` is off, for a
     dtype other than fp16 / bf16, an empty tensor, a base address not 16-byte aligned, a stride of 0
-    (an expanded tensor) or one that is not a multiple of 16 bytes (TMA's rules; the last stride is 1,
-    as the launchers require anyway). Boxes past the tensor's end read zeros: channels past D
+    (an expanded tensor) or one that is not a multiple of 16 bytes or not below 2**40 bytes, or a dim
+    of 2**31 or more (the kernels' coordinates are int32) (TMA's rules; the last stride is 1, as the
+    launchers require anyway). Boxes past the tensor's end read zeros: channels past D
     when block_d > D, rows past the end."""
     if limits is None or not limits.tma or TensorDescriptor is None:
         return None
@@ -372,7 +382,9 @@ def tma_descriptor(t: Tensor, block_rows: int, block_d: int, varlen: bool = Fals
     strides = list(t.stride())
     # A size-1 dim's stride is never stepped: give it a legal one.
     strides = [s if n > 1 else t.shape[-1] * 8 for s, n in zip(strides, t.shape)]
-    if strides[-1] != 1 or t.data_ptr() % 16 or any(s <= 0 or s * size % 16 for s in strides[:-1]):
+    if strides[-1] != 1 or any(s <= 0 or s * size % 16 or s * size >= 2**40 for s in strides[:-1]):
+        return None
+    if any(n >= 2**31 for n in t.shape) or t.data_ptr() % 16:
         return None
     return TensorDescriptor(t, list(t.shape), strides, [1, 1, block_rows, block_d])
 
