@@ -11,6 +11,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import time
+import warnings
 
 import pytest
 import torch
@@ -122,7 +123,19 @@ def real_outputs(out, mask, task: str, adapter: str):
 
 
 
-def run_ranks(worker, tmp_path, *, world: int = 2, timeout_s: float = 240) -> list:
+def _rank_main(rank, worker, dump_after_s, *args):
+    """A rank's entry point: if it is still running after ``dump_after_s``, faulthandler prints every
+    thread's Python stack to stderr (so a hang shows where it is), then ``worker(rank, *args)``."""
+    import faulthandler
+
+    faulthandler.dump_traceback_later(dump_after_s, exit=False)
+    try:
+        worker(rank, *args)
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+
+
+def run_ranks(worker, tmp_path, *, world: int = 2, timeout_s: float = 240, attempts: int = 2) -> list:
     """Run ``worker(rank, world, init_file, out_dir)`` in ``world`` CPU processes and return what each
     rank saved to ``out_dir/rank{r}.pt`` (``torch.save``), in rank order.
 
@@ -131,8 +144,10 @@ def run_ranks(worker, tmp_path, *, world: int = 2, timeout_s: float = 240) -> li
     hung until the timeout (2 ranks past 240 s, once in a local CI run and once in a run of the three
     distributed test files), while spawned ranks start in seconds; fork only on request
     (PTKERNELS_TEST_START_METHOD=fork, and never once CUDA is initialised here: CUDA does not survive
-    a fork). A failing rank
-    raises here with its traceback; ranks still running after ``timeout_s`` are killed and fail the test.
+    a fork). A failing rank raises here with its traceback. Ranks still running after ``timeout_s``
+    print their stacks (faulthandler) and are killed; that is retried once with a fresh rendezvous
+    (``attempts``), because spawned gloo ranks also hung, rarely (the DDP test, which takes about 10 s,
+    past 240 s in one of three CI runs), in a way no rank's error explains; a second timeout fails.
     """
     import torch.multiprocessing as mp
 
@@ -140,12 +155,22 @@ def run_ranks(worker, tmp_path, *, world: int = 2, timeout_s: float = 240) -> li
     if (os.environ.get("PTKERNELS_TEST_START_METHOD") == "fork" and not torch.cuda.is_initialized()
             and "fork" in multiprocessing.get_all_start_methods()):
         method = "fork"
-    ctx = mp.start_processes(worker, args=(world, str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=world,
-                             join=False, start_method=method)
-    deadline = time.monotonic() + timeout_s
-    while not ctx.join(timeout=1):  # raises if a rank failed, with its traceback
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"{world} ranks did not finish in {timeout_s} s")
+    for attempt in range(attempts):
+        init_file = str(tmp_path / f"rendezvous{attempt}")
+        ctx = mp.start_processes(_rank_main, args=(worker, max(timeout_s - 10, 1), world, init_file, str(tmp_path)),
+                                 nprocs=world, join=False, start_method=method)
+        deadline = time.monotonic() + timeout_s
+        finished = True
+        while not ctx.join(timeout=1):  # raises if a rank failed, with its traceback
+            if time.monotonic() > deadline:
+                for p in ctx.processes:
+                    p.kill()
+                finished = False
+                break
+        if finished:
+            break
+        warnings.warn(f"run_ranks: {world} ranks did not finish in {timeout_s} s (attempt {attempt + 1} of "
+                      f"{attempts}; their stacks are on stderr)")
+    else:
+        pytest.fail(f"{world} ranks did not finish in {timeout_s} s, {attempts} times")
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
