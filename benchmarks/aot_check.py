@@ -55,11 +55,11 @@ TARGETS = {
 def target_limits(arch: int):
     """The ``DeviceLimits`` of sm_<arch>, for the launchers (imported here: triton may be missing,
     and main() says so)."""
-    from ptkernels.ops.prefix_attention.launch import DeviceLimits, TensorDescriptor
+    from ptkernels.ops.prefix_attention.launch import DeviceLimits, TensorDescriptor, tma_supported
 
     max_shared_memory, multi_processor_count = TARGETS[arch]
     return DeviceLimits(max_shared_memory, multi_processor_count, interpreted=False, hip=False,
-                        tma=arch >= 90 and TensorDescriptor is not None)
+                        tma=tma_supported(arch // 10, False, False, "1", TensorDescriptor is not None))
 
 
 @dataclasses.dataclass

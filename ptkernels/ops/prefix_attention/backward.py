@@ -32,6 +32,7 @@ from .common import (
     prefix_tile_ranges,
     window_key_bounds,
     key_bounds,
+    descriptor_batch,
     load_full_rows,
     load_tile,
     prefix_dropout_keep,
@@ -247,9 +248,7 @@ def _prefix_attention_bwd_dq_kernel(
     k_base = K + b * stride_kb + k_start * stride_kn + kv_h * stride_kh
     v_base = V + b * stride_vb + k_start * stride_vn + kv_h * stride_vh
     lo_b, hi_b, contiguous = key_bounds(KEY_BOUNDS, b, k_len, HAS_KPM)
-    kv_batch = b  # the K / V descriptors' batch index: packed sequences are one batch of total_k rows
-    if VARLEN:
-        kv_batch = 0
+    kv_batch = descriptor_batch(b, VARLEN)
     if contiguous:
         full_end = hi_b
         if CAUSAL:
@@ -453,9 +452,7 @@ def _prefix_attention_bwd_dkdv_kernel(
         full_stop = tl.maximum(tl.minimum(full_stop, (start_n - window_shift + window) // BLOCK_M * BLOCK_M),
                                full_start)
     real_lane = dropout_real_lane(prefix_len) + start_n
-    desc_batch = b  # the Q / dO descriptors' batch index: packed sequences are one batch of total_q rows
-    if VARLEN:
-        desc_batch = 0
+    desc_batch = descriptor_batch(b, VARLEN)
     for g in range(GROUP):
         h = kv_h * GROUP + g
         bias_row = BIAS_TABLE  # None without BIAS
@@ -535,9 +532,7 @@ def _prefix_example_dkdv(
             q_base = b * stride_qb + h * stride_qh
             do_base = b * stride_dob + h * stride_doh
             stat_base = (b * num_q_heads + h) * batch_q_len
-        desc_batch = b  # the Q / dO descriptors' batch index: packed sequences are one batch
-        if VARLEN:
-            desc_batch = 0
+        desc_batch = descriptor_batch(b, VARLEN)
         for start_m in range(0, full_stop, BLOCK_M):
             dk, dv = _dkdv_tile(
                 dk, dv, k, v, Q, GRAD_OUT, LSE, DELTA, q_base, do_base, stat_base, stride_qm, stride_dom,

@@ -240,6 +240,16 @@ def load_full_tile(base, rows, stride_row, offs_d, d_valid, EVEN_D: tl.constexpr
 
 
 @triton.jit
+def descriptor_batch(b, VARLEN: tl.constexpr):
+    """The batch index of example b's rows in a ``launch.tma_descriptor`` view: b, or 0 for packed
+    sequences (viewed as one batch of all rows, as the pointer path's batch stride 0 reads them)."""
+    batch = b
+    if VARLEN:
+        batch = 0
+    return batch
+
+
+@triton.jit
 def load_full_rows(DESC, batch, head, first_row, base, rows, stride_row, offs_d, d_valid, EVEN_D: tl.constexpr,
                    UPCAST: tl.constexpr, TMA: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
     """``load_full_tile`` of rows first_row + (0..BLOCK_ROWS) (``rows``), all in range. TMA: through

@@ -34,6 +34,7 @@ from .common import (
     prefix_tile_ranges,
     window_key_bounds,
     key_bounds,
+    descriptor_batch,
     load_full_rows,
     load_tile,
     log2_scores,
@@ -295,9 +296,7 @@ def _prefix_attention_fwd_kernel(
         acc, m_i, l_i = _online_softmax_step(
             acc, m_i, l_i, s, v, seed, first_row, real_lane + start_n, dropout_threshold, DROPOUT,
             DOT_PRECISION, BLOCK_M, BLOCK_N)
-    kv_batch = b  # the K / V descriptors' batch index: packed sequences are one batch of total_k rows
-    if VARLEN:
-        kv_batch = 0
+    kv_batch = descriptor_batch(b, VARLEN)
     for start_n in range(full_lo, full_hi, BLOCK_N):
         n = start_n + offs_n
         k = load_full_rows(K_DESC, kv_batch, kv_h, k_start + start_n, k_base, n, stride_kn, offs_d, d_valid, EVEN_D,

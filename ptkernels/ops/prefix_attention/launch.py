@@ -64,7 +64,7 @@ def device_limits(device) -> DeviceLimits:
     if device.type != "cuda":
         return DeviceLimits(232448, None, KERNELS_INTERPRETED, bool(torch.version.hip))
     return _cuda_device_limits(device.index if device.index is not None else torch.cuda.current_device(),
-                               os.environ.get(TMA_ENV, "1") != "0")
+                               os.environ.get(TMA_ENV))
 
 
 def tma_supported(capability_major: int, hip: bool, interpreted: bool, env_value: Optional[str],
@@ -77,11 +77,11 @@ def tma_supported(capability_major: int, hip: bool, interpreted: bool, env_value
 
 
 @functools.lru_cache(maxsize=None)
-def _cuda_device_limits(index: int, tma_allowed: bool = True) -> DeviceLimits:
+def _cuda_device_limits(index: int, tma_env: Optional[str] = None) -> DeviceLimits:
     max_shared = int(triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"])
     props = torch.cuda.get_device_properties(index)
     hip = bool(torch.version.hip)
-    tma = tma_allowed and tma_supported(props.major, hip, KERNELS_INTERPRETED, None, TensorDescriptor is not None)
+    tma = tma_supported(props.major, hip, KERNELS_INTERPRETED, tma_env, TensorDescriptor is not None)
     return DeviceLimits(max_shared, props.multi_processor_count, KERNELS_INTERPRETED, hip, tma)
 
 
