@@ -200,7 +200,7 @@ def case_launches(case: Case, arch: int = 90, allow_interpreted: bool = False) -
                               case.causal, scale, dropout_p, seed, *bank, varlen=varlen, limits=limits,
                               launcher=launcher)
     if case.dropout:
-        dropout_keep_mask(b, hq, case.q_len, p, case.k_len, dropout_p, seed, "meta", launcher=launcher)
+        dropout_keep_mask(b, hq, case.q_len, p, case.k_len, dropout_p, seed, "meta", limits=limits, launcher=launcher)
     if case.prefix_dropout:
         prefix_dropout_keep_mask(b, hkv, p, d, prefix_dropout_p, prefix_seed, "meta", launcher=launcher)
     return launches

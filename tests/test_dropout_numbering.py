@@ -1,7 +1,10 @@
 """The attention dropout's random numbers: the Triton kernels' keep mask equals an independent
-pure-Python Philox4x32-10 over the documented numbering, does not depend on the tile shape a kernel
+pure-Python Philox4x32-7 over the documented numbering, does not depend on the tile shape a kernel
 uses (the GPU launchers pick 128 x 128, 128 x 64 or 64 x 64 tiles, the interpreter 16 x 16), the extreme
-thresholds (1, which Triton specialises, and 65535) draw as documented, and the draws look independent."""
+thresholds (1, which Triton specialises, and 65535) draw as documented, and the draws look independent.
+On an NVIDIA GPU the kernels' Philox multiplies with inline PTX (common.DROPOUT_PTX) and the
+interpreter with tl.umulhi (DROPOUT_PORTABLE); the kernels' masks are compared with the Python
+Philox in whichever mode the device runs, and on a GPU the two modes with each other."""
 
 from __future__ import annotations
 
@@ -13,27 +16,46 @@ from conftest import DEVICE
 triton = pytest.importorskip("triton")
 tl = triton.language
 
-from ptkernels.ops.prefix_attention.common import attention_dropout_keep  # noqa: E402
+from ptkernels.ops.prefix_attention.common import DROPOUT_PORTABLE, DROPOUT_PTX, attention_dropout_keep  # noqa: E402
 from ptkernels.ops.prefix_attention.forward import dropout_keep_mask  # noqa: E402
+from ptkernels.ops.prefix_attention.launch import device_limits, philox_mode  # noqa: E402
 from ptkernels.ops.prefix_attention.reference import attention_dropout_keep_reference  # noqa: E402
 
 
 @triton.jit(do_not_specialize=["seed"])
-def _keep_tiles_kernel(OUT, first_row, threshold, seed, width, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+def _keep_tiles_kernel(OUT, first_row, threshold, seed, width, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+                       DROPOUT: tl.constexpr):
     """OUT (rows, width) int8: the keep mask drawn tile by tile with (BLOCK_R, BLOCK_K) tiles (lanes 0..)."""
     start_r = tl.program_id(0) * BLOCK_R
     start_k = tl.program_id(1) * BLOCK_K
     r = start_r + tl.arange(0, BLOCK_R)
     k = start_k + tl.arange(0, BLOCK_K)
-    keep = attention_dropout_keep(seed, first_row + start_r, start_k, threshold, BLOCK_R, BLOCK_K)
+    keep = attention_dropout_keep(seed, first_row + start_r, start_k, threshold, BLOCK_R, BLOCK_K, DROPOUT)
     tl.store(OUT + r[:, None] * width + k[None, :], keep.to(tl.int8))
 
 
-def _tiles(rows, width, block_r, block_k, seed=2**40 + 77, first_row=0, threshold=16384):
+def _tiles(rows, width, block_r, block_k, seed=2**40 + 77, first_row=0, threshold=16384, mode=None):
     out = torch.empty(rows, width, dtype=torch.int8, device=DEVICE)
     grid = (rows // block_r, width // block_k)
-    _keep_tiles_kernel[grid](out, first_row, threshold, seed, width, BLOCK_R=block_r, BLOCK_K=block_k)
+    mode = philox_mode(device_limits(DEVICE)) if mode is None else mode
+    _keep_tiles_kernel[grid](out, first_row, threshold, seed, width, BLOCK_R=block_r, BLOCK_K=block_k, DROPOUT=mode)
     return out.bool().cpu()
+
+
+def test_the_device_draws_in_the_mode_of_its_backend():
+    limits = device_limits(DEVICE)
+    want = DROPOUT_PORTABLE if limits.interpreted or limits.hip else DROPOUT_PTX
+    assert philox_mode(limits) == want
+
+
+@pytest.mark.skipif(philox_mode(device_limits(DEVICE)) != DROPOUT_PTX,
+                    reason="inline PTX runs in kernels compiled for an NVIDIA GPU only")
+@pytest.mark.parametrize("block_r,block_k", [(16, 16), (64, 64), (128, 64)])
+def test_ptx_and_portable_philox_draw_the_same_bits(block_r, block_k):
+    for seed, first_row in [(2**40 + 77, 0), (3, 2**33 + 16), (2**63 - 1, 5 * 2**31)]:
+        ptx = _tiles(256, 256, block_r, block_k, seed=seed, first_row=first_row, mode=DROPOUT_PTX)
+        portable = _tiles(256, 256, block_r, block_k, seed=seed, first_row=first_row, mode=DROPOUT_PORTABLE)
+        assert torch.equal(ptx, portable), (seed, first_row)
 
 
 @pytest.mark.parametrize("prefix_len,k_len,q_len", [(5, 7, 19), (0, 16, 16), (20, 33, 24), (16, 1, 9)])

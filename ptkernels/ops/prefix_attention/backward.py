@@ -42,6 +42,7 @@ from .common import (
     program_coordinates,
     query_rows,
     real_keys_visible,
+    runtime_zero,
     sequence_extent,
 )
 from .forward import key_bounds_of
@@ -55,6 +56,7 @@ from .launch import (
     block_d,
     device_limits,
     dot_precision,
+    dropout_mode,
     dropout_threshold,
     entry_step,
     softcap_args,
@@ -100,8 +102,8 @@ def _tile_probs_and_grad(
         p = tl.math.exp2(s - lse[:, None])
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
     if DROPOUT:
-        keep = attention_dropout_keep(seed, first_row, key_lane, dropout_threshold, BLOCK_M, BLOCK_N)
-        p_kept = tl.where(keep, p, 0.0)
+        keep = attention_dropout_keep(seed, first_row, key_lane, dropout_threshold, BLOCK_M, BLOCK_N, DROPOUT)
+        p_kept = tl.where(keep, p, runtime_zero(qk_scale_log2))  # (see the forward's _online_softmax_step_full)
         ds = p * tl.where(keep, dp * dropout_scale - delta[:, None], -delta[:, None])
     else:
         p_kept = p
@@ -781,7 +783,7 @@ def prefix_attention_backward(
         cfg = tuned_config(key, gpu_backward_configs(head_dim, q.dtype, limits.max_shared_memory), measure)
     bm, bn, bd = cfg["BLOCK_M"], cfg["BLOCK_N"], block_d(head_dim)
     compile_options = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-    flags = dict(DROPOUT=dropout_p > 0.0, UPCAST=upcast_in_interpreter(q.dtype, limits.interpreted),
+    flags = dict(DROPOUT=dropout_mode(dropout_p, limits), UPCAST=upcast_in_interpreter(q.dtype, limits.interpreted),
                  DOT_PRECISION=dot_precision(q.dtype, limits.hip))
     prefix_flags = dict(HAS_INDEX=prefix_index is not None, HAS_LENGTHS=prefix_lengths is not None,
                         PREFIX_DROPOUT=prefix_dropout_p > 0.0)

@@ -14,10 +14,68 @@ from triton.runtime.jit import JITFunction
 
 # Rounds of Philox4x32 per dropout draw: 7, as FlashAttention 2 and composable_kernel draw their
 # attention dropout (Salmon et al., 2011: Philox4x32 passes TestU01's BigCrush from 7 rounds; 10 is
-# curand's margin). Each round costs 6 integer instructions per call, and the philox calls are most
-# of a dropout loop's extra work: 7 rounds take the forward D=64 dropout loop from 1,238 to 1,103
-# SASS instructions per 128 x 64 tile on sm_90. ``reference.philox4x32`` computes the same draws.
+# curand's margin). Each round costs 4 integer instructions per call on sm_90 with DROPOUT_PTX (two
+# wide multiplies, two 3-input XORs; 6 with DROPOUT_PORTABLE), and the philox calls are most of a
+# dropout loop's extra work. ``reference.philox4x32`` computes the same draws.
 PHILOX_ROUNDS: tl.constexpr = tl.constexpr(7)
+
+# The attention kernels' DROPOUT constexpr: 0 (no attention dropout), or how ``philox`` multiplies;
+# the bits are the same either way (launch.dropout_mode chooses):
+# - DROPOUT_PORTABLE: tl.umulhi and a 32-bit multiply per product, as tl.philox does. Any backend,
+#   and Triton's interpreter. ptxas keeps them as two instructions (IMAD.HI.U32, IMAD).
+# - DROPOUT_PTX: one ``mul.wide.u32`` per product (inline PTX), one IMAD.WIDE.U32 on sm_80 / sm_90.
+#   Compiled kernels on NVIDIA GPUs only (the interpreter cannot run inline assembly). Written
+#   without assembly, as a 64-bit multiply, the wider state makes Triton's layout pass give up on
+#   recomputing the philox in the MMA layout and convert the words through shared memory instead.
+DROPOUT_PORTABLE: tl.constexpr = tl.constexpr(1)
+DROPOUT_PTX: tl.constexpr = tl.constexpr(2)
+
+
+@triton.jit
+def mul_hi_lo(a, B: tl.constexpr, PTX: tl.constexpr):
+    """(hi, lo): the high and low 32 bits of the 64-bit product of the uint32 tensor ``a`` and the
+    32-bit constant B. PTX: one ``mul.wide.u32`` (compiled NVIDIA kernels only, see DROPOUT_PTX)."""
+    if PTX:
+        return tl.inline_asm_elementwise(
+            "{ .reg .b64 product; mul.wide.u32 product, $2, $3; mov.b64 {$1, $0}, product; }",
+            "=r,=r,r,r", [a, tl.full(a.shape, B, tl.uint32)], dtype=(tl.uint32, tl.uint32), is_pure=True,
+            pack=1)
+    else:
+        return tl.umulhi(a, B), tl.mul(a, B, sanitize_overflow=False)
+
+
+@triton.jit
+def philox(seed, c0, c1, c2, c3, n_rounds: tl.constexpr, PTX: tl.constexpr):
+    """``tl.philox(seed, c0, c1, c2, c3, n_rounds)`` for 32-bit counters, bit for bit: Philox4x32
+    with key (seed low 32 bits, seed high 32 bits); the four uint32 words. PTX: each product is one
+    wide multiply (``mul_hi_lo``)."""
+    seed = tl.to_tensor(seed).to(tl.uint64)
+    k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
+    k1 = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    c0 = tl.to_tensor(c0).to(tl.uint32, bitcast=True)
+    c1 = tl.to_tensor(c1).to(tl.uint32, bitcast=True)
+    c2 = tl.to_tensor(c2).to(tl.uint32, bitcast=True)
+    c3 = tl.to_tensor(c3).to(tl.uint32, bitcast=True)
+    for _ in tl.static_range(n_rounds):
+        hi_a, lo_a = mul_hi_lo(c0, 0xD2511F53, PTX)
+        hi_b, lo_b = mul_hi_lo(c2, 0xCD9E8D57, PTX)
+        c0 = hi_b ^ c1 ^ k0
+        c2 = hi_a ^ c3 ^ k1
+        c1 = lo_b
+        c3 = lo_a
+        k0 = tl.add(k0, 0x9E3779B9, sanitize_overflow=False)
+        k1 = tl.add(k1, 0xBB67AE85, sanitize_overflow=False)
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def runtime_zero(finite_scalar):
+    """0.0 that the compiler cannot see is zero (``finite_scalar * 0.0``; finite_scalar: a finite fp32
+    kernel argument). Dropout zeroes the dropped weights with tl.where(keep, p, zero) right before
+    converting them to 16 bits for a matmul; with a constant zero LLVM moves the select past the
+    conversion (fptrunc(select(c, x, 0)) -> select(c, fptrunc(x), 0)), which on sm_90 costs two
+    16-bit selects and three byte permutes per pair of weights instead of two FSELs."""
+    return finite_scalar * 0.0
 
 
 @triton.jit
@@ -65,7 +123,8 @@ def dropout_real_lane(prefix_len):
 
 
 @triton.jit
-def attention_dropout_keep(seed, first_row, key_lane, threshold, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+def attention_dropout_keep(seed, first_row, key_lane, threshold, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+                           DROPOUT: tl.constexpr):
     """(BLOCK_R, BLOCK_K) keep mask of the attention weights of rows first_row.. (query rows) and
     key lanes key_lane.. (prefix key n: lane n; real key n: lane ``dropout_real_lane(P)`` + n),
     shared by the forward and backward kernels: a 16-bit random lane >= threshold, so
@@ -73,9 +132,9 @@ def attention_dropout_keep(seed, first_row, key_lane, threshold, BLOCK_R: tl.con
 
     first_row: int64 id of the tile's first query row (stat_base + start_m: unique per example,
     head and query; start_m a multiple of 16); key_lane: a multiple of 16. BLOCK_R, BLOCK_K:
-    multiples of 16.
+    multiples of 16. DROPOUT: DROPOUT_PORTABLE or DROPOUT_PTX (how ``philox`` multiplies).
 
-    One philox call (tl.philox, PHILOX_ROUNDS rounds, 4 x 32 bits = 8 16-bit lanes) draws the lanes
+    One philox call (``philox``, PHILOX_ROUNDS rounds, 4 x 32 bits = 8 16-bit lanes) draws the lanes
     of a 2 x 2 x 2 cell of the tile: rows (i, i + 8) x keys (j, j + 8) x keys (j, j + 1), for
     i % 16 < 8, j % 16 < 8, j even. Those are the elements one thread holds of the MMA accumulator of a (query, key) tile
     on sm_80 and sm_90 (row bit 3, key bits 0 and 3 are register bits there), so the mask is drawn
@@ -87,8 +146,8 @@ def attention_dropout_keep(seed, first_row, key_lane, threshold, BLOCK_R: tl.con
     row = (first_row + (tl.arange(0, cells_r) * 16)[:, None, None, None]
            + tl.arange(0, 8)[None, :, None, None])  # (R/16, 8, 1, 1) int64: row i of each cell
     key = (key_lane // 4 + (tl.arange(0, cells_k) * 4)[:, None] + tl.arange(0, 4)[None, :])[None, None, :, :]
-    r0, r1, r2, r3 = tl.philox(seed, key.to(tl.uint32), row.to(tl.uint32), (row >> 32).to(tl.uint32), 0,
-                                n_rounds=PHILOX_ROUNDS)
+    r0, r1, r2, r3 = philox(seed, key.to(tl.uint32), row.to(tl.uint32), (row >> 32).to(tl.uint32), 0,
+                            PHILOX_ROUNDS, DROPOUT == DROPOUT_PTX)
     # (R/16, 8, K/16, 4, key bit 3, row bit 3): word 2 * [row i + 8] + [key j + 8]
     words = tl.join(tl.join(r0, r1), tl.join(r2, r3))
     # lane >= threshold for both 16-bit halves, as unsigned 32-bit compares against threshold << 16

@@ -42,6 +42,7 @@ from .common import (
     program_coordinates,
     query_rows,
     real_keys_visible,
+    runtime_zero,
 )
 from .launch import (
     LOG2_E,
@@ -52,7 +53,9 @@ from .launch import (
     block_d,
     device_limits,
     dot_precision,
+    dropout_mode,
     dropout_threshold,
+    philox_mode,
     entry_step,
     softcap_args,
     forward_config,
@@ -86,7 +89,7 @@ def _online_softmax_step(
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
     if DROPOUT:
-        keep = attention_dropout_keep(seed, first_row, key_lane, dropout_threshold, BLOCK_M, BLOCK_N)
+        keep = attention_dropout_keep(seed, first_row, key_lane, dropout_threshold, BLOCK_M, BLOCK_N, DROPOUT)
         p = tl.where(keep, p, 0.0)  # kept weights are scaled by 1 / P(keep) once, at the end
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return acc, m_new, l_i
@@ -118,8 +121,10 @@ def _online_softmax_step_full(
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
     if DROPOUT:
-        keep = attention_dropout_keep(seed, first_row, key_lane, dropout_threshold, BLOCK_M, BLOCK_N)
-        p = tl.where(keep, p, 0.0)  # kept weights are scaled by 1 / P(keep) once, at the end
+        keep = attention_dropout_keep(seed, first_row, key_lane, dropout_threshold, BLOCK_M, BLOCK_N, DROPOUT)
+        # kept weights are scaled by 1 / P(keep) once, at the end; the zero is a run-time value
+        # (``runtime_zero``) so that the select stays in fp32, ahead of the 16-bit conversion
+        p = tl.where(keep, p, runtime_zero(qk_scale_log2))
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return acc, m_new, l_i
 
@@ -401,16 +406,17 @@ def key_bounds_of(key_padding_mask: Optional[Tensor], launcher: Launcher = launc
 @triton.jit(do_not_specialize=["seed"])
 def _dropout_keep_mask_kernel(
     OUT, q_len, head_rows, first_query, prefix_len, k_len, dropout_threshold, seed,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DROPOUT: tl.constexpr,
 ):
     """Materialise the keep mask the attention kernels use into OUT (rows, P + Sk) int8 over the
     concatenated keys [prefix; real] (tests replay it through the reference): the q_len queries of
     each (example x head) bh, rows bh * head_rows + first_query + i, numbered as the attention
-    kernels number them. One program per (query block, bh) x block of BLOCK_N dropout lanes."""
+    kernels number them. One program per (query block, bh) x block of BLOCK_N dropout lanes.
+    DROPOUT: ``launch.dropout_mode`` (nonzero)."""
     bh, _, start_m, offs_m = program_coordinates(q_len, 1, BLOCK_M)
     first_row = bh * head_rows + first_query
     lane0 = tl.program_id(1) * BLOCK_N
-    keep = attention_dropout_keep(seed, first_row + start_m, lane0, dropout_threshold, BLOCK_M, BLOCK_N)
+    keep = attention_dropout_keep(seed, first_row + start_m, lane0, dropout_threshold, BLOCK_M, BLOCK_N, DROPOUT)
     lanes = lane0 + tl.arange(0, BLOCK_N)
     real_lane = dropout_real_lane(prefix_len)
     key = tl.where(lanes < real_lane, lanes, lanes - real_lane + prefix_len)  # index in [prefix; real]
@@ -518,7 +524,7 @@ def prefix_attention_forward(
             HAS_INDEX=prefix_index is not None,
             HAS_LENGTHS=prefix_lengths is not None,
             PREFIX_DROPOUT=prefix_dropout_p > 0.0,
-            DROPOUT=dropout_p > 0.0,
+            DROPOUT=dropout_mode(dropout_p, limits),
             UPCAST=upcast_in_interpreter(q.dtype, limits.interpreted),
             DOT_PRECISION=dot_precision(q.dtype, limits.hip),
             TMA=descs is not None,
@@ -542,13 +548,15 @@ def prefix_attention_forward(
 
 def dropout_keep_mask(
     batch: int, q_heads: int, q_len: int, prefix_len: int, k_len: int, dropout_p: float, seed: int, device,
-    *, cu_seqlens_q: Optional[Tensor] = None, launcher: Launcher = launch_kernel,
+    *, cu_seqlens_q: Optional[Tensor] = None, limits: Optional[DeviceLimits] = None,
+    launcher: Launcher = launch_kernel,
 ) -> Tensor:
     """The (B, Hq, Sq, P + Sk) bool keep mask that the kernels draw for ``seed`` (for tests/debugging).
     Its P(keep) is 1 - t / 65536 with t = ``dropout_threshold(dropout_p)[0]``. With packed sequences
     (``cu_seqlens_q`` (N + 1,), batch 1, q_len = total_q, k_len = the max key length) the mask of
     ``prefix_attention_varlen``: each sequence's queries are numbered from its own first row."""
     out = torch.empty(batch * q_heads, q_len, prefix_len + k_len, dtype=torch.int8, device=device)
+    limits = device_limits(device) if limits is None else limits
     if out.numel():
         width = (prefix_len + 15) // 16 * 16 + (k_len + 15) // 16 * 16  # the dropout lanes of a row
         threshold = dropout_threshold(dropout_p)[0]
@@ -565,7 +573,8 @@ def dropout_keep_mask(
         for first_query, rows, heads in starts:
             grid = (triton.cdiv(rows, 16) * heads, triton.cdiv(width, 16))
             launcher(_dropout_keep_mask_kernel, grid)(out, rows, q_len, first_query, prefix_len, k_len, threshold,
-                                                      seed, BLOCK_M=16, BLOCK_N=16)
+                                                      seed, BLOCK_M=16, BLOCK_N=16,
+                                                      DROPOUT=philox_mode(limits))
     return out.view(batch, q_heads, q_len, prefix_len + k_len).bool()
 
 

@@ -19,7 +19,7 @@ import torch
 import triton
 from torch import Tensor
 
-from .common import KERNELS_INTERPRETED
+from .common import DROPOUT_PORTABLE, DROPOUT_PTX, KERNELS_INTERPRETED
 
 LOG2_E = 1.4426950408889634
 
@@ -217,6 +217,18 @@ def dropout_threshold(dropout_p: float) -> tuple[int, float]:
     quantises p, to 8 bits there), and kept weights are scaled by 1 / P(keep)."""
     t = min(round(dropout_p * 65536), 65535)
     return t, 65536.0 / (65536 - t)
+
+
+def philox_mode(limits: DeviceLimits) -> int:
+    """How the kernels' Philox multiplies on a device (same bits either way): ``common.DROPOUT_PTX``
+    (inline PTX wide multiplies) in kernels compiled for an NVIDIA GPU, ``common.DROPOUT_PORTABLE``
+    in the interpreter and on ROCm."""
+    return int(DROPOUT_PORTABLE if limits.interpreted or limits.hip else DROPOUT_PTX)
+
+
+def dropout_mode(dropout_p: float, limits: DeviceLimits) -> int:
+    """The attention kernels' DROPOUT constexpr: 0 without attention dropout, else ``philox_mode``."""
+    return philox_mode(limits) if dropout_p > 0.0 else 0
 
 
 def forward_config(head_dim: int, dtype: torch.dtype, limits: DeviceLimits, dropout: bool = False,
