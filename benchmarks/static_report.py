@@ -25,7 +25,8 @@ span; it holds a matmul when an HMMA / HGMMA instruction lies in it. The forward
 iterate over key blocks (queries = BLOCK_M, keys = BLOCK_N per iteration); the dK/dV kernels over
 query blocks (queries = BLOCK_M, keys = BLOCK_N).
 
-It also prints a readable table with SASS instructions per (query x key) against Triton's
+It also prints a readable table with, per loop, its local-memory loads / stores (LDL / STL: the
+spills that sit inside the loop rather than outside it; not in the JSON) and SASS instructions per (query x key) against Triton's
 fused-attention tutorial compiled the same way (``TUTORIAL``: triton's
 ``python/tutorials/06-fused-attention.py``, bf16, sm_90, triton 3.9: forward D=64 522 per 128x64,
 D=128 521 per 128x128; backward D=64 dK/dV 339 per 32x128, dQ 269 per 128x32; the tutorial's
@@ -118,8 +119,8 @@ def kind(kernel: str) -> Optional[str]:
     return None
 
 
-def sass_loops(sass: str, block_m: int, block_n: int) -> list[dict]:
-    """The innermost loops holding a matmul in cuobjdump -sass text (see the module docstring)."""
+def _matmul_loop_bodies(sass: str) -> list[list[str]]:
+    """The instruction texts of each innermost loop holding a matmul, in program order."""
     instrs = []  # (address, text)
     for match in _INSTR.finditer(sass):
         instrs.append((int(match.group(1), 16), match.group(2)))
@@ -131,12 +132,27 @@ def sass_loops(sass: str, block_m: int, block_n: int) -> list[dict]:
             if target <= address:
                 spans.append((target, address))
     innermost = [s for s in spans if not any(o != s and s[0] <= o[0] and o[1] <= s[1] for o in spans)]
-    loops = []
+    bodies = []
     for lo, hi in sorted(set(innermost)):
         body = [text for address, text in instrs if lo <= address <= hi]
         if any(_MMA.search(text) for text in body):
-            loops.append({"sass": len(body), "queries": block_m, "keys": block_n})
-    return loops
+            bodies.append(body)
+    return bodies
+
+
+def sass_loops(sass: str, block_m: int, block_n: int) -> list[dict]:
+    """The innermost loops holding a matmul in cuobjdump -sass text (see the module docstring)."""
+    return [{"sass": len(body), "queries": block_m, "keys": block_n} for body in _matmul_loop_bodies(sass)]
+
+
+_LOCAL = re.compile(r"\b(LDL|STL)\b")
+
+
+def loop_spill_accesses(sass: str) -> list[int]:
+    """Local-memory loads and stores (LDL / STL: register spills) in each matmul loop of
+    ``sass_loops``, in the same order: a kernel whose spills all sit outside its loops pays for them
+    once per program, not once per tile."""
+    return [sum(1 for text in body if _LOCAL.search(text)) for body in _matmul_loop_bodies(sass)]
 
 
 def _tool(name: str) -> str:
@@ -211,6 +227,7 @@ def _report_job(job) -> dict:
         "wgmma": "HGMMA" in sass,
         "tma": bool(re.search(r"\b(UTMALDG|UBLKCP)\b", sass)),
         "loops": sass_loops(sass, block_m, block_n),
+        "loop_spill_accesses": loop_spill_accesses(sass),  # (table only; not in the JSON)
     }
 
 
@@ -246,21 +263,23 @@ def per_pair(loop: dict) -> float:
 def table(records: list[dict]) -> str:
     """Markdown: one row per kernel and loop, with SASS per (query x key) against the tutorial's."""
     lines = ["| kernel | dtype | D | features | tile m x n | warps/stages | regs | spill B | smem B | wgmma/tma "
-             "| loop SASS / (q x k) | per q x k | tutorial | ratio | x warps per q x k |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| loop SASS / (q x k) | per q x k | tutorial | ratio | x warps per q x k | LDL/STL in loop |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         head = (f"| {r['kernel']} | {r['dtype']} | {r['head_dim']} | {'+'.join(r['features']) or 'none'} | "
                 f"{r['block_m']}x{r['block_n']} | {r['num_warps']}/{r['num_stages']} | {r['registers']} | "
                 f"{r['spill_bytes']} | {r['shared_bytes']} | {int(r['wgmma'])}/{int(r['tma'])} |")
         if not r["loops"]:
-            lines.append(head + " no matmul loop | | | | |")
+            lines.append(head + " no matmul loop | | | | | |")
+        local = r.get("loop_spill_accesses") or [""] * len(r["loops"])
         tutorial = TUTORIAL.get((kind(r["kernel"]), r["head_dim"]))
         reference = tutorial[0] / (tutorial[1] * tutorial[2]) if tutorial else None
-        for loop in r["loops"]:
+        for loop, accesses in zip(r["loops"], local):
             ours = per_pair(loop)
             cells = [f"{loop['sass']} / ({loop['queries']}x{loop['keys']})", f"{ours:.4f}"]
             cells += [f"{reference:.4f}", f"{ours / reference:.2f}x"] if reference else ["", ""]
             cells.append(f"{ours * r['num_warps']:.3f}")
+            cells.append(str(accesses))
             lines.append(head + " " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -309,7 +328,7 @@ def main(argv=None) -> int:
     print(table(records))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(records, f, indent=1)
+            json.dump([{key: r[key] for key in KEYS} for r in records], f, indent=1)
     known = known_spills(arch)
     bad = spilling(records, known)
     for r in bad:
