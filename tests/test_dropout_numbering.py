@@ -16,7 +16,13 @@ from conftest import DEVICE
 triton = pytest.importorskip("triton")
 tl = triton.language
 
-from ptkernels.ops.prefix_attention.common import DROPOUT_PORTABLE, DROPOUT_PTX, attention_dropout_keep  # noqa: E402
+from ptkernels.ops.prefix_attention.common import (  # noqa: E402
+    DROPOUT_PORTABLE,
+    DROPOUT_PTX,
+    PHILOX_ROUNDS,
+    attention_dropout_keep,
+    philox,
+)
 from ptkernels.ops.prefix_attention.forward import dropout_keep_mask  # noqa: E402
 from ptkernels.ops.prefix_attention.launch import device_limits, philox_mode  # noqa: E402
 from ptkernels.ops.prefix_attention.reference import attention_dropout_keep_reference  # noqa: E402
@@ -40,6 +46,37 @@ def _tiles(rows, width, block_r, block_k, seed=2**40 + 77, first_row=0, threshol
     mode = philox_mode(device_limits(DEVICE)) if mode is None else mode
     _keep_tiles_kernel[grid](out, first_row, threshold, seed, width, BLOCK_R=block_r, BLOCK_K=block_k, DROPOUT=mode)
     return out.bool().cpu()
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _philox_pair_kernel(OURS, THEIRS, seed, c3, N: tl.constexpr, ROUNDS: tl.constexpr, PTX: tl.constexpr):
+    """OURS, THEIRS (4, N) uint32 as int32: common.philox and tl.philox of the same counters."""
+    i = tl.arange(0, N)
+    c0 = i.to(tl.uint32) * 2654435761
+    c1 = (i * 40503 + 7).to(tl.uint32)
+    c2 = (i ^ 0x5BD1E995).to(tl.uint32)
+    c3 = c3.to(tl.uint32)  # (an int64 argument when above 2**31)
+    a0, a1, a2, a3 = philox(seed, c0, c1, c2, c3, ROUNDS, PTX)
+    b0, b1, b2, b3 = tl.philox(seed, c0, c1, c2, c3, n_rounds=ROUNDS)
+    for row, (a, b) in enumerate([(a0, b0), (a1, b1), (a2, b2), (a3, b3)]):
+        tl.store(OURS + row * N + i, a.to(tl.int32, bitcast=True))
+        tl.store(THEIRS + row * N + i, b.to(tl.int32, bitcast=True))
+
+
+@pytest.mark.parametrize("rounds", [1, PHILOX_ROUNDS, 10])
+def test_philox_rounds_equal_tl_philox(rounds):
+    """common.philox (the DROPOUT_PTX kernels' generator) is tl.philox bit for bit: here with
+    tl.umulhi multiplies (PTX=False: the interpreter cannot run the inline assembly), on a GPU also
+    with the PTX wide multiplies. Seeds with both 32-bit halves set; the counters cover all bits."""
+    n = 256
+    modes = [False] + ([True] if philox_mode(device_limits(DEVICE)) == DROPOUT_PTX else [])
+    for ptx in modes:
+        for seed, c3 in [(2**40 + 77, 0), (0xDEADBEEF12345678, 0xFFFFFFFF), (1, 123456789)]:
+            ours = torch.empty(4, n, dtype=torch.int32, device=DEVICE)
+            theirs = torch.empty_like(ours)
+            _philox_pair_kernel[(1,)](ours, theirs, seed, c3, N=n, ROUNDS=rounds, PTX=ptx)
+            assert torch.equal(ours.cpu(), theirs.cpu()), (ptx, seed, c3)
+            assert ours.unique().numel() > 4 * n - 8  # the words are not constant or repeated
 
 
 def test_the_device_draws_in_the_mode_of_its_backend():

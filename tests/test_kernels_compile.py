@@ -41,7 +41,8 @@ def test_kernels_compile_for_sm90_and_sm80():
 def test_quick_cases_launch_every_kernel_with_the_targets_limits():
     # Recorded in this (interpreted) process, nothing compiled: the CI set reaches every kernel of
     # the launchers' KERNELS, with the block configs chosen for each target's shared memory.
-    # Compiled for an NVIDIA GPU, the attention dropout's Philox takes the inline-PTX multiplies.
+    # Compiled for an NVIDIA GPU, the attention dropout's Philox takes the inline-PTX multiplies, and
+    # the attention kernels ask for floating-point contraction (launch.FP_FUSION).
     from benchmarks import aot_check
     from ptkernels.ops.prefix_attention.common import DROPOUT_PTX
     from ptkernels.ops.prefix_attention.launch import backward_config, forward_config
@@ -52,6 +53,8 @@ def test_quick_cases_launch_every_kernel_with_the_targets_limits():
         for case in aot_check.quick_cases():
             for launch in aot_check.case_launches(case, arch, allow_interpreted=True):
                 launched.add(launch.name)
+                if launch.name.startswith("_prefix_attention_"):  # contraction pinned, whatever triton's default
+                    assert launch.kwargs.get("enable_fp_fusion") is True, (arch, str(case), launch.name)
                 if "DROPOUT" in launch.kwargs:
                     want_dropout = DROPOUT_PTX if case.dropout or launch.name == "_dropout_keep_mask_kernel" else 0
                     assert launch.kwargs["DROPOUT"] == want_dropout, (arch, str(case), launch.name)

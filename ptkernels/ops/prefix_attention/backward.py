@@ -47,6 +47,7 @@ from .common import (
 )
 from .forward import key_bounds_of
 from .launch import (
+    FP_FUSION,
     LOG2_E,
     DeviceLimits,
     Varlen,
@@ -782,7 +783,7 @@ def prefix_attention_backward(
 
         cfg = tuned_config(key, gpu_backward_configs(head_dim, q.dtype, limits.max_shared_memory), measure)
     bm, bn, bd = cfg["BLOCK_M"], cfg["BLOCK_N"], block_d(head_dim)
-    compile_options = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    compile_options = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=FP_FUSION)
     flags = dict(DROPOUT=dropout_mode(dropout_p, limits), UPCAST=upcast_in_interpreter(q.dtype, limits.interpreted),
                  DOT_PRECISION=dot_precision(q.dtype, limits.hip))
     prefix_flags = dict(HAS_INDEX=prefix_index is not None, HAS_LENGTHS=prefix_lengths is not None,

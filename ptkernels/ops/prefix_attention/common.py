@@ -19,14 +19,16 @@ from triton.runtime.jit import JITFunction
 # dropout loop's extra work. ``reference.philox4x32`` computes the same draws.
 PHILOX_ROUNDS: tl.constexpr = tl.constexpr(7)
 
-# The attention kernels' DROPOUT constexpr: 0 (no attention dropout), or how ``philox`` multiplies;
+# The attention kernels' DROPOUT constexpr: 0 (no attention dropout), or which Philox4x32 they run;
 # the bits are the same either way (launch.dropout_mode chooses):
-# - DROPOUT_PORTABLE: tl.umulhi and a 32-bit multiply per product, as tl.philox does. Any backend,
-#   and Triton's interpreter. ptxas keeps them as two instructions (IMAD.HI.U32, IMAD).
-# - DROPOUT_PTX: one ``mul.wide.u32`` per product (inline PTX), one IMAD.WIDE.U32 on sm_80 / sm_90.
-#   Compiled kernels on NVIDIA GPUs only (the interpreter cannot run inline assembly). Written
-#   without assembly, as a 64-bit multiply, the wider state makes Triton's layout pass give up on
-#   recomputing the philox in the MMA layout and convert the words through shared memory instead.
+# - DROPOUT_PORTABLE: tl.philox itself. Any backend, and Triton's interpreter. Its tl.umulhi and
+#   32-bit multiply stay two instructions per product on sm_80 / sm_90 (IMAD.HI.U32, IMAD).
+# - DROPOUT_PTX: ``philox`` with PTX=True, one ``mul.wide.u32`` per product (inline PTX, one
+#   IMAD.WIDE.U32). Compiled kernels on NVIDIA GPUs only (the interpreter cannot run inline
+#   assembly). Written without assembly, as a 64-bit multiply, the wider state makes Triton's layout
+#   pass give up on recomputing the philox in the MMA layout and convert the words through shared
+#   memory instead. ``philox`` with PTX=False (the same rounds, tl.umulhi multiplies) is what the
+#   interpreter tests against tl.philox (tests/test_dropout_numbering.py).
 DROPOUT_PORTABLE: tl.constexpr = tl.constexpr(1)
 DROPOUT_PTX: tl.constexpr = tl.constexpr(2)
 
@@ -132,9 +134,9 @@ def attention_dropout_keep(seed, first_row, key_lane, threshold, BLOCK_R: tl.con
 
     first_row: int64 id of the tile's first query row (stat_base + start_m: unique per example,
     head and query; start_m a multiple of 16); key_lane: a multiple of 16. BLOCK_R, BLOCK_K:
-    multiples of 16. DROPOUT: DROPOUT_PORTABLE or DROPOUT_PTX (how ``philox`` multiplies).
+    multiples of 16. DROPOUT: DROPOUT_PORTABLE (tl.philox) or DROPOUT_PTX (``philox``, same bits).
 
-    One philox call (``philox``, PHILOX_ROUNDS rounds, 4 x 32 bits = 8 16-bit lanes) draws the lanes
+    One philox call (PHILOX_ROUNDS rounds, 4 x 32 bits = 8 16-bit lanes) draws the lanes
     of a 2 x 2 x 2 cell of the tile: rows (i, i + 8) x keys (j, j + 8) x keys (j, j + 1), for
     i % 16 < 8, j % 16 < 8, j even. Those are the elements one thread holds of the MMA accumulator of a (query, key) tile
     on sm_80 and sm_90 (row bit 3, key bits 0 and 3 are register bits there), so the mask is drawn
@@ -146,8 +148,12 @@ def attention_dropout_keep(seed, first_row, key_lane, threshold, BLOCK_R: tl.con
     row = (first_row + (tl.arange(0, cells_r) * 16)[:, None, None, None]
            + tl.arange(0, 8)[None, :, None, None])  # (R/16, 8, 1, 1) int64: row i of each cell
     key = (key_lane // 4 + (tl.arange(0, cells_k) * 4)[:, None] + tl.arange(0, 4)[None, :])[None, None, :, :]
-    r0, r1, r2, r3 = philox(seed, key.to(tl.uint32), row.to(tl.uint32), (row >> 32).to(tl.uint32), 0,
-                            PHILOX_ROUNDS, DROPOUT == DROPOUT_PTX)
+    if DROPOUT == DROPOUT_PTX:
+        r0, r1, r2, r3 = philox(seed, key.to(tl.uint32), row.to(tl.uint32), (row >> 32).to(tl.uint32), 0,
+                                PHILOX_ROUNDS, True)
+    else:  # Triton's own (faster in the interpreter than ``philox``'s rounds run there)
+        r0, r1, r2, r3 = tl.philox(seed, key.to(tl.uint32), row.to(tl.uint32), (row >> 32).to(tl.uint32), 0,
+                                   n_rounds=PHILOX_ROUNDS)
     # (R/16, 8, K/16, 4, key bit 3, row bit 3): word 2 * [row i + 8] + [key j + 8]
     words = tl.join(tl.join(r0, r1), tl.join(r2, r3))
     # lane >= threshold for both 16-bit halves, as unsigned 32-bit compares against threshold << 16

@@ -45,6 +45,7 @@ from .common import (
     runtime_zero,
 )
 from .launch import (
+    FP_FUSION,
     LOG2_E,
     DeviceLimits,
     Varlen,
@@ -530,6 +531,7 @@ def prefix_attention_forward(
             TMA=descs is not None,
             BLOCK_D=block_d(head_dim),
             EVEN_D=block_d(head_dim) == head_dim,
+            enable_fp_fusion=FP_FUSION,
             **cfg,
         )
 

@@ -85,6 +85,12 @@ def _cuda_device_limits(index: int, tma_env: Optional[str] = None) -> DeviceLimi
     return DeviceLimits(max_shared, props.multi_processor_count, KERNELS_INTERPRETED, hip, tma)
 
 
+# The attention kernels fold the softmax scale into one multiply-add per score (exp2(qk * scale -
+# m), as Triton's tutorial does), which needs floating-point contraction. Triton 3.9 contracts by
+# default but warns that 3.10 will not, so the launchers ask for it (the `enable_fp_fusion` option).
+FP_FUSION = True
+
+
 # A launcher is given (kernel, grid) and calls what it returns with the kernel's arguments; by default
 # it launches the kernel. benchmarks/aot_check.py passes one that records the launches instead.
 Launcher = Callable[[Any, tuple], Callable[..., Any]]
@@ -220,9 +226,9 @@ def dropout_threshold(dropout_p: float) -> tuple[int, float]:
 
 
 def philox_mode(limits: DeviceLimits) -> int:
-    """How the kernels' Philox multiplies on a device (same bits either way): ``common.DROPOUT_PTX``
-    (inline PTX wide multiplies) in kernels compiled for an NVIDIA GPU, ``common.DROPOUT_PORTABLE``
-    in the interpreter and on ROCm."""
+    """Which Philox the kernels run on a device (same bits either way): ``common.DROPOUT_PTX``
+    (``common.philox``'s inline PTX wide multiplies) in kernels compiled for an NVIDIA GPU,
+    ``common.DROPOUT_PORTABLE`` (tl.philox) in the interpreter and on ROCm."""
     return int(DROPOUT_PORTABLE if limits.interpreted or limits.hip else DROPOUT_PTX)
 
 
