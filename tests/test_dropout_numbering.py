@@ -2,9 +2,10 @@
 pure-Python Philox4x32-7 over the documented numbering, does not depend on the tile shape a kernel
 uses (the GPU launchers pick 128 x 128, 128 x 64 or 64 x 64 tiles, the interpreter 16 x 16), the extreme
 thresholds (1, which Triton specialises, and 65535) draw as documented, and the draws look independent.
-On an NVIDIA GPU the kernels' Philox multiplies with inline PTX (common.DROPOUT_PTX) and the
-interpreter with tl.umulhi (DROPOUT_PORTABLE); the kernels' masks are compared with the Python
-Philox in whichever mode the device runs, and on a GPU the two modes with each other."""
+On an NVIDIA GPU the kernels run common.philox with inline-PTX multiplies (common.DROPOUT_PTX), in
+the interpreter tl.philox (DROPOUT_PORTABLE); the kernels' masks are compared with the Python Philox
+in whichever mode the device runs, common.philox's rounds with tl.philox (with tl.umulhi in place of
+the assembly where it cannot run), and on a GPU the two modes' masks with each other."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from ptkernels.ops.prefix_attention.common import (  # noqa: E402
     philox,
 )
 from ptkernels.ops.prefix_attention.forward import dropout_keep_mask  # noqa: E402
-from ptkernels.ops.prefix_attention.launch import device_limits, philox_mode  # noqa: E402
+from ptkernels.ops.prefix_attention.launch import DeviceLimits, device_limits, dropout_mode, philox_mode  # noqa: E402
 from ptkernels.ops.prefix_attention.reference import attention_dropout_keep_reference  # noqa: E402
 
 
@@ -79,10 +80,13 @@ def test_philox_rounds_equal_tl_philox(rounds):
             assert ours.unique().numel() > 4 * n - 8  # the words are not constant or repeated
 
 
-def test_the_device_draws_in_the_mode_of_its_backend():
-    limits = device_limits(DEVICE)
-    want = DROPOUT_PORTABLE if limits.interpreted or limits.hip else DROPOUT_PTX
-    assert philox_mode(limits) == want
+def test_the_launchers_pick_the_philox_of_the_backend():
+    interpreted = DeviceLimits(232448, None, interpreted=True)
+    rocm = DeviceLimits(65536, 304, interpreted=False, hip=True)
+    cuda = DeviceLimits(232448, 132, interpreted=False)
+    assert [philox_mode(x) for x in (interpreted, rocm, cuda)] == [DROPOUT_PORTABLE, DROPOUT_PORTABLE, DROPOUT_PTX]
+    assert [dropout_mode(p, cuda) for p in (0.0, 0.1)] == [0, DROPOUT_PTX]
+    assert dropout_mode(0.5, interpreted) == DROPOUT_PORTABLE
 
 
 @pytest.mark.skipif(philox_mode(device_limits(DEVICE)) != DROPOUT_PTX,

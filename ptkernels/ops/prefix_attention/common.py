@@ -148,12 +148,11 @@ def attention_dropout_keep(seed, first_row, key_lane, threshold, BLOCK_R: tl.con
     row = (first_row + (tl.arange(0, cells_r) * 16)[:, None, None, None]
            + tl.arange(0, 8)[None, :, None, None])  # (R/16, 8, 1, 1) int64: row i of each cell
     key = (key_lane // 4 + (tl.arange(0, cells_k) * 4)[:, None] + tl.arange(0, 4)[None, :])[None, None, :, :]
+    c0, c1, c2 = key.to(tl.uint32), row.to(tl.uint32), (row >> 32).to(tl.uint32)
     if DROPOUT == DROPOUT_PTX:
-        r0, r1, r2, r3 = philox(seed, key.to(tl.uint32), row.to(tl.uint32), (row >> 32).to(tl.uint32), 0,
-                                PHILOX_ROUNDS, True)
+        r0, r1, r2, r3 = philox(seed, c0, c1, c2, 0, PHILOX_ROUNDS, True)
     else:  # Triton's own (faster in the interpreter than ``philox``'s rounds run there)
-        r0, r1, r2, r3 = tl.philox(seed, key.to(tl.uint32), row.to(tl.uint32), (row >> 32).to(tl.uint32), 0,
-                                   n_rounds=PHILOX_ROUNDS)
+        r0, r1, r2, r3 = tl.philox(seed, c0, c1, c2, 0, n_rounds=PHILOX_ROUNDS)
     # (R/16, 8, K/16, 4, key bit 3, row bit 3): word 2 * [row i + 8] + [key j + 8]
     words = tl.join(tl.join(r0, r1), tl.join(r2, r3))
     # lane >= threshold for both 16-bit halves, as unsigned 32-bit compares against threshold << 16

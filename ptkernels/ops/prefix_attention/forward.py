@@ -56,12 +56,12 @@ from .launch import (
     dot_precision,
     dropout_mode,
     dropout_threshold,
-    philox_mode,
     entry_step,
     softcap_args,
     forward_config,
     gpu_forward_configs,
     launch_kernel,
+    philox_mode,
     relative_bias_args,
     mask_as_int8,
     mask_strides,
@@ -413,7 +413,7 @@ def _dropout_keep_mask_kernel(
     concatenated keys [prefix; real] (tests replay it through the reference): the q_len queries of
     each (example x head) bh, rows bh * head_rows + first_query + i, numbered as the attention
     kernels number them. One program per (query block, bh) x block of BLOCK_N dropout lanes.
-    DROPOUT: ``launch.dropout_mode`` (nonzero)."""
+    DROPOUT: ``launch.philox_mode`` of the device."""
     bh, _, start_m, offs_m = program_coordinates(q_len, 1, BLOCK_M)
     first_row = bh * head_rows + first_query
     lane0 = tl.program_id(1) * BLOCK_N
