@@ -637,7 +637,15 @@ def test_gpu_block_configs_follow_the_device_shared_memory():
     assert gpu_forward_config(128, torch.bfloat16, a100) == dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
     assert gpu_forward_config(128, torch.bfloat16, h100, dropout=True) == dict(
         BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2)
-    assert gpu_backward_config(128, torch.float16, h100) == dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2)
+    # Backward: 8 warps only on 128-row score tiles (dQ's queries; dK/dV's keys, or queries with dropout)
+    assert gpu_backward_config(64, torch.bfloat16, h100) == dict(
+        dq=dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2),
+        dkdv=dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=2))
+    assert gpu_backward_config(128, torch.float16, h100) == dict(
+        dq=dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
+        dkdv=dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=2))
+    assert gpu_backward_config(128, torch.float16, h100, dropout=True)["dkdv"] == dict(
+        BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=1)
     for max_shared in (h100, a100, ada):
         for dtype in (torch.float16, torch.bfloat16, torch.float32):
             for head_dim in (8, 16, 40, 64, 80, 128, 256):
@@ -646,10 +654,16 @@ def test_gpu_block_configs_follow_the_device_shared_memory():
                     f = gpu_forward_config(head_dim, dtype, max_shared, dropout)
                     need = (f["BLOCK_M"] * bd + 2 * f["num_stages"] * f["BLOCK_N"] * bd) * size
                     assert need <= max_shared, (max_shared, dtype, head_dim, f)
-                b = gpu_backward_config(head_dim, dtype, max_shared)
-                block = max(b["BLOCK_M"], b["BLOCK_N"])
-                need = (2 * block * bd + 2 * b["num_stages"] * block * bd) * size
-                assert need <= max_shared, (max_shared, dtype, head_dim, b)
+                for dropout in (False, True):  # the operand tiles alone fit (the estimate adds more)
+                    config = gpu_backward_config(head_dim, dtype, max_shared, dropout)
+                    dq, dkdv = config["dq"], config["dkdv"]
+                    need_dq = (2 * dq["BLOCK_M"] + 2 * dq["num_stages"] * dq["BLOCK_N"]) * bd * size
+                    need_dkdv = (2 * dkdv["BLOCK_N"] + 2 * dkdv["num_stages"] * dkdv["BLOCK_M"]) * bd * size
+                    assert max(need_dq, need_dkdv) <= max_shared, (max_shared, dtype, head_dim, dropout, config)
+                    for kind in ("dq", "dkdv"):  # 8 warps only where the score tile has 128 rows
+                        rows = config[kind]["BLOCK_N" if kind == "dkdv" and not dropout else "BLOCK_M"]
+                        assert config[kind]["num_warps"] == 4 or rows >= 128 or dtype == torch.float32 or \
+                            head_dim > 128, (max_shared, dtype, head_dim, dropout, config)
 
 
 def test_autotune_keeps_the_fastest_config_measured_once_per_key():
@@ -669,6 +683,54 @@ def test_autotune_keeps_the_fastest_config_measured_once_per_key():
     assert calls == [1, 2, 3]  # measured once per key
 
 
+def test_backward_kernels_take_their_own_block_configs():
+    """dQ and dK/dV get different tiles (launch.backward_config): the launcher must size each grid,
+    the prefix blocks and the TMA query boxes by the dK/dV kernels' own tiles. With dQ on 16 x 32
+    tiles and dK/dV on 32 x 16 (and the reverse), every gradient matches the one-config run, through
+    pointer loads and TMA descriptors alike (odd lengths, GQA, padding, causal, P = 21)."""
+    from ptkernels.ops.prefix_attention.backward import prefix_attention_backward
+    from ptkernels.ops.prefix_attention.forward import prefix_attention_forward
+    from ptkernels.ops.prefix_attention.launch import INTERPRETER_CONFIG, DeviceLimits, device_limits
+
+    batch, q_heads, kv_heads, q_len, k_len, prefix_len, head_dim = 3, 4, 2, 37, 45, 21, 32
+    gen = torch.Generator().manual_seed(5)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen).to(DEVICE, torch.float16)
+
+    q, do = rand(batch, q_heads, q_len, head_dim), rand(batch, q_heads, q_len, head_dim)
+    k, v = rand(batch, kv_heads, k_len, head_dim), rand(batch, kv_heads, k_len, head_dim)
+    pk, pv = rand(kv_heads, prefix_len, head_dim), rand(kv_heads, prefix_len, head_dim)  # shared: split batch sums
+    mask = torch.ones(batch, k_len, dtype=torch.bool, device=DEVICE)
+    mask[1, 33:] = False
+    mask[2, :4] = False
+    args = (mask, True, head_dim ** -0.5, 0.0, 0)
+    out, lse = prefix_attention_forward(q, k, v, pk, pv, *args)
+    base = device_limits(q.device)
+
+    def grads(config, tma):
+        limits = dataclasses.replace(base, tma=tma) if ON_GPU else DeviceLimits(232448, None, True, tma=tma)
+        return prefix_attention_backward(do, q, k, v, pk, pv, mask, out, lse, *args[1:], limits=limits,
+                                         config=config)[:5]
+
+    def tiles(block_m, block_n):
+        return dict(INTERPRETER_CONFIG, BLOCK_M=block_m, BLOCK_N=block_n) if not ON_GPU else dict(
+            BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=1)
+
+    same = grads(dict(dq=tiles(16, 16), dkdv=tiles(16, 16)), tma=False)
+    for dq_tiles, dkdv_tiles in (((16, 32), (32, 16)), ((32, 16), (16, 32))):
+        config = dict(dq=tiles(*dq_tiles), dkdv=tiles(*dkdv_tiles))
+        pointer = grads(config, tma=False)
+        for name, want, got in zip(("dq", "dk", "dv", "dprefix_k", "dprefix_v"), same, pointer):
+            torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3, msg=f"{name} {config}")
+        if not ON_GPU or torch.cuda.get_device_capability()[0] >= 9:
+            for name, want, got in zip(("dq", "dk", "dv", "dprefix_k", "dprefix_v"), pointer, grads(config, tma=True)):
+                if ON_GPU:
+                    torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3, msg=f"{name} {config} (TMA)")
+                else:  # the same loads through descriptors: the same bits
+                    assert torch.equal(got, want), f"{name} {config} (TMA)"
+
+
 def test_autotune_is_opt_in_and_its_space_starts_with_the_heuristic(monkeypatch):
     from ptkernels.ops.prefix_attention.launch import (
         AUTOTUNE_ENV, DeviceLimits, autotune_requested, gpu_backward_config, gpu_backward_configs,
@@ -684,7 +746,10 @@ def test_autotune_is_opt_in_and_its_space_starts_with_the_heuristic(monkeypatch)
         for head_dim in (64, 128):
             space = gpu_forward_configs(head_dim, dtype, 232448)
             assert space[0] == gpu_forward_config(head_dim, dtype, 232448) and len(space) >= 2
-            assert gpu_backward_configs(head_dim, dtype, 232448)[0] == gpu_backward_config(head_dim, dtype, 232448)
+            for dropout in (False, True):
+                space = gpu_backward_configs(head_dim, dtype, 232448, dropout)
+                assert space[0] == gpu_backward_config(head_dim, dtype, 232448, dropout)
+                assert len(space) >= 2 and len({str(c) for c in space}) == len(space)  # no config timed twice
 
 
 @pytest.mark.parametrize("k_len", [0, 1, 7, 1500, 2500])

@@ -736,7 +736,8 @@ def prefix_attention_backward(
             (varlen: q, grad_out, out (total_q, Hq, D), k, v (total_k, Hkv, D), lse (1, Hq, total_q)).
         limits: the device's limits (default: those of q's device); launcher: runs each kernel
             launch (default: launches it; benchmarks/aot_check.py records it instead); config: the
-            block config (default: the heuristic's, or with PTKERNELS_AUTOTUNE=1 the fastest).
+            block configs {"dq": ..., "dkdv": ...} (``launch.backward_config``; default: the
+            heuristic's, or with PTKERNELS_AUTOTUNE=1 the fastest).
     Returns:
         dq (B, Hq, Sq, D), dk, dv (B, Hkv, Sk, D), dprefix_k, dprefix_v shaped like prefix_k (a
         shared prefix's or bank entry's gradient summed over its examples in a fixed order), and
@@ -767,7 +768,7 @@ def prefix_attention_backward(
                 dsinks, dtable)
 
     limits = device_limits(q.device) if limits is None else limits
-    cfg = backward_config(head_dim, q.dtype, limits) if config is None else config
+    cfg = backward_config(head_dim, q.dtype, limits, dropout_p > 0.0) if config is None else config
     if config is None and autotune_requested(limits) and launcher is launch_kernel:
         key = ("bwd", str(q.device), q.dtype, head_dim, group, causal, key_padding_mask is None, prefix_len > 0,
                per_example, dropout_p > 0.0, prefix_index is None, prefix_lengths is None, prefix_dropout_p > 0.0,
@@ -781,9 +782,14 @@ def prefix_attention_backward(
                 relative_bias_table, relative_bias_buckets, relative_bias_grad, varlen=varlen, limits=limits,
                 config=c), warmup=3, rep=20)
 
-        cfg = tuned_config(key, gpu_backward_configs(head_dim, q.dtype, limits.max_shared_memory), measure)
-    bm, bn, bd = cfg["BLOCK_M"], cfg["BLOCK_N"], block_d(head_dim)
-    compile_options = dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], enable_fp_fusion=FP_FUSION)
+        cfg = tuned_config(key, gpu_backward_configs(head_dim, q.dtype, limits.max_shared_memory, dropout_p > 0.0),
+                           measure)
+    bd = block_d(head_dim)
+    # dQ's tiles (bm queries x bn keys) and dK/dV's (dkdv_bm queries x dkdv_bn keys): see launch.backward_config
+    bm, bn = cfg["dq"]["BLOCK_M"], cfg["dq"]["BLOCK_N"]
+    dkdv_bm, dkdv_bn = cfg["dkdv"]["BLOCK_M"], cfg["dkdv"]["BLOCK_N"]
+    dq_options, dkdv_options = (dict(num_warps=cfg[kind]["num_warps"], num_stages=cfg[kind]["num_stages"],
+                                     enable_fp_fusion=FP_FUSION) for kind in ("dq", "dkdv"))
     flags = dict(DROPOUT=dropout_mode(dropout_p, limits), UPCAST=upcast_in_interpreter(q.dtype, limits.interpreted),
                  DOT_PRECISION=dot_precision(q.dtype, limits.hip))
     prefix_flags = dict(HAS_INDEX=prefix_index is not None, HAS_LENGTHS=prefix_lengths is not None,
@@ -828,12 +834,12 @@ def prefix_attention_backward(
         NB_BLOCK=nb_block,
         HAS_KPM=key_padding_mask is not None,
         HAS_PREFIX=prefix_len > 0, **prefix_flags, TMA=kv_descs is not None,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, EVEN_D=bd == head_dim, **flags, **compile_options,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, EVEN_D=bd == head_dim, **flags, **dq_options,
     )
-    q_descs = tma_descriptors((q, grad_out), (), bm, bd, varlen is not None, limits)
+    q_descs = tma_descriptors((q, grad_out), (), dkdv_bm, bd, varlen is not None, limits)
 
     if k_len > 0:
-        launcher(_prefix_attention_bwd_dkdv_kernel, (triton.cdiv(k_len, bn) * batch * kv_heads,))(
+        launcher(_prefix_attention_bwd_dkdv_kernel, (triton.cdiv(k_len, dkdv_bn) * batch * kv_heads,))(
             q, k, v, kpm, bounds, cu_q, cu_k, bias_table, bias_buckets, grad_out, lse, delta, dk, dv,
             *(q_descs or (None,) * 2),
             *qkv_strides(q, varlen),
@@ -847,7 +853,7 @@ def prefix_attention_backward(
             scale, qk_scale_log2, threshold, dropout_scale, seed, softcap_in, softcap_out, window, *bias_scalars,
             GROUP=group, VARLEN=varlen is not None, CAUSAL=causal, **softcap_flags,
             HAS_KPM=key_padding_mask is not None, TMA=q_descs is not None,
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, EVEN_D=bd == head_dim, **flags, **compile_options,
+            BLOCK_M=dkdv_bm, BLOCK_N=dkdv_bn, BLOCK_D=bd, EVEN_D=bd == head_dim, **flags, **dkdv_options,
         )
 
     dsinks = None
@@ -858,7 +864,7 @@ def prefix_attention_backward(
         dtable = dbias.view(batch, q_heads, -1, nb_block).sum((0, 2))[:, :num_buckets]
     if prefix_len == 0:
         return dq, dk, dv, torch.zeros_like(prefix_k), torch.zeros_like(prefix_v), dsinks, dtable
-    prefix_blocks = triton.cdiv(prefix_len, bn)
+    prefix_blocks = triton.cdiv(prefix_len, dkdv_bn)
     entries = prefix_k.shape[0] if per_example else 1
     example_order = entry_offsets = None
     if prefix_index is not None:  # the examples of each entry, in batch order (a stable sort): CSR
@@ -890,9 +896,9 @@ def prefix_attention_backward(
         examples_per_entry, examples_per_split, splits, q_heads, kv_heads, q_len, k_len, prefix_len, head_dim,
         stat_rows, scale, qk_scale_log2, threshold, dropout_scale, seed, *prefix_dropout_args, softcap_in, softcap_out,
         window, *bias_scalars,
-        GROUP=group, VARLEN=varlen is not None, **softcap_flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd,
+        GROUP=group, VARLEN=varlen is not None, **softcap_flags, BLOCK_M=dkdv_bm, BLOCK_N=dkdv_bn, BLOCK_D=bd,
         EVEN_D=bd == head_dim, **prefix_flags, **flags, TMA=q_descs is not None,
-        **compile_options,
+        **dkdv_options,
     )
     # Fixed-order sum of the fp32 partials: deterministic.
     if splits == 1:

@@ -161,17 +161,40 @@ _FORWARD_CANDIDATES_FP32 = {
     128: [(64, 32, 8, 2), (32, 32, 4, 2), (32, 32, 4, 1), (16, 16, 4, 1)],
     256: [(32, 32, 8, 1), (16, 16, 4, 1)],
 }
-# One config for the three backward kernels.
+# Backward: the dQ kernel and the two dK/dV kernels (real keys, prefix) each get their own config,
+# keyed by (kernel kind, padded head dim, attention dropout). dQ: BLOCK_M queries per program,
+# BLOCK_N keys per iteration. dK/dV: BLOCK_N keys per program, BLOCK_M queries per iteration.
+# 8 warps only where the score tile has 128 MMA rows: a Hopper wgmma covers 64 rows per warpgroup,
+# and on a 64-row tile Triton's 8 warps (warpsPerCTA [8, 1]) compute it twice, once per warpgroup.
+# The rows are dQ's queries; dK/dV's keys without dropout (it computes the scores transposed, keys x
+# queries, as Triton's tutorial) and its queries with dropout (queries x keys, where the keep mask
+# is drawn). Chosen from the sm_90 static report (benchmarks/static_report.py): spill-free and no
+# more issue slots per (query x key) than the 64 x 64 configs they replace; dK/dV dropout at D=64
+# and D=128 takes 1 stage (2 stages spill there).
 _BACKWARD_CANDIDATES = {
-    64: [(64, 64, 4, 2), (64, 64, 4, 1), (32, 32, 4, 2), (32, 32, 4, 1), (16, 16, 4, 1)],
-    128: [(64, 64, 8, 2), (64, 64, 8, 1), (32, 32, 4, 2), (32, 32, 4, 1), (16, 16, 4, 1)],
-    256: [(64, 64, 8, 2), (64, 64, 8, 1), (32, 32, 4, 2), (32, 32, 4, 1), (16, 16, 4, 1)],
+    ("dq", 64, False): [(64, 64, 4, 2), (64, 64, 4, 1), (32, 32, 4, 2), (32, 32, 4, 1), (16, 16, 4, 1)],
+    ("dq", 64, True): [(64, 64, 4, 2), (64, 64, 4, 1), (32, 32, 4, 2), (32, 32, 4, 1), (16, 16, 4, 1)],
+    ("dkdv", 64, False): [(64, 128, 8, 2), (64, 64, 4, 2), (64, 64, 4, 1), (32, 32, 4, 2), (32, 32, 4, 1),
+                          (16, 16, 4, 1)],
+    ("dkdv", 64, True): [(64, 64, 4, 1), (32, 32, 4, 2), (32, 32, 4, 1), (16, 16, 4, 1)],
+    ("dq", 128, False): [(128, 64, 8, 2), (64, 64, 4, 2), (64, 64, 4, 1), (32, 32, 4, 2), (32, 32, 4, 1),
+                         (16, 16, 4, 1)],
+    ("dq", 128, True): [(128, 64, 8, 2), (64, 64, 4, 2), (64, 64, 4, 1), (32, 32, 4, 2), (32, 32, 4, 1),
+                        (16, 16, 4, 1)],
+    ("dkdv", 128, False): [(32, 128, 8, 2), (32, 128, 8, 1), (32, 64, 4, 2), (32, 32, 4, 2), (32, 32, 4, 1),
+                           (16, 16, 4, 1)],
+    ("dkdv", 128, True): [(128, 64, 8, 1), (64, 64, 4, 1), (32, 32, 4, 2), (32, 32, 4, 1), (16, 16, 4, 1)],
 }
+for _kind in ("dq", "dkdv"):
+    for _dropout in (False, True):
+        _BACKWARD_CANDIDATES[(_kind, 256, _dropout)] = [(64, 64, 8, 2), (64, 64, 8, 1), (32, 32, 4, 2),
+                                                        (32, 32, 4, 1), (16, 16, 4, 1)]
 _BACKWARD_CANDIDATES_FP32 = {
     64: [(32, 32, 4, 2), (32, 32, 4, 1), (16, 16, 4, 1)],
     128: [(32, 32, 8, 2), (32, 32, 8, 1), (16, 16, 4, 1)],
     256: [(32, 32, 8, 1), (16, 16, 4, 1)],
 }
+BACKWARD_KINDS = ("dq", "dkdv")
 FORWARD_SHARED_MEMORY_MARGIN = {torch.float16: 1.25, torch.bfloat16: 1.25, torch.float32: 1.4}
 BACKWARD_SHARED_MEMORY_MARGIN = {torch.float16: 1.1, torch.bfloat16: 1.1, torch.float32: 1.4}
 
@@ -269,28 +292,52 @@ def gpu_forward_configs(head_dim: int, dtype: torch.dtype, max_shared: int, drop
     return all_fitting(candidates, need, FORWARD_SHARED_MEMORY_MARGIN[dtype], max_shared)
 
 
-def backward_config(head_dim: int, dtype: torch.dtype, limits: DeviceLimits) -> dict:
-    """One block config for the three backward kernels on a device with ``limits``."""
+def backward_config(head_dim: int, dtype: torch.dtype, limits: DeviceLimits, dropout: bool = False) -> dict:
+    """The backward kernels' block configs on a device with ``limits``: {"dq": config, "dkdv": config}
+    (the dK/dV config serves the real-key and the prefix dK/dV kernels), each a dict of BLOCK_M,
+    BLOCK_N, num_warps, num_stages."""
     if limits.interpreted:
-        return dict(INTERPRETER_CONFIG)
-    return gpu_backward_config(head_dim, dtype, limits.max_shared_memory)
+        return {kind: dict(INTERPRETER_CONFIG) for kind in BACKWARD_KINDS}
+    return gpu_backward_config(head_dim, dtype, limits.max_shared_memory, dropout)
 
 
-def gpu_backward_config(head_dim: int, dtype: torch.dtype, max_shared: int) -> dict:
-    """One block config for the three backward kernels on a GPU with ``max_shared`` bytes per program."""
-    return gpu_backward_configs(head_dim, dtype, max_shared)[0]
+def gpu_backward_config(head_dim: int, dtype: torch.dtype, max_shared: int, dropout: bool = False) -> dict:
+    """The backward configs on a GPU with ``max_shared`` bytes of shared memory per program."""
+    return {kind: gpu_backward_kernel_configs(kind, head_dim, dtype, max_shared, dropout)[0] for kind in BACKWARD_KINDS}
 
 
-def gpu_backward_configs(head_dim: int, dtype: torch.dtype, max_shared: int) -> list[dict]:
-    """Every backward candidate that fits, the heuristic choice first (the autotuning space)."""
+def gpu_backward_configs(head_dim: int, dtype: torch.dtype, max_shared: int, dropout: bool = False) -> list[dict]:
+    """The autotuning space: the heuristic choice first, then the other fitting dK/dV configs with
+    the chosen dQ config, then the other dQ configs with the chosen dK/dV config (the kernels are
+    timed together, so the two are tuned one after the other rather than as a product)."""
+    dq = gpu_backward_kernel_configs("dq", head_dim, dtype, max_shared, dropout)
+    dkdv = gpu_backward_kernel_configs("dkdv", head_dim, dtype, max_shared, dropout)
+    return ([dict(dq=dq[0], dkdv=c) for c in dkdv] + [dict(dq=c, dkdv=dkdv[0]) for c in dq[1:]])
+
+
+def gpu_backward_kernel_configs(kind: str, head_dim: int, dtype: torch.dtype, max_shared: int,
+                                dropout: bool = False) -> list[dict]:
+    """Every candidate config of one backward kernel kind ("dq" or "dkdv") that fits, best first."""
     bd, size, bucket = block_d(head_dim), dtype.itemsize, head_dim_bucket(head_dim)
-    candidates = (_BACKWARD_CANDIDATES_FP32 if dtype == torch.float32 else _BACKWARD_CANDIDATES)[bucket]
+    if dtype == torch.float32:
+        candidates = _BACKWARD_CANDIDATES_FP32[bucket]
+    else:
+        candidates = _BACKWARD_CANDIDATES[(kind, bucket, dropout)]
 
-    def need(block_m, block_n, stages):  # two resident tiles, plus num_stages streamed tile pairs
-        block = max(block_m, block_n)
-        return (2 * block * bd + 2 * stages * block * bd) * size
+    def need(block_m, block_n, stages):
+        return backward_shared_memory(kind, block_m, block_n, stages, bd, size, dropout)
 
     return all_fitting(candidates, need, BACKWARD_SHARED_MEMORY_MARGIN[dtype], max_shared)
+
+
+def backward_shared_memory(kind: str, block_m: int, block_n: int, stages: int, bd: int, size: int,
+                           dropout: bool) -> int:
+    """Operand bytes of a backward kernel: dQ holds its Q and dO tiles (BLOCK_M x BLOCK_D) and streams
+    num_stages (K, V) tile pairs (BLOCK_N x BLOCK_D); dK/dV holds K and V (BLOCK_N) and streams (Q, dO)
+    pairs (BLOCK_M), and with dropout also transposes P and dS (BLOCK_M x BLOCK_N) through shared memory."""
+    if kind == "dq":
+        return (2 * block_m * bd + 2 * stages * block_n * bd) * size
+    return (2 * block_n * bd + 2 * stages * block_m * bd + (2 * block_m * block_n if dropout else 0)) * size
 
 
 def shared_prefix_splits(batch: int, prefix_blocks: int, kv_heads: int, multi_processor_count: Optional[int]) -> int:
