@@ -278,9 +278,10 @@ def table(records: list[dict]) -> str:
         for loop, accesses in zip(r["loops"], local):
             ours = per_pair(loop)
             cells = [f"{loop['sass']} / ({loop['queries']}x{loop['keys']})", f"{ours:.4f}"]
-            # the ratio compares issue slots (x warps): a config with 8 warps halves the per-thread count
-            ratio = ours * r["num_warps"] / (reference * tutorial[3]) if reference else None
-            cells += [f"{reference:.4f}", f"{ratio:.2f}x"] if reference else ["", ""]
+            if reference:  # the ratio of issue slots (x warps): 8 warps halve the per-thread count
+                cells += [f"{reference:.4f}", f"{ours * r['num_warps'] / (reference * tutorial[3]):.2f}x"]
+            else:
+                cells += ["", ""]
             cells.append(f"{ours * r['num_warps']:.3f}")
             cells.append(str(accesses))
             lines.append(head + " " + " | ".join(cells) + " |")

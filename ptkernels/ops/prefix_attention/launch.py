@@ -162,33 +162,29 @@ _FORWARD_CANDIDATES_FP32 = {
     256: [(32, 32, 8, 1), (16, 16, 4, 1)],
 }
 # Backward: the dQ kernel and the two dK/dV kernels (real keys, prefix) each get their own config,
-# keyed by (kernel kind, padded head dim, attention dropout). dQ: BLOCK_M queries per program,
-# BLOCK_N keys per iteration. dK/dV: BLOCK_N keys per program, BLOCK_M queries per iteration.
+# keyed by (kernel kind, padded head dim, attention dropout); a key with dropout that is not listed
+# takes the entry without (as the forward's table). dQ: BLOCK_M queries per program, BLOCK_N keys
+# per iteration. dK/dV: BLOCK_N keys per program, BLOCK_M queries per iteration.
 # 8 warps only where the score tile has 128 MMA rows: a Hopper wgmma covers 64 rows per warpgroup,
 # and on a 64-row tile Triton's 8 warps (warpsPerCTA [8, 1]) compute it twice, once per warpgroup.
 # The rows are dQ's queries; dK/dV's keys without dropout (it computes the scores transposed, keys x
 # queries, as Triton's tutorial) and its queries with dropout (queries x keys, where the keep mask
 # is drawn). Chosen from the sm_90 static report (benchmarks/static_report.py): spill-free and no
 # more issue slots per (query x key) than the 64 x 64 configs they replace; dK/dV dropout at D=64
-# and D=128 takes 1 stage (2 stages spill there).
+# and D=128 takes 1 stage (2 stages spill there). D=256 keeps the old shared 64 x 64 tiles.
 _BACKWARD_CANDIDATES = {
     ("dq", 64, False): [(64, 64, 4, 2), (64, 64, 4, 1), (32, 32, 4, 2), (32, 32, 4, 1), (16, 16, 4, 1)],
-    ("dq", 64, True): [(64, 64, 4, 2), (64, 64, 4, 1), (32, 32, 4, 2), (32, 32, 4, 1), (16, 16, 4, 1)],
     ("dkdv", 64, False): [(64, 128, 8, 2), (64, 64, 4, 2), (64, 64, 4, 1), (32, 32, 4, 2), (32, 32, 4, 1),
                           (16, 16, 4, 1)],
     ("dkdv", 64, True): [(64, 64, 4, 1), (32, 32, 4, 2), (32, 32, 4, 1), (16, 16, 4, 1)],
     ("dq", 128, False): [(128, 64, 8, 2), (64, 64, 4, 2), (64, 64, 4, 1), (32, 32, 4, 2), (32, 32, 4, 1),
                          (16, 16, 4, 1)],
-    ("dq", 128, True): [(128, 64, 8, 2), (64, 64, 4, 2), (64, 64, 4, 1), (32, 32, 4, 2), (32, 32, 4, 1),
-                        (16, 16, 4, 1)],
     ("dkdv", 128, False): [(32, 128, 8, 2), (32, 128, 8, 1), (32, 64, 4, 2), (32, 32, 4, 2), (32, 32, 4, 1),
                            (16, 16, 4, 1)],
     ("dkdv", 128, True): [(128, 64, 8, 1), (64, 64, 4, 1), (32, 32, 4, 2), (32, 32, 4, 1), (16, 16, 4, 1)],
+    ("dq", 256, False): [(64, 64, 8, 2), (64, 64, 8, 1), (32, 32, 4, 2), (32, 32, 4, 1), (16, 16, 4, 1)],
+    ("dkdv", 256, False): [(64, 64, 8, 2), (64, 64, 8, 1), (32, 32, 4, 2), (32, 32, 4, 1), (16, 16, 4, 1)],
 }
-for _kind in ("dq", "dkdv"):
-    for _dropout in (False, True):
-        _BACKWARD_CANDIDATES[(_kind, 256, _dropout)] = [(64, 64, 8, 2), (64, 64, 8, 1), (32, 32, 4, 2),
-                                                        (32, 32, 4, 1), (16, 16, 4, 1)]
 _BACKWARD_CANDIDATES_FP32 = {
     64: [(32, 32, 4, 2), (32, 32, 4, 1), (16, 16, 4, 1)],
     128: [(32, 32, 8, 2), (32, 32, 8, 1), (16, 16, 4, 1)],
@@ -303,7 +299,8 @@ def backward_config(head_dim: int, dtype: torch.dtype, limits: DeviceLimits, dro
 
 def gpu_backward_config(head_dim: int, dtype: torch.dtype, max_shared: int, dropout: bool = False) -> dict:
     """The backward configs on a GPU with ``max_shared`` bytes of shared memory per program."""
-    return {kind: gpu_backward_kernel_configs(kind, head_dim, dtype, max_shared, dropout)[0] for kind in BACKWARD_KINDS}
+    return {kind: gpu_backward_kernel_configs(kind, head_dim, dtype, max_shared, dropout)[0]
+            for kind in BACKWARD_KINDS}
 
 
 def gpu_backward_configs(head_dim: int, dtype: torch.dtype, max_shared: int, dropout: bool = False) -> list[dict]:
@@ -312,7 +309,7 @@ def gpu_backward_configs(head_dim: int, dtype: torch.dtype, max_shared: int, dro
     timed together, so the two are tuned one after the other rather than as a product)."""
     dq = gpu_backward_kernel_configs("dq", head_dim, dtype, max_shared, dropout)
     dkdv = gpu_backward_kernel_configs("dkdv", head_dim, dtype, max_shared, dropout)
-    return ([dict(dq=dq[0], dkdv=c) for c in dkdv] + [dict(dq=c, dkdv=dkdv[0]) for c in dq[1:]])
+    return [dict(dq=dq[0], dkdv=c) for c in dkdv] + [dict(dq=c, dkdv=dkdv[0]) for c in dq[1:]]
 
 
 def gpu_backward_kernel_configs(kind: str, head_dim: int, dtype: torch.dtype, max_shared: int,
@@ -322,7 +319,7 @@ def gpu_backward_kernel_configs(kind: str, head_dim: int, dtype: torch.dtype, ma
     if dtype == torch.float32:
         candidates = _BACKWARD_CANDIDATES_FP32[bucket]
     else:
-        candidates = _BACKWARD_CANDIDATES[(kind, bucket, dropout)]
+        candidates = _BACKWARD_CANDIDATES.get((kind, bucket, dropout), _BACKWARD_CANDIDATES[(kind, bucket, False)])
 
     def need(block_m, block_n, stages):
         return backward_shared_memory(kind, block_m, block_n, stages, bd, size, dropout)
