@@ -169,9 +169,10 @@ _FORWARD_CANDIDATES_FP32 = {
 # and on a 64-row tile Triton's 8 warps (warpsPerCTA [8, 1]) compute it twice, once per warpgroup.
 # The rows are dQ's queries; dK/dV's keys without dropout (it computes the scores transposed, keys x
 # queries, as Triton's tutorial) and its queries with dropout (queries x keys, where the keep mask
-# is drawn). Chosen from the sm_90 static report (benchmarks/static_report.py): spill-free and no
-# more issue slots per (query x key) than the 64 x 64 configs they replace; dK/dV dropout at D=64
-# and D=128 takes 1 stage (2 stages spill there). D=256 keeps the old shared 64 x 64 tiles.
+# is drawn). Chosen from the sm_90 static report (benchmarks/static_report.py) for spills and issue
+# slots per (query x key): against the shared 64 x 64 configs they replace, D=64 dK/dV costs 2-4%
+# more and no longer spills, D=128 0.36-0.60x; dK/dV dropout at D=64 and D=128 takes 1 stage (2
+# stages spill there). D=256 keeps the old shared 64 x 64 tiles.
 _BACKWARD_CANDIDATES = {
     ("dq", 64, False): [(64, 64, 4, 2), (64, 64, 4, 1), (32, 32, 4, 2), (32, 32, 4, 1), (16, 16, 4, 1)],
     ("dkdv", 64, False): [(64, 128, 8, 2), (64, 64, 4, 2), (64, 64, 4, 1), (32, 32, 4, 2), (32, 32, 4, 1),
