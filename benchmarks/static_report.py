@@ -12,7 +12,7 @@ wheel. For each distinct compiled kernel it records one JSON object with exactly
     features     list of the feature strings of the case that produced it
     block_m, block_n, num_warps, num_stages
     registers    per thread (cuobjdump -res-usage)
-    spill_bytes  spill stores + spill loads reported by ptxas -v for the kernel's PTX
+    spill_bytes  spill stores + spill loads reported by ptxas -v for the kernel's PTX, with triton's flags
     shared_bytes dynamic shared memory
     wgmma        the SASS has warpgroup MMAs (HGMMA)
     tma          the SASS has TMA loads (UTMALDG / UBLKCP)
@@ -38,7 +38,8 @@ issue slots, ours against the tutorial's). Exit status 1 when a
 this report first read them with the right ptxas: a list to shrink; a kernel not listed must not
 spill at all) or a kernel needs more shared memory than the target has (CI fails on that),
 ``--skip-exit-code`` when this triton cannot compile for NVIDIA GPUs. Spills are read from ``ptxas
--v`` run with the ptxas triton uses for the target, and the report fails if ptxas does.
+-v`` run with the ptxas and the flags triton uses for the target (checked: the rerun's SASS must be
+the SASS of triton's cubin), and the report fails if ptxas does or no flag set rebuilds the cubin.
 
     env -u TRITON_INTERPRET python benchmarks/static_report.py --arch sm_90 --json report.json [--quick]
 """
@@ -173,20 +174,40 @@ def _ptxas(arch: int) -> str:
         return _tool("ptxas")
 
 
-def _spill_bytes(ptx: str, arch: int) -> int:
-    """Spill stores + loads reported by ptxas -v for the PTX (the same ptxas triton uses). Raises if
-    ptxas fails: a report that cannot read the spills must not say 0."""
+# The ptxas flag sets triton's releases pass besides -v and the target: triton 3.9 adds
+# --regAllocOptLevel=2 (a workaround for a ptxas 13 bug), which changes the register allocation and
+# so the spills; older releases do not. Triton keeps no ptxas log, so _spill_bytes reruns ptxas with
+# each set and keeps the one that rebuilds triton's own cubin.
+_PTXAS_FLAG_SETS = (["-lineinfo", "--regAllocOptLevel=2"], ["-lineinfo"])
+
+
+def _spill_bytes(ptx: str, arch: int, sass: str, fp_fusion: bool = True) -> int:
+    """Spill stores + loads reported by ptxas -v for the cubin triton built from ``ptx``, whose
+    cuobjdump SASS is ``sass`` (``fp_fusion``: the compile's enable_fp_fusion). ptxas is rerun with
+    the ptxas triton uses and each flag set of ``_PTXAS_FLAG_SETS``; the count comes from the run whose
+    SASS is identical to triton's. Raises if ptxas fails or no flag set reproduces triton's cubin: a
+    report that cannot read the spills of the kernel that runs must not say 0 or guess."""
+    target = f"sm_{arch}{'a' if arch >= 90 else ''}"  # as triton's sm_arch_from_capability
+    fmad = [] if fp_fusion else ["--fmad=false"]
+    tried = []
     with tempfile.TemporaryDirectory() as tmp:
         src = os.path.join(tmp, "k.ptx")
         with open(src, "w") as f:
             f.write(ptx)
-        suffix = "a" if arch == 90 else ""
-        proc = subprocess.run([_ptxas(arch), "-v", f"--gpu-name=sm_{arch}{suffix}", src, "-o",
-                               os.path.join(tmp, "k.cubin")], capture_output=True, text=True, timeout=300)
-    found = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", proc.stdout + proc.stderr)
-    if proc.returncode != 0 or not found:
-        raise RuntimeError(f"ptxas -v failed for sm_{arch} (exit {proc.returncode}): {(proc.stdout + proc.stderr)[-2000:]}")
-    return sum(int(a) + int(b) for a, b in found)
+        for flags in _PTXAS_FLAG_SETS:
+            out = os.path.join(tmp, "k.cubin")
+            proc = subprocess.run([_ptxas(arch), *flags, *fmad, "-v", f"--gpu-name={target}", src, "-o", out],
+                                  capture_output=True, text=True, timeout=300)
+            found = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", proc.stdout + proc.stderr)
+            if proc.returncode != 0 or not found:
+                raise RuntimeError(f"ptxas -v failed for {target} (exit {proc.returncode}): "
+                                   f"{(proc.stdout + proc.stderr)[-2000:]}")
+            with open(out, "rb") as f:
+                if _sass(f.read()) == sass:
+                    return sum(int(a) + int(b) for a, b in found)
+            tried.append(" ".join(flags + fmad))
+    raise RuntimeError(f"no ptxas flag set rebuilds triton's cubin for {target} (tried: {'; '.join(tried)}): "
+                       "add the flags this triton passes to _PTXAS_FLAG_SETS")
 
 
 def _sass(cubin: bytes) -> str:
@@ -197,18 +218,23 @@ def _sass(cubin: bytes) -> str:
                               timeout=300).stdout
 
 
-def _report_job(job) -> dict:
-    """Compile one launch and measure it (runs in a worker process)."""
+def compile_launch(launch: aot_check.Launch, arch: int):
+    """(triton's compiled kernel, its options) for one recorded launch on sm_<arch>."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler.compiler import ASTSource, make_backend
 
-    launch, arch, dtype, head_dim, features = job
     target = GPUTarget("cuda", arch, 32)
-    backend = make_backend(target)
-    signature, constexprs, attrs, options = aot_check._specialise(launch, backend)
+    signature, constexprs, attrs, options = aot_check._specialise(launch, make_backend(target))
     compiled = triton.compile(ASTSource(launch.kernel, signature, constexprs, attrs), target=target,
                               options=options.__dict__)
+    return compiled, options
+
+
+def _report_job(job) -> dict:
+    """Compile one launch and measure it (runs in a worker process)."""
+    launch, arch, dtype, head_dim, features = job
+    compiled, options = compile_launch(launch, arch)
     sass = _sass(compiled.asm["cubin"])
     registers, _ = aot_check._resource_usage(compiled.asm["cubin"])
     block_m = int(launch.kwargs.get("BLOCK_M", 0))
@@ -223,7 +249,7 @@ def _report_job(job) -> dict:
         "num_warps": int(options.num_warps),
         "num_stages": int(options.num_stages),
         "registers": int(registers),
-        "spill_bytes": _spill_bytes(compiled.asm["ptx"], arch),
+        "spill_bytes": _spill_bytes(compiled.asm["ptx"], arch, sass, bool(options.enable_fp_fusion)),
         "shared_bytes": int(compiled.metadata.shared),
         "wgmma": "HGMMA" in sass,
         "tma": bool(re.search(r"\b(UTMALDG|UBLKCP)\b", sass)),

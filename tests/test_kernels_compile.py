@@ -135,4 +135,39 @@ def test_spill_reader_reads_triton_ptx_and_fails_loudly():
     if (reason := aot_check.unavailable_reason()) is not None:
         pytest.skip(reason)
     with pytest.raises(RuntimeError, match="ptxas"):
-        _spill_bytes("this is not PTX", 90)
+        _spill_bytes("this is not PTX", 90, "")
+
+
+def test_spill_reader_reads_the_cubin_triton_built():
+    """The spill count comes from a ptxas run that rebuilds triton's own cubin (same SASS): triton 3.9
+    passes ptxas --regAllocOptLevel=2, which moves the spills, so a plain ``ptxas -v`` reads another
+    kernel's. A SASS that no flag set rebuilds is an error, not a count. In a subprocess, for the
+    reason in the module docstring."""
+    code = """
+import sys
+from benchmarks import aot_check, static_report as sr
+if (reason := aot_check.unavailable_reason()) is not None:
+    print(reason)
+    sys.exit(%d)
+case = sr.case_for("bf16", 64, ("prefix",))
+launch = next(l for l in aot_check.case_launches(case, 90) if l.name == "_sum_splits_kernel")
+compiled, options = sr.compile_launch(launch, 90)
+sass = sr._sass(compiled.asm["cubin"])
+assert "STL" not in sass, "this small kernel should not spill"
+assert sr._spill_bytes(compiled.asm["ptx"], 90, sass, bool(options.enable_fp_fusion)) == 0
+try:
+    sr._spill_bytes(compiled.asm["ptx"], 90, sass.replace("EXIT", "NOP"), bool(options.enable_fp_fusion))
+except RuntimeError as exc:
+    assert "no ptxas flag set rebuilds" in str(exc), exc
+else:
+    raise AssertionError("a SASS no ptxas run rebuilds was given a spill count")
+print("ok")
+""" % SKIP_EXIT_CODE
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    output = proc.stdout + proc.stderr
+    if proc.returncode == SKIP_EXIT_CODE:
+        pytest.skip(output.strip().splitlines()[-1])
+    assert proc.returncode == 0 and "ok" in proc.stdout, output[-20000:]

@@ -331,6 +331,23 @@ def load_full_rows(DESC, batch, head, first_row, base, rows, stride_row, offs_d,
 
 
 @triton.jit
+def load_edge_rows(DESC, batch, head, first_row, base, rows, stride_row, offs_d, row_valid, d_valid,
+                   UPCAST: tl.constexpr, TMA: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``load_tile`` of an edge tile, rows first_row + (0..BLOCK_ROWS) (``rows``) where row_valid.
+    TMA: through DESC as ``load_full_rows``, for a tile whose invalid rows are past the end of the
+    descriptor's (batch, head) matrix (TMA reads them as 0) or rows of real data the caller masks
+    out of the scores and that are finite (a prefix entry's rows past its length); never for rows a
+    key padding mask or a packed sequence's end excludes (those may hold anything, and a masked
+    key's V row must not reach the output as 0 * inf)."""
+    if TMA:
+        tile = load_full_rows(DESC, batch, head, first_row, base, rows, stride_row, offs_d, d_valid, True, UPCAST,
+                              TMA, BLOCK_ROWS, BLOCK_D)
+    else:
+        tile = load_tile(base, rows, stride_row, offs_d, row_valid, d_valid, UPCAST)
+    return tile
+
+
+@triton.jit
 def key_bounds(KEY_BOUNDS, b, k_len, HAS_KPM: tl.constexpr):
     """(lo, hi, contiguous) of example b's attended real keys: with a key padding mask, its
     KEY_BOUNDS row (first attended key, one past the last, 1 when every key in between is attended:

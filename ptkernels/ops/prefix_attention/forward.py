@@ -35,6 +35,7 @@ from .common import (
     window_key_bounds,
     key_bounds,
     descriptor_batch,
+    load_edge_rows,
     load_full_rows,
     load_tile,
     log2_scores,
@@ -248,8 +249,10 @@ def _prefix_attention_fwd_kernel(
         for start_n in range(masked_from, example_prefix_len, BLOCK_N):
             n = start_n + offs_n
             n_valid = n < example_prefix_len
-            k = load_tile(pk_base, n, stride_pkn, offs_d, n_valid, d_valid, UPCAST)
-            v = load_tile(pv_base, n, stride_pvn, offs_d, n_valid, d_valid, UPCAST)
+            k = load_edge_rows(PK_DESC, entry, kv_h, start_n, pk_base, n, stride_pkn, offs_d, n_valid, d_valid,
+                               UPCAST, TMA, BLOCK_N, BLOCK_D)
+            v = load_edge_rows(PV_DESC, entry, kv_h, start_n, pv_base, n, stride_pvn, offs_d, n_valid, d_valid,
+                               UPCAST, TMA, BLOCK_N, BLOCK_D)
             k = drop_prefix_tile(k, prefix_seed, b, kv_h, 0, num_kv_heads, prefix_len, head_dim, n,
                                  prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT, BLOCK_N, BLOCK_D)
             v = drop_prefix_tile(v, prefix_seed, b, kv_h, 1, num_kv_heads, prefix_len, head_dim, n,
@@ -289,11 +292,17 @@ def _prefix_attention_fwd_kernel(
     if HAS_KPM:  # a mask that is not one run of keys: no tiles here, all in the general loop below
         full_hi = tl.where(contiguous, full_hi, full_lo)
         edge_hi = tl.where(contiguous, edge_hi, 0)
+    kv_batch = descriptor_batch(b, VARLEN)
+    # Edge tiles through TMA too where their masked keys are past the end of K / V (read as 0): no
+    # padding mask, not packed (``load_edge_rows``).
+    EDGE_TMA: tl.constexpr = TMA and not HAS_KPM and not VARLEN
     for start_n in range(first_lo // BLOCK_N * BLOCK_N, tl.minimum(full_lo, edge_hi), BLOCK_N):
         n = start_n + offs_n
         n_valid = n < hi_b
-        k = load_tile(k_base, n, stride_kn, offs_d, n_valid, d_valid, UPCAST)
-        v = load_tile(v_base, n, stride_vn, offs_d, n_valid, d_valid, UPCAST)
+        k = load_edge_rows(K_DESC, kv_batch, kv_h, k_start + start_n, k_base, n, stride_kn, offs_d, n_valid, d_valid,
+                           UPCAST, EDGE_TMA, BLOCK_N, BLOCK_D)
+        v = load_edge_rows(V_DESC, kv_batch, kv_h, k_start + start_n, v_base, n, stride_vn, offs_d, n_valid, d_valid,
+                           UPCAST, EDGE_TMA, BLOCK_N, BLOCK_D)
         visible_2d = bounded_keys_visible(n, lo_b, hi_b, offs_m, q_len, k_len, CAUSAL, window, WINDOW)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         s = log2_scores(qk, qk_scale_log2, softcap_in, softcap_out, SOFTCAP)
@@ -302,7 +311,6 @@ def _prefix_attention_fwd_kernel(
         acc, m_i, l_i = _online_softmax_step(
             acc, m_i, l_i, s, v, seed, first_row, real_lane + start_n, dropout_threshold, DROPOUT,
             DOT_PRECISION, BLOCK_M, BLOCK_N)
-    kv_batch = descriptor_batch(b, VARLEN)
     for start_n in range(full_lo, full_hi, BLOCK_N):
         n = start_n + offs_n
         k = load_full_rows(K_DESC, kv_batch, kv_h, k_start + start_n, k_base, n, stride_kn, offs_d, d_valid, EVEN_D,
@@ -317,8 +325,10 @@ def _prefix_attention_fwd_kernel(
     for start_n in range(full_hi, edge_hi, BLOCK_N):
         n = start_n + offs_n
         n_valid = n < hi_b
-        k = load_tile(k_base, n, stride_kn, offs_d, n_valid, d_valid, UPCAST)
-        v = load_tile(v_base, n, stride_vn, offs_d, n_valid, d_valid, UPCAST)
+        k = load_edge_rows(K_DESC, kv_batch, kv_h, k_start + start_n, k_base, n, stride_kn, offs_d, n_valid, d_valid,
+                           UPCAST, EDGE_TMA, BLOCK_N, BLOCK_D)
+        v = load_edge_rows(V_DESC, kv_batch, kv_h, k_start + start_n, v_base, n, stride_vn, offs_d, n_valid, d_valid,
+                           UPCAST, EDGE_TMA, BLOCK_N, BLOCK_D)
         visible_2d = bounded_keys_visible(n, lo_b, hi_b, offs_m, q_len, k_len, CAUSAL, window, WINDOW)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         s = log2_scores(qk, qk_scale_log2, softcap_in, softcap_out, SOFTCAP)
