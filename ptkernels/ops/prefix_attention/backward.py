@@ -255,7 +255,10 @@ def _prefix_attention_bwd_dq_kernel(
     v_base = V + b * stride_vb + k_start * stride_vn + kv_h * stride_vh
     lo_b, hi_b, contiguous = key_bounds(KEY_BOUNDS, b, k_len, HAS_KPM)
     kv_batch = descriptor_batch(b, VARLEN)
-    EDGE_TMA: tl.constexpr = TMA and not HAS_KPM and not VARLEN  # as in the forward (``load_edge_rows``)
+    # As in the forward (``load_edge_rows``): the bounded edge tiles through TMA without a padding
+    # mask, the general mask's tiles (which read every key before Sk anyway) with one.
+    EDGE_TMA: tl.constexpr = TMA and not HAS_KPM and not VARLEN
+    GENERAL_TMA: tl.constexpr = TMA and not VARLEN
     if contiguous:
         full_end = hi_b
         if CAUSAL:
@@ -302,8 +305,10 @@ def _prefix_attention_bwd_dq_kernel(
         for start_n in range(first_key // BLOCK_N * BLOCK_N, hi, BLOCK_N):
             n = start_n + offs_n
             n_valid = n < k_len
-            k = load_tile(k_base, n, stride_kn, offs_d, n_valid, d_valid, UPCAST)
-            v = load_tile(v_base, n, stride_vn, offs_d, n_valid, d_valid, UPCAST)
+            k = load_edge_rows(K_DESC, kv_batch, kv_h, k_start + start_n, k_base, n, stride_kn, offs_d, n_valid,
+                               d_valid, UPCAST, GENERAL_TMA, BLOCK_N, BLOCK_D)
+            v = load_edge_rows(V_DESC, kv_batch, kv_h, k_start + start_n, v_base, n, stride_vn, offs_d, n_valid,
+                               d_valid, UPCAST, GENERAL_TMA, BLOCK_N, BLOCK_D)
             visible_2d = real_keys_visible(KEY_PADDING_MASK, b, stride_mb, stride_mn, n, n_valid, offs_m, q_len,
                                            k_len, HAS_KPM, CAUSAL, window, WINDOW)
             dq, dbias = _dq_tile(dq, q, do, lse, delta, k, v, visible_2d, seed, first_row, real_lane + start_n,

@@ -299,6 +299,11 @@ def _prefix_attention_fwd_kernel(
     # Edge tiles through TMA too where their masked keys are past the end of K / V (read as 0): no
     # padding mask, not packed (``load_edge_rows``).
     EDGE_TMA: tl.constexpr = TMA and not HAS_KPM and not VARLEN
+    # The general mask's tiles (below) read every key before Sk anyway: through TMA as well, but
+    # under attention dropout. (Their pointer loads made the forward spill with a padding mask:
+    # 472 bytes at D=128, 0 with the general loop taken out, 284 through TMA; with dropout TMA
+    # there spilled more, 324 -> 528 bytes at D=128, 26 local accesses per masked tile against 15.)
+    GENERAL_TMA: tl.constexpr = TMA and not VARLEN and not DROPOUT
     for start_n in range(first_lo // BLOCK_N * BLOCK_N, tl.minimum(full_lo, edge_hi), BLOCK_N):
         n = start_n + offs_n
         n_valid = n < hi_b
@@ -346,8 +351,10 @@ def _prefix_attention_fwd_kernel(
         for start_n in range(general_lo, tl.where(contiguous, general_lo, hi), BLOCK_N):
             n = start_n + offs_n
             n_valid = n < k_len
-            k = load_tile(k_base, n, stride_kn, offs_d, n_valid, d_valid, UPCAST)
-            v = load_tile(v_base, n, stride_vn, offs_d, n_valid, d_valid, UPCAST)
+            k = load_edge_rows(K_DESC, kv_batch, kv_h, k_start + start_n, k_base, n, stride_kn, offs_d, n_valid,
+                               d_valid, UPCAST, GENERAL_TMA, BLOCK_N, BLOCK_D)
+            v = load_edge_rows(V_DESC, kv_batch, kv_h, k_start + start_n, v_base, n, stride_vn, offs_d, n_valid,
+                               d_valid, UPCAST, GENERAL_TMA, BLOCK_N, BLOCK_D)
             visible_2d = real_keys_visible(KEY_PADDING_MASK, b, stride_mb, stride_mn, n, n_valid, offs_m, q_len,
                                            k_len, HAS_KPM, CAUSAL, window, WINDOW)
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
