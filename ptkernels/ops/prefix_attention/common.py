@@ -336,10 +336,11 @@ def load_edge_rows(DESC, batch, head, first_row, base, rows, stride_row, offs_d,
     """``load_tile`` of an edge tile, rows first_row + (0..BLOCK_ROWS) (``rows``) where row_valid.
     TMA: through DESC as ``load_full_rows``, for a tile whose invalid rows are past the end of the
     descriptor's (batch, head) matrix (TMA reads them as 0) or rows of real data the caller masks
-    out of the scores (a prefix entry's rows past its length, keys the causal mask or window hides);
-    the callers do not use it for keys past a padding mask's last attended key or a packed
-    sequence's end, which the pointer loads never read (TMA would, and with a padding mask it
-    compiled to more spills at D=64)."""
+    out of the scores (a prefix entry's rows past its length, keys the causal mask or window hides,
+    and in the general padding-mask loop every key before Sk, which its pointer loads read anyway);
+    the callers do not use it for the contiguous padding mask's edge tiles (their pointer loads
+    read no key past the last attended one; TMA there compiled to more spills at D=64) nor past a
+    packed sequence's end."""
     if TMA:
         tile = load_full_rows(DESC, batch, head, first_row, base, rows, stride_row, offs_d, d_valid, True, UPCAST,
                               TMA, BLOCK_ROWS, BLOCK_D)

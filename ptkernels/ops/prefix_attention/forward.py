@@ -173,9 +173,10 @@ def _prefix_attention_fwd_kernel(
     (4-D views of K, V, ``launch.tma_descriptor``) and PK_DESC, PV_DESC (of the prefix, as
     (entries, Hkv, P, D)); edge tiles too where every key they mask is past the end of K / V or of
     the prefix entry, or hidden by the causal mask or window (no padding mask, not packed:
-    ``load_edge_rows``), else masked pointer loads, which read no key past the last attended one or
-    the packed sequence's end (a masked key inside the loaded range is read and weighted 0, as in
-    SDPA with a mask: its K / V must be finite).
+    ``load_edge_rows``), and a non-contiguous padding mask's tiles without DROPOUT (they read every
+    key before Sk either way); else masked pointer loads, which read no key past the last attended
+    one or the packed sequence's end (a masked key inside the loaded range is read and weighted 0,
+    as in SDPA with a mask: its K / V must be finite).
 
     Example b's prefix: entry ``example_prefix(...)`` of PREFIX_K / PREFIX_V (a bank read through
     PREFIX_INDEX, a per-example prefix, or a shared one with batch stride 0), its first
