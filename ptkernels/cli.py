@@ -1,7 +1,7 @@
 """The ``ptkernels`` command: thin entry points into the source tree's ``benchmarks/`` folder.
 
     ptkernels verify [--interpret] [--grid small|default|full] [--dtypes fp32,fp16,bf16] ...
-    ptkernels bench [--quick] [--e2e SUITE|none] [--config cpu|gpu|quick|FILE.json] [--out DIR] ...
+    ptkernels bench [--quick] [--e2e SUITE|none] [--config cpu|gpu|target|quick|FILE.json] [--out DIR] ...
 
 ``bench`` first times the end-to-end headline (a PEFT training step and an inference forward,
 unpatched against ``ptkernels.patch``, ``benchmarks/e2e.py``), then the op rows
@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="end-to-end suite: default | matrix | gpu | smoke | none (default: gpu on CUDA, default "
                         "otherwise; smoke with --quick)")
     b.add_argument("--config", default=None,
-                   help="op rows: cpu | gpu | quick | none | path to a JSON config (default: gpu on CUDA, cpu otherwise)")
+                   help="op rows: cpu | gpu | target | quick | none | path to a JSON config (default: gpu on CUDA, cpu otherwise)")
     b.add_argument("--print-config", action="store_true", help="print the op config as JSON and exit")
     b.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     b.add_argument("--dtype", default=None, choices=["auto", "float32", "float16", "bfloat16"],

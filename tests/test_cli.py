@@ -148,3 +148,31 @@ def test_bench_print_config_is_json():
     cfg = json.loads(r.stdout[r.stdout.index("{"):])
     assert {c["S"] for c in cfg["attention"] if c["family"] == "bert"} == {128, 256, 512, 1024}
     assert {c["P"] for c in cfg["attention"] if c["family"] == "gpt2"} == {16, 64, 128, 256}
+
+
+def _gpu_check_dry_run(tmp_path, budget):
+    """benchmarks/gpu_check.sh with GPU_CHECK_DRY_RUN=1: its summary.txt lines, nothing run."""
+    env = dict(os.environ, GPU_CHECK_DRY_RUN="1", BUDGET_S=str(budget))
+    r = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_check.sh"), str(tmp_path)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "torch" in (tmp_path / "env.txt").read_text()
+    return (tmp_path / "summary.txt").read_text().splitlines()
+
+
+def test_gpu_check_runs_the_headline_first_and_every_step_inside_its_budget(tmp_path):
+    lines = _gpu_check_dry_run(tmp_path, 540)
+    steps = [line.split(":")[0] for line in lines[:-1]]
+    assert steps == ["headline", "headline_no_tma", "suite", "e2e", "packing", "adapters", "static_report"]
+    assert "--config target" in lines[0] and "PTKERNELS_TMA=0" in lines[1]
+    limits = [int(line.split("limit ")[1].split(" s")[0]) for line in lines[:-1]]
+    assert all(0 < limit <= 540 for limit in limits)
+    # issue 14: the headline shape is in the rows the headline times
+    from benchmarks.ops.registry import CONFIGS
+    assert dict(B=32, Hq=12, S=512, P=128, D=64, causal=False, padding="none").items() <= \
+        CONFIGS["target"]["attention"][0].items()
+
+
+def test_gpu_check_skips_what_the_budget_cannot_hold(tmp_path):
+    lines = _gpu_check_dry_run(tmp_path, 5)
+    assert len(lines) == 8 and all(line.endswith("skipped, the budget is spent") for line in lines[:-1])

@@ -176,6 +176,22 @@ GPU_DEFAULT = {
     ],
 }
 
+# Issue 14's headline shape first (BERT-base heads, B=32, S=512, P=128: Triton against SDPA's flash
+# backend on the concatenated keys without a mask), then the same with causal and padding, and one
+# Llama-style GQA row: the op rows `benchmarks/gpu_check.sh` times inside its budget.
+TARGET = {
+    "name": "target",
+    "dtype": "auto",
+    "timing": {"min_run_time": 0.5},
+    "attention": [
+        dict(family="bert", B=32, Hq=12, Hkv=12, S=512, P=128, D=64, causal=False, padding="none"),
+        dict(family="gpt2", B=32, Hq=12, Hkv=12, S=512, P=128, D=64, causal=True, padding="none"),
+        dict(family="bert-padded", B=32, Hq=12, Hkv=12, S=512, P=128, D=64, causal=False, padding="random"),
+        dict(family="llama-gqa", B=8, Hq=32, Hkv=8, S=1024, P=256, D=128, causal=True, padding="none"),
+    ],
+    "prompt_embedding": [dict(family="bert", V=30522, E=768, B=32, S=512, P=20)],
+}
+
 QUICK = {
     "name": "quick",
     "dtype": "float32",
@@ -187,7 +203,7 @@ QUICK = {
     "prompt_embedding": [dict(family="tiny", V=100, E=32, B=2, S=16, P=4)],
 }
 
-CONFIGS = {"cpu": CPU_DEFAULT, "gpu": GPU_DEFAULT, "quick": QUICK}
+CONFIGS = {"cpu": CPU_DEFAULT, "gpu": GPU_DEFAULT, "target": TARGET, "quick": QUICK}
 
 
 def default_config(device: torch.device, quick: bool = False) -> dict:
