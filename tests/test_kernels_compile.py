@@ -39,7 +39,8 @@ def test_kernels_compile_for_sm90_and_sm80():
 
 
 def test_quick_cases_launch_every_kernel_with_the_targets_limits():
-    # Recorded in this (interpreted) process, nothing compiled: the CI set reaches every kernel of
+    # Recorded in this (interpreted) process, nothing compiled: the CI set of each target (sm_80 a
+    # subset of sm_90's) reaches every kernel of
     # the launchers' KERNELS, with the block configs chosen for each target's shared memory.
     # Compiled for an NVIDIA GPU, the attention dropout's Philox takes the inline-PTX multiplies, and
     # the attention kernels ask for floating-point contraction (launch.FP_FUSION).
@@ -50,7 +51,7 @@ def test_quick_cases_launch_every_kernel_with_the_targets_limits():
     for arch in (90, 80):
         limits = aot_check.target_limits(arch)
         launched = set()
-        for case in aot_check.quick_cases():
+        for case in aot_check.quick_cases(arch):
             for launch in aot_check.case_launches(case, arch, allow_interpreted=True):
                 launched.add(launch.name)
                 if launch.name.startswith("_prefix_attention_"):  # contraction pinned, whatever triton's default
@@ -126,6 +127,22 @@ def test_spill_baseline_logic():
     assert [r["kernel"] for r in spilling(records, known)] == ["a", "b"]  # a at D=128 is not recorded
     assert [r["head_dim"] for r in spilling([rec("a", spill=101)], known)] == [64]  # growth
     assert spilling([rec("a", spill=60)], known) == []
+
+
+def test_sass_spill_bytes_counts_each_local_access_by_its_width():
+    from benchmarks.static_report import sass_spill_bytes
+
+    sass = """
+        /*0100*/                   STL.64 [R1+0x8], R4 ;
+        /*0110*/                   LDL.LU.128 R8, [R1+0x10] ;
+        /*0120*/                   LDL R3, [R1+0x4] ;
+        /*0130*/                   STL [R1], R2 ;
+        /*0140*/                   LDG.E.64 R6, desc[UR4][R2.64] ;
+        /*0150*/                   STS.128 [R0], R8 ;
+        /*0160*/                   LDL.U8 R5, [R1+0x3] ;
+    """
+    assert sass_spill_bytes(sass) == 8 + 16 + 4 + 4 + 1
+    assert sass_spill_bytes("/*0100*/ LDG.E R2, desc[UR4][R2.64] ;") == 0
 
 
 def test_spill_reader_reads_triton_ptx_and_fails_loudly():
