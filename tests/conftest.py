@@ -16,6 +16,12 @@ if not torch.cuda.is_available():
 # same machine can replay an outdated backward call (seen when a backward argument was added).
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="ptkernels-inductor-"))
 
+# Under pytest-xdist (the README's `-n auto`) on the CPU, one torch thread per worker: with one
+# worker per core, several OpenMP threads each oversubscribe the cores, and their spin-waits made
+# the Hugging Face tests 1.6x slower than in one process.
+if not torch.cuda.is_available() and os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+
 import pytest  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
