@@ -183,12 +183,12 @@ TARGET = {
     "name": "target",
     "dtype": "auto",
     "timing": {"min_run_time": 0.5},
-    "attention": [
-        dict(family="bert", B=32, Hq=12, Hkv=12, S=512, P=128, D=64, causal=False, padding="none"),
-        dict(family="gpt2", B=32, Hq=12, Hkv=12, S=512, P=128, D=64, causal=True, padding="none"),
-        dict(family="bert-padded", B=32, Hq=12, Hkv=12, S=512, P=128, D=64, causal=False, padding="random"),
-        dict(family="llama-gqa", B=8, Hq=32, Hkv=8, S=1024, P=256, D=128, causal=True, padding="none"),
-    ],
+    "attention": (
+        _grid("bert", 12, 64, [512], [128], batch=32, causal=False)
+        + _grid("gpt2", 12, 64, [512], [128], batch=32, causal=True)
+        + _grid("bert-padded", 12, 64, [512], [128], batch=32, causal=False, padding="random")
+        + _grid("llama-gqa", 32, 128, [1024], [256], batch=8, causal=True, Hkv=8)
+    ),
     "prompt_embedding": [dict(family="bert", V=30522, E=768, B=32, S=512, P=20)],
 }
 

@@ -300,7 +300,7 @@ def _prefix_attention_fwd_kernel(
     # Edge tiles through TMA too where their masked keys are past the end of K / V (read as 0): no
     # padding mask, not packed (``load_edge_rows``).
     EDGE_TMA: tl.constexpr = TMA and not HAS_KPM and not VARLEN
-    # The general mask's tiles (below) read every key before Sk anyway: through TMA as well, but
+    # The general mask's tiles (below) read every key before Sk anyway: through TMA as well, except
     # under attention dropout. (Their pointer loads made the forward spill with a padding mask:
     # 472 bytes at D=128, 0 with the general loop taken out, 284 through TMA; with dropout TMA
     # there spilled more, 324 -> 528 bytes at D=128, 26 local accesses per masked tile against 15.)
