@@ -228,12 +228,15 @@ def test_prefix_dropout_mask_recovered_exactly_when_only_the_prefix_is_visible(b
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
-@pytest.mark.parametrize("kind", ["bank", "shared"])
+@pytest.mark.parametrize("kind", ["bank", "shared", "per_example"])
 def test_prefix_dropout_matches_oracle_given_the_backends_keep_mask(backend, kind):
     """Full attention (real keys, causal, padding, lengths) with prefix dropout and attention dropout
-    off: forward and gradients equal the oracle replaying the backend's own keep mask."""
+    off: forward and gradients equal the oracle replaying the backend's own keep mask. The Triton
+    prefix gradient adds each example's share into float32 partials in memory: the bank's entry 2
+    (examples 0 and 2) and the shared prefix sum two examples in one program (2 splits of 2 in the
+    interpreter), the per-example prefix one."""
     case = BankCase(kind=kind, index=(2, 0, 2, 1) if kind == "bank" else (), causal=True, padding=True,
-                    lengths=(21, 6, 13) if kind == "bank" else (9,))
+                    lengths={"bank": (21, 6, 13), "shared": (9,), "per_example": (21, 0, 9, 16)}[kind])
     p = 0.25
     device = DEVICE if backend == "triton" else "cpu"
     q, k, v, pk, pv, mask, index, lengths = make_bank_inputs(case, device=device)

@@ -36,6 +36,7 @@ from .common import (
     load_edge_rows,
     load_full_rows,
     load_tile,
+    loop_variant_zero,
     prefix_dropout_keep,
     relative_bias,
     relative_bucket,
@@ -608,8 +609,10 @@ def _prefix_attention_bwd_prefix_dkdv_kernel(
     - Per-example prefix (B, Hkv, P, D): A = B, entry a is example a (examples_per_entry 1).
     - Shared prefix (Hkv, P, D), batch stride 0: A = 1, examples 0..B (examples_per_entry B).
     Split s takes examples [s * examples_per_split, (s + 1) * examples_per_split) of its entry's list.
-    With PREFIX_DROPOUT each example's contribution is accumulated apart and multiplied by that
-    example's keep mask times 1 / P(keep) (the gradient of the dropped tile w.r.t. the raw one).
+    With PREFIX_DROPOUT each example's contribution is accumulated apart, multiplied by that
+    example's keep mask times 1 / P(keep) (the gradient of the dropped tile w.r.t. the raw one) and
+    added into DPREFIX_K / DPREFIX_V, which are then float32 and zeroed by the launcher
+    (PREFIX_DROPOUT: 0 without prefix dropout, else ``launch.philox_mode``, for ``loop_variant_zero``).
     VARLEN: example b is packed sequence b (its queries rows CU_SEQLENS_Q[b].. of Q, LSE (Hq, total_q)).
     TMA: full query tiles load Q and dO through Q_DESC, DO_DESC (``launch.tma_descriptor``).
     """
@@ -635,10 +638,11 @@ def _prefix_attention_bwd_prefix_dkdv_kernel(
         split_last = split_first
     n_valid = offs_n < entry_prefix_len
     # A shared prefix has batch stride 0, so this reads the same (Hkv, P, D) rows for every entry.
-    k_raw = load_tile(PREFIX_K + entry * stride_pkb + kv_h * stride_pkh, offs_n, stride_pkn, offs_d, n_valid,
-                      d_valid, UPCAST)
-    v_raw = load_tile(PREFIX_V + entry * stride_pvb + kv_h * stride_pvh, offs_n, stride_pvn, offs_d, n_valid,
-                      d_valid, UPCAST)
+    pk_base = PREFIX_K + entry * stride_pkb + kv_h * stride_pkh
+    pv_base = PREFIX_V + entry * stride_pvb + kv_h * stride_pvh
+    if not PREFIX_DROPOUT:  # (with it, each example loads the raw tiles anew: fewer live registers)
+        k_raw = load_tile(pk_base, offs_n, stride_pkn, offs_d, n_valid, d_valid, UPCAST)
+        v_raw = load_tile(pv_base, offs_n, stride_pvn, offs_d, n_valid, d_valid, UPCAST)
     visible_t = n_valid[:, None]
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -646,6 +650,10 @@ def _prefix_attention_bwd_prefix_dkdv_kernel(
     block_full = start_n + BLOCK_N <= entry_prefix_len
     full_stop = tl.where(block_full, (q_len // BLOCK_M) * BLOCK_M, 0)
     window_shift = entry_prefix_len + (k_len - q_len)  # query i at position P_b + Sk - Sq + i (not with VARLEN)
+    kd_mask = (offs_n < prefix_len)[:, None] & d_valid[None, :]  # every row of the entry: 0 past its length
+    dv_scale = 1.0
+    if DROPOUT:  # the attention dropout's 1 / P(keep) of every kept weight (see _dkdv_tile)
+        dv_scale = dropout_scale
     for i in range(split_first, split_last):
         if HAS_INDEX:
             b = tl.load(EXAMPLE_ORDER + i).to(tl.int64)
@@ -661,12 +669,20 @@ def _prefix_attention_bwd_prefix_dkdv_kernel(
             full_stop = 0
             q_end = tl.minimum(example_q_len, start_n + BLOCK_N - 1 - window_shift + window)
         if PREFIX_DROPOUT:  # example b's own dropped tiles; its gradient times its keep mask / P(keep)
-            keep_k = prefix_dropout_keep(prefix_seed, b, kv_h, 0, num_kv_heads, prefix_len, head_dim, offs_n,
+            # The prefix rows offs_n, computed anew in each iteration (``loop_variant_zero``): the
+            # pointers of the raw tiles and of the running sums below are not held across the loops.
+            rows = offs_n + loop_variant_zero(i, PREFIX_DROPOUT)
+            rows_2d = rows[:, None].to(tl.int64)
+            rows_mask = (rows < prefix_len)[:, None] & d_valid[None, :]
+            rows_valid = rows < entry_prefix_len
+            keep_k = prefix_dropout_keep(prefix_seed, b, kv_h, 0, num_kv_heads, prefix_len, head_dim, rows,
                                          prefix_dropout_threshold, BLOCK_N, BLOCK_D)
-            keep_v = prefix_dropout_keep(prefix_seed, b, kv_h, 1, num_kv_heads, prefix_len, head_dim, offs_n,
+            keep_v = prefix_dropout_keep(prefix_seed, b, kv_h, 1, num_kv_heads, prefix_len, head_dim, rows,
                                          prefix_dropout_threshold, BLOCK_N, BLOCK_D)
-            k = tl.where(keep_k, k_raw * prefix_dropout_scale, 0.0).to(k_raw.dtype)
-            v = tl.where(keep_v, v_raw * prefix_dropout_scale, 0.0).to(v_raw.dtype)
+            k = load_tile(pk_base, rows, stride_pkn, offs_d, rows_valid, d_valid, UPCAST)
+            k = tl.where(keep_k, k * prefix_dropout_scale, 0.0).to(k.dtype)
+            v = load_tile(pv_base, rows, stride_pvn, offs_d, rows_valid, d_valid, UPCAST)
+            v = tl.where(keep_v, v * prefix_dropout_scale, 0.0).to(v.dtype)
             dk_b, dv_b = _prefix_example_dkdv(
                 tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32), tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32),
                 k, v, Q, GRAD_OUT, LSE, DELTA, b, kv_h, q_start, example_q_len, full_stop, stat_rows, num_q_heads,
@@ -675,8 +691,23 @@ def _prefix_attention_bwd_prefix_dkdv_kernel(
                 GROUP, VARLEN, DROPOUT, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, EVEN_D,
                 softcap_in, softcap_out, SOFTCAP, offs_n, window_shift, window, q_end, WINDOW,
                 BIAS_TABLE, BIAS_BUCKETS, bias_row_len, bias_center, bias_last, BIAS, Q_DESC, DO_DESC, TMA, BLOCK_D)
-            dk += tl.where(keep_k, dk_b * prefix_dropout_scale, 0.0)
-            dv += tl.where(keep_v, dv_b * prefix_dropout_scale, 0.0)
+            # The running sums live in DPREFIX_K / DPREFIX_V (float32, zeroed by the launcher), not in
+            # registers: four fp32 tiles (the example's and the running dK, dV) beside the raw ones
+            # spilled 4 KB at D=128. This program alone writes these rows; the barrier orders one
+            # example's stores before the next one's loads (a load's layout may give an element to
+            # another thread). The scales fold in here (dK's softmax scale, dV's 1 / P(keep)).
+            keep_k = prefix_dropout_keep(prefix_seed, b, kv_h, 0, num_kv_heads, prefix_len, head_dim, rows,
+                                         prefix_dropout_threshold, BLOCK_N, BLOCK_D)
+            dk_ptrs = DPREFIX_K + outer * stride_dpks + kv_h * stride_dpkh + rows_2d * stride_dpkn + offs_d[None, :]
+            dk_sum = tl.load(dk_ptrs, mask=rows_mask, other=0.0)
+            tl.store(dk_ptrs, dk_sum + tl.where(keep_k, dk_b * (prefix_dropout_scale * scale), 0.0), mask=rows_mask)
+            keep_v = prefix_dropout_keep(prefix_seed, b, kv_h, 1, num_kv_heads, prefix_len, head_dim, rows,
+                                         prefix_dropout_threshold, BLOCK_N, BLOCK_D)
+            dv_ptrs = DPREFIX_V + outer * stride_dpvs + kv_h * stride_dpvh + rows_2d * stride_dpvn + offs_d[None, :]
+            dv_sum = tl.load(dv_ptrs, mask=rows_mask, other=0.0)
+            tl.store(dv_ptrs, dv_sum + tl.where(keep_v, dv_b * (prefix_dropout_scale * dv_scale), 0.0),
+                     mask=rows_mask)
+            tl.debug_barrier()
         else:
             dk, dv = _prefix_example_dkdv(
                 dk, dv, k_raw, v_raw, Q, GRAD_OUT, LSE, DELTA, b, kv_h, q_start, example_q_len, full_stop, stat_rows,
@@ -685,13 +716,11 @@ def _prefix_attention_bwd_prefix_dkdv_kernel(
                 GROUP, VARLEN, DROPOUT, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, EVEN_D,
                 softcap_in, softcap_out, SOFTCAP, offs_n, window_shift, window, q_end, WINDOW,
                 BIAS_TABLE, BIAS_BUCKETS, bias_row_len, bias_center, bias_last, BIAS, Q_DESC, DO_DESC, TMA, BLOCK_D)
-    kd_mask = (offs_n < prefix_len)[:, None] & d_valid[None, :]  # every row of the entry: 0 past its length
-    tl.store(DPREFIX_K + outer * stride_dpks + kv_h * stride_dpkh + keys * stride_dpkn + offs_d[None, :],
-             (dk * scale).to(DPREFIX_K.dtype.element_ty), mask=kd_mask)
-    if DROPOUT:  # the attention dropout's 1 / P(keep) of every kept weight (see _dkdv_tile)
-        dv = dv * dropout_scale
-    tl.store(DPREFIX_V + outer * stride_dpvs + kv_h * stride_dpvh + keys * stride_dpvn + offs_d[None, :],
-             dv.to(DPREFIX_V.dtype.element_ty), mask=kd_mask)
+    if not PREFIX_DROPOUT:
+        tl.store(DPREFIX_K + outer * stride_dpks + kv_h * stride_dpkh + keys * stride_dpkn + offs_d[None, :],
+                 (dk * scale).to(DPREFIX_K.dtype.element_ty), mask=kd_mask)
+        tl.store(DPREFIX_V + outer * stride_dpvs + kv_h * stride_dpvh + keys * stride_dpvn + offs_d[None, :],
+                 (dv * dv_scale).to(DPREFIX_V.dtype.element_ty), mask=kd_mask)
 
 
 @triton.jit
@@ -816,7 +845,7 @@ def prefix_attention_backward(
     flags = dict(DROPOUT=dropout_mode(dropout_p, limits), UPCAST=upcast_in_interpreter(q.dtype, limits.interpreted),
                  DOT_PRECISION=dot_precision(q.dtype, limits.hip))
     prefix_flags = dict(HAS_INDEX=prefix_index is not None, HAS_LENGTHS=prefix_lengths is not None,
-                        PREFIX_DROPOUT=prefix_dropout_p > 0.0)
+                        PREFIX_DROPOUT=dropout_mode(prefix_dropout_p, limits))
     qk_scale_log2 = scale * LOG2_E
     threshold, dropout_scale = dropout_threshold(dropout_p)
     prefix_dropout_args = (*dropout_threshold(prefix_dropout_p), prefix_seed)
@@ -904,10 +933,12 @@ def prefix_attention_backward(
         splits = shared_prefix_splits(batch, prefix_blocks, kv_heads, limits.multi_processor_count)
     examples_per_split = triton.cdiv(batch, splits)
     splits = triton.cdiv(batch, examples_per_split)
-    partial_dtype = prefix_k.dtype if splits == 1 else torch.float32
+    # With prefix dropout the kernel adds each example's share into the (zeroed) float32 partials.
+    partial_dtype = prefix_k.dtype if splits == 1 and prefix_dropout_p == 0.0 else torch.float32
     shape = (entries, splits) + tuple(prefix_k.shape[-3:])
-    dpk = torch.empty(shape, device=q.device, dtype=partial_dtype)
-    dpv = torch.empty(shape, device=q.device, dtype=partial_dtype)
+    alloc = torch.zeros if prefix_dropout_p > 0.0 else torch.empty
+    dpk = alloc(shape, device=q.device, dtype=partial_dtype)
+    dpv = alloc(shape, device=q.device, dtype=partial_dtype)
     launcher(_prefix_attention_bwd_prefix_dkdv_kernel, (prefix_blocks * kv_heads * entries * splits,))(
         q, prefix_k, prefix_v, prefix_lengths, example_order, entry_offsets, cu_q, bias_table, bias_buckets, grad_out,
         lse, delta, dpk, dpv, *(q_descs or (None,) * 2),
@@ -924,7 +955,7 @@ def prefix_attention_backward(
         **dkdv_options,
     )
     # Fixed-order sum of the fp32 partials: deterministic.
-    if splits == 1:
+    if splits == 1 and dpk.dtype == prefix_k.dtype:
         dpk, dpv = dpk[:, 0], dpv[:, 0]
     else:
         dpk, dpv = sum_splits(dpk, dpv, prefix_k.dtype, launcher)

@@ -81,6 +81,21 @@ def runtime_zero(finite_scalar):
 
 
 @triton.jit
+def loop_variant_zero(i, MODE: tl.constexpr):
+    """int32 0 computed from a loop's counter i, which the compiler cannot see is 0 where MODE is
+    DROPOUT_PTX (an inline-PTX ``and`` with 0, not pure); elsewhere (the interpreter, ROCm) 0.
+    Offsets built from it inside the loop stay in the loop: LLVM would otherwise hoist their
+    loop-invariant part, a tile of 64-bit pointers, out of the loop and hold it in registers (ptxas
+    spilling it) across everything the loop does."""
+    if MODE == DROPOUT_PTX:
+        zero = tl.inline_asm_elementwise("and.b32 $0, $1, 0;", "=r,r", [i.to(tl.int32)], dtype=tl.int32,
+                                         is_pure=False, pack=1)
+    else:
+        zero = 0
+    return zero
+
+
+@triton.jit
 def program_coordinates(num_rows, num_heads, BLOCK: tl.constexpr):
     """(outer, head, start, offs) of this program in a 1-D grid of cdiv(num_rows, BLOCK) row blocks
     (fastest) x num_heads x outer: outer and head as int64, the block's first row ``start`` and its
