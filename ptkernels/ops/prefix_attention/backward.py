@@ -22,6 +22,7 @@ from torch import Tensor
 
 from ..utils import batch_strides
 from .common import (
+    DROPOUT_PTX,
     accumulate_bucket_grad,
     bounded_keys_visible,
     drop_prefix_tile,
@@ -60,6 +61,7 @@ from .launch import (
     device_limits,
     dot_precision,
     dropout_mode,
+    philox_mode,
     dropout_threshold,
     entry_step,
     softcap_args,
@@ -596,7 +598,7 @@ def _prefix_attention_bwd_prefix_dkdv_kernel(
     GROUP: tl.constexpr, VARLEN: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, BIAS: tl.constexpr,
     HAS_INDEX: tl.constexpr,
     HAS_LENGTHS: tl.constexpr, PREFIX_DROPOUT: tl.constexpr,
-    DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr,
+    DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr, PTX: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
 ):
     """DPREFIX_K, DPREFIX_V (A * splits, Hkv, P, D): one program per (prefix block, kv head, entry, split).
@@ -611,8 +613,10 @@ def _prefix_attention_bwd_prefix_dkdv_kernel(
     Split s takes examples [s * examples_per_split, (s + 1) * examples_per_split) of its entry's list.
     With PREFIX_DROPOUT each example's contribution is accumulated apart, multiplied by that
     example's keep mask times 1 / P(keep) (the gradient of the dropped tile w.r.t. the raw one) and
-    added into DPREFIX_K / DPREFIX_V, which are then float32 and zeroed by the launcher
-    (PREFIX_DROPOUT: 0 without prefix dropout, else ``launch.philox_mode``, for ``loop_variant_zero``).
+    added into DPREFIX_K / DPREFIX_V, which are then float32 and zeroed by the launcher.
+    PTX: compiled for an NVIDIA GPU (``loop_variant_zero`` may use inline PTX); with PREFIX_DROPOUT
+    or BIAS each example's prefix rows are offsets computed inside the example loop (its pointer and
+    position tiles were hoisted out of it and spilled: 704 and 628 bytes at D=64, 4252 and 336 at D=128).
     VARLEN: example b is packed sequence b (its queries rows CU_SEQLENS_Q[b].. of Q, LSE (Hq, total_q)).
     TMA: full query tiles load Q and dO through Q_DESC, DO_DESC (``launch.tma_descriptor``).
     """
@@ -671,7 +675,7 @@ def _prefix_attention_bwd_prefix_dkdv_kernel(
         if PREFIX_DROPOUT:  # example b's own dropped tiles; its gradient times its keep mask / P(keep)
             # The prefix rows offs_n, computed anew in each iteration (``loop_variant_zero``): the
             # pointers of the raw tiles and of the running sums below are not held across the loops.
-            rows = offs_n + loop_variant_zero(i, PREFIX_DROPOUT)
+            rows = offs_n + loop_variant_zero(i, PTX)
             rows_2d = rows[:, None].to(tl.int64)
             rows_mask = (rows < prefix_len)[:, None] & d_valid[None, :]
             rows_valid = rows < entry_prefix_len
@@ -709,12 +713,16 @@ def _prefix_attention_bwd_prefix_dkdv_kernel(
                      mask=rows_mask)
             tl.debug_barrier()
         else:
+            key_pos = offs_n
+            if BIAS:  # the keys' positions computed in the loop: the bias gathers' tiles are not held across it
+                key_pos = offs_n + loop_variant_zero(i, PTX)
+                visible_t = (key_pos < entry_prefix_len)[:, None]
             dk, dv = _prefix_example_dkdv(
                 dk, dv, k_raw, v_raw, Q, GRAD_OUT, LSE, DELTA, b, kv_h, q_start, example_q_len, full_stop, stat_rows,
                 num_q_heads, q_len, stride_qb, stride_qh, stride_qm, stride_dob, stride_doh, stride_dom, offs_d,
                 d_valid, visible_t, start_n, seed, dropout_threshold, dropout_scale, qk_scale_log2,
                 GROUP, VARLEN, DROPOUT, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, EVEN_D,
-                softcap_in, softcap_out, SOFTCAP, offs_n, window_shift, window, q_end, WINDOW,
+                softcap_in, softcap_out, SOFTCAP, key_pos, window_shift, window, q_end, WINDOW,
                 BIAS_TABLE, BIAS_BUCKETS, bias_row_len, bias_center, bias_last, BIAS, Q_DESC, DO_DESC, TMA, BLOCK_D)
     if not PREFIX_DROPOUT:
         tl.store(DPREFIX_K + outer * stride_dpks + kv_h * stride_dpkh + keys * stride_dpkn + offs_d[None, :],
@@ -845,7 +853,7 @@ def prefix_attention_backward(
     flags = dict(DROPOUT=dropout_mode(dropout_p, limits), UPCAST=upcast_in_interpreter(q.dtype, limits.interpreted),
                  DOT_PRECISION=dot_precision(q.dtype, limits.hip))
     prefix_flags = dict(HAS_INDEX=prefix_index is not None, HAS_LENGTHS=prefix_lengths is not None,
-                        PREFIX_DROPOUT=dropout_mode(prefix_dropout_p, limits))
+                        PREFIX_DROPOUT=prefix_dropout_p > 0.0)
     qk_scale_log2 = scale * LOG2_E
     threshold, dropout_scale = dropout_threshold(dropout_p)
     prefix_dropout_args = (*dropout_threshold(prefix_dropout_p), prefix_seed)
@@ -952,7 +960,7 @@ def prefix_attention_backward(
         window, *bias_scalars,
         GROUP=group, VARLEN=varlen is not None, **softcap_flags, BLOCK_M=dkdv_bm, BLOCK_N=dkdv_bn, BLOCK_D=bd,
         EVEN_D=bd == head_dim, **prefix_flags, **flags, TMA=q_descs is not None,
-        **dkdv_options,
+        PTX=philox_mode(limits) == DROPOUT_PTX, **dkdv_options,
     )
     # Fixed-order sum of the fp32 partials: deterministic.
     if splits == 1 and dpk.dtype == prefix_k.dtype:

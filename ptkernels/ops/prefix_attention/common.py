@@ -81,13 +81,14 @@ def runtime_zero(finite_scalar):
 
 
 @triton.jit
-def loop_variant_zero(i, MODE: tl.constexpr):
-    """int32 0 computed from a loop's counter i, which the compiler cannot see is 0 where MODE is
-    DROPOUT_PTX (an inline-PTX ``and`` with 0, not pure); elsewhere (the interpreter, ROCm) 0.
+def loop_variant_zero(i, PTX: tl.constexpr):
+    """int32 0 computed from a loop's counter i, which the compiler cannot see is 0 where PTX (kernels
+    compiled for an NVIDIA GPU: an inline-PTX ``and`` with 0, not pure); elsewhere (the interpreter,
+    ROCm) a plain 0.
     Offsets built from it inside the loop stay in the loop: LLVM would otherwise hoist their
-    loop-invariant part, a tile of 64-bit pointers, out of the loop and hold it in registers (ptxas
-    spilling it) across everything the loop does."""
-    if MODE == DROPOUT_PTX:
+    loop-invariant part (a tile of 64-bit pointers, of positions) out of the loop and hold it in
+    registers (ptxas spilling it) across everything the loop does."""
+    if PTX:
         zero = tl.inline_asm_elementwise("and.b32 $0, $1, 0;", "=r,r", [i.to(tl.int32)], dtype=tl.int32,
                                          is_pure=False, pack=1)
     else:
