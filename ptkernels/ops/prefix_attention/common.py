@@ -51,13 +51,13 @@ def philox(seed, c0, c1, c2, c3, n_rounds: tl.constexpr, PTX: tl.constexpr):
     """``tl.philox(seed, c0, c1, c2, c3, n_rounds)`` for 32-bit counters, bit for bit: Philox4x32
     with key (seed low 32 bits, seed high 32 bits); the four uint32 words. PTX: each product is one
     wide multiply (``mul_hi_lo``)."""
-    seed = tl.to_tensor(seed).to(tl.uint64)
+    seed = tl.cast(seed, tl.uint64)
     k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
     k1 = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
-    c0 = tl.to_tensor(c0).to(tl.uint32, bitcast=True)
-    c1 = tl.to_tensor(c1).to(tl.uint32, bitcast=True)
-    c2 = tl.to_tensor(c2).to(tl.uint32, bitcast=True)
-    c3 = tl.to_tensor(c3).to(tl.uint32, bitcast=True)
+    c0 = tl.cast(c0, tl.uint32, bitcast=True)
+    c1 = tl.cast(c1, tl.uint32, bitcast=True)
+    c2 = tl.cast(c2, tl.uint32, bitcast=True)
+    c3 = tl.cast(c3, tl.uint32, bitcast=True)
     for _ in tl.static_range(n_rounds):
         hi_a, lo_a = mul_hi_lo(c0, 0xD2511F53, PTX)
         hi_b, lo_b = mul_hi_lo(c2, 0xCD9E8D57, PTX)
@@ -172,8 +172,8 @@ def attention_dropout_keep(seed, first_row, key_lane, threshold, BLOCK_R: tl.con
     # (R/16, 8, K/16, 4, key bit 3, row bit 3): word 2 * [row i + 8] + [key j + 8]
     words = tl.join(tl.join(r0, r1), tl.join(r2, r3))
     # lane >= threshold for both 16-bit halves, as unsigned 32-bit compares against threshold << 16
-    # (to_tensor: a threshold of 1 reaches a compiled kernel as a constant, which Triton specialises)
-    high_threshold = (tl.to_tensor(threshold).to(tl.int32) << 16).to(tl.uint32, bitcast=True)
+    # (tl.cast, not .to: a threshold of 1 reaches a compiled kernel as a constant, which Triton specialises)
+    high_threshold = (tl.cast(threshold, tl.int32) << 16).to(tl.uint32, bitcast=True)
     keep = tl.join((words << 16) >= high_threshold, words >= high_threshold)  # (..., key bit 0)
     keep = tl.permute(keep, (0, 5, 1, 2, 4, 3, 6))  # (R/16, row bit 3, 8, K/16, key bit 3, 4, key bit 0)
     return tl.reshape(keep, (BLOCK_R, BLOCK_K))
@@ -337,8 +337,8 @@ def load_full_rows(DESC, batch, head, first_row, base, rows, stride_row, offs_d,
     block (1, 1, BLOCK_ROWS, BLOCK_D), channels past head_dim read 0), at (batch, head, first_row);
     else through pointers (base: the (batch, head) matrix, as for ``load_full_tile``)."""
     if TMA:
-        tile = DESC.load([tl.to_tensor(batch).to(tl.int32), tl.to_tensor(head).to(tl.int32),
-                          tl.to_tensor(first_row).to(tl.int32), 0]).reshape(BLOCK_ROWS, BLOCK_D)
+        tile = DESC.load([tl.cast(batch, tl.int32), tl.cast(head, tl.int32), tl.cast(first_row, tl.int32),
+                          0]).reshape(BLOCK_ROWS, BLOCK_D)
         if UPCAST:
             tile = tile.to(tl.float32)
     else:
