@@ -365,6 +365,22 @@ def known_spills(arch: int, path: pathlib.Path = KNOWN_SPILLS) -> dict:
     return {spill_key(r): r["spill_bytes"] for r in json.loads(path.read_text()).get(f"sm_{arch}", [])}
 
 
+def baseline_triton(path: pathlib.Path = KNOWN_SPILLS) -> Optional[str]:
+    """The triton version the spill baseline was recorded with (None without a baseline)."""
+    return json.loads(path.read_text()).get("triton") if path.exists() else None
+
+
+def baseline_applies(version: Optional[str] = None, path: pathlib.Path = KNOWN_SPILLS) -> bool:
+    """Whether the spill baseline holds for triton ``version`` (default: the installed one): only for
+    the triton it was recorded with, since another release allocates registers differently (triton
+    3.6, the GPU image's, spills in kernels that 3.9 compiles without)."""
+    if version is None:
+        import triton
+
+        version = triton.__version__
+    return version == baseline_triton(path)
+
+
 def spilling(records: list[dict], known: Optional[dict] = None) -> list[dict]:
     """The 16-bit kernels at D <= 128 that spill more than ``known`` records for them (nothing
     recorded: any spill)."""
@@ -403,6 +419,12 @@ def main(argv=None) -> int:
     for r in bad:
         print(f"SPILL {r['kernel']} {r['dtype']} D={r['head_dim']} {'+'.join(r['features'])}: {r['spill_bytes']} bytes"
               f" (recorded: {known.get(spill_key(r), 0)})")
+    if not baseline_applies():  # another triton allocates registers differently: listed, not failed
+        import triton
+
+        print(f"(the spill baseline {KNOWN_SPILLS.name} is for triton {baseline_triton()}, this is triton "
+              f"{triton.__version__}: spills beyond it are listed above, not counted as failures)")
+        bad = []
     spills = spilling(records)
     limit = aot_check.TARGETS[arch][0]
     too_big = [r for r in records if r["shared_bytes"] > limit]
