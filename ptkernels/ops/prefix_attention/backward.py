@@ -654,7 +654,6 @@ def _prefix_attention_bwd_prefix_dkdv_kernel(
     block_full = start_n + BLOCK_N <= entry_prefix_len
     full_stop = tl.where(block_full, (q_len // BLOCK_M) * BLOCK_M, 0)
     window_shift = entry_prefix_len + (k_len - q_len)  # query i at position P_b + Sk - Sq + i (not with VARLEN)
-    kd_mask = (offs_n < prefix_len)[:, None] & d_valid[None, :]  # every row of the entry: 0 past its length
     dv_scale = 1.0
     if DROPOUT:  # the attention dropout's 1 / P(keep) of every kept weight (see _dkdv_tile)
         dv_scale = dropout_scale
@@ -700,13 +699,9 @@ def _prefix_attention_bwd_prefix_dkdv_kernel(
             # spilled 4 KB at D=128. This program alone writes these rows; the barrier orders one
             # example's stores before the next one's loads (a load's layout may give an element to
             # another thread). The scales fold in here (dK's softmax scale, dV's 1 / P(keep)).
-            keep_k = prefix_dropout_keep(prefix_seed, b, kv_h, 0, num_kv_heads, prefix_len, head_dim, rows,
-                                         prefix_dropout_threshold, BLOCK_N, BLOCK_D)
             dk_ptrs = DPREFIX_K + outer * stride_dpks + kv_h * stride_dpkh + rows_2d * stride_dpkn + offs_d[None, :]
             dk_sum = tl.load(dk_ptrs, mask=rows_mask, other=0.0)
             tl.store(dk_ptrs, dk_sum + tl.where(keep_k, dk_b * (prefix_dropout_scale * scale), 0.0), mask=rows_mask)
-            keep_v = prefix_dropout_keep(prefix_seed, b, kv_h, 1, num_kv_heads, prefix_len, head_dim, rows,
-                                         prefix_dropout_threshold, BLOCK_N, BLOCK_D)
             dv_ptrs = DPREFIX_V + outer * stride_dpvs + kv_h * stride_dpvh + rows_2d * stride_dpvn + offs_d[None, :]
             dv_sum = tl.load(dv_ptrs, mask=rows_mask, other=0.0)
             tl.store(dv_ptrs, dv_sum + tl.where(keep_v, dv_b * (prefix_dropout_scale * dv_scale), 0.0),
@@ -725,6 +720,7 @@ def _prefix_attention_bwd_prefix_dkdv_kernel(
                 softcap_in, softcap_out, SOFTCAP, key_pos, window_shift, window, q_end, WINDOW,
                 BIAS_TABLE, BIAS_BUCKETS, bias_row_len, bias_center, bias_last, BIAS, Q_DESC, DO_DESC, TMA, BLOCK_D)
     if not PREFIX_DROPOUT:
+        kd_mask = (offs_n < prefix_len)[:, None] & d_valid[None, :]  # every row of the entry: 0 past its length
         tl.store(DPREFIX_K + outer * stride_dpks + kv_h * stride_dpkh + keys * stride_dpkn + offs_d[None, :],
                  (dk * scale).to(DPREFIX_K.dtype.element_ty), mask=kd_mask)
         tl.store(DPREFIX_V + outer * stride_dpvs + kv_h * stride_dpvh + keys * stride_dpvn + offs_d[None, :],
