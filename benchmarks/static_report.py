@@ -148,9 +148,33 @@ def _matmul_loop_bodies(sass: str) -> list[list[str]]:
     return bodies
 
 
-def sass_loops(sass: str, block_m: int, block_n: int) -> list[dict]:
-    """The innermost loops holding a matmul in cuobjdump -sass text (see the module docstring)."""
-    return [{"sass": len(body), "queries": block_m, "keys": block_n} for body in _matmul_loop_bodies(sass)]
+_MMA_SHAPE = re.compile(r"\b(?:HGMMA\.(\d+)x(\d+)x(\d+)|HMMA\.(\d\d)(\d)(\d+))")
+
+
+def mma_work(body: list[str]) -> int:
+    """Multiply-adds of the MMA instructions in one loop body, per issuing thread group: the sum
+    of m x n x k over its HGMMA.MxNxK (sm_90) and HMMA.MNK (sm_80: HMMA.16816 is 16 x 8 x 16)."""
+    work = 0
+    for text in body:
+        match = _MMA_SHAPE.search(text)
+        if match:
+            m, n, k = (int(g) for g in (match.groups()[:3] if match.group(1) else match.groups()[3:]))
+            work += m * n * k
+    return work
+
+
+def sass_loops(sass: str, block_m: int, block_n: int, edge_n: Optional[int] = None) -> list[dict]:
+    """The innermost loops holding a matmul in cuobjdump -sass text (see the module docstring).
+    edge_n: a forward kernel whose masked tiles are edge_n < block_n keys wide
+    (``launch.forward_edge_block``); each loop's key count is then block_n scaled by its matmul work
+    against the kernel's largest (every forward loop does the same two matmuls per key), so the
+    masked loops read edge_n."""
+    bodies = _matmul_loop_bodies(sass)
+    keys = [block_n] * len(bodies)
+    if edge_n is not None and edge_n != block_n and bodies:
+        works = [mma_work(body) for body in bodies]
+        keys = [round(block_n * work / max(works)) for work in works]
+    return [{"sass": len(body), "queries": block_m, "keys": n} for body, n in zip(bodies, keys)]
 
 
 _LOCAL = re.compile(r"\b(LDL|STL)\b")
@@ -288,7 +312,7 @@ def _report_job(job) -> dict:
         "shared_bytes": int(compiled.metadata.shared),
         "wgmma": "HGMMA" in sass,
         "tma": bool(re.search(r"\b(UTMALDG|UBLKCP)\b", sass)),
-        "loops": sass_loops(sass, block_m, block_n),
+        "loops": sass_loops(sass, block_m, block_n, launch.kwargs.get("EDGE_N")),
         "loop_spill_accesses": loop_spill_accesses(sass),  # (table only; not in the JSON)
     }
 

@@ -113,6 +113,43 @@ def test_static_report_schema_and_no_new_spills(tmp_path):
         assert stale == [], f"update {KNOWN_SPILLS}: (kernel, spills now, recorded) {stale}"
 
 
+def test_loops_of_half_width_masked_tiles_count_their_own_keys():
+    """A forward kernel whose masked tiles are EDGE_N < BLOCK_N keys wide: each loop's key count
+    comes from its matmul work against the kernel's largest loop (sm_90's HGMMA.MxNxK shapes,
+    sm_80's HMMA.16816), so a per-key comparison does not credit a half tile with a whole one's keys."""
+    from benchmarks.static_report import mma_work, sass_loops
+
+    def loop(start, mmas):
+        lines = [f"/*{start + 16 * i:04x}*/ {m} R24, gdesc[UR24], R24 ;" for i, m in enumerate(mmas)]
+        lines.append(f"/*{start + 16 * len(mmas):04x}*/ @P0 BRA 0x{start:x} ;")
+        return "\n".join(lines)
+
+    full_128 = ["HGMMA.64x128x16.F32.BF16"] * 16  # D=128: QK^T 8 x (64x128x16), PV 8 x (64x128x16)
+    half_128 = ["HGMMA.64x64x16.F32.BF16"] * 8 + ["HGMMA.64x128x16.F32.BF16"] * 4  # 64 keys
+    sass = loop(0x100, full_128) + "\n" + loop(0x400, half_128)
+    assert mma_work(half_128) * 2 == mma_work(full_128) == 16 * 64 * 128 * 16
+    assert [x["keys"] for x in sass_loops(sass, 128, 128, 64)] == [128, 64]
+    assert [x["keys"] for x in sass_loops(sass, 128, 128)] == [128, 128]  # no EDGE_N: every loop BLOCK_N
+    sm80 = loop(0x100, ["HMMA.16816.F32.BF16"] * 32) + "\n" + loop(0x400, ["HMMA.16816.F32.BF16"] * 16)
+    assert mma_work(["HMMA.16816.F32.BF16"]) == 16 * 8 * 16
+    assert [x["keys"] for x in sass_loops(sm80, 128, 64, 32)] == [64, 32]
+
+
+def test_forward_edge_block_halves_where_whole_masked_tiles_spilled():
+    from ptkernels.ops.prefix_attention.launch import forward_edge_block
+
+    assert forward_edge_block(128, 128) == 128  # plain prefix / causal / GQA: whole tiles
+    for feature in ("dropout", "padding", "varlen", "softcap", "bias"):
+        assert forward_edge_block(128, 128, **{feature: True}) == 64, feature
+        assert forward_edge_block(64, 128, **{feature: True}) == 32, feature  # sm_80's 128 x 64 tiles
+    assert forward_edge_block(64, 64, dropout=True) == 32
+    for feature in ("padding", "varlen", "softcap", "bias"):  # at D=64 only dropout spilled
+        assert forward_edge_block(64, 64, **{feature: True}) == 64, feature
+    assert forward_edge_block(32, 64, dropout=True) == 32  # fp32 / D=256 / interpreter tiles: never split
+    assert forward_edge_block(16, 64, dropout=True) == 16
+    assert forward_edge_block(64, 256, dropout=True) == 64
+
+
 def test_spill_baseline_logic():
     from benchmarks.static_report import spilling
 

@@ -683,6 +683,73 @@ def test_autotune_keeps_the_fastest_config_measured_once_per_key():
     assert calls == [1, 2, 3]  # measured once per key
 
 
+@pytest.mark.skipif(ON_GPU, reason="pins interpreter tiles (the compiled half tiles: test_kernels_compile.py)")
+@pytest.mark.parametrize("case", ["padding_causal", "general_mask", "dropout_causal_padding", "window_softcap"])
+def test_forward_half_width_masked_tiles_match_whole_ones(case, monkeypatch):
+    """The forward's masked tiles can be half the full tiles' width (EDGE_N = BLOCK_N / 2,
+    ``launch.forward_edge_block``; on a GPU at D=128 with a padding mask or dropout). Here on
+    32-key tiles with 16-key masked tiles (the interpreter's own tiles are too narrow to split), at
+    odd lengths with a partial prefix tile and GQA, through pointer loads and TMA descriptors: the
+    output matches the reference and the whole-width run, and with dropout it keeps the same
+    weights (the same bits: the half-width output equals the whole-width one up to summation order)."""
+    from ptkernels.ops.prefix_attention import forward as fwd
+    from ptkernels.ops.prefix_attention.launch import INTERPRETER_CONFIG, DeviceLimits, launch_kernel
+
+    batch, q_heads, kv_heads, q_len, k_len, prefix_len, head_dim = 3, 4, 2, 37, 45, 21, 32
+    gen = torch.Generator().manual_seed(11)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float32)
+
+    q = rand(batch, q_heads, q_len, head_dim)
+    k, v = rand(batch, kv_heads, k_len, head_dim), rand(batch, kv_heads, k_len, head_dim)
+    pk, pv = rand(kv_heads, prefix_len, head_dim), rand(kv_heads, prefix_len, head_dim)
+    mask = torch.ones(batch, k_len, dtype=torch.bool)
+    mask[1, 29:] = False  # right padding, its edge in the first half of a 32-key tile
+    mask[2, :19] = False  # left padding, its edge in the second half
+    kwargs = dict(key_padding_mask=mask, causal=True)
+    dropout_p, softcap, window = 0.0, 0.0, 0
+    if case == "general_mask":
+        mask[0, 3:40:3] = False  # not one run of keys: every tile loads its mask
+        kwargs["causal"] = False
+    elif case == "dropout_causal_padding":
+        dropout_p = 0.3
+    elif case == "window_softcap":
+        kwargs, softcap, window = dict(key_padding_mask=None, causal=True), 20.0, 11
+    scale = head_dim ** -0.5
+    monkeypatch.setattr(fwd, "forward_config", lambda *a, **kw: dict(INTERPRETER_CONFIG, BLOCK_M=16, BLOCK_N=32))
+    edge_widths = []
+
+    def recording_launcher(kernel, grid):
+        def launch(*args, **kw):
+            if "EDGE_N" in kw:
+                edge_widths.append((kw["BLOCK_N"], kw["EDGE_N"]))
+            return launch_kernel(kernel, grid)(*args, **kw)
+        return launch
+
+    def run(edge_n, tma):
+        monkeypatch.setattr(fwd, "forward_edge_block", lambda block_n, *a, **kw: edge_n)
+        limits = DeviceLimits(232448, None, True, tma=tma)
+        return fwd.prefix_attention_forward(q, k, v, pk, pv, kwargs["key_padding_mask"], kwargs["causal"], scale,
+                                            dropout_p, 1234, softcap=softcap, window=window, limits=limits,
+                                            launcher=recording_launcher)
+
+    whole_out, whole_lse = run(32, tma=False)
+    for tma in (False, True):
+        out, lse = run(16, tma)
+        assert edge_widths[-1] == (32, 16)
+        torch.testing.assert_close(out, whole_out, atol=1e-5, rtol=1e-5, msg=f"tma={tma}")
+        torch.testing.assert_close(lse, whole_lse, atol=1e-5, rtol=1e-5, msg=f"tma={tma}")
+    assert edge_widths[0] == (32, 32)
+    if dropout_p == 0.0:  # and both against the reference (with dropout: ``test_dropout_*``)
+        ref = prefix_attention_reference(q, k, v, pk, pv, scale=scale, softcap=softcap or None,
+                                         window=window or None, **kwargs)
+        torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
+    else:  # some weights were dropped: not the output without dropout
+        dropout_p = 0.0
+        assert not torch.allclose(out, run(16, tma=False)[0], atol=1e-3)
+
+
 def test_backward_kernels_take_their_own_block_configs():
     """dQ and dK/dV get different tiles (launch.backward_config): the launcher must size each grid,
     the prefix blocks and the TMA query boxes by the dK/dV kernels' own tiles. With dQ on 16 x 32

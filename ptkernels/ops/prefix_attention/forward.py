@@ -69,6 +69,7 @@ from .launch import (
     qkv_strides,
     shape_bucket,
     tma_descriptors,
+    forward_edge_block,
     tuned_config,
     upcast_in_interpreter,
 )
@@ -135,6 +136,7 @@ def _online_softmax_step_full(
 def _prefix_attention_fwd_kernel(
     Q, K, V, PREFIX_K, PREFIX_V, PREFIX_INDEX, PREFIX_LENGTHS, KEY_PADDING_MASK, KEY_BOUNDS, CU_SEQLENS_Q,
     CU_SEQLENS_K, SINKS, BIAS_TABLE, BIAS_BUCKETS, OUT, LSE, K_DESC, V_DESC, PK_DESC, PV_DESC,
+    K_EDGE_DESC, V_EDGE_DESC, PK_EDGE_DESC, PV_EDGE_DESC,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -164,6 +166,7 @@ def _prefix_attention_fwd_kernel(
     TMA: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    EDGE_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     EVEN_D: tl.constexpr,
 ):
@@ -176,7 +179,10 @@ def _prefix_attention_fwd_kernel(
     ``load_edge_rows``), and a non-contiguous padding mask's tiles without DROPOUT (they read every
     key before Sk either way); else masked pointer loads, which read no key past the last attended
     one or the packed sequence's end (a masked key inside the loaded range is read and weighted 0,
-    as in SDPA with a mask: its K / V must be finite).
+    as in SDPA with a mask: its K / V must be finite). EDGE_N: the key width of the masked tiles,
+    BLOCK_N or half of it (``launch.forward_edge_block``: half where whole masked tiles ran out of
+    registers); their TMA loads go through K_EDGE_DESC, V_EDGE_DESC, PK_EDGE_DESC, PV_EDGE_DESC, the
+    same views with EDGE_N-row boxes (None and unused when EDGE_N == BLOCK_N).
 
     Example b's prefix: entry ``example_prefix(...)`` of PREFIX_K / PREFIX_V (a bank read through
     PREFIX_INDEX, a per-example prefix, or a shared one with batch stride 0), its first
@@ -206,6 +212,9 @@ def _prefix_attention_fwd_kernel(
             return
 
     offs_n = tl.arange(0, BLOCK_N)
+    offs_e = tl.arange(0, EDGE_N)
+    if EDGE_N == BLOCK_N:  # the masked tiles as wide as the full ones: one set of descriptors
+        K_EDGE_DESC, V_EDGE_DESC, PK_EDGE_DESC, PV_EDGE_DESC = K_DESC, V_DESC, PK_DESC, PV_DESC
     offs_d = tl.arange(0, BLOCK_D)
     m_valid = offs_m < q_len
     d_valid = offs_d < head_dim
@@ -249,18 +258,19 @@ def _prefix_attention_fwd_kernel(
                 acc, m_i, l_i, qk, v, qk_scale_log2, seed, first_row, start_n, dropout_threshold,
                 softcap_in, softcap_out, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N, SOFTCAP,
                 bias_row, n - example_prefix_len, query_pos, bias_center, bias_last, BIAS)
-        # The masked tiles: the last partial one, or with WINDOW those the window's edge crosses.
-        for start_n in range(masked_from, example_prefix_len, BLOCK_N):
-            n = start_n + offs_n
+        # The masked tiles (EDGE_N keys wide): the last partial one, or with WINDOW those the
+        # window's edge crosses.
+        for start_n in range(masked_from, example_prefix_len, EDGE_N):
+            n = start_n + offs_e
             n_valid = n < example_prefix_len
-            k = load_edge_rows(PK_DESC, entry, kv_h, start_n, pk_base, n, stride_pkn, offs_d, n_valid, d_valid,
-                               UPCAST, TMA, BLOCK_N, BLOCK_D)
-            v = load_edge_rows(PV_DESC, entry, kv_h, start_n, pv_base, n, stride_pvn, offs_d, n_valid, d_valid,
-                               UPCAST, TMA, BLOCK_N, BLOCK_D)
+            k = load_edge_rows(PK_EDGE_DESC, entry, kv_h, start_n, pk_base, n, stride_pkn, offs_d, n_valid, d_valid,
+                               UPCAST, TMA, EDGE_N, BLOCK_D)
+            v = load_edge_rows(PV_EDGE_DESC, entry, kv_h, start_n, pv_base, n, stride_pvn, offs_d, n_valid, d_valid,
+                               UPCAST, TMA, EDGE_N, BLOCK_D)
             k = drop_prefix_tile(k, prefix_seed, b, kv_h, 0, num_kv_heads, prefix_len, head_dim, n,
-                                 prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT, BLOCK_N, BLOCK_D)
+                                 prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT, EDGE_N, BLOCK_D)
             v = drop_prefix_tile(v, prefix_seed, b, kv_h, 1, num_kv_heads, prefix_len, head_dim, n,
-                                 prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT, BLOCK_N, BLOCK_D)
+                                 prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT, EDGE_N, BLOCK_D)
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
             s = log2_scores(qk, qk_scale_log2, softcap_in, softcap_out, SOFTCAP)
             s = add_relative_bias(s, bias_row, n - example_prefix_len, query_pos, bias_center, bias_last,
@@ -271,13 +281,13 @@ def _prefix_attention_fwd_kernel(
             s = tl.where(visible_2d, s, float("-inf"))
             acc, m_i, l_i = _online_softmax_step(
                 acc, m_i, l_i, s, v, seed, first_row, start_n, dropout_threshold, DROPOUT,
-                DOT_PRECISION, BLOCK_M, BLOCK_N)
+                DOT_PRECISION, BLOCK_M, EDGE_N)
 
     # Loop 2: real keys, up to the causal bound of this query block. When the attended keys are one
     # run [lo, hi) (no mask, or right / left padding: KEY_BOUNDS), the tiles that every query of this
     # block sees in full (inside the run, below the causal diagonal) have no mask arithmetic, the
-    # edge tiles a bounds mask and no mask loads, and the tiles outside the run are skipped. Any
-    # other mask: every tile loads its mask.
+    # edge tiles (EDGE_N keys wide) a bounds mask and no mask loads, and the tiles outside the run
+    # are skipped. Any other mask: every tile (EDGE_N wide) loads its mask.
     hi = k_len
     if CAUSAL:
         hi = tl.minimum(k_len, start_m + BLOCK_M + (k_len - q_len))
@@ -305,13 +315,13 @@ def _prefix_attention_fwd_kernel(
     # 472 bytes at D=128, 0 with the general loop taken out, 284 through TMA; with dropout TMA
     # there spilled more, 324 -> 528 bytes at D=128, 26 local accesses per masked tile against 15.)
     GENERAL_TMA: tl.constexpr = TMA and not VARLEN and not DROPOUT
-    for start_n in range(first_lo // BLOCK_N * BLOCK_N, tl.minimum(full_lo, edge_hi), BLOCK_N):
-        n = start_n + offs_n
+    for start_n in range(first_lo // EDGE_N * EDGE_N, tl.minimum(full_lo, edge_hi), EDGE_N):
+        n = start_n + offs_e
         n_valid = n < hi_b
-        k = load_edge_rows(K_DESC, kv_batch, kv_h, k_start + start_n, k_base, n, stride_kn, offs_d, n_valid, d_valid,
-                           UPCAST, EDGE_TMA, BLOCK_N, BLOCK_D)
-        v = load_edge_rows(V_DESC, kv_batch, kv_h, k_start + start_n, v_base, n, stride_vn, offs_d, n_valid, d_valid,
-                           UPCAST, EDGE_TMA, BLOCK_N, BLOCK_D)
+        k = load_edge_rows(K_EDGE_DESC, kv_batch, kv_h, k_start + start_n, k_base, n, stride_kn, offs_d, n_valid, d_valid,
+                           UPCAST, EDGE_TMA, EDGE_N, BLOCK_D)
+        v = load_edge_rows(V_EDGE_DESC, kv_batch, kv_h, k_start + start_n, v_base, n, stride_vn, offs_d, n_valid, d_valid,
+                           UPCAST, EDGE_TMA, EDGE_N, BLOCK_D)
         visible_2d = bounded_keys_visible(n, lo_b, hi_b, offs_m, q_len, k_len, CAUSAL, window, WINDOW)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         s = log2_scores(qk, qk_scale_log2, softcap_in, softcap_out, SOFTCAP)
@@ -319,7 +329,7 @@ def _prefix_attention_fwd_kernel(
         s = tl.where(visible_2d, s, float("-inf"))
         acc, m_i, l_i = _online_softmax_step(
             acc, m_i, l_i, s, v, seed, first_row, real_lane + start_n, dropout_threshold, DROPOUT,
-            DOT_PRECISION, BLOCK_M, BLOCK_N)
+            DOT_PRECISION, BLOCK_M, EDGE_N)
     for start_n in range(full_lo, full_hi, BLOCK_N):
         n = start_n + offs_n
         k = load_full_rows(K_DESC, kv_batch, kv_h, k_start + start_n, k_base, n, stride_kn, offs_d, d_valid, EVEN_D,
@@ -331,13 +341,13 @@ def _prefix_attention_fwd_kernel(
             acc, m_i, l_i, qk, v, qk_scale_log2, seed, first_row, real_lane + start_n, dropout_threshold,
             softcap_in, softcap_out, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N, SOFTCAP,
             bias_row, n, query_pos, bias_center, bias_last, BIAS)
-    for start_n in range(full_hi, edge_hi, BLOCK_N):
-        n = start_n + offs_n
+    for start_n in range(full_hi, edge_hi, EDGE_N):
+        n = start_n + offs_e
         n_valid = n < hi_b
-        k = load_edge_rows(K_DESC, kv_batch, kv_h, k_start + start_n, k_base, n, stride_kn, offs_d, n_valid, d_valid,
-                           UPCAST, EDGE_TMA, BLOCK_N, BLOCK_D)
-        v = load_edge_rows(V_DESC, kv_batch, kv_h, k_start + start_n, v_base, n, stride_vn, offs_d, n_valid, d_valid,
-                           UPCAST, EDGE_TMA, BLOCK_N, BLOCK_D)
+        k = load_edge_rows(K_EDGE_DESC, kv_batch, kv_h, k_start + start_n, k_base, n, stride_kn, offs_d, n_valid, d_valid,
+                           UPCAST, EDGE_TMA, EDGE_N, BLOCK_D)
+        v = load_edge_rows(V_EDGE_DESC, kv_batch, kv_h, k_start + start_n, v_base, n, stride_vn, offs_d, n_valid, d_valid,
+                           UPCAST, EDGE_TMA, EDGE_N, BLOCK_D)
         visible_2d = bounded_keys_visible(n, lo_b, hi_b, offs_m, q_len, k_len, CAUSAL, window, WINDOW)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         s = log2_scores(qk, qk_scale_log2, softcap_in, softcap_out, SOFTCAP)
@@ -345,17 +355,17 @@ def _prefix_attention_fwd_kernel(
         s = tl.where(visible_2d, s, float("-inf"))
         acc, m_i, l_i = _online_softmax_step(
             acc, m_i, l_i, s, v, seed, first_row, real_lane + start_n, dropout_threshold, DROPOUT,
-            DOT_PRECISION, BLOCK_M, BLOCK_N)
+            DOT_PRECISION, BLOCK_M, EDGE_N)
     if HAS_KPM:  # any other key padding mask: every tile loads its mask
         first_key, _ = window_key_bounds(0, start_m, q_len, k_len, window, BLOCK_M, BLOCK_N, WINDOW)
-        general_lo = first_key // BLOCK_N * BLOCK_N
-        for start_n in range(general_lo, tl.where(contiguous, general_lo, hi), BLOCK_N):
-            n = start_n + offs_n
+        general_lo = first_key // EDGE_N * EDGE_N
+        for start_n in range(general_lo, tl.where(contiguous, general_lo, hi), EDGE_N):
+            n = start_n + offs_e
             n_valid = n < k_len
-            k = load_edge_rows(K_DESC, kv_batch, kv_h, k_start + start_n, k_base, n, stride_kn, offs_d, n_valid,
-                               d_valid, UPCAST, GENERAL_TMA, BLOCK_N, BLOCK_D)
-            v = load_edge_rows(V_DESC, kv_batch, kv_h, k_start + start_n, v_base, n, stride_vn, offs_d, n_valid,
-                               d_valid, UPCAST, GENERAL_TMA, BLOCK_N, BLOCK_D)
+            k = load_edge_rows(K_EDGE_DESC, kv_batch, kv_h, k_start + start_n, k_base, n, stride_kn, offs_d, n_valid,
+                               d_valid, UPCAST, GENERAL_TMA, EDGE_N, BLOCK_D)
+            v = load_edge_rows(V_EDGE_DESC, kv_batch, kv_h, k_start + start_n, v_base, n, stride_vn, offs_d, n_valid,
+                               d_valid, UPCAST, GENERAL_TMA, EDGE_N, BLOCK_D)
             visible_2d = real_keys_visible(KEY_PADDING_MASK, b, stride_mb, stride_mn, n, n_valid, offs_m, q_len,
                                            k_len, HAS_KPM, CAUSAL, window, WINDOW)
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
@@ -364,7 +374,7 @@ def _prefix_attention_fwd_kernel(
             s = tl.where(visible_2d, s, float("-inf"))
             acc, m_i, l_i = _online_softmax_step(
                 acc, m_i, l_i, s, v, seed, first_row, real_lane + start_n, dropout_threshold, DROPOUT,
-                DOT_PRECISION, BLOCK_M, BLOCK_N)
+                DOT_PRECISION, BLOCK_M, EDGE_N)
 
     if HAS_SINKS:  # the head's sink logit joins every row's normaliser (and attends to nothing)
         sink = tl.load(SINKS + h).to(tl.float32) * 1.4426950408889634
@@ -520,10 +530,17 @@ def prefix_attention_forward(
         grid = (triton.cdiv(q_len, cfg["BLOCK_M"]) * batch * q_heads,)
         descs = tma_descriptors((k, v), (prefix_k, prefix_v), cfg["BLOCK_N"], block_d(head_dim), varlen is not None,
                                 limits)
+        edge_n = forward_edge_block(cfg["BLOCK_N"], head_dim, dropout=dropout_p > 0.0, padding=kpm is not None,
+                                    varlen=varlen is not None, softcap=softcap > 0.0, bias=bias_table is not None)
+        edge_descs = descs
+        if descs is not None and edge_n != cfg["BLOCK_N"]:
+            edge_descs = tma_descriptors((k, v), (prefix_k, prefix_v), edge_n, block_d(head_dim), varlen is not None,
+                                         limits)
         launcher(_prefix_attention_fwd_kernel, grid)(
             q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, kpm, bounds,
             None if varlen is None else varlen.cu_seqlens_q, None if varlen is None else varlen.cu_seqlens_k, sinks,
             bias_table, bias_buckets, out, lse, *(descs or (None,) * 4),
+            *(edge_descs if edge_descs is not descs else (None,) * 4),
             *qkv_strides(q, varlen),
             *qkv_strides(k, varlen),
             *qkv_strides(v, varlen),
@@ -549,7 +566,8 @@ def prefix_attention_forward(
             DROPOUT=dropout_mode(dropout_p, limits),
             UPCAST=upcast_in_interpreter(q.dtype, limits.interpreted),
             DOT_PRECISION=dot_precision(q.dtype, limits.hip),
-            TMA=descs is not None,
+            TMA=descs is not None and edge_descs is not None,
+            EDGE_N=edge_n,
             BLOCK_D=block_d(head_dim),
             EVEN_D=block_d(head_dim) == head_dim,
             enable_fp_fusion=FP_FUSION,

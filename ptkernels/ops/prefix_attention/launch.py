@@ -452,6 +452,32 @@ def tma_descriptor(t: Tensor, block_rows: int, block_d: int, varlen: bool = Fals
     return TensorDescriptor(t, list(t.shape), strides, [1, 1, block_rows, block_d])
 
 
+def forward_edge_block(block_n: int, head_dim: int, dropout: bool = False, padding: bool = False,
+                       varlen: bool = False, softcap: bool = False, bias: bool = False) -> int:
+    """EDGE_N, the key width of the forward's masked tiles (the prefix's last partial tile, the
+    real keys' edges, a padding mask's tiles), for full tiles BLOCK_N = ``block_n`` keys wide:
+    half of it where the masked loops ran out of registers on sm_90 (static report, triton 3.9),
+    else block_n.
+
+    A masked loop holds what the full loops do (the accumulator, the scores and their 16-bit copy)
+    plus each key column's index in the score tile (32 per thread on 128 x 128 tiles), the mask and,
+    under a padding mask or packed sequences, the pointer tiles of its loads; the compiler computes
+    the column indices once, ahead of all the loops. With attention dropout (D <= 128), or at D = 128
+    with a padding mask, packed sequences, softcap or T5's relative bias, that spilled (32-436 bytes
+    a kernel); on half-width masked tiles none of it does (but 16 bytes, outside the loops, at D=64
+    with dropout + causal + padding + GQA). A masked key costs 0.95-1.27x the instructions there (a
+    half tile's count x 2 against a whole one's); a plain prefix's masked tiles (the causal diagonal,
+    no padding: 449 per 64 keys against 701 per 128 at D=128) would pay 1.28x with no spill to save,
+    so the sets that did not spill keep whole tiles, and so does D=64's relative bias (half tiles
+    spilled more there, 48 -> 424 bytes). Tiles narrower than 64 keys (fp32, D = 256, the
+    interpreter's) are not split."""
+    if block_n < 64 or head_dim_bucket(head_dim) > 128:
+        return block_n
+    if dropout or (head_dim_bucket(head_dim) == 128 and (padding or varlen or softcap or bias)):
+        return block_n // 2
+    return block_n
+
+
 def tma_descriptors(real: tuple, prefix: tuple, block_rows: int, block_d: int, varlen: bool,
                     limits: DeviceLimits) -> Optional[tuple]:
     """Descriptors (``tma_descriptor``) of the ``real`` tensors (q / k / v / ... rows of the real
