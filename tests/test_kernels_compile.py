@@ -139,11 +139,11 @@ def test_forward_edge_block_halves_where_whole_masked_tiles_spilled():
     from ptkernels.ops.prefix_attention.launch import forward_edge_block
 
     assert forward_edge_block(128, 128) == 128  # plain prefix / causal / GQA: whole tiles
-    for feature in ("dropout", "padding", "varlen", "softcap", "bias"):
+    for feature in ("dropout", "padding", "varlen", "softcap", "bias", "prefix_dropout"):
         assert forward_edge_block(128, 128, **{feature: True}) == 64, feature
         assert forward_edge_block(64, 128, **{feature: True}) == 32, feature  # sm_80's 128 x 64 tiles
     assert forward_edge_block(64, 64, dropout=True) == 32
-    for feature in ("padding", "varlen", "softcap", "bias"):  # at D=64 only dropout spilled
+    for feature in ("padding", "varlen", "softcap", "bias", "prefix_dropout"):  # at D=64 only dropout spilled
         assert forward_edge_block(64, 64, **{feature: True}) == 64, feature
     assert forward_edge_block(32, 64, dropout=True) == 32  # fp32 / D=256 / interpreter tiles: never split
     assert forward_edge_block(16, 64, dropout=True) == 16

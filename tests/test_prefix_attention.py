@@ -684,14 +684,16 @@ def test_autotune_keeps_the_fastest_config_measured_once_per_key():
 
 
 @pytest.mark.skipif(ON_GPU, reason="pins interpreter tiles (the compiled half tiles: test_kernels_compile.py)")
-@pytest.mark.parametrize("case", ["padding_causal", "general_mask", "dropout_causal_padding", "window_softcap"])
+@pytest.mark.parametrize("case", ["padding_causal", "general_mask", "dropout_causal_padding", "window_softcap",
+                                  "bank_prefix_dropout"])
 def test_forward_half_width_masked_tiles_match_whole_ones(case, monkeypatch):
     """The forward's masked tiles can be half the full tiles' width (EDGE_N = BLOCK_N / 2,
     ``launch.forward_edge_block``; on a GPU at D=128 with a padding mask or dropout). Here on
     32-key tiles with 16-key masked tiles (the interpreter's own tiles are too narrow to split), at
     odd lengths with a partial prefix tile and GQA, through pointer loads and TMA descriptors: the
     output matches the reference and the whole-width run, and with dropout it keeps the same
-    weights (the same bits: the half-width output equals the whole-width one up to summation order)."""
+    weights (the same bits: the half-width output equals the whole-width one up to summation order).
+    Under P-Tuning v2's prefix dropout the prefix's full tiles take the half width too (PREFIX_N)."""
     from ptkernels.ops.prefix_attention import forward as fwd
     from ptkernels.ops.prefix_attention.launch import INTERPRETER_CONFIG, DeviceLimits, launch_kernel
 
@@ -716,6 +718,12 @@ def test_forward_half_width_masked_tiles_match_whole_ones(case, monkeypatch):
         dropout_p = 0.3
     elif case == "window_softcap":
         kwargs, softcap, window = dict(key_padding_mask=None, causal=True), 20.0, 11
+    prefix = {}
+    if case == "bank_prefix_dropout":  # a bank of 3 entries of up to 40 keys: full prefix tiles too
+        pk, pv = rand(3, kv_heads, 40, head_dim), rand(3, kv_heads, 40, head_dim)
+        prefix = dict(prefix_index=torch.tensor([2, 0, 1], dtype=torch.int32),
+                      prefix_lengths=torch.tensor([40, 7, 33], dtype=torch.int32), prefix_dropout_p=0.25,
+                      prefix_seed=99)
     scale = head_dim ** -0.5
     monkeypatch.setattr(fwd, "forward_config", lambda *a, **kw: dict(INTERPRETER_CONFIG, BLOCK_M=16, BLOCK_N=32))
     edge_widths = []
@@ -723,7 +731,7 @@ def test_forward_half_width_masked_tiles_match_whole_ones(case, monkeypatch):
     def recording_launcher(kernel, grid):
         def launch(*args, **kw):
             if "EDGE_N" in kw:
-                edge_widths.append((kw["BLOCK_N"], kw["EDGE_N"]))
+                edge_widths.append((kw["BLOCK_N"], kw["EDGE_N"], kw["PREFIX_N"]))
             return launch_kernel(kernel, grid)(*args, **kw)
         return launch
 
@@ -732,16 +740,19 @@ def test_forward_half_width_masked_tiles_match_whole_ones(case, monkeypatch):
         limits = DeviceLimits(232448, None, True, tma=tma)
         return fwd.prefix_attention_forward(q, k, v, pk, pv, kwargs["key_padding_mask"], kwargs["causal"], scale,
                                             dropout_p, 1234, softcap=softcap, window=window, limits=limits,
-                                            launcher=recording_launcher)
+                                            launcher=recording_launcher, **prefix)
 
     whole_out, whole_lse = run(32, tma=False)
     for tma in (False, True):
         out, lse = run(16, tma)
-        assert edge_widths[-1] == (32, 16)
+        assert edge_widths[-1] == (32, 16, 16 if prefix else 32)
         torch.testing.assert_close(out, whole_out, atol=1e-5, rtol=1e-5, msg=f"tma={tma}")
         torch.testing.assert_close(lse, whole_lse, atol=1e-5, rtol=1e-5, msg=f"tma={tma}")
-    assert edge_widths[0] == (32, 32)
-    if dropout_p == 0.0:  # and both against the reference (with dropout: ``test_dropout_*``)
+    assert edge_widths[0] == (32, 32, 32)
+    if prefix:  # the prefix dropout dropped some prefix values: not the output without it
+        prefix["prefix_dropout_p"] = 0.0
+        assert not torch.allclose(out, run(16, tma=False)[0], atol=1e-3)
+    elif dropout_p == 0.0:  # and both against the reference (with dropout: ``test_dropout_*``)
         ref = prefix_attention_reference(q, k, v, pk, pv, scale=scale, softcap=softcap or None,
                                          window=window or None, **kwargs)
         torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)

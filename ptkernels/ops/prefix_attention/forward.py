@@ -167,6 +167,7 @@ def _prefix_attention_fwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     EDGE_N: tl.constexpr,
+    PREFIX_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     EVEN_D: tl.constexpr,
 ):
@@ -182,7 +183,9 @@ def _prefix_attention_fwd_kernel(
     as in SDPA with a mask: its K / V must be finite). EDGE_N: the key width of the masked tiles,
     BLOCK_N or half of it (``launch.forward_edge_block``: half where whole masked tiles ran out of
     registers); their TMA loads go through K_EDGE_DESC, V_EDGE_DESC, PK_EDGE_DESC, PV_EDGE_DESC, the
-    same views with EDGE_N-row boxes (None and unused when EDGE_N == BLOCK_N).
+    same views with EDGE_N-row boxes (None and unused when EDGE_N == BLOCK_N). PREFIX_N: the key
+    width of the prefix's full tiles, EDGE_N under PREFIX_DROPOUT (which drops each loaded K / V
+    tile in registers), else BLOCK_N.
 
     Example b's prefix: entry ``example_prefix(...)`` of PREFIX_K / PREFIX_V (a bank read through
     PREFIX_INDEX, a per-example prefix, or a shared one with batch stride 0), its first
@@ -215,6 +218,9 @@ def _prefix_attention_fwd_kernel(
     offs_e = tl.arange(0, EDGE_N)
     if EDGE_N == BLOCK_N:  # the masked tiles as wide as the full ones: one set of descriptors
         K_EDGE_DESC, V_EDGE_DESC, PK_EDGE_DESC, PV_EDGE_DESC = K_DESC, V_DESC, PK_DESC, PV_DESC
+    PK_PREFIX_DESC, PV_PREFIX_DESC = PK_DESC, PV_DESC
+    if PREFIX_N != BLOCK_N:  # the prefix's full tiles at the masked tiles' width
+        PK_PREFIX_DESC, PV_PREFIX_DESC = PK_EDGE_DESC, PV_EDGE_DESC
     offs_d = tl.arange(0, BLOCK_D)
     m_valid = offs_m < q_len
     d_valid = offs_d < head_dim
@@ -241,22 +247,22 @@ def _prefix_attention_fwd_kernel(
         pk_base = PREFIX_K + entry * stride_pkb + kv_h * stride_pkh
         pv_base = PREFIX_V + entry * stride_pvb + kv_h * stride_pvh
         num_kv_heads = num_q_heads // GROUP
-        prefix_full, masked_from = prefix_tile_ranges(example_prefix_len, start_m, q_len, k_len, window, BLOCK_N,
+        prefix_full, masked_from = prefix_tile_ranges(example_prefix_len, start_m, q_len, k_len, window, PREFIX_N,
                                                       WINDOW)
-        for start_n in range(0, prefix_full, BLOCK_N):
-            n = start_n + offs_n
-            k = load_full_rows(PK_DESC, entry, kv_h, start_n, pk_base, n, stride_pkn, offs_d, d_valid, EVEN_D,
-                               UPCAST, TMA, BLOCK_N, BLOCK_D)
-            v = load_full_rows(PV_DESC, entry, kv_h, start_n, pv_base, n, stride_pvn, offs_d, d_valid, EVEN_D,
-                               UPCAST, TMA, BLOCK_N, BLOCK_D)
+        for start_n in range(0, prefix_full, PREFIX_N):
+            n = start_n + tl.arange(0, PREFIX_N)
+            k = load_full_rows(PK_PREFIX_DESC, entry, kv_h, start_n, pk_base, n, stride_pkn, offs_d, d_valid, EVEN_D,
+                               UPCAST, TMA, PREFIX_N, BLOCK_D)
+            v = load_full_rows(PV_PREFIX_DESC, entry, kv_h, start_n, pv_base, n, stride_pvn, offs_d, d_valid, EVEN_D,
+                               UPCAST, TMA, PREFIX_N, BLOCK_D)
             k = drop_prefix_tile(k, prefix_seed, b, kv_h, 0, num_kv_heads, prefix_len, head_dim, n,
-                                 prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT, BLOCK_N, BLOCK_D)
+                                 prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT, PREFIX_N, BLOCK_D)
             v = drop_prefix_tile(v, prefix_seed, b, kv_h, 1, num_kv_heads, prefix_len, head_dim, n,
-                                 prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT, BLOCK_N, BLOCK_D)
+                                 prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT, PREFIX_N, BLOCK_D)
             qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
             acc, m_i, l_i = _online_softmax_step_full(
                 acc, m_i, l_i, qk, v, qk_scale_log2, seed, first_row, start_n, dropout_threshold,
-                softcap_in, softcap_out, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N, SOFTCAP,
+                softcap_in, softcap_out, DROPOUT, DOT_PRECISION, BLOCK_M, PREFIX_N, SOFTCAP,
                 bias_row, n - example_prefix_len, query_pos, bias_center, bias_last, BIAS)
         # The masked tiles (EDGE_N keys wide): the last partial one, or with WINDOW those the
         # window's edge crosses.
@@ -531,7 +537,8 @@ def prefix_attention_forward(
         descs = tma_descriptors((k, v), (prefix_k, prefix_v), cfg["BLOCK_N"], block_d(head_dim), varlen is not None,
                                 limits)
         edge_n = forward_edge_block(cfg["BLOCK_N"], head_dim, dropout=dropout_p > 0.0, padding=kpm is not None,
-                                    varlen=varlen is not None, softcap=softcap > 0.0, bias=bias_table is not None)
+                                    varlen=varlen is not None, softcap=softcap > 0.0, bias=bias_table is not None,
+                                    prefix_dropout=prefix_dropout_p > 0.0)
         edge_descs = descs
         if descs is not None and edge_n != cfg["BLOCK_N"]:
             edge_descs = tma_descriptors((k, v), (prefix_k, prefix_v), edge_n, block_d(head_dim), varlen is not None,
@@ -568,6 +575,7 @@ def prefix_attention_forward(
             DOT_PRECISION=dot_precision(q.dtype, limits.hip),
             TMA=descs is not None and edge_descs is not None,
             EDGE_N=edge_n,
+            PREFIX_N=edge_n if prefix_dropout_p > 0.0 else cfg["BLOCK_N"],
             BLOCK_D=block_d(head_dim),
             EVEN_D=block_d(head_dim) == head_dim,
             enable_fp_fusion=FP_FUSION,

@@ -453,11 +453,13 @@ def tma_descriptor(t: Tensor, block_rows: int, block_d: int, varlen: bool = Fals
 
 
 def forward_edge_block(block_n: int, head_dim: int, dropout: bool = False, padding: bool = False,
-                       varlen: bool = False, softcap: bool = False, bias: bool = False) -> int:
+                       varlen: bool = False, softcap: bool = False, bias: bool = False,
+                       prefix_dropout: bool = False) -> int:
     """EDGE_N, the key width of the forward's masked tiles (the prefix's last partial tile, the
     real keys' edges, a padding mask's tiles), for full tiles BLOCK_N = ``block_n`` keys wide:
     half of it where the masked loops ran out of registers on sm_90 (static report, triton 3.9),
-    else block_n.
+    else block_n. Under P-Tuning v2's prefix dropout the prefix's full tiles take this width too
+    (the forward's PREFIX_N).
 
     A masked loop holds what the full loops do (the accumulator, the scores and their 16-bit copy)
     plus each key column's index in the score tile (32 per thread on 128 x 128 tiles), the mask and,
@@ -469,11 +471,13 @@ def forward_edge_block(block_n: int, head_dim: int, dropout: bool = False, paddi
     half tile's count x 2 against a whole one's); a plain prefix's masked tiles (the causal diagonal,
     no padding: 449 per 64 keys against 701 per 128 at D=128) would pay 1.28x with no spill to save,
     so the sets that did not spill keep whole tiles, and so does D=64's relative bias (half tiles
-    spilled more there, 48 -> 424 bytes). Tiles narrower than 64 keys (fp32, D = 256, the
-    interpreter's) are not split."""
+    spilled more there, 48 -> 424 bytes). With a bank's prefix dropout at D=128 the prefix loops
+    drop each loaded K / V tile in registers (188-228 bytes, 10 local accesses per prefix tile on
+    whole tiles; none on half ones, at 1.08-1.09x the instructions per key). Tiles narrower than 64
+    keys (fp32, D = 256, the interpreter's) are not split."""
     if block_n < 64 or head_dim_bucket(head_dim) > 128:
         return block_n
-    if dropout or (head_dim_bucket(head_dim) == 128 and (padding or varlen or softcap or bias)):
+    if dropout or (head_dim_bucket(head_dim) == 128 and (padding or varlen or softcap or bias or prefix_dropout)):
         return block_n // 2
     return block_n
 
