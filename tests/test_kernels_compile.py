@@ -64,7 +64,8 @@ def test_quick_cases_launch_every_kernel_with_the_targets_limits():
                     want = forward_config(case.head_dim, case.dtype, limits, dropout=case.dropout,
                                           bias=case.relative_bias)
                 elif launch.name.startswith("_prefix_attention_bwd_"):
-                    configs = backward_config(case.head_dim, case.dtype, limits, dropout=case.dropout)
+                    configs = backward_config(case.head_dim, case.dtype, limits, dropout=case.dropout,
+                                              bias=case.relative_bias)
                     want = configs["dq" if launch.name == "_prefix_attention_bwd_dq_kernel" else "dkdv"]
                 else:
                     continue

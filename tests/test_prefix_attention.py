@@ -646,6 +646,11 @@ def test_gpu_block_configs_follow_the_device_shared_memory():
         dkdv=dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=2))
     assert gpu_backward_config(128, torch.float16, h100, dropout=True)["dkdv"] == dict(
         BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=1)
+    # dQ with T5's relative bias (its key loop sums dS per bucket) at D=128: 32 keys a tile, as 64 spilled
+    assert gpu_backward_config(128, torch.bfloat16, h100, bias=True) == dict(
+        dq=dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2),
+        dkdv=dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=2))
+    assert gpu_backward_config(64, torch.bfloat16, h100, bias=True) == gpu_backward_config(64, torch.bfloat16, h100)
     for max_shared in (h100, a100, ada):
         for dtype in (torch.float16, torch.bfloat16, torch.float32):
             for head_dim in (8, 16, 40, 64, 80, 128, 256):
@@ -654,8 +659,8 @@ def test_gpu_block_configs_follow_the_device_shared_memory():
                     f = gpu_forward_config(head_dim, dtype, max_shared, dropout)
                     need = (f["BLOCK_M"] * bd + 2 * f["num_stages"] * f["BLOCK_N"] * bd) * size
                     assert need <= max_shared, (max_shared, dtype, head_dim, f)
-                for dropout in (False, True):  # the operand tiles alone fit (the estimate adds more)
-                    config = gpu_backward_config(head_dim, dtype, max_shared, dropout)
+                for dropout, bias in ((False, False), (True, False), (False, True)):  # operand tiles alone fit
+                    config = gpu_backward_config(head_dim, dtype, max_shared, dropout, bias)
                     dq, dkdv = config["dq"], config["dkdv"]
                     need_dq = (2 * dq["BLOCK_M"] + 2 * dq["num_stages"] * dq["BLOCK_N"]) * bd * size
                     need_dkdv = (2 * dkdv["BLOCK_N"] + 2 * dkdv["num_stages"] * dkdv["BLOCK_M"]) * bd * size

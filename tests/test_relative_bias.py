@@ -14,7 +14,7 @@ import ptkernels
 from ptkernels.ops.prefix_attention.reference import prefix_attention_reference
 from ptkernels.testing import assert_matches_fp64, flash_attention_bound
 
-from conftest import DEVICE
+from conftest import DEVICE, ON_GPU
 
 T5Attention = pytest.importorskip("transformers.models.t5.modeling_t5").T5Attention
 
@@ -327,3 +327,30 @@ def test_bad_alibi_slopes():
     with pytest.raises(ValueError, match="either alibi_slopes or relative_bias_table"):
         ptkernels.prefix_attention(q, k, v, None, None, alibi_slopes=torch.ones(2), relative_bias_table=torch.ones(32, 2),
                                    relative_bias_buckets=ptkernels.relative_position_buckets(13), backend="torch")
+
+
+@pytest.mark.skipif(ON_GPU, reason="pins interpreter tiles")
+def test_triton_relative_bias_backward_on_other_dq_tiles(monkeypatch):
+    """dQ with a trainable relative bias sums dS per bucket inside its key loop, whose width the
+    launcher picks (``launch._BACKWARD_BIAS_CANDIDATES``: 128 x 32 at D=128 on a GPU, where 128 x 64
+    spilled): on 16 x 32 and 32 x 16 dQ tiles every gradient, the table's included, matches the run
+    on the interpreter's 16 x 16 tiles (causal, padding, GQA, a prefix)."""
+    from ptkernels.ops.prefix_attention import backward as bwd
+    from ptkernels.ops.prefix_attention.launch import INTERPRETER_CONFIG
+
+    q, k, v, pk, pv, mask, _, table, buckets = make(dict(causal=True, padding=True, gqa=True, q_len=37, k_len=45),
+                                                    seed=6)
+    leaves = (q, k, v, pk, pv, table)
+
+    def grads():
+        out = ptkernels.prefix_attention(q, k, v, pk, pv, key_padding_mask=mask, causal=True, relative_bias_table=table,
+                                         relative_bias_buckets=buckets, backend="triton")
+        return torch.autograd.grad(out.square().sum(), leaves)
+
+    want = grads()
+    original = bwd.backward_config
+    for block_m, block_n in ((16, 32), (32, 16)):
+        tiles = dict(INTERPRETER_CONFIG, BLOCK_M=block_m, BLOCK_N=block_n)
+        monkeypatch.setattr(bwd, "backward_config", lambda *a, **kw: dict(original(*a, **kw), dq=tiles))
+        for name, w, g in zip("q k v pk pv table".split(), want, grads()):
+            torch.testing.assert_close(g, w, atol=2e-5, rtol=1e-4, msg=f"{name} dq tiles {block_m}x{block_n}")

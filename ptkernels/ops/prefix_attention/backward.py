@@ -824,7 +824,8 @@ def prefix_attention_backward(
                 dsinks, dtable)
 
     limits = device_limits(q.device) if limits is None else limits
-    cfg = backward_config(head_dim, q.dtype, limits, dropout_p > 0.0) if config is None else config
+    cfg = (backward_config(head_dim, q.dtype, limits, dropout_p > 0.0, relative_bias_table is not None)
+           if config is None else config)
     if config is None and autotune_requested(limits) and launcher is launch_kernel:
         key = ("bwd", str(q.device), q.dtype, head_dim, group, causal, key_padding_mask is None, prefix_len > 0,
                per_example, dropout_p > 0.0, prefix_index is None, prefix_lengths is None, prefix_dropout_p > 0.0,
@@ -838,8 +839,8 @@ def prefix_attention_backward(
                 relative_bias_table, relative_bias_buckets, relative_bias_grad, varlen=varlen, limits=limits,
                 config=c), warmup=3, rep=20)
 
-        cfg = tuned_config(key, gpu_backward_configs(head_dim, q.dtype, limits.max_shared_memory, dropout_p > 0.0),
-                           measure)
+        cfg = tuned_config(key, gpu_backward_configs(head_dim, q.dtype, limits.max_shared_memory, dropout_p > 0.0,
+                                                      relative_bias_table is not None), measure)
     bd = block_d(head_dim)
     # dQ's tiles (bm queries x bn keys) and dK/dV's (dkdv_bm queries x dkdv_bn keys): see launch.backward_config
     bm, bn = cfg["dq"]["BLOCK_M"], cfg["dq"]["BLOCK_N"]

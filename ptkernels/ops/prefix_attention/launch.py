@@ -186,6 +186,14 @@ _BACKWARD_CANDIDATES = {
     ("dq", 256, False): [(64, 64, 8, 2), (64, 64, 8, 1), (32, 32, 4, 2), (32, 32, 4, 1), (16, 16, 4, 1)],
     ("dkdv", 256, False): [(64, 64, 8, 2), (64, 64, 8, 1), (32, 32, 4, 2), (32, 32, 4, 1), (16, 16, 4, 1)],
 }
+# With T5's relative bias (a trainable table: dQ also sums dS per bucket), dQ at D=128 on 128 x 64
+# tiles spilled 360 bytes, 10-12 local accesses in every key iteration (its key loop holds the
+# bucket loop); on 128 x 32 none, at the same instructions per key outside the bucket loop (494-656
+# per 32 keys against 991-1374 per 64) and fewer inside it (306 per bucket and 32 keys against 677
+# per 64). (The other kinds and head dims keep the table above: they did not spill.)
+_BACKWARD_BIAS_CANDIDATES = {
+    ("dq", 128): [(128, 32, 8, 2), (64, 64, 4, 2), (64, 64, 4, 1), (32, 32, 4, 2), (32, 32, 4, 1), (16, 16, 4, 1)],
+}
 _BACKWARD_CANDIDATES_FP32 = {
     64: [(32, 32, 4, 2), (32, 32, 4, 1), (16, 16, 4, 1)],
     128: [(32, 32, 8, 2), (32, 32, 8, 1), (16, 16, 4, 1)],
@@ -289,36 +297,42 @@ def gpu_forward_configs(head_dim: int, dtype: torch.dtype, max_shared: int, drop
     return all_fitting(candidates, need, FORWARD_SHARED_MEMORY_MARGIN[dtype], max_shared)
 
 
-def backward_config(head_dim: int, dtype: torch.dtype, limits: DeviceLimits, dropout: bool = False) -> dict:
+def backward_config(head_dim: int, dtype: torch.dtype, limits: DeviceLimits, dropout: bool = False,
+                    bias: bool = False) -> dict:
     """The backward kernels' block configs on a device with ``limits``: {"dq": config, "dkdv": config}
     (the dK/dV config serves the real-key and the prefix dK/dV kernels), each a dict of BLOCK_M,
     BLOCK_N, num_warps, num_stages."""
     if limits.interpreted:
         return {kind: dict(INTERPRETER_CONFIG) for kind in BACKWARD_KINDS}
-    return gpu_backward_config(head_dim, dtype, limits.max_shared_memory, dropout)
+    return gpu_backward_config(head_dim, dtype, limits.max_shared_memory, dropout, bias)
 
 
-def gpu_backward_config(head_dim: int, dtype: torch.dtype, max_shared: int, dropout: bool = False) -> dict:
-    """The backward configs on a GPU with ``max_shared`` bytes of shared memory per program."""
-    return {kind: gpu_backward_kernel_configs(kind, head_dim, dtype, max_shared, dropout)[0]
+def gpu_backward_config(head_dim: int, dtype: torch.dtype, max_shared: int, dropout: bool = False,
+                        bias: bool = False) -> dict:
+    """The backward configs on a GPU with ``max_shared`` bytes of shared memory per program
+    (bias: with T5's relative bias)."""
+    return {kind: gpu_backward_kernel_configs(kind, head_dim, dtype, max_shared, dropout, bias)[0]
             for kind in BACKWARD_KINDS}
 
 
-def gpu_backward_configs(head_dim: int, dtype: torch.dtype, max_shared: int, dropout: bool = False) -> list[dict]:
+def gpu_backward_configs(head_dim: int, dtype: torch.dtype, max_shared: int, dropout: bool = False,
+                         bias: bool = False) -> list[dict]:
     """The autotuning space: the heuristic choice first, then the other fitting dK/dV configs with
     the chosen dQ config, then the other dQ configs with the chosen dK/dV config (the kernels are
     timed together, so the two are tuned one after the other rather than as a product)."""
-    dq = gpu_backward_kernel_configs("dq", head_dim, dtype, max_shared, dropout)
-    dkdv = gpu_backward_kernel_configs("dkdv", head_dim, dtype, max_shared, dropout)
+    dq = gpu_backward_kernel_configs("dq", head_dim, dtype, max_shared, dropout, bias)
+    dkdv = gpu_backward_kernel_configs("dkdv", head_dim, dtype, max_shared, dropout, bias)
     return [dict(dq=dq[0], dkdv=c) for c in dkdv] + [dict(dq=c, dkdv=dkdv[0]) for c in dq[1:]]
 
 
 def gpu_backward_kernel_configs(kind: str, head_dim: int, dtype: torch.dtype, max_shared: int,
-                                dropout: bool = False) -> list[dict]:
+                                dropout: bool = False, bias: bool = False) -> list[dict]:
     """Every candidate config of one backward kernel kind ("dq" or "dkdv") that fits, best first."""
     bd, size, bucket = block_d(head_dim), dtype.itemsize, head_dim_bucket(head_dim)
     if dtype == torch.float32:
         candidates = _BACKWARD_CANDIDATES_FP32[bucket]
+    elif bias and (kind, bucket) in _BACKWARD_BIAS_CANDIDATES:
+        candidates = _BACKWARD_BIAS_CANDIDATES[(kind, bucket)]
     else:
         candidates = _BACKWARD_CANDIDATES.get((kind, bucket, dropout), _BACKWARD_CANDIDATES[(kind, bucket, False)])
 
