@@ -97,11 +97,19 @@ def loop_variant_zero(i, PTX: tl.constexpr):
 
 
 @triton.jit
-def program_coordinates(num_rows, num_heads, BLOCK: tl.constexpr):
+def program_coordinates(num_rows, num_heads, BLOCK: tl.constexpr, AGAIN: tl.constexpr = False,
+                        PTX: tl.constexpr = False):
     """(outer, head, start, offs) of this program in a 1-D grid of cdiv(num_rows, BLOCK) row blocks
     (fastest) x num_heads x outer: outer and head as int64, the block's first row ``start`` and its
-    rows ``offs`` = start + arange(BLOCK) (some past num_rows in the last block)."""
-    pid = tl.program_id(0)
+    rows ``offs`` = start + arange(BLOCK) (some past num_rows in the last block).
+    AGAIN with PTX: computed anew from a fresh read of the program id (inline PTX, not pure, so the
+    compiler cannot reuse the first computation): for an epilogue, so that the coordinates are not
+    held in registers (spilled) across the kernel's loops."""
+    if AGAIN and PTX:
+        pid = tl.inline_asm_elementwise("mov.u32 $0, %ctaid.x;", "=r,r", [num_heads.to(tl.int32)], dtype=tl.int32,
+                                        is_pure=False, pack=1)
+    else:
+        pid = tl.program_id(0)
     num_blocks = tl.cdiv(num_rows, BLOCK)
     start = (pid % num_blocks) * BLOCK
     pid_outer_head = pid // num_blocks
