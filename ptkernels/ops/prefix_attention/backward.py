@@ -420,8 +420,8 @@ def _prefix_attention_bwd_dkdv_kernel(
     VARLEN as in the forward kernel (b is a packed sequence; DK, DV are (total_k, Hkv, D)).
     TMA: full query tiles load Q and dO through Q_DESC, DO_DESC (``launch.tma_descriptor``).
     PTX: compiled for an NVIDIA GPU. With DROPOUT, VARLEN or BIAS the epilogue computes the program's
-    coordinates anew (``program_coordinates(..., AGAIN=True)``: from a fresh read of the program id
-    where PTX) instead of holding them across the query loops, which spilled them (56 -> 24 bytes at
+    coordinates anew (``program_coordinates(..., FRESH_PID=PTX)``: from a fresh read of the program
+    id where PTX) instead of holding them across the query loops, which spilled them (56 -> 24 bytes at
     D=64 with dropout + causal + padding + GQA, 60 -> 16 at D=128, packed 224 -> 176 and 96 -> 72,
     relative bias 8 -> 0); elsewhere nothing spilled, and it lengthened the loops by up to 1%."""
     # 1-D grid: key blocks fastest, then kv heads, then batch.
@@ -529,7 +529,7 @@ def _prefix_attention_bwd_dkdv_kernel(
                 key_pos, window_shift, window, WINDOW, bias_row, BIAS_BUCKETS, bias_center, bias_last, BIAS,
                 Q_DESC, DO_DESC, desc_batch, h, q_start, TMA, EDGE_TMA, BLOCK_D)
     if DROPOUT or VARLEN or BIAS:  # the coordinates anew (PTX: from a fresh read of the program id)
-        b, kv_h, start_n, offs_n = program_coordinates(k_len_max, num_kv_heads, BLOCK_N, True, PTX)
+        b, kv_h, start_n, offs_n = program_coordinates(k_len_max, num_kv_heads, BLOCK_N, PTX)
         if VARLEN:
             k_start, k_len = sequence_extent(CU_SEQLENS_K, b)
         keys = offs_n[:, None].to(tl.int64)
@@ -626,7 +626,7 @@ def _prefix_attention_bwd_prefix_dkdv_kernel(
     With PREFIX_DROPOUT each example's contribution is accumulated apart, multiplied by that
     example's keep mask times 1 / P(keep) (the gradient of the dropped tile w.r.t. the raw one) and
     added into DPREFIX_K / DPREFIX_V, which are then float32 and zeroed by the launcher.
-    PTX: compiled for an NVIDIA GPU (``loop_variant_zero`` and ``program_coordinates(..., AGAIN=True)``
+    PTX: compiled for an NVIDIA GPU (``loop_variant_zero`` and ``program_coordinates(..., FRESH_PID=PTX)``
     may use inline PTX: with attention dropout the epilogue's coordinates are computed anew, not held
     across the loops); with PREFIX_DROPOUT
     or BIAS each example's prefix rows are offsets computed inside the example loop (its pointer and
@@ -737,7 +737,7 @@ def _prefix_attention_bwd_prefix_dkdv_kernel(
         # With attention dropout the coordinates anew, not held across the loops (64 -> 56, 148 -> 120,
         # 80 -> 48, 12 -> 0 bytes; packed sequences spilled more, 80 -> 100)
         if DROPOUT and not VARLEN:
-            outer, kv_h, start_n, offs_n = program_coordinates(prefix_len, num_kv_heads, BLOCK_N, True, PTX)
+            outer, kv_h, start_n, offs_n = program_coordinates(prefix_len, num_kv_heads, BLOCK_N, PTX)
             keys = offs_n[:, None].to(tl.int64)
         kd_mask = (offs_n < prefix_len)[:, None] & d_valid[None, :]  # every row of the entry: 0 past its length
         tl.store(DPREFIX_K + outer * stride_dpks + kv_h * stride_dpkh + keys * stride_dpkn + offs_d[None, :],

@@ -97,15 +97,14 @@ def loop_variant_zero(i, PTX: tl.constexpr):
 
 
 @triton.jit
-def program_coordinates(num_rows, num_heads, BLOCK: tl.constexpr, AGAIN: tl.constexpr = False,
-                        PTX: tl.constexpr = False):
+def program_coordinates(num_rows, num_heads, BLOCK: tl.constexpr, FRESH_PID: tl.constexpr = False):
     """(outer, head, start, offs) of this program in a 1-D grid of cdiv(num_rows, BLOCK) row blocks
     (fastest) x num_heads x outer: outer and head as int64, the block's first row ``start`` and its
     rows ``offs`` = start + arange(BLOCK) (some past num_rows in the last block).
-    AGAIN with PTX: computed anew from a fresh read of the program id (inline PTX, not pure, so the
-    compiler cannot reuse the first computation): for an epilogue, so that the coordinates are not
-    held in registers (spilled) across the kernel's loops."""
-    if AGAIN and PTX:
+    FRESH_PID (kernels compiled for an NVIDIA GPU): from a fresh read of the program id (inline PTX,
+    not pure, so the compiler cannot reuse an earlier computation): for an epilogue, so that the
+    coordinates are not held in registers (spilled) across the kernel's loops."""
+    if FRESH_PID:
         pid = tl.inline_asm_elementwise("mov.u32 $0, %ctaid.x;", "=r,r", [num_heads.to(tl.int32)], dtype=tl.int32,
                                         is_pure=False, pack=1)
     else:

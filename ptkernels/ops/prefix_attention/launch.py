@@ -489,9 +489,10 @@ def forward_edge_block(block_n: int, head_dim: int, dropout: bool = False, paddi
     drop each loaded K / V tile in registers (188-228 bytes, 10 local accesses per prefix tile on
     whole tiles; none on half ones, at 1.08-1.09x the instructions per key). Tiles narrower than 64
     keys (fp32, D = 256, the interpreter's) are not split."""
-    if block_n < 64 or head_dim_bucket(head_dim) > 128:
+    bucket = head_dim_bucket(head_dim)
+    if block_n < 64 or bucket > 128:
         return block_n
-    if dropout or (head_dim_bucket(head_dim) == 128 and (padding or varlen or softcap or bias or prefix_dropout)):
+    if dropout or (bucket == 128 and (padding or varlen or softcap or bias or prefix_dropout)):
         return block_n // 2
     return block_n
 
