@@ -421,9 +421,10 @@ def _prefix_attention_bwd_dkdv_kernel(
     TMA: full query tiles load Q and dO through Q_DESC, DO_DESC (``launch.tma_descriptor``).
     PTX: compiled for an NVIDIA GPU. With DROPOUT, VARLEN or BIAS the epilogue computes the program's
     coordinates anew (``program_coordinates(..., FRESH_PID=PTX)``: from a fresh read of the program
-    id where PTX) instead of holding them across the query loops, which spilled them (56 -> 24 bytes at
-    D=64 with dropout + causal + padding + GQA, 60 -> 16 at D=128, packed 224 -> 176 and 96 -> 72,
-    relative bias 8 -> 0); elsewhere nothing spilled, and it lengthened the loops by up to 1%."""
+    id and divisors where PTX) instead of holding them across the query loops, which spilled them
+    (56 -> 16 bytes at D=64 with dropout + causal + padding + GQA, 60 -> 0 at D=128, packed 224 -> 168
+    and 96 -> 64, relative bias 8 -> 0); elsewhere nothing spilled, and it lengthened the loops by up
+    to 1%."""
     # 1-D grid: key blocks fastest, then kv heads, then batch.
     b, kv_h, start_n, offs_n = program_coordinates(k_len, num_kv_heads, BLOCK_N)
     q_len_max = q_len
@@ -734,8 +735,8 @@ def _prefix_attention_bwd_prefix_dkdv_kernel(
                 softcap_in, softcap_out, SOFTCAP, key_pos, window_shift, window, q_end, WINDOW,
                 BIAS_TABLE, BIAS_BUCKETS, bias_row_len, bias_center, bias_last, BIAS, Q_DESC, DO_DESC, TMA, BLOCK_D)
     if not PREFIX_DROPOUT:
-        # With attention dropout the coordinates anew, not held across the loops (64 -> 56, 148 -> 120,
-        # 80 -> 48, 12 -> 0 bytes; packed sequences spilled more, 80 -> 100)
+        # With attention dropout the coordinates anew, not held across the loops (64 -> 32, 148 -> 120,
+        # 80 -> 32, 12 -> 0 bytes; packed sequences spilled more, 80 -> 100)
         if DROPOUT and not VARLEN:
             outer, kv_h, start_n, offs_n = program_coordinates(prefix_len, num_kv_heads, BLOCK_N, PTX)
             keys = offs_n[:, None].to(tl.int64)

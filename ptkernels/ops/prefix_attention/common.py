@@ -101,12 +101,15 @@ def program_coordinates(num_rows, num_heads, BLOCK: tl.constexpr, FRESH_PID: tl.
     """(outer, head, start, offs) of this program in a 1-D grid of cdiv(num_rows, BLOCK) row blocks
     (fastest) x num_heads x outer: outer and head as int64, the block's first row ``start`` and its
     rows ``offs`` = start + arange(BLOCK) (some past num_rows in the last block).
-    FRESH_PID (kernels compiled for an NVIDIA GPU): from a fresh read of the program id (inline PTX,
-    not pure, so the compiler cannot reuse an earlier computation): for an epilogue, so that the
-    coordinates are not held in registers (spilled) across the kernel's loops."""
+    FRESH_PID (kernels compiled for an NVIDIA GPU): from a fresh read of the program id and of
+    num_rows, num_heads (inline PTX, not pure, so the compiler cannot reuse an earlier computation,
+    the divisors' included): for an epilogue, so that the coordinates are not held in registers
+    (spilled) across the kernel's loops."""
     if FRESH_PID:
-        pid = tl.inline_asm_elementwise("mov.u32 $0, %ctaid.x;", "=r,r", [num_heads.to(tl.int32)], dtype=tl.int32,
-                                        is_pure=False, pack=1)
+        pid, num_rows, num_heads = tl.inline_asm_elementwise(
+            "mov.u32 $0, %ctaid.x; mov.b32 $1, $3; mov.b32 $2, $4;", "=r,=r,=r,r,r",
+            [num_rows.to(tl.int32), num_heads.to(tl.int32)], dtype=(tl.int32, tl.int32, tl.int32),
+            is_pure=False, pack=1)
     else:
         pid = tl.program_id(0)
     num_blocks = tl.cdiv(num_rows, BLOCK)

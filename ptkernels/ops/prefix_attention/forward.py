@@ -24,6 +24,7 @@ from torch import Tensor
 
 from ..utils import batch_strides
 from .common import (
+    DROPOUT_PTX,
     add_relative_bias,
     bounded_keys_visible,
     drop_prefix_tile,
@@ -164,6 +165,7 @@ def _prefix_attention_fwd_kernel(
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     TMA: tl.constexpr,
+    PTX: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     EDGE_N: tl.constexpr,
@@ -186,6 +188,11 @@ def _prefix_attention_fwd_kernel(
     same views with EDGE_N-row boxes (None and unused when EDGE_N == BLOCK_N). PREFIX_N: the key
     width of the prefix's full tiles, EDGE_N under PREFIX_DROPOUT (which drops each loaded K / V
     tile in registers), else BLOCK_N.
+    PTX: compiled for an NVIDIA GPU. With DROPOUT or BIAS (not VARLEN) the epilogue computes the
+    program's coordinates anew (``program_coordinates(..., FRESH_PID=PTX)``: from a fresh read of
+    the program id and divisors where PTX) instead of holding them across the key loops, where they
+    spilled (D=64: 16 bytes with dropout + causal + padding + GQA, 48 with relative bias); in the
+    sets without either it lengthened the loops by 0.3% and is not used there.
 
     Example b's prefix: entry ``example_prefix(...)`` of PREFIX_K / PREFIX_V (a bank read through
     PREFIX_INDEX, a per-example prefix, or a shared one with batch stride 0), its first
@@ -394,6 +401,10 @@ def _prefix_attention_fwd_kernel(
     if DROPOUT:
         inv_l = inv_l * dropout_scale
     out = acc * inv_l[:, None]
+    if (DROPOUT or BIAS) and not VARLEN:  # the coordinates anew (PTX: from a fresh read of the program id)
+        b, h, start_m, offs_m = program_coordinates(q_len, num_q_heads, BLOCK_M, PTX)
+        m_valid = offs_m < q_len
+        stat_base = (b * num_q_heads + h) * q_len
     o_ptrs = (OUT + b * stride_ob + q_start * stride_om + h * stride_oh + offs_m[:, None].to(tl.int64) * stride_om
               + offs_d[None, :])
     tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=m_valid[:, None] & d_valid[None, :])
@@ -574,6 +585,7 @@ def prefix_attention_forward(
             UPCAST=upcast_in_interpreter(q.dtype, limits.interpreted),
             DOT_PRECISION=dot_precision(q.dtype, limits.hip),
             TMA=descs is not None and edge_descs is not None,
+            PTX=philox_mode(limits) == DROPOUT_PTX,
             EDGE_N=edge_n,
             PREFIX_N=edge_n if prefix_dropout_p > 0.0 else cfg["BLOCK_N"],
             BLOCK_D=block_d(head_dim),
