@@ -135,7 +135,10 @@ def test_tma_matches_pointer_loads(tma_switch, dtype, prefix, head_dim):
 
 @pytest.mark.parametrize("prefix", ["shared", "per_sequence"])
 def test_tma_packed_sequences(tma_switch, prefix):
-    """Packed sequences: one descriptor batch of total rows, each sequence at its cu_seqlens row."""
+    """Packed sequences: one descriptor batch of total rows, each sequence at its cu_seqlens row. The
+    prefix dK/dV kernel loads a sequence's last, partial query tile through TMA as well: with the
+    interpreter's 16-row tiles, sequence 0's rows 16..31 are its last 3 queries and sequence 1's first
+    13, which must weigh 0 (as the pointer path's zeros do), bit for bit."""
     dtype, q_heads, kv_heads, head_dim, prefix_len = torch.float16, 4, 2, 32, 18
     lens_q, lens_k = [19, 33, 5], [19, 40, 17]
     gen = torch.Generator().manual_seed(2)

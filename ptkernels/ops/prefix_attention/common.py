@@ -365,8 +365,9 @@ def load_edge_rows(DESC, batch, head, first_row, base, rows, stride_row, offs_d,
     out of the scores (a prefix entry's rows past its length, keys the causal mask or window hides,
     and in the general padding-mask loop every key before Sk, which its pointer loads read anyway);
     the callers do not use it for the contiguous padding mask's edge tiles (their pointer loads
-    read no key past the last attended one; TMA there compiled to more spills at D=64) nor past a
-    packed sequence's end."""
+    read no key past the last attended one; TMA there compiled to more spills at D=64), nor past a
+    packed sequence's end but in the prefix dK/dV kernel (the next sequence's query rows, weighted 0:
+    the LSE of a row past the sequence's end reads +inf there)."""
     if TMA:
         tile = load_full_rows(DESC, batch, head, first_row, base, rows, stride_row, offs_d, d_valid, True, UPCAST,
                               TMA, BLOCK_ROWS, BLOCK_D)
