@@ -404,7 +404,8 @@ def _prefix_attention_fwd_kernel(
     if (DROPOUT or BIAS) and not VARLEN:  # the coordinates anew (PTX: from a fresh read of the program id)
         b, h, start_m, offs_m = program_coordinates(q_len, num_q_heads, BLOCK_M, PTX)
         m_valid = offs_m < q_len
-        stat_base = (b * num_q_heads + h) * q_len
+        _, _, _, _, stat_base = query_rows(CU_SEQLENS_Q, CU_SEQLENS_K, b, h, num_q_heads, q_len, k_len, stat_rows,
+                                           VARLEN)
     o_ptrs = (OUT + b * stride_ob + q_start * stride_om + h * stride_oh + offs_m[:, None].to(tl.int64) * stride_om
               + offs_d[None, :])
     tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=m_valid[:, None] & d_valid[None, :])
