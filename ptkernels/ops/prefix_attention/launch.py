@@ -480,8 +480,9 @@ def forward_edge_block(block_n: int, head_dim: int, dropout: bool = False, paddi
     under a padding mask or packed sequences, the pointer tiles of its loads; the compiler computes
     the column indices once, ahead of all the loops. With attention dropout (D <= 128), or at D = 128
     with a padding mask, packed sequences, softcap or T5's relative bias, that spilled (32-436 bytes
-    a kernel); on half-width masked tiles none of it does (but 16 bytes, outside the loops, at D=64
-    with dropout + causal + padding + GQA). A masked key costs 0.95-1.27x the instructions there (a
+    a kernel); on half-width masked tiles none of it does (the 16 bytes they left outside the loops
+    at D=64 with dropout + causal + padding + GQA went with the epilogue's fresh program
+    coordinates, ``program_coordinates(..., FRESH_PID)``). A masked key costs 0.95-1.27x the instructions there (a
     half tile's count x 2 against a whole one's); a plain prefix's masked tiles (the causal diagonal,
     no padding: 449 per 64 keys against 701 per 128 at D=128) would pay 1.28x with no spill to save,
     so the sets that did not spill keep whole tiles, and so does D=64's relative bias (half tiles
