@@ -30,11 +30,11 @@ def _speed_up_triton_interpreter() -> None:
 
     - Every call of a ``@triton.jit`` helper from inside a kernel (``common.*``: tens of thousands a
       test module) patches ``triton.language`` for the interpreter anew (``_patch_lang``: an
-      ``inspect.getmembers`` over four modules, 2 ms a call); the kernel launch around it has
-      already patched the same modules, and the nested patches are never restored (their scope is
-      dropped), so they change nothing. Here a nested call whose modules the running launch has
-      patched skips it. A helper whose globals name a module the launch did not patch is patched as
-      before.
+      ``inspect.getmembers`` over four modules, 2 ms a call), though the kernel launch around it
+      has already patched the same modules: the nested patch changes nothing, and its scope is
+      dropped, never restored. Here a nested call skips it when the running launch, or an earlier
+      nested call, has patched every module the helper's globals name (triton's own helpers such as
+      ``tl.max`` also name ``triton.language.core``, which the first such call patches as before).
     - ``_get_np_dtype`` builds its dict of 20 dtypes on every call (70 000 calls in one TMA test);
       here it is cached per dtype (per element dtype for a block).
 
