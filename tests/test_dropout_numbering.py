@@ -20,12 +20,21 @@ tl = triton.language
 from ptkernels.ops.prefix_attention.common import (  # noqa: E402
     DROPOUT_PORTABLE,
     DROPOUT_PTX,
+    DROPOUT_PTX_KEYS,
     PHILOX_ROUNDS,
     attention_dropout_keep,
     philox,
+    philox_keyed,
 )
 from ptkernels.ops.prefix_attention.forward import dropout_keep_mask  # noqa: E402
-from ptkernels.ops.prefix_attention.launch import DeviceLimits, device_limits, dropout_mode, philox_mode  # noqa: E402
+from ptkernels.ops.prefix_attention.launch import (  # noqa: E402
+    DeviceLimits,
+    device_limits,
+    dropout_mode,
+    keyed_dropout_mode,
+    philox_mode,
+    philox_round_keys,
+)
 from ptkernels.ops.prefix_attention.reference import attention_dropout_keep_reference  # noqa: E402
 
 
@@ -80,6 +89,44 @@ def test_philox_rounds_equal_tl_philox(rounds):
             assert ours.unique().numel() > 4 * n - 8  # the words are not constant or repeated
 
 
+@triton.jit(do_not_specialize=["seed", "k0", "k1", "k2", "k3", "k4", "k5", "k6", "k7", "k8", "k9", "k10", "k11",
+                                "k12", "k13"])
+def _philox_keyed_pair_kernel(OURS, THEIRS, seed, k0, k1, k2, k3, k4, k5, k6, k7, k8, k9, k10, k11, k12, k13,
+                              N: tl.constexpr, PTX: tl.constexpr):
+    """OURS, THEIRS (4, N) uint32 as int32: common.philox_keyed with the given round keys and
+    tl.philox of the seed, same counters, PHILOX_ROUNDS rounds."""
+    i = tl.arange(0, N)
+    c0 = i.to(tl.uint32) * 2654435761
+    c1 = (i * 40503 + 7).to(tl.uint32)
+    c2 = (i ^ 0x5BD1E995).to(tl.uint32)
+    c3 = (i * 3 + 1).to(tl.uint32)
+    keys = (k0, k1, k2, k3, k4, k5, k6, k7, k8, k9, k10, k11, k12, k13)
+    a0, a1, a2, a3 = philox_keyed(keys, c0, c1, c2, c3, PHILOX_ROUNDS, PTX)
+    b0, b1, b2, b3 = tl.philox(seed, c0, c1, c2, c3, n_rounds=PHILOX_ROUNDS)
+    for row, (a, b) in enumerate([(a0, b0), (a1, b1), (a2, b2), (a3, b3)]):
+        tl.store(OURS + row * N + i, a.to(tl.int32, bitcast=True))
+        tl.store(THEIRS + row * N + i, b.to(tl.int32, bitcast=True))
+
+
+def test_round_keys_from_the_host_draw_tl_philox_of_the_seed():
+    """launch.philox_round_keys (the prefix dK/dV kernel's DROPOUT_PTX_KEYS arguments) with
+    common.philox_keyed is tl.philox(seed) bit for bit: seeds whose key words wrap around 2**32 within
+    the 7 rounds, a seed below 2**31, one with the top bit of 2**63 - 1 set; every key passed in
+    [2**32, 2**33), so that Triton gives all of them one type whatever the seed."""
+    n = 128
+    modes = [False] + ([True] if philox_mode(device_limits(DEVICE)) == DROPOUT_PTX else [])
+    for ptx in modes:
+        for seed in (2**40 + 77, 0xFFFFFFF0_FFFFFFF0, 7, 2**63 - 1, 0x12345678_9ABCDEF0):
+            keys = philox_round_keys(seed)
+            assert len(keys) == 2 * PHILOX_ROUNDS and all(2**32 <= k < 2**33 for k in keys)
+            ours = torch.empty(4, n, dtype=torch.int32, device=DEVICE)
+            theirs = torch.empty_like(ours)
+            _philox_keyed_pair_kernel[(1,)](ours, theirs, seed, *keys, N=n, PTX=ptx)
+            assert torch.equal(ours.cpu(), theirs.cpu()), (ptx, hex(seed))
+    assert philox_round_keys(5)[:2] == (5 + 2**32, 2**32)  # round 0: the seed's two words
+    assert philox_round_keys(5)[2] == 5 + 0x9E3779B9 + 2**32
+
+
 def test_the_launchers_pick_the_philox_of_the_backend():
     interpreted = DeviceLimits(232448, None, interpreted=True)
     rocm = DeviceLimits(65536, 304, interpreted=False, hip=True)
@@ -87,6 +134,8 @@ def test_the_launchers_pick_the_philox_of_the_backend():
     assert [philox_mode(x) for x in (interpreted, rocm, cuda)] == [DROPOUT_PORTABLE, DROPOUT_PORTABLE, DROPOUT_PTX]
     assert [dropout_mode(p, cuda) for p in (0.0, 0.1)] == [0, DROPOUT_PTX]
     assert dropout_mode(0.5, interpreted) == DROPOUT_PORTABLE
+    # the prefix dK/dV kernel takes the round keys where it runs the PTX Philox
+    assert [keyed_dropout_mode(m) for m in (0, DROPOUT_PORTABLE, DROPOUT_PTX)] == [0, DROPOUT_PORTABLE, DROPOUT_PTX_KEYS]
 
 
 @pytest.mark.skipif(philox_mode(device_limits(DEVICE)) != DROPOUT_PTX,

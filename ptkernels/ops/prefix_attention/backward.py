@@ -23,6 +23,7 @@ from torch import Tensor
 from ..utils import batch_strides
 from .common import (
     DROPOUT_PTX,
+    DROPOUT_PTX_KEYS,
     accumulate_bucket_grad,
     bounded_keys_visible,
     drop_prefix_tile,
@@ -61,7 +62,10 @@ from .launch import (
     device_limits,
     dot_precision,
     dropout_mode,
+    keyed_dropout_mode,
     philox_mode,
+    philox_round_keys,
+    ROUND_KEY_ARGS,
     dropout_threshold,
     entry_step,
     softcap_args,
@@ -597,7 +601,7 @@ def _prefix_example_dkdv(
     return dk, dv
 
 
-@triton.jit(do_not_specialize=["seed", "prefix_seed"])
+@triton.jit(do_not_specialize=["seed", "prefix_seed", *ROUND_KEY_ARGS])
 def _prefix_attention_bwd_prefix_dkdv_kernel(
     Q, PREFIX_K, PREFIX_V, PREFIX_LENGTHS, EXAMPLE_ORDER, ENTRY_OFFSETS, CU_SEQLENS_Q, BIAS_TABLE, BIAS_BUCKETS,
     GRAD_OUT, LSE, DELTA, DPREFIX_K, DPREFIX_V, Q_DESC, DO_DESC,
@@ -609,6 +613,8 @@ def _prefix_attention_bwd_prefix_dkdv_kernel(
     stride_dpvs, stride_dpvh, stride_dpvn,
     examples_per_entry, examples_per_split, splits, num_q_heads, num_kv_heads, q_len, k_len, prefix_len, head_dim,
     stat_rows, scale, qk_scale_log2, dropout_threshold, dropout_scale, seed,
+    round_key_0, round_key_1, round_key_2, round_key_3, round_key_4, round_key_5, round_key_6,
+    round_key_7, round_key_8, round_key_9, round_key_10, round_key_11, round_key_12, round_key_13,
     prefix_dropout_threshold, prefix_dropout_scale, prefix_seed, softcap_in, softcap_out, window,
     bias_row_len, bias_center, bias_last,
     GROUP: tl.constexpr, VARLEN: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, BIAS: tl.constexpr,
@@ -638,6 +644,9 @@ def _prefix_attention_bwd_prefix_dkdv_kernel(
     VARLEN: example b is packed sequence b (its queries rows CU_SEQLENS_Q[b].. of Q, LSE (Hq, total_q)).
     TMA: full query tiles load Q and dO through Q_DESC, DO_DESC (``launch.tma_descriptor``).
     """
+    if DROPOUT == DROPOUT_PTX_KEYS:  # the helpers' seed: the round keys (common.philox_keyed)
+        seed = (round_key_0, round_key_1, round_key_2, round_key_3, round_key_4, round_key_5, round_key_6,
+                round_key_7, round_key_8, round_key_9, round_key_10, round_key_11, round_key_12, round_key_13)
     # 1-D grid: prefix blocks fastest, then kv heads, then (entry, split).
     outer, kv_h, start_n, offs_n = program_coordinates(prefix_len, num_kv_heads, BLOCK_N)
     entry = outer // splits
@@ -968,6 +977,10 @@ def prefix_attention_backward(
     alloc = torch.zeros if prefix_dropout_p > 0.0 else torch.empty
     dpk = alloc(shape, device=q.device, dtype=partial_dtype)
     dpv = alloc(shape, device=q.device, dtype=partial_dtype)
+    # At D=128 the prefix dK/dV kernel reads the Philox round keys from its arguments: computed in the
+    # kernel they spilled (32-120 bytes); at D=64 nothing spilled, and the argument reads cost its
+    # loops 1-1.5%, so it computes them from the seed there (keyed_dropout_mode; the same bits).
+    keyed_flags = dict(flags, DROPOUT=keyed_dropout_mode(flags["DROPOUT"]) if bd > 64 else flags["DROPOUT"])
     launcher(_prefix_attention_bwd_prefix_dkdv_kernel, (prefix_blocks * kv_heads * entries * splits,))(
         q, prefix_k, prefix_v, prefix_lengths, example_order, entry_offsets, cu_q, bias_table, bias_buckets, grad_out,
         lse, delta, dpk, dpv, *(q_descs or (None,) * 2),
@@ -977,10 +990,10 @@ def prefix_attention_backward(
         dpk.stride(1), dpk.stride(2), dpk.stride(3),
         dpv.stride(1), dpv.stride(2), dpv.stride(3),
         examples_per_entry, examples_per_split, splits, q_heads, kv_heads, q_len, k_len, prefix_len, head_dim,
-        stat_rows, scale, qk_scale_log2, threshold, dropout_scale, seed, *prefix_dropout_args, softcap_in, softcap_out,
-        window, *bias_scalars,
+        stat_rows, scale, qk_scale_log2, threshold, dropout_scale, seed, *philox_round_keys(seed), *prefix_dropout_args,
+        softcap_in, softcap_out, window, *bias_scalars,
         GROUP=group, VARLEN=varlen is not None, **softcap_flags, BLOCK_M=dkdv_bm, BLOCK_N=dkdv_bn, BLOCK_D=bd,
-        EVEN_D=bd == head_dim, **prefix_flags, **flags, TMA=q_descs is not None,
+        EVEN_D=bd == head_dim, **prefix_flags, **keyed_flags, TMA=q_descs is not None,
         PTX=philox_mode(limits) == DROPOUT_PTX, **dkdv_options,
     )
     # Fixed-order sum of the fp32 partials: deterministic.

@@ -29,8 +29,15 @@ PHILOX_ROUNDS: tl.constexpr = tl.constexpr(7)
 #   pass give up on recomputing the philox in the MMA layout and convert the words through shared
 #   memory instead. ``philox`` with PTX=False (the same rounds, tl.umulhi multiplies) is what the
 #   interpreter tests against tl.philox (tests/test_dropout_numbering.py).
+# - DROPOUT_PTX_KEYS: DROPOUT_PTX with the 14 round keys computed on the host
+#   (``launch.philox_round_keys``) and passed as kernel arguments in place of the seed, the
+#   ``seed`` a kernel hands down being then the tuple of them (``philox_keyed``). ptxas reads them from
+#   the constant bank where a round needs them; computed in the kernel (seed + r x constant) they are
+#   uniform values that the prefix dK/dV kernel at D=128, out of registers, held in ordinary ones
+#   and spilled (``prefix_attention_backward`` chooses: D=128 only).
 DROPOUT_PORTABLE: tl.constexpr = tl.constexpr(1)
 DROPOUT_PTX: tl.constexpr = tl.constexpr(2)
+DROPOUT_PTX_KEYS: tl.constexpr = tl.constexpr(3)
 
 
 @triton.jit
@@ -67,6 +74,25 @@ def philox(seed, c0, c1, c2, c3, n_rounds: tl.constexpr, PTX: tl.constexpr):
         c3 = lo_a
         k0 = tl.add(k0, 0x9E3779B9, sanitize_overflow=False)
         k1 = tl.add(k1, 0xBB67AE85, sanitize_overflow=False)
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def philox_keyed(keys, c0, c1, c2, c3, n_rounds: tl.constexpr, PTX: tl.constexpr):
+    """``philox`` with its round keys given: keys[2 r], keys[2 r + 1] are round r's (the key words
+    plus r times the Weyl constants, mod 2**32), each passed as key + 2**32 (``launch.
+    philox_round_keys``) and read through its low 32 bits; the same four words, bit for bit."""
+    c0 = tl.cast(c0, tl.uint32, bitcast=True)
+    c1 = tl.cast(c1, tl.uint32, bitcast=True)
+    c2 = tl.cast(c2, tl.uint32, bitcast=True)
+    c3 = tl.cast(c3, tl.uint32, bitcast=True)
+    for r in tl.static_range(n_rounds):
+        hi_a, lo_a = mul_hi_lo(c0, 0xD2511F53, PTX)
+        hi_b, lo_b = mul_hi_lo(c2, 0xCD9E8D57, PTX)
+        c0 = hi_b ^ c1 ^ keys[2 * r].to(tl.uint32)
+        c2 = hi_a ^ c3 ^ keys[2 * r + 1].to(tl.uint32)
+        c1 = lo_b
+        c3 = lo_a
     return c0, c1, c2, c3
 
 
@@ -160,7 +186,8 @@ def attention_dropout_keep(seed, first_row, key_lane, threshold, BLOCK_R: tl.con
 
     first_row: int64 id of the tile's first query row (stat_base + start_m: unique per example,
     head and query; start_m a multiple of 16); key_lane: a multiple of 16. BLOCK_R, BLOCK_K:
-    multiples of 16. DROPOUT: DROPOUT_PORTABLE (tl.philox) or DROPOUT_PTX (``philox``, same bits).
+    multiples of 16. DROPOUT: DROPOUT_PORTABLE (tl.philox), DROPOUT_PTX (``philox``) or
+    DROPOUT_PTX_KEYS (``philox_keyed``; seed: the tuple of round keys), the same bits.
 
     One philox call (PHILOX_ROUNDS rounds, 4 x 32 bits = 8 16-bit lanes) draws the lanes
     of a 2 x 2 x 2 cell of the tile: rows (i, i + 8) x keys (j, j + 8) x keys (j, j + 1), for
@@ -175,7 +202,9 @@ def attention_dropout_keep(seed, first_row, key_lane, threshold, BLOCK_R: tl.con
            + tl.arange(0, 8)[None, :, None, None])  # (R/16, 8, 1, 1) int64: row i of each cell
     key = (key_lane // 4 + (tl.arange(0, cells_k) * 4)[:, None] + tl.arange(0, 4)[None, :])[None, None, :, :]
     c0, c1, c2 = key.to(tl.uint32), row.to(tl.uint32), (row >> 32).to(tl.uint32)
-    if DROPOUT == DROPOUT_PTX:
+    if DROPOUT == DROPOUT_PTX_KEYS:  # seed: the round keys
+        r0, r1, r2, r3 = philox_keyed(seed, c0, c1, c2, 0, PHILOX_ROUNDS, True)
+    elif DROPOUT == DROPOUT_PTX:
         r0, r1, r2, r3 = philox(seed, c0, c1, c2, 0, PHILOX_ROUNDS, True)
     else:  # Triton's own (faster in the interpreter than ``philox``'s rounds run there)
         r0, r1, r2, r3 = tl.philox(seed, c0, c1, c2, 0, n_rounds=PHILOX_ROUNDS)
