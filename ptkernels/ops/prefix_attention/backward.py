@@ -979,7 +979,7 @@ def prefix_attention_backward(
     dpv = alloc(shape, device=q.device, dtype=partial_dtype)
     # At D=128 the prefix dK/dV kernel reads the Philox round keys from its arguments: computed in the
     # kernel they spilled (32-120 bytes); at D=64 nothing spilled, and the argument reads cost its
-    # loops 1-1.5%, so it computes them from the seed there (keyed_dropout_mode; the same bits).
+    # loops 1-1.7%, so it computes them from the seed there (keyed_dropout_mode; the same bits).
     keyed_flags = dict(flags, DROPOUT=keyed_dropout_mode(flags["DROPOUT"]) if bd > 64 else flags["DROPOUT"])
     launcher(_prefix_attention_bwd_prefix_dkdv_kernel, (prefix_blocks * kv_heads * entries * splits,))(
         q, prefix_k, prefix_v, prefix_lengths, example_order, entry_offsets, cu_q, bias_table, bias_buckets, grad_out,

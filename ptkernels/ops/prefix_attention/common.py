@@ -54,6 +54,14 @@ def mul_hi_lo(a, B: tl.constexpr, PTX: tl.constexpr):
 
 
 @triton.jit
+def philox_round(c0, c1, c2, c3, k0, k1, PTX: tl.constexpr):
+    """One Philox4x32 round of the uint32 counter words (c0, c1, c2, c3) with round keys (k0, k1)."""
+    hi_a, lo_a = mul_hi_lo(c0, 0xD2511F53, PTX)
+    hi_b, lo_b = mul_hi_lo(c2, 0xCD9E8D57, PTX)
+    return hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+
+
+@triton.jit
 def philox(seed, c0, c1, c2, c3, n_rounds: tl.constexpr, PTX: tl.constexpr):
     """``tl.philox(seed, c0, c1, c2, c3, n_rounds)`` for 32-bit counters, bit for bit: Philox4x32
     with key (seed low 32 bits, seed high 32 bits); the four uint32 words. PTX: each product is one
@@ -66,12 +74,7 @@ def philox(seed, c0, c1, c2, c3, n_rounds: tl.constexpr, PTX: tl.constexpr):
     c2 = tl.cast(c2, tl.uint32, bitcast=True)
     c3 = tl.cast(c3, tl.uint32, bitcast=True)
     for _ in tl.static_range(n_rounds):
-        hi_a, lo_a = mul_hi_lo(c0, 0xD2511F53, PTX)
-        hi_b, lo_b = mul_hi_lo(c2, 0xCD9E8D57, PTX)
-        c0 = hi_b ^ c1 ^ k0
-        c2 = hi_a ^ c3 ^ k1
-        c1 = lo_b
-        c3 = lo_a
+        c0, c1, c2, c3 = philox_round(c0, c1, c2, c3, k0, k1, PTX)
         k0 = tl.add(k0, 0x9E3779B9, sanitize_overflow=False)
         k1 = tl.add(k1, 0xBB67AE85, sanitize_overflow=False)
     return c0, c1, c2, c3
@@ -87,12 +90,7 @@ def philox_keyed(keys, c0, c1, c2, c3, n_rounds: tl.constexpr, PTX: tl.constexpr
     c2 = tl.cast(c2, tl.uint32, bitcast=True)
     c3 = tl.cast(c3, tl.uint32, bitcast=True)
     for r in tl.static_range(n_rounds):
-        hi_a, lo_a = mul_hi_lo(c0, 0xD2511F53, PTX)
-        hi_b, lo_b = mul_hi_lo(c2, 0xCD9E8D57, PTX)
-        c0 = hi_b ^ c1 ^ keys[2 * r].to(tl.uint32)
-        c2 = hi_a ^ c3 ^ keys[2 * r + 1].to(tl.uint32)
-        c1 = lo_b
-        c3 = lo_a
+        c0, c1, c2, c3 = philox_round(c0, c1, c2, c3, keys[2 * r].to(tl.uint32), keys[2 * r + 1].to(tl.uint32), PTX)
     return c0, c1, c2, c3
 
 

@@ -19,7 +19,7 @@ import torch
 import triton
 from torch import Tensor
 
-from .common import DROPOUT_PORTABLE, DROPOUT_PTX, DROPOUT_PTX_KEYS, KERNELS_INTERPRETED
+from .common import DROPOUT_PORTABLE, DROPOUT_PTX, DROPOUT_PTX_KEYS, KERNELS_INTERPRETED, PHILOX_ROUNDS
 
 LOG2_E = 1.4426950408889634
 
@@ -272,18 +272,18 @@ def keyed_dropout_mode(mode: int) -> int:
 
 
 # The kernel arguments of philox_round_keys (kept out of Triton's integer specialisation).
-ROUND_KEY_ARGS = tuple(f"round_key_{i}" for i in range(14))
+ROUND_KEY_ARGS = tuple(f"round_key_{i}" for i in range(2 * PHILOX_ROUNDS.value))
 
 
 def philox_round_keys(seed: int) -> tuple:
-    """The 14 round keys of Philox4x32-7 for ``seed`` (``tl.philox``'s key schedule: the key words
+    """The 2 x PHILOX_ROUNDS (14) round keys of Philox4x32-7 for ``seed`` (``tl.philox``'s key schedule: the key words
     seed mod 2**32 and seed >> 32, plus r times 0x9E3779B9 and 0xBB67AE85 in round r, mod 2**32),
     round by round, each plus 2**32: Triton types an int argument by its value (int32 below 2**31),
     so a fixed range [2**32, 2**33) compiles one kernel for every seed; the kernel reads the low 32
     bits (``common.philox_keyed``)."""
     k0, k1 = seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF
     keys = []
-    for r in range(7):
+    for r in range(PHILOX_ROUNDS.value):
         keys += [((k0 + r * 0x9E3779B9) & 0xFFFFFFFF) + 2**32, ((k1 + r * 0xBB67AE85) & 0xFFFFFFFF) + 2**32]
     return tuple(keys)
 
