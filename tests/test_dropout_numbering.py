@@ -134,7 +134,7 @@ def test_the_launchers_pick_the_philox_of_the_backend():
     assert [philox_mode(x) for x in (interpreted, rocm, cuda)] == [DROPOUT_PORTABLE, DROPOUT_PORTABLE, DROPOUT_PTX]
     assert [dropout_mode(p, cuda) for p in (0.0, 0.1)] == [0, DROPOUT_PTX]
     assert dropout_mode(0.5, interpreted) == DROPOUT_PORTABLE
-    # the prefix dK/dV kernel takes the round keys where it runs the PTX Philox
+    # the dK/dV kernels take the round keys where they run the PTX Philox
     assert [keyed_dropout_mode(m) for m in (0, DROPOUT_PORTABLE, DROPOUT_PTX)] == [0, DROPOUT_PORTABLE, DROPOUT_PTX_KEYS]
 
 

@@ -59,9 +59,9 @@ def test_quick_cases_launch_every_kernel_with_the_targets_limits():
                     assert launch.kwargs.get("enable_fp_fusion") is True, (arch, str(case), launch.name)
                 if "DROPOUT" in launch.kwargs:
                     want_dropout = DROPOUT_PTX if case.dropout or launch.name == "_dropout_keep_mask_kernel" else 0
-                    if want_dropout and launch.name == "_prefix_attention_bwd_prefix_dkdv_kernel" \
-                            and launch.kwargs["BLOCK_D"] > 64:
-                        want_dropout = DROPOUT_PTX_KEYS  # at D=128 its round keys are kernel arguments
+                    if want_dropout and (launch.name == "_prefix_attention_bwd_dkdv_kernel" or (
+                            launch.name == "_prefix_attention_bwd_prefix_dkdv_kernel" and launch.kwargs["BLOCK_D"] > 64)):
+                        want_dropout = DROPOUT_PTX_KEYS  # their round keys are kernel arguments
                     assert launch.kwargs["DROPOUT"] == want_dropout, (arch, str(case), launch.name)
                 if launch.name == "_prefix_attention_fwd_kernel":
                     want = forward_config(case.head_dim, case.dtype, limits, dropout=case.dropout,

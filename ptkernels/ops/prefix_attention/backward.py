@@ -400,7 +400,7 @@ def _dkdv_tile(
     return dk, dv
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit(do_not_specialize=["seed", *ROUND_KEY_ARGS])
 def _prefix_attention_bwd_dkdv_kernel(
     Q, K, V, KEY_PADDING_MASK, KEY_BOUNDS, CU_SEQLENS_Q, CU_SEQLENS_K, BIAS_TABLE, BIAS_BUCKETS, GRAD_OUT, LSE, DELTA,
     DK, DV, Q_DESC, DO_DESC,
@@ -412,8 +412,10 @@ def _prefix_attention_bwd_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn,
     num_q_heads, num_kv_heads, q_len, k_len, prefix_len, head_dim, stat_rows,
-    scale, qk_scale_log2, dropout_threshold, dropout_scale, seed, softcap_in, softcap_out, window,
-    bias_row_len, bias_center, bias_last,
+    scale, qk_scale_log2, dropout_threshold, dropout_scale, seed,
+    round_key_0, round_key_1, round_key_2, round_key_3, round_key_4, round_key_5, round_key_6,
+    round_key_7, round_key_8, round_key_9, round_key_10, round_key_11, round_key_12, round_key_13,
+    softcap_in, softcap_out, window, bias_row_len, bias_center, bias_last,
     GROUP: tl.constexpr, VARLEN: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, CAUSAL: tl.constexpr,
     BIAS: tl.constexpr,
     HAS_KPM: tl.constexpr,
@@ -428,7 +430,12 @@ def _prefix_attention_bwd_dkdv_kernel(
     id and divisors where PTX) instead of holding them across the query loops, which spilled them
     (56 -> 16 bytes at D=64 with dropout + causal + padding + GQA, 60 -> 0 at D=128, packed 224 -> 168
     and 96 -> 64, relative bias 8 -> 0); elsewhere nothing spilled, and it lengthened the loops by up
-    to 1%."""
+    to 1%. round_key_0..13: the seed's Philox round keys (``launch.philox_round_keys``), read where
+    DROPOUT is DROPOUT_PTX_KEYS (else unused): computed from the seed, they were held in registers,
+    and with dropout + causal + padding + GQA at D=64 one pointer spilled (16 bytes)."""
+    if DROPOUT == DROPOUT_PTX_KEYS:  # the helpers' seed: the round keys (common.philox_keyed)
+        seed = (round_key_0, round_key_1, round_key_2, round_key_3, round_key_4, round_key_5, round_key_6,
+                round_key_7, round_key_8, round_key_9, round_key_10, round_key_11, round_key_12, round_key_13)
     # 1-D grid: key blocks fastest, then kv heads, then batch.
     b, kv_h, start_n, offs_n = program_coordinates(k_len, num_kv_heads, BLOCK_N)
     q_len_max = q_len
@@ -927,6 +934,12 @@ def prefix_attention_backward(
     )
     q_descs = tma_descriptors((q, grad_out), (), dkdv_bm, bd, varlen is not None, limits)
 
+    # The dK/dV kernel reads the Philox round keys from its arguments (DROPOUT_PTX_KEYS where the
+    # kernels are compiled for an NVIDIA GPU; the same bits): computed from the seed in the kernel, they
+    # took registers, and at D=64 with dropout + causal + padding + GQA one pointer spilled (16 bytes,
+    # 0 this way). Its loops: +1.6% unmasked with GQA (573 -> 582 with causal + padding), +3-4% the
+    # masked ones there, 0 to +0.3% without GQA; at D=128 -2% to +1.5%.
+    dkdv_flags = dict(flags, DROPOUT=keyed_dropout_mode(flags["DROPOUT"]))
     if k_len > 0:
         launcher(_prefix_attention_bwd_dkdv_kernel, (triton.cdiv(k_len, dkdv_bn) * batch * kv_heads,))(
             q, k, v, kpm, bounds, cu_q, cu_k, bias_table, bias_buckets, grad_out, lse, delta, dk, dv,
@@ -939,11 +952,12 @@ def prefix_attention_backward(
             *qkv_strides(dk, varlen),
             *qkv_strides(dv, varlen),
             q_heads, kv_heads, q_len, k_len, prefix_len, head_dim, stat_rows,
-            scale, qk_scale_log2, threshold, dropout_scale, seed, softcap_in, softcap_out, window, *bias_scalars,
+            scale, qk_scale_log2, threshold, dropout_scale, seed, *philox_round_keys(seed), softcap_in, softcap_out,
+            window, *bias_scalars,
             GROUP=group, VARLEN=varlen is not None, CAUSAL=causal, **softcap_flags,
             HAS_KPM=key_padding_mask is not None, TMA=q_descs is not None,
             BLOCK_M=dkdv_bm, BLOCK_N=dkdv_bn, BLOCK_D=bd, EVEN_D=bd == head_dim,
-            PTX=philox_mode(limits) == DROPOUT_PTX, **flags, **dkdv_options,
+            PTX=philox_mode(limits) == DROPOUT_PTX, **dkdv_flags, **dkdv_options,
         )
 
     dsinks = None
@@ -977,10 +991,10 @@ def prefix_attention_backward(
     alloc = torch.zeros if prefix_dropout_p > 0.0 else torch.empty
     dpk = alloc(shape, device=q.device, dtype=partial_dtype)
     dpv = alloc(shape, device=q.device, dtype=partial_dtype)
-    # At D=128 the prefix dK/dV kernel reads the Philox round keys from its arguments: computed in the
-    # kernel they spilled (32-120 bytes); at D=64 nothing spilled, and the argument reads cost its
-    # loops 1-1.7%, so it computes them from the seed there (keyed_dropout_mode; the same bits).
-    keyed_flags = dict(flags, DROPOUT=keyed_dropout_mode(flags["DROPOUT"]) if bd > 64 else flags["DROPOUT"])
+    # At D=128 the prefix dK/dV kernel reads the Philox round keys from its arguments too: computed in
+    # the kernel they spilled (32-120 bytes); at D=64 nothing spilled, and the argument reads cost its
+    # loops 1-1.7%, so it computes them from the seed there (the same bits).
+    keyed_flags = dkdv_flags if bd > 64 else flags
     launcher(_prefix_attention_bwd_prefix_dkdv_kernel, (prefix_blocks * kv_heads * entries * splits,))(
         q, prefix_k, prefix_v, prefix_lengths, example_order, entry_offsets, cu_q, bias_table, bias_buckets, grad_out,
         lse, delta, dpk, dpv, *(q_descs or (None,) * 2),

@@ -33,8 +33,10 @@ PHILOX_ROUNDS: tl.constexpr = tl.constexpr(7)
 #   (``launch.philox_round_keys``) and passed as kernel arguments in place of the seed, the
 #   ``seed`` a kernel hands down being then the tuple of them (``philox_keyed``). ptxas reads them from
 #   the constant bank where a round needs them; computed in the kernel (seed + r x constant) they are
-#   uniform values that the prefix dK/dV kernel at D=128, out of registers, held in ordinary ones
-#   and spilled (``prefix_attention_backward`` chooses: D=128 only).
+#   uniform values that the dK/dV kernels, out of registers, held in ordinary ones and spilled
+#   (``prefix_attention_backward`` chooses: the real keys' dK/dV kernel always, the prefix dK/dV
+#   kernel at D=128; the forward, dQ and the prefix dK/dV kernel at D=64 did not spill, and there
+#   the argument reads cost their loops 1-2%).
 DROPOUT_PORTABLE: tl.constexpr = tl.constexpr(1)
 DROPOUT_PTX: tl.constexpr = tl.constexpr(2)
 DROPOUT_PTX_KEYS: tl.constexpr = tl.constexpr(3)
