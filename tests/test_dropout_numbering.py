@@ -127,6 +127,61 @@ def test_round_keys_from_the_host_draw_tl_philox_of_the_seed():
     assert philox_round_keys(5)[2] == 5 + 0x9E3779B9 + 2**32
 
 
+def test_keyed_dkdv_kernels_draw_the_seeds_dropout(monkeypatch):
+    """The dK/dV kernels in DROPOUT_PTX_KEYS mode, end to end: with the launcher's round keys
+    (``philox_round_keys``) in place of the seed, the backward's gradients are the seed's, bit for
+    bit (GQA, causal, padding, a shared prefix, D=72 so that the prefix dK/dV kernel takes the keys
+    too, and a seed whose key words wrap around 2**32). On a GPU the launchers choose this mode
+    themselves; here it is forced (the interpreter runs ``philox_keyed`` with tl.umulhi products),
+    and a launcher records which mode each kernel ran, so the test fails if the keys went unused."""
+    from ptkernels.ops.prefix_attention import backward
+    from ptkernels.ops.prefix_attention.forward import prefix_attention_forward
+    from ptkernels.ops.prefix_attention.launch import launch_kernel
+
+    gen = torch.Generator().manual_seed(3)
+    batch, q_heads, kv_heads, q_len, k_len, prefix_len, head_dim = 2, 4, 2, 19, 21, 5, 72
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen).to(DEVICE)
+
+    q, k, v = rand(batch, q_heads, q_len, head_dim), rand(batch, kv_heads, k_len, head_dim), rand(
+        batch, kv_heads, k_len, head_dim)
+    prefix_k, prefix_v = rand(kv_heads, prefix_len, head_dim), rand(kv_heads, prefix_len, head_dim)
+    mask = torch.ones(batch, k_len, dtype=torch.bool, device=DEVICE)
+    mask[1, 15:] = False
+    grad_out = rand(batch, q_heads, q_len, head_dim)
+    seed, p, scale = 0xFFFFFF00_FFFFFFF0, 0.3, head_dim ** -0.5
+    out, lse = prefix_attention_forward(q, k, v, prefix_k, prefix_v, mask, True, scale, p, seed)
+
+    def backward_pass():
+        modes = {}
+
+        def recording(kernel, grid):
+            launch = launch_kernel(kernel, grid)
+
+            def run(*args, **kwargs):
+                modes[kernel.fn.__name__] = kwargs.get("DROPOUT")
+                return launch(*args, **kwargs)
+            return run
+        grads = backward.prefix_attention_backward(grad_out, q, k, v, prefix_k, prefix_v, mask, out, lse, True, scale,
+                                                   p, seed, launcher=recording)
+        return grads[:5], modes
+
+    monkeypatch.setattr(backward, "keyed_dropout_mode", lambda mode: mode)  # the seed (a GPU would key by itself)
+    plain, plain_modes = backward_pass()
+    monkeypatch.setattr(backward, "keyed_dropout_mode", lambda mode: int(DROPOUT_PTX_KEYS) if mode else mode)
+    keyed, keyed_modes = backward_pass()
+    assert keyed_modes["_prefix_attention_bwd_dkdv_kernel"] == DROPOUT_PTX_KEYS
+    assert keyed_modes["_prefix_attention_bwd_prefix_dkdv_kernel"] == DROPOUT_PTX_KEYS
+    assert plain_modes["_prefix_attention_bwd_dkdv_kernel"] != DROPOUT_PTX_KEYS
+    for name, a, b in zip(("dq", "dk", "dv", "dprefix_k", "dprefix_v"), plain, keyed):
+        assert torch.equal(a, b), name
+    # the keys matter: a wrong key schedule draws other masks and other gradients
+    monkeypatch.setattr(backward, "philox_round_keys", lambda s: philox_round_keys(s + 1))
+    wrong, _ = backward_pass()
+    assert not torch.equal(wrong[1], plain[1]) and not torch.equal(wrong[3], plain[3])
+
+
 def test_the_launchers_pick_the_philox_of_the_backend():
     interpreted = DeviceLimits(232448, None, interpreted=True)
     rocm = DeviceLimits(65536, 304, interpreted=False, hip=True)

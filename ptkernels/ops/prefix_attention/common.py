@@ -202,8 +202,8 @@ def attention_dropout_keep(seed, first_row, key_lane, threshold, BLOCK_R: tl.con
            + tl.arange(0, 8)[None, :, None, None])  # (R/16, 8, 1, 1) int64: row i of each cell
     key = (key_lane // 4 + (tl.arange(0, cells_k) * 4)[:, None] + tl.arange(0, 4)[None, :])[None, None, :, :]
     c0, c1, c2 = key.to(tl.uint32), row.to(tl.uint32), (row >> 32).to(tl.uint32)
-    if DROPOUT == DROPOUT_PTX_KEYS:  # seed: the round keys
-        r0, r1, r2, r3 = philox_keyed(seed, c0, c1, c2, 0, PHILOX_ROUNDS, True)
+    if DROPOUT == DROPOUT_PTX_KEYS:  # seed: the round keys (interpreted: tl.umulhi products, for tests)
+        r0, r1, r2, r3 = philox_keyed(seed, c0, c1, c2, 0, PHILOX_ROUNDS, KEYED_PTX)
     elif DROPOUT == DROPOUT_PTX:
         r0, r1, r2, r3 = philox(seed, c0, c1, c2, 0, PHILOX_ROUNDS, True)
     else:  # Triton's own (faster in the interpreter than ``philox``'s rounds run there)
@@ -497,3 +497,7 @@ def real_keys_visible(
 # launch settings that differ for the interpreter follow the kernels themselves, not the
 # environment at launch time (launch.device_limits reads this).
 KERNELS_INTERPRETED = not isinstance(load_tile, JITFunction)
+# The DROPOUT_PTX_KEYS products: inline PTX where compiled (the launchers choose that mode on NVIDIA
+# GPUs only); in the interpreter tl.umulhi, so that a test can run the keyed kernels end to end there
+# (tests/test_dropout_numbering.py), the launchers never choosing it.
+KEYED_PTX: tl.constexpr = tl.constexpr(not KERNELS_INTERPRETED)
