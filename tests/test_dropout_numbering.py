@@ -131,9 +131,9 @@ def test_keyed_dkdv_kernels_draw_the_seeds_dropout(monkeypatch):
     """The dK/dV kernels in DROPOUT_PTX_KEYS mode, end to end: with the launcher's round keys
     (``philox_round_keys``) in place of the seed, the backward's gradients are the seed's, bit for
     bit (GQA, causal, padding, a shared prefix, D=72 so that the prefix dK/dV kernel takes the keys
-    too, and a seed whose key words wrap around 2**32). On a GPU the launchers choose this mode
-    themselves; here it is forced (the interpreter runs ``philox_keyed`` with tl.umulhi products),
-    and a launcher records which mode each kernel ran, so the test fails if the keys went unused."""
+    too, and a seed whose key words wrap around 2**32). The mode is forced both ways (a GPU's
+    launchers key by themselves; the interpreter runs ``philox_keyed`` with tl.umulhi products), and
+    a launcher records which mode each kernel ran, so the test fails if the keys went unused."""
     from ptkernels.ops.prefix_attention import backward
     from ptkernels.ops.prefix_attention.forward import prefix_attention_forward
     from ptkernels.ops.prefix_attention.launch import launch_kernel
