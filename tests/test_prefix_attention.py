@@ -398,12 +398,17 @@ def test_dropout_same_seed_same_output_different_seed_different_output(backend):
     assert not torch.allclose(a, no_dropout)
 
 
-def test_dropout_matches_reference_given_the_kernels_keep_mask():
+# The second case: GQA, causal, a full prefix block and a full query tile at D=72 (padded to 128).
+@pytest.mark.parametrize("case", [
+    _dropout_inputs()[0],
+    Case(batch=2, q_heads=4, kv_heads=2, q_len=21, k_len=27, prefix_len=21, head_dim=72, causal=True, padding="random"),
+], ids=str)
+def test_dropout_matches_reference_given_the_kernels_keep_mask(case):
     from ptkernels.ops.prefix_attention.forward import dropout_keep_mask
     from ptkernels.ops.prefix_attention.function import draw_dropout_seed
     from ptkernels.ops.prefix_attention.launch import dropout_threshold
 
-    case, (q, k, v, pk, pv, mask) = _dropout_inputs()
+    q, k, v, pk, pv, mask = make_inputs(case)
     p = 0.25
     torch.manual_seed(7)
     out = run(case, "triton", q, k, v, pk, pv, mask, dropout_p=p)
@@ -413,8 +418,9 @@ def test_dropout_matches_reference_given_the_kernels_keep_mask():
     assert 0.6 < keep.float().mean().item() < 0.9  # about 1 - p kept
     kernel_p = dropout_threshold(p)[0] / 65536  # the kernels' p, quantised to 16 bits
     assert abs(kernel_p - p) <= 2**-17
-    ref = prefix_attention_reference(q, k, v, pk, pv, key_padding_mask=mask, dropout_p=kernel_p, dropout_keep_mask=keep)
-    oracle = naive_attention_fp64(q, k, v, pk, pv, mask, keep=keep, dropout_p=kernel_p)
+    ref = prefix_attention_reference(q, k, v, pk, pv, key_padding_mask=mask, causal=case.causal, dropout_p=kernel_p,
+                                     dropout_keep_mask=keep)
+    oracle = naive_attention_fp64(q, k, v, pk, pv, mask, causal=case.causal, keep=keep, dropout_p=kernel_p)
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(out.double(), oracle, atol=2e-5, rtol=1e-4)
     grad_out = torch.randn_like(out)
