@@ -379,9 +379,11 @@ def test_hf_strided_inputs_without_copies(monkeypatch):
 # Dropout
 
 
+_DROPOUT_CASE = Case(batch=2, q_heads=2, kv_heads=1, q_len=9, k_len=13, prefix_len=6, head_dim=16, padding="random")
+
+
 def _dropout_inputs():
-    case = Case(batch=2, q_heads=2, kv_heads=1, q_len=9, k_len=13, prefix_len=6, head_dim=16, padding="random")
-    return case, make_inputs(case)
+    return _DROPOUT_CASE, make_inputs(_DROPOUT_CASE)
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch", "reference"])
@@ -400,7 +402,7 @@ def test_dropout_same_seed_same_output_different_seed_different_output(backend):
 
 # The second case: GQA, causal, a full prefix block and a full query tile at D=72 (padded to 128).
 @pytest.mark.parametrize("case", [
-    _dropout_inputs()[0],
+    _DROPOUT_CASE,
     Case(batch=2, q_heads=4, kv_heads=2, q_len=21, k_len=27, prefix_len=21, head_dim=72, causal=True, padding="random"),
 ], ids=str)
 def test_dropout_matches_reference_given_the_kernels_keep_mask(case):

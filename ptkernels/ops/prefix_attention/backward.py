@@ -940,6 +940,7 @@ def prefix_attention_backward(
     # 0 this way). Its loops: +1.6% unmasked with GQA (573 -> 582 with causal + padding), +3-4% the
     # masked ones there, 0 to +0.3% without GQA; at D=128 -2% to +1.5%.
     dkdv_flags = dict(flags, DROPOUT=keyed_dropout_mode(flags["DROPOUT"]))
+    round_keys = philox_round_keys(seed)  # (both dK/dV kernels take them)
     if k_len > 0:
         launcher(_prefix_attention_bwd_dkdv_kernel, (triton.cdiv(k_len, dkdv_bn) * batch * kv_heads,))(
             q, k, v, kpm, bounds, cu_q, cu_k, bias_table, bias_buckets, grad_out, lse, delta, dk, dv,
@@ -952,7 +953,7 @@ def prefix_attention_backward(
             *qkv_strides(dk, varlen),
             *qkv_strides(dv, varlen),
             q_heads, kv_heads, q_len, k_len, prefix_len, head_dim, stat_rows,
-            scale, qk_scale_log2, threshold, dropout_scale, seed, *philox_round_keys(seed), softcap_in, softcap_out,
+            scale, qk_scale_log2, threshold, dropout_scale, seed, *round_keys, softcap_in, softcap_out,
             window, *bias_scalars,
             GROUP=group, VARLEN=varlen is not None, CAUSAL=causal, **softcap_flags,
             HAS_KPM=key_padding_mask is not None, TMA=q_descs is not None,
@@ -1004,7 +1005,7 @@ def prefix_attention_backward(
         dpk.stride(1), dpk.stride(2), dpk.stride(3),
         dpv.stride(1), dpv.stride(2), dpv.stride(3),
         examples_per_entry, examples_per_split, splits, q_heads, kv_heads, q_len, k_len, prefix_len, head_dim,
-        stat_rows, scale, qk_scale_log2, threshold, dropout_scale, seed, *philox_round_keys(seed), *prefix_dropout_args,
+        stat_rows, scale, qk_scale_log2, threshold, dropout_scale, seed, *round_keys, *prefix_dropout_args,
         softcap_in, softcap_out, window, *bias_scalars,
         GROUP=group, VARLEN=varlen is not None, **softcap_flags, BLOCK_M=dkdv_bm, BLOCK_N=dkdv_bn, BLOCK_D=bd,
         EVEN_D=bd == head_dim, **prefix_flags, **keyed_flags, TMA=q_descs is not None,
