@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import sys
 import time
 import warnings
 
@@ -125,7 +126,14 @@ def real_outputs(out, mask, task: str, adapter: str):
 
 def _rank_main(rank, worker, dump_after_s, *args):
     """A rank's entry point: if it is still running after ``dump_after_s``, faulthandler prints every
-    thread's Python stack to stderr (so a hang shows where it is), then ``worker(rank, *args)``."""
+    thread's Python stack to stderr (so a hang shows where it is), then ``worker(rank, *args)``.
+
+    A rank whose worker returned (its results saved, its process group destroyed) leaves through
+    ``os._exit(0)``, skipping the interpreter's and C++'s teardown: once in a CI run (2026-12-02) a
+    rank of the FSDP test aborted there ("terminate called without an active exception", SIGABRT,
+    a native thread still joinable at exit) after finishing its work and saving it, and the spawn
+    context failed the whole module for it. A worker that raises still fails its rank with the
+    traceback, as before."""
     import faulthandler
 
     faulthandler.dump_traceback_later(dump_after_s, exit=False)
@@ -133,6 +141,9 @@ def _rank_main(rank, worker, dump_after_s, *args):
         worker(rank, *args)
     finally:
         faulthandler.cancel_dump_traceback_later()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_ranks(worker, tmp_path, *, world: int = 2, timeout_s: float = 240, attempts: int = 2) -> list:
