@@ -320,12 +320,12 @@ def check_grid(launch: Launch) -> Optional[str]:
 # checked for sm_90 only; sm_80 costs about twice sm_90 per kernel (ptxas: 12 s against 4 s for the
 # largest forward), so this more than halves the check's time (benchmarks/aot_check.py --arch 80
 # without --quick compiles the covering set).
-SM80_QUICK_CASES = (0, 2, 4, 6, 10)
+SM80_QUICK_CASES = (0, 2, 4, 6, 10, 12)
 
 
 def quick_cases(arch: Optional[int] = None) -> list[Case]:
     """What CI compiles (about a minute a target): every kernel, every constexpr flag on and off, each
-    dtype, BLOCK_D 16/64/128/256, decode shapes whose ints specialise to 1, and fp32 at D=128 (the
+    dtype, BLOCK_D 16/64/128/256 and 64 + 32, decode shapes whose ints specialise to 1, and fp32 at D=128 (the
     largest shared-memory footprint). ``arch`` 80: the subset ``SM80_QUICK_CASES``."""
     everything = _quick_cases()
     return [everything[i] for i in SM80_QUICK_CASES] if arch == 80 else everything
@@ -346,6 +346,9 @@ def _quick_cases() -> list[Case]:
         Case(torch.bfloat16, 64, causal=True, kpm=True, prefix="shared", group=2, relative_bias=True, dropout=True),
         Case(torch.float16, 128, kpm=True, prefix="per_example", relative_bias=True),
         Case(torch.float16, 64, kpm=True, prefix="bank", prefix_dropout=True, dropout=True, dropout_p=2**-16),
+        # the head dim as 64 + a 32-wide tail (launch.split_head_dim), with every tail load and store
+        Case(torch.bfloat16, 96, causal=True, kpm=True, prefix="bank", lengths=True, prefix_dropout=True,
+             dropout=True, group=2),
     ]
 
 

@@ -317,11 +317,11 @@ def _report_job(job) -> dict:
     }
 
 
-def jobs(arch: int, feature_sets, dtypes=tuple(DTYPES)) -> list[tuple]:
+def jobs(arch: int, feature_sets, dtypes=tuple(DTYPES), head_dims=HEAD_DIMS) -> list[tuple]:
     """One job per distinct compiled kernel over dtypes x head dims x feature sets (first case wins)."""
     out, seen = [], set()
     for dtype in dtypes:
-        for head_dim in HEAD_DIMS:
+        for head_dim in head_dims:
             for features in feature_sets:
                 for launch in aot_check.case_launches(case_for(dtype, head_dim, features), arch):
                     key = aot_check.launch_key(launch, arch)
@@ -331,8 +331,9 @@ def jobs(arch: int, feature_sets, dtypes=tuple(DTYPES)) -> list[tuple]:
     return out
 
 
-def run(arch: int, feature_sets, workers: Optional[int] = None, dtypes=tuple(DTYPES)) -> list[dict]:
-    todo = jobs(arch, feature_sets, dtypes)
+def run(arch: int, feature_sets, workers: Optional[int] = None, dtypes=tuple(DTYPES),
+        head_dims=HEAD_DIMS) -> list[dict]:
+    todo = jobs(arch, feature_sets, dtypes, head_dims)
     workers = workers or min(8, os.cpu_count() or 1)
     if workers > 1 and len(todo) > 1:
         picklable = [(aot_check._picklable((launch, arch, "", True))[0], arch, dt, d, f)
@@ -419,6 +420,9 @@ def main(argv=None) -> int:
     parser.add_argument("--json", default=None, help="write the records here (a JSON list)")
     parser.add_argument("--quick", action="store_true",
                         help=f"only the feature sets {QUICK_FEATURE_SETS} in {QUICK_DTYPES} (CI)")
+    parser.add_argument("--head-dims", type=int, nargs="+", default=list(HEAD_DIMS),
+                        help="head dims to compile (default 64 128; 96 / 80 show the head-dim split, "
+                             "PTKERNELS_SPLIT_HEAD_DIM=0 the same padded to 128)")
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--skip-exit-code", type=int, default=0,
                         help="exit with this code when this triton cannot compile for NVIDIA GPUs")
@@ -430,10 +434,11 @@ def main(argv=None) -> int:
         print(f"cannot compile for NVIDIA GPUs here: {reason}")
         return args.skip_exit_code
     start = time.perf_counter()
+    head_dims = tuple(args.head_dims)
     if args.quick:
-        records = run(arch, QUICK_FEATURE_SETS, args.workers, QUICK_DTYPES)
+        records = run(arch, QUICK_FEATURE_SETS, args.workers, QUICK_DTYPES, head_dims)
     else:
-        records = run(arch, FEATURE_SETS, args.workers)
+        records = run(arch, FEATURE_SETS, args.workers, head_dims=head_dims)
     print(table(records))
     if args.json:
         with open(args.json, "w") as f:

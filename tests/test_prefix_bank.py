@@ -228,15 +228,17 @@ def test_prefix_dropout_mask_recovered_exactly_when_only_the_prefix_is_visible(b
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
-@pytest.mark.parametrize("kind", ["bank", "shared", "per_example"])
-def test_prefix_dropout_matches_oracle_given_the_backends_keep_mask(backend, kind):
+@pytest.mark.parametrize("kind, head_dim", [("bank", 24), ("shared", 24), ("per_example", 24), ("bank", 80)])
+def test_prefix_dropout_matches_oracle_given_the_backends_keep_mask(backend, kind, head_dim):
     """Full attention (real keys, causal, padding, lengths) with prefix dropout and attention dropout
     off: forward and gradients equal the oracle replaying the backend's own keep mask. The Triton
     prefix gradient adds each example's share into float32 partials in memory: the bank's entry 2
     (examples 0 and 2) and the shared prefix sum two examples in one program (2 splits of 2 in the
-    interpreter), the per-example prefix one."""
+    interpreter), the per-example prefix one. head_dim 80: the forward and dQ kernels draw the keep
+    mask of channels 64..79 in the head dim's tail tile (``launch.split_head_dim``)."""
     case = BankCase(kind=kind, index=(2, 0, 2, 1) if kind == "bank" else (), causal=True, padding=True,
-                    lengths={"bank": (21, 6, 13), "shared": (9,), "per_example": (21, 0, 9, 16)}[kind])
+                    lengths={"bank": (21, 6, 13), "shared": (9,), "per_example": (21, 0, 9, 16)}[kind],
+                    head_dim=head_dim)
     p = 0.25
     device = DEVICE if backend == "triton" else "cpu"
     q, k, v, pk, pv, mask, index, lengths = make_bank_inputs(case, device=device)

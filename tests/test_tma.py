@@ -95,9 +95,11 @@ def _kernel_names(prefix: bool) -> set:
 
 @pytest.mark.parametrize("dtype, prefix, head_dim", [
     (torch.float16, "none", 24), (torch.float16, "shared", 24), (torch.bfloat16, "per_example", 32),
-    (torch.float16, "bank", 24)])
+    (torch.float16, "bank", 24), (torch.float16, "shared", 72)])
 def test_tma_matches_pointer_loads(tma_switch, dtype, prefix, head_dim):
-    """head_dim 24: the descriptors' 32-wide boxes read zeros past the head dim."""
+    """head_dim 24: the descriptors' 32-wide boxes read zeros past the head dim. head_dim 72: the
+    forward and dQ kernels load the head dim's 16-wide tail (channels 64..71 and 8 zeros) through
+    descriptors of the tensors' views from channel 64 on (``launch.split_tma_descriptors``)."""
     # The interpreter's 16 x 16 tiles: one full and one partial tile of queries, keys and prefix.
     batch, q_heads, kv_heads, q_len, k_len, prefix_len = 3, 4, 2, 19, 25, 21
     gen = torch.Generator().manual_seed(0)
@@ -212,6 +214,49 @@ def test_tma_descriptor_boxes_follow_each_kernels_tiles():
     assert checked == _kernel_names(True)
     fwd = next(x for x in launches if x.name == "_prefix_attention_fwd_kernel")
     assert fwd.kwargs["BLOCK_M"] != fwd.kwargs["BLOCK_N"]  # a swap of the two would show
+
+
+def test_tma_tail_descriptors_view_the_head_dims_tail():
+    """At D=96 the forward, dQ and dK/dV kernels take, after the first 64 channels' descriptors, the
+    same tensors' descriptors from channel 64 on with 32-wide boxes (the tail, ``launch.split_head_dim``);
+    the prefix dK/dV kernel keeps one descriptor per tensor, padded to 128 (recorded launches, no
+    compile)."""
+    from benchmarks import aot_check
+
+    case = aot_check.Case(torch.bfloat16, 96, causal=True, prefix="shared", group=2)
+    launches = aot_check.case_launches(case, 90, allow_interpreted=True)
+    for recorded in launches:
+        descs = [a for a in recorded.args if type(a).__name__ == "TensorDescriptor"]
+        if not descs:
+            continue
+        rows = recorded.kwargs["BLOCK_M"] if "dkdv" in recorded.name else recorded.kwargs["BLOCK_N"]
+        if recorded.name != "_prefix_attention_bwd_prefix_dkdv_kernel":
+            assert (recorded.kwargs["BLOCK_D"], recorded.kwargs["BLOCK_D_TAIL"]) == (64, 32)
+            heads = [d for d in descs if d.block_shape[-1] == 64]
+            tails = [d for d in descs if d.block_shape[-1] == 32]
+            tensors = 2 if "dkdv" in recorded.name else 4  # (Q, dO) or (K, V, prefix K, prefix V)
+            assert len(heads) == len(tails) == tensors and len(descs) == 2 * tensors, recorded.name
+            for head, tail in zip(heads, tails):
+                assert tail.base.data_ptr() == head.base.data_ptr() + 64 * head.base.element_size()
+                assert list(tail.shape) == list(head.shape[:-1]) + [32]
+                # (a size-1 dim's stride is never stepped: tma_descriptor gives it a made-up one)
+                assert [s for s, n in zip(tail.strides, tail.shape) if n > 1] == [
+                    s for s, n in zip(head.strides, head.shape) if n > 1]
+                assert head.block_shape[:3] == [1, 1, rows] and tail.block_shape[:3] == [1, 1, rows]
+        else:
+            assert recorded.kwargs["BLOCK_D"] == 128 and all(d.block_shape[-1] == 128 for d in descs), recorded.name
+
+
+@pytest.mark.parametrize("head_dim, parts", [(8, (16, 0)), (64, (64, 0)), (65, (64, 16)), (72, (64, 16)),
+                                             (80, (64, 16)), (81, (64, 32)), (96, (64, 32)), (97, (128, 0)),
+                                             (128, (128, 0)), (256, (256, 0))])
+def test_split_head_dim(head_dim, parts, monkeypatch):
+    """64 < D <= 96: a 64-channel part and a 16- or 32-channel tail; elsewhere one padded tile, and
+    everywhere with PTKERNELS_SPLIT_HEAD_DIM=0."""
+    monkeypatch.delenv("PTKERNELS_SPLIT_HEAD_DIM", raising=False)
+    assert launch.split_head_dim(head_dim) == parts
+    monkeypatch.setenv("PTKERNELS_SPLIT_HEAD_DIM", "0")
+    assert launch.split_head_dim(head_dim) == (launch.block_d(head_dim), 0)
 
 
 def test_tma_falls_back_to_pointer_loads(tma_switch):

@@ -35,8 +35,12 @@ from .common import (
     window_key_bounds,
     key_bounds,
     descriptor_batch,
+    dot_tail,
     load_edge_rows,
+    load_edge_tail_rows,
     load_full_rows,
+    load_full_tail_rows,
+    load_tail_tile,
     load_tile,
     loop_variant_zero,
     prefix_dropout_keep,
@@ -76,6 +80,8 @@ from .launch import (
     mask_strides,
     qkv_strides,
     shape_bucket,
+    split_head_dim,
+    split_tma_descriptors,
     bank_splits,
     shared_prefix_splits,
     tma_descriptors,
@@ -86,7 +92,7 @@ from .launch import (
 
 @triton.jit
 def _tile_probs_and_grad(
-    q, do, lse, delta, k, v, s_visible, seed, first_row, key_lane, dropout_threshold, qk_scale_log2, dropout_scale,
+    q, do, lse, delta, k, v, q_tail, do_tail, k_tail, v_tail, s_visible, seed, first_row, key_lane, dropout_threshold, qk_scale_log2, dropout_scale,
     DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MASKED: tl.constexpr, softcap_in, softcap_out, SOFTCAP: tl.constexpr,
     bias_row, key_pos, query_pos, bias_center, bias_last, BIAS: tl.constexpr,
@@ -96,8 +102,10 @@ def _tile_probs_and_grad(
     1 / P(keep)), and dS = dL/d(scores) (with SOFTCAP including the 1 - tanh^2 of the softcap; with
     BIAS, which never comes with SOFTCAP, dS is also the bias's gradient). MASKED=False: every key is
     visible (s_visible is ignored). BIAS: T5's relative bias of keys at key_pos (BLOCK_N,) for queries
-    at query_pos (BLOCK_M,). DROPOUT: the keep mask drawn where the scores live (attention_dropout_keep)."""
-    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    at query_pos (BLOCK_M,). DROPOUT: the keep mask drawn where the scores live (attention_dropout_keep).
+    q_tail, do_tail (BLOCK_M, BLOCK_D_TAIL), k_tail, v_tail (BLOCK_N, BLOCK_D_TAIL): the head dim's tail
+    parts (``launch.split_head_dim``), or None."""
+    qk = dot_tail(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), q_tail, k_tail, DOT_PRECISION)
     if SOFTCAP:
         t = tanh(qk * softcap_in)
         s = softcap_out * t
@@ -109,7 +117,7 @@ def _tile_probs_and_grad(
         p = tl.where(s_visible, tl.math.exp2(s - lse[:, None]), 0.0)
     else:
         p = tl.math.exp2(s - lse[:, None])
-    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+    dp = dot_tail(tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION), do_tail, v_tail, DOT_PRECISION)
     if DROPOUT:
         keep = attention_dropout_keep(seed, first_row, key_lane, dropout_threshold, BLOCK_M, BLOCK_N, DROPOUT)
         p_kept = tl.where(keep, p, runtime_zero(qk_scale_log2))  # (see the forward's _online_softmax_step_full)
@@ -124,29 +132,32 @@ def _tile_probs_and_grad(
 
 @triton.jit
 def _dq_tile(
-    dq, q, do, lse, delta, k, v, s_visible, seed, first_row, key_lane, dropout_threshold, qk_scale_log2,
+    dq, dq_tail, q, do, lse, delta, k, v, q_tail, do_tail, k_tail, v_tail, s_visible, seed, first_row, key_lane, dropout_threshold, qk_scale_log2,
     dropout_scale, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MASKED: tl.constexpr, softcap_in, softcap_out, SOFTCAP: tl.constexpr,
     dbias, bias_row, BIAS_BUCKETS, key_pos, query_pos, bias_center, bias_last, BIAS: tl.constexpr,
     BIAS_GRAD: tl.constexpr, NB_BLOCK: tl.constexpr,
 ):
-    """(dq, dbias) plus one key tile's contributions (dq before the final multiplication by the
-    softmax scale), from ``_tile_probs_and_grad``'s dS; with BIAS_GRAD dS summed per bucket joins
-    dbias (NB_BLOCK,)."""
+    """(dq, dq_tail, dbias) plus one key tile's contributions (dq before the final multiplication by the
+    softmax scale; dq_tail: the head dim's tail part, with k_tail not None), from
+    ``_tile_probs_and_grad``'s dS; with BIAS_GRAD dS summed per bucket joins dbias (NB_BLOCK,)."""
     _, ds = _tile_probs_and_grad(
-        q, do, lse, delta, k, v, s_visible, seed, first_row, key_lane, dropout_threshold, qk_scale_log2,
+        q, do, lse, delta, k, v, q_tail, do_tail, k_tail, v_tail, s_visible, seed, first_row, key_lane, dropout_threshold, qk_scale_log2,
         dropout_scale, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N, MASKED, softcap_in, softcap_out, SOFTCAP,
         bias_row, key_pos, query_pos, bias_center, bias_last, BIAS)
     if BIAS_GRAD:  # the bias adds to the scores after the scale: its gradient is dS itself
         rel = key_pos[None, :] - query_pos[:, None]
         dbias = accumulate_bucket_grad(dbias, ds, relative_bucket(BIAS_BUCKETS, rel, bias_center, bias_last), NB_BLOCK)
-    return dq + tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION), dbias
+    if k_tail is not None:
+        dq_tail += tl.dot(ds.to(k.dtype), k_tail, input_precision=DOT_PRECISION)
+    return dq + tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION), dq_tail, dbias
 
 
 @triton.jit(do_not_specialize=["seed"])
 def _prefix_attention_bwd_dq_kernel(
     Q, K, V, PREFIX_K, PREFIX_V, PREFIX_INDEX, PREFIX_LENGTHS, KEY_PADDING_MASK, KEY_BOUNDS, CU_SEQLENS_Q, CU_SEQLENS_K,
     BIAS_TABLE, BIAS_BUCKETS, OUT, GRAD_OUT, LSE, DELTA, DQ, DBIAS, K_DESC, V_DESC, PK_DESC, PV_DESC,
+    K_TAIL_DESC, V_TAIL_DESC, PK_TAIL_DESC, PV_TAIL_DESC,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -167,8 +178,10 @@ def _prefix_attention_bwd_dq_kernel(
     HAS_INDEX: tl.constexpr, HAS_LENGTHS: tl.constexpr, PREFIX_DROPOUT: tl.constexpr,
     DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    BLOCK_D_TAIL: tl.constexpr, EVEN_TAIL: tl.constexpr,
 ):
-    """DQ (B, Hq, Sq, D): one program per (query block, batch, query head). EVEN_D: head_dim == BLOCK_D.
+    """DQ (B, Hq, Sq, D): one program per (query block, batch, query head). EVEN_D, BLOCK_D_TAIL,
+    EVEN_TAIL and the *_TAIL_DESC descriptors: the head dim's parts, as in the forward kernel.
     It also writes DELTA (B, Hq, Sq) float32 (like LSE), delta_i = sum_d dO[i, d] * OUT[i, d], of its
     rows, which it uses itself and the dK/dV kernels read after it (no separate pre-pass launch).
     Example b's prefix (bank entry, length, prefix dropout), BIAS, VARLEN and TMA (full key tiles
@@ -189,14 +202,25 @@ def _prefix_attention_bwd_dq_kernel(
     d_valid = offs_d < head_dim
     rows = offs_m[:, None].to(tl.int64)
     qd_mask = m_valid[:, None] & d_valid[None, :]
+    offs_t, t_valid = None, None  # the head dim's tail channels, if any
+    if BLOCK_D_TAIL > 0:
+        offs_t = BLOCK_D + tl.arange(0, BLOCK_D_TAIL)
+        t_valid = offs_t < head_dim
 
-    q = load_tile(Q + b * stride_qb + q_start * stride_qm + h * stride_qh, offs_m, stride_qm, offs_d, m_valid,
-                  d_valid, UPCAST)
-    do = load_tile(GRAD_OUT + b * stride_dob + q_start * stride_dom + h * stride_doh, offs_m, stride_dom, offs_d,
-                   m_valid, d_valid, UPCAST)
-    o = load_tile(OUT + b * stride_ob + q_start * stride_om + h * stride_oh, offs_m, stride_om, offs_d, m_valid,
-                  d_valid, False)
+    q_base = Q + b * stride_qb + q_start * stride_qm + h * stride_qh
+    do_base = GRAD_OUT + b * stride_dob + q_start * stride_dom + h * stride_doh
+    o_base = OUT + b * stride_ob + q_start * stride_om + h * stride_oh
+    q = load_tile(q_base, offs_m, stride_qm, offs_d, m_valid, d_valid, UPCAST)
+    do = load_tile(do_base, offs_m, stride_dom, offs_d, m_valid, d_valid, UPCAST)
+    o = load_tile(o_base, offs_m, stride_om, offs_d, m_valid, d_valid, False)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    q_tail = load_tail_tile(q_base, offs_m, stride_qm, offs_t, m_valid, t_valid, UPCAST, BLOCK_D_TAIL)
+    do_tail = load_tail_tile(do_base, offs_m, stride_dom, offs_t, m_valid, t_valid, UPCAST, BLOCK_D_TAIL)
+    dq_tail = tl.zeros([1, 1], dtype=tl.float32)  # (loop-carried: a placeholder without a tail)
+    if BLOCK_D_TAIL > 0:
+        o_tail = load_tile(o_base, offs_m, stride_om, offs_t, m_valid, t_valid, False)
+        delta += tl.sum(o_tail.to(tl.float32) * do_tail.to(tl.float32), 1)
+        dq_tail = tl.zeros([BLOCK_M, BLOCK_D_TAIL], dtype=tl.float32)
     row_stat = stat_base + offs_m
     tl.store(DELTA + row_stat, delta, mask=m_valid)
     lse = tl.load(LSE + row_stat, mask=m_valid, other=float("inf"))
@@ -226,11 +250,21 @@ def _prefix_attention_bwd_dq_kernel(
                                UPCAST, TMA, BLOCK_N, BLOCK_D)
             v = load_full_rows(PV_DESC, entry, kv_h, start_n, pv_base, n, stride_pvn, offs_d, d_valid, EVEN_D,
                                UPCAST, TMA, BLOCK_N, BLOCK_D)
+            k_tail = load_full_tail_rows(PK_TAIL_DESC, entry, kv_h, start_n, pk_base, n, stride_pkn, offs_t, t_valid,
+                                         EVEN_TAIL, UPCAST, TMA, BLOCK_N, BLOCK_D_TAIL)
+            v_tail = load_full_tail_rows(PV_TAIL_DESC, entry, kv_h, start_n, pv_base, n, stride_pvn, offs_t, t_valid,
+                                         EVEN_TAIL, UPCAST, TMA, BLOCK_N, BLOCK_D_TAIL)
             k = drop_prefix_tile(k, prefix_seed, b, kv_h, 0, num_kv_heads, prefix_len, head_dim, n,
                                  prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT, BLOCK_N, BLOCK_D)
             v = drop_prefix_tile(v, prefix_seed, b, kv_h, 1, num_kv_heads, prefix_len, head_dim, n,
                                  prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT, BLOCK_N, BLOCK_D)
-            dq, dbias = _dq_tile(dq, q, do, lse, delta, k, v, all_visible, seed, first_row, start_n, dropout_threshold,
+            k_tail = drop_prefix_tile(k_tail, prefix_seed, b, kv_h, 0, num_kv_heads, prefix_len, head_dim, n,
+                                      prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT, BLOCK_N,
+                                      BLOCK_D_TAIL, BLOCK_D)
+            v_tail = drop_prefix_tile(v_tail, prefix_seed, b, kv_h, 1, num_kv_heads, prefix_len, head_dim, n,
+                                      prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT, BLOCK_N,
+                                      BLOCK_D_TAIL, BLOCK_D)
+            dq, dq_tail, dbias = _dq_tile(dq, dq_tail, q, do, lse, delta, k, v, q_tail, do_tail, k_tail, v_tail, all_visible, seed, first_row, start_n, dropout_threshold,
                                  qk_scale_log2, dropout_scale, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N, False,
                                  softcap_in, softcap_out, SOFTCAP, dbias, bias_row, BIAS_BUCKETS,
                                  n - example_prefix_len, query_pos, bias_center, bias_last, BIAS, BIAS_GRAD, NB_BLOCK)
@@ -241,14 +275,24 @@ def _prefix_attention_bwd_dq_kernel(
                                UPCAST, TMA, BLOCK_N, BLOCK_D)
             v = load_edge_rows(PV_DESC, entry, kv_h, start_n, pv_base, n, stride_pvn, offs_d, n_valid, d_valid,
                                UPCAST, TMA, BLOCK_N, BLOCK_D)
+            k_tail = load_edge_tail_rows(PK_TAIL_DESC, entry, kv_h, start_n, pk_base, n, stride_pkn, offs_t, n_valid,
+                                         t_valid, UPCAST, TMA, BLOCK_N, BLOCK_D_TAIL)
+            v_tail = load_edge_tail_rows(PV_TAIL_DESC, entry, kv_h, start_n, pv_base, n, stride_pvn, offs_t, n_valid,
+                                         t_valid, UPCAST, TMA, BLOCK_N, BLOCK_D_TAIL)
             k = drop_prefix_tile(k, prefix_seed, b, kv_h, 0, num_kv_heads, prefix_len, head_dim, n,
                                  prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT, BLOCK_N, BLOCK_D)
             v = drop_prefix_tile(v, prefix_seed, b, kv_h, 1, num_kv_heads, prefix_len, head_dim, n,
                                  prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT, BLOCK_N, BLOCK_D)
+            k_tail = drop_prefix_tile(k_tail, prefix_seed, b, kv_h, 0, num_kv_heads, prefix_len, head_dim, n,
+                                      prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT, BLOCK_N,
+                                      BLOCK_D_TAIL, BLOCK_D)
+            v_tail = drop_prefix_tile(v_tail, prefix_seed, b, kv_h, 1, num_kv_heads, prefix_len, head_dim, n,
+                                      prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT, BLOCK_N,
+                                      BLOCK_D_TAIL, BLOCK_D)
             visible_2d = n_valid[None, :]
             if WINDOW:
                 visible_2d = visible_2d & in_window(n, offs_m + (k_len - q_len) + example_prefix_len, window)
-            dq, dbias = _dq_tile(dq, q, do, lse, delta, k, v, visible_2d, seed, first_row, start_n,
+            dq, dq_tail, dbias = _dq_tile(dq, dq_tail, q, do, lse, delta, k, v, q_tail, do_tail, k_tail, v_tail, visible_2d, seed, first_row, start_n,
                                  dropout_threshold, qk_scale_log2, dropout_scale, DROPOUT, DOT_PRECISION, BLOCK_M,
                                  BLOCK_N, True, softcap_in, softcap_out, SOFTCAP, dbias, bias_row, BIAS_BUCKETS,
                                  n - example_prefix_len, query_pos, bias_center, bias_last, BIAS, BIAS_GRAD, NB_BLOCK)
@@ -280,8 +324,12 @@ def _prefix_attention_bwd_dq_kernel(
                                d_valid, UPCAST, EDGE_TMA, BLOCK_N, BLOCK_D)
             v = load_edge_rows(V_DESC, kv_batch, kv_h, k_start + start_n, v_base, n, stride_vn, offs_d, n_valid,
                                d_valid, UPCAST, EDGE_TMA, BLOCK_N, BLOCK_D)
+            k_tail = load_edge_tail_rows(K_TAIL_DESC, kv_batch, kv_h, k_start + start_n, k_base, n, stride_kn,
+                                         offs_t, n_valid, t_valid, UPCAST, EDGE_TMA, BLOCK_N, BLOCK_D_TAIL)
+            v_tail = load_edge_tail_rows(V_TAIL_DESC, kv_batch, kv_h, k_start + start_n, v_base, n, stride_vn,
+                                         offs_t, n_valid, t_valid, UPCAST, EDGE_TMA, BLOCK_N, BLOCK_D_TAIL)
             visible_2d = bounded_keys_visible(n, lo_b, hi_b, offs_m, q_len, k_len, CAUSAL, window, WINDOW)
-            dq, dbias = _dq_tile(dq, q, do, lse, delta, k, v, visible_2d, seed, first_row, real_lane + start_n,
+            dq, dq_tail, dbias = _dq_tile(dq, dq_tail, q, do, lse, delta, k, v, q_tail, do_tail, k_tail, v_tail, visible_2d, seed, first_row, real_lane + start_n,
                                  dropout_threshold, qk_scale_log2, dropout_scale, DROPOUT, DOT_PRECISION, BLOCK_M,
                                  BLOCK_N, True, softcap_in, softcap_out, SOFTCAP, dbias, bias_row, BIAS_BUCKETS, n,
                                  query_pos, bias_center, bias_last, BIAS, BIAS_GRAD, NB_BLOCK)
@@ -291,7 +339,11 @@ def _prefix_attention_bwd_dq_kernel(
                                EVEN_D, UPCAST, TMA, BLOCK_N, BLOCK_D)
             v = load_full_rows(V_DESC, kv_batch, kv_h, k_start + start_n, v_base, n, stride_vn, offs_d, d_valid,
                                EVEN_D, UPCAST, TMA, BLOCK_N, BLOCK_D)
-            dq, dbias = _dq_tile(dq, q, do, lse, delta, k, v, all_visible, seed, first_row, real_lane + start_n,
+            k_tail = load_full_tail_rows(K_TAIL_DESC, kv_batch, kv_h, k_start + start_n, k_base, n, stride_kn,
+                                         offs_t, t_valid, EVEN_TAIL, UPCAST, TMA, BLOCK_N, BLOCK_D_TAIL)
+            v_tail = load_full_tail_rows(V_TAIL_DESC, kv_batch, kv_h, k_start + start_n, v_base, n, stride_vn,
+                                         offs_t, t_valid, EVEN_TAIL, UPCAST, TMA, BLOCK_N, BLOCK_D_TAIL)
+            dq, dq_tail, dbias = _dq_tile(dq, dq_tail, q, do, lse, delta, k, v, q_tail, do_tail, k_tail, v_tail, all_visible, seed, first_row, real_lane + start_n,
                                  dropout_threshold, qk_scale_log2, dropout_scale, DROPOUT, DOT_PRECISION, BLOCK_M,
                                  BLOCK_N, False, softcap_in, softcap_out, SOFTCAP, dbias, bias_row, BIAS_BUCKETS, n,
                                  query_pos, bias_center, bias_last, BIAS, BIAS_GRAD, NB_BLOCK)
@@ -302,8 +354,12 @@ def _prefix_attention_bwd_dq_kernel(
                                d_valid, UPCAST, EDGE_TMA, BLOCK_N, BLOCK_D)
             v = load_edge_rows(V_DESC, kv_batch, kv_h, k_start + start_n, v_base, n, stride_vn, offs_d, n_valid,
                                d_valid, UPCAST, EDGE_TMA, BLOCK_N, BLOCK_D)
+            k_tail = load_edge_tail_rows(K_TAIL_DESC, kv_batch, kv_h, k_start + start_n, k_base, n, stride_kn,
+                                         offs_t, n_valid, t_valid, UPCAST, EDGE_TMA, BLOCK_N, BLOCK_D_TAIL)
+            v_tail = load_edge_tail_rows(V_TAIL_DESC, kv_batch, kv_h, k_start + start_n, v_base, n, stride_vn,
+                                         offs_t, n_valid, t_valid, UPCAST, EDGE_TMA, BLOCK_N, BLOCK_D_TAIL)
             visible_2d = bounded_keys_visible(n, lo_b, hi_b, offs_m, q_len, k_len, CAUSAL, window, WINDOW)
-            dq, dbias = _dq_tile(dq, q, do, lse, delta, k, v, visible_2d, seed, first_row, real_lane + start_n,
+            dq, dq_tail, dbias = _dq_tile(dq, dq_tail, q, do, lse, delta, k, v, q_tail, do_tail, k_tail, v_tail, visible_2d, seed, first_row, real_lane + start_n,
                                  dropout_threshold, qk_scale_log2, dropout_scale, DROPOUT, DOT_PRECISION, BLOCK_M,
                                  BLOCK_N, True, softcap_in, softcap_out, SOFTCAP, dbias, bias_row, BIAS_BUCKETS, n,
                                  query_pos, bias_center, bias_last, BIAS, BIAS_GRAD, NB_BLOCK)
@@ -316,15 +372,22 @@ def _prefix_attention_bwd_dq_kernel(
                                d_valid, UPCAST, GENERAL_TMA, BLOCK_N, BLOCK_D)
             v = load_edge_rows(V_DESC, kv_batch, kv_h, k_start + start_n, v_base, n, stride_vn, offs_d, n_valid,
                                d_valid, UPCAST, GENERAL_TMA, BLOCK_N, BLOCK_D)
+            k_tail = load_edge_tail_rows(K_TAIL_DESC, kv_batch, kv_h, k_start + start_n, k_base, n, stride_kn,
+                                         offs_t, n_valid, t_valid, UPCAST, GENERAL_TMA, BLOCK_N, BLOCK_D_TAIL)
+            v_tail = load_edge_tail_rows(V_TAIL_DESC, kv_batch, kv_h, k_start + start_n, v_base, n, stride_vn,
+                                         offs_t, n_valid, t_valid, UPCAST, GENERAL_TMA, BLOCK_N, BLOCK_D_TAIL)
             visible_2d = real_keys_visible(KEY_PADDING_MASK, b, stride_mb, stride_mn, n, n_valid, offs_m, q_len,
                                            k_len, HAS_KPM, CAUSAL, window, WINDOW)
-            dq, dbias = _dq_tile(dq, q, do, lse, delta, k, v, visible_2d, seed, first_row, real_lane + start_n,
+            dq, dq_tail, dbias = _dq_tile(dq, dq_tail, q, do, lse, delta, k, v, q_tail, do_tail, k_tail, v_tail, visible_2d, seed, first_row, real_lane + start_n,
                                  dropout_threshold, qk_scale_log2, dropout_scale, DROPOUT, DOT_PRECISION, BLOCK_M,
                                  BLOCK_N, True, softcap_in, softcap_out, SOFTCAP, dbias, bias_row, BIAS_BUCKETS, n,
                                  query_pos, bias_center, bias_last, BIAS, BIAS_GRAD, NB_BLOCK)
 
-    dq_ptrs = DQ + b * stride_dqb + q_start * stride_dqm + h * stride_dqh + rows * stride_dqm + offs_d[None, :]
-    tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=qd_mask)
+    dq_rows = DQ + b * stride_dqb + q_start * stride_dqm + h * stride_dqh + rows * stride_dqm
+    tl.store(dq_rows + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=qd_mask)
+    if BLOCK_D_TAIL > 0:
+        tl.store(dq_rows + offs_t[None, :], (dq_tail * scale).to(DQ.dtype.element_ty),
+                 mask=m_valid[:, None] & t_valid[None, :])
     if BIAS_GRAD:
         tl.store(DBIAS + tl.program_id(0).to(tl.int64) * NB_BLOCK + tl.arange(0, NB_BLOCK), dbias)
 
@@ -339,10 +402,14 @@ def _dkdv_tile(
     SOFTCAP: tl.constexpr, key_pos, window_shift, window, WINDOW: tl.constexpr,
     bias_row, BIAS_BUCKETS, bias_center, bias_last, BIAS: tl.constexpr,
     Q_DESC, DO_DESC, desc_batch, desc_head, desc_row, TMA: tl.constexpr, EDGE_TMA: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    BLOCK_D: tl.constexpr, dk_tail, dv_tail, k_tail=None, v_tail=None, offs_t=None, t_valid=None, Q_TAIL_DESC=None,
+    DO_TAIL_DESC=None, EVEN_TAIL: tl.constexpr = True, BLOCK_D_TAIL: tl.constexpr = 0,
 ):
-    """dK/dV contribution of one query tile, in transposed (keys x queries) form (with DROPOUT in
-    (queries x keys) form).
+    """(dk, dv, dk_tail, dv_tail) plus the dK/dV contribution of one query tile, in transposed
+    (keys x queries) form (with DROPOUT in (queries x keys) form). With a head-dim tail (BLOCK_D_TAIL
+    > 0, ``launch.split_head_dim``): k_tail, v_tail (BLOCK_N, BLOCK_D_TAIL) the keys' tail channels
+    offs_t, dk_tail, dv_tail their gradients, Q and dO's tails loaded through Q_TAIL_DESC,
+    DO_TAIL_DESC with TMA; without one, dk_tail and dv_tail are placeholders returned as they are.
     MASKED=False: the tile's queries are all < q_len and see every key of the block
     (key_visible_t is ignored, loads are unmasked; TMA: Q and dO through Q_DESC, DO_DESC at
     (desc_batch, desc_head, desc_row + start_m)); MASKED=True with EDGE_TMA: the same, queries past
@@ -357,6 +424,11 @@ def _dkdv_tile(
                            m_valid, d_valid, UPCAST, EDGE_TMA, BLOCK_M, BLOCK_D)
         do = load_edge_rows(DO_DESC, desc_batch, desc_head, desc_row + start_m, GRAD_OUT + do_base, offs_m,
                             stride_dom, offs_d, m_valid, d_valid, UPCAST, EDGE_TMA, BLOCK_M, BLOCK_D)
+        q_tail = load_edge_tail_rows(Q_TAIL_DESC, desc_batch, desc_head, desc_row + start_m, Q + q_base, offs_m,
+                                     stride_qm, offs_t, m_valid, t_valid, UPCAST, EDGE_TMA, BLOCK_M, BLOCK_D_TAIL)
+        do_tail = load_edge_tail_rows(DO_TAIL_DESC, desc_batch, desc_head, desc_row + start_m, GRAD_OUT + do_base,
+                                      offs_m, stride_dom, offs_t, m_valid, t_valid, UPCAST, EDGE_TMA, BLOCK_M,
+                                      BLOCK_D_TAIL)
         lse = tl.load(LSE + stat_base + offs_m, mask=m_valid, other=float("inf"))
         delta = tl.load(DELTA + stat_base + offs_m, mask=m_valid, other=0.0)
     else:
@@ -364,6 +436,11 @@ def _dkdv_tile(
                            d_valid, EVEN_D, UPCAST, TMA, BLOCK_M, BLOCK_D)
         do = load_full_rows(DO_DESC, desc_batch, desc_head, desc_row + start_m, GRAD_OUT + do_base, offs_m,
                             stride_dom, offs_d, d_valid, EVEN_D, UPCAST, TMA, BLOCK_M, BLOCK_D)
+        q_tail = load_full_tail_rows(Q_TAIL_DESC, desc_batch, desc_head, desc_row + start_m, Q + q_base, offs_m,
+                                     stride_qm, offs_t, t_valid, EVEN_TAIL, UPCAST, TMA, BLOCK_M, BLOCK_D_TAIL)
+        do_tail = load_full_tail_rows(DO_TAIL_DESC, desc_batch, desc_head, desc_row + start_m, GRAD_OUT + do_base,
+                                      offs_m, stride_dom, offs_t, t_valid, EVEN_TAIL, UPCAST, TMA, BLOCK_M,
+                                      BLOCK_D_TAIL)
         lse = tl.load(LSE + stat_base + offs_m)
         delta = tl.load(DELTA + stat_base + offs_m)
 
@@ -372,13 +449,16 @@ def _dkdv_tile(
         # the scores live (no layout conversion); P and dS reach the dV / dK matmuls transposed,
         # through shared memory. dV's 1 / P(keep) is applied once, when the kernels store dV.
         p_kept, ds = _tile_probs_and_grad(
-            q, do, lse, delta, k, v, tl.trans(key_visible_t), seed, (row_base + start_m).to(tl.int64), key_lane,
+            q, do, lse, delta, k, v, q_tail, do_tail, k_tail, v_tail, tl.trans(key_visible_t), seed, (row_base + start_m).to(tl.int64), key_lane,
             dropout_threshold, qk_scale_log2, dropout_scale, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N, MASKED,
             softcap_in, softcap_out, SOFTCAP, bias_row, key_pos, offs_m + window_shift, bias_center, bias_last, BIAS)
         dv += tl.dot(tl.trans(p_kept.to(do.dtype)), do, input_precision=DOT_PRECISION)
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
+        if BLOCK_D_TAIL > 0:
+            dv_tail += tl.dot(tl.trans(p_kept.to(do.dtype)), do_tail, input_precision=DOT_PRECISION)
+            dk_tail += tl.dot(tl.trans(ds.to(q.dtype)), q_tail, input_precision=DOT_PRECISION)
     else:  # (key x query) orientation, as Triton's tutorial: no transposition through shared memory
-        qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
+        qk_t = dot_tail(tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION), k_tail, q_tail, DOT_PRECISION)
         if SOFTCAP:
             t_t = tanh(qk_t * softcap_in)
             s_t = softcap_out * t_t
@@ -391,19 +471,23 @@ def _dkdv_tile(
             p_t = tl.where(key_visible_t, tl.math.exp2(s_t - lse[None, :]), 0.0)
         else:
             p_t = tl.math.exp2(s_t - lse[None, :])
-        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        dp_t = dot_tail(tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION), v_tail, do_tail, DOT_PRECISION)
         dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PRECISION)
+        if BLOCK_D_TAIL > 0:
+            dv_tail += tl.dot(p_t.to(do.dtype), do_tail, input_precision=DOT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
         if SOFTCAP:
             ds_t = ds_t * (1.0 - t_t * t_t)
         dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PRECISION)
-    return dk, dv
+        if BLOCK_D_TAIL > 0:
+            dk_tail += tl.dot(ds_t.to(q.dtype), q_tail, input_precision=DOT_PRECISION)
+    return dk, dv, dk_tail, dv_tail
 
 
 @triton.jit(do_not_specialize=["seed", *ROUND_KEY_ARGS])
 def _prefix_attention_bwd_dkdv_kernel(
     Q, K, V, KEY_PADDING_MASK, KEY_BOUNDS, CU_SEQLENS_Q, CU_SEQLENS_K, BIAS_TABLE, BIAS_BUCKETS, GRAD_OUT, LSE, DELTA,
-    DK, DV, Q_DESC, DO_DESC,
+    DK, DV, Q_DESC, DO_DESC, Q_TAIL_DESC, DO_TAIL_DESC,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -421,8 +505,11 @@ def _prefix_attention_bwd_dkdv_kernel(
     HAS_KPM: tl.constexpr,
     DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, PTX: tl.constexpr,
+    BLOCK_D_TAIL: tl.constexpr, EVEN_TAIL: tl.constexpr,
 ):
     """DK, DV (B, Hkv, Sk, D) of the real keys: one program per (key block, batch, kv head).
+    EVEN_D, BLOCK_D_TAIL, EVEN_TAIL: the head dim's parts as in the forward kernel (Q_TAIL_DESC,
+    DO_TAIL_DESC: the tails' descriptors).
     VARLEN as in the forward kernel (b is a packed sequence; DK, DV are (total_k, Hkv, D)).
     TMA: full query tiles load Q and dO through Q_DESC, DO_DESC (``launch.tma_descriptor``).
     PTX: compiled for an NVIDIA GPU. With DROPOUT, VARLEN or BIAS the epilogue computes the program's
@@ -452,10 +539,20 @@ def _prefix_attention_bwd_dkdv_kernel(
     d_valid = offs_d < head_dim
     keys = offs_n[:, None].to(tl.int64)
     kd_mask = n_valid[:, None] & d_valid[None, :]
-    k = load_tile(K + b * stride_kb + k_start * stride_kn + kv_h * stride_kh, offs_n, stride_kn, offs_d, n_valid,
-                  d_valid, UPCAST)
-    v = load_tile(V + b * stride_vb + k_start * stride_vn + kv_h * stride_vh, offs_n, stride_vn, offs_d, n_valid,
-                  d_valid, UPCAST)
+    k_base = K + b * stride_kb + k_start * stride_kn + kv_h * stride_kh
+    v_base = V + b * stride_vb + k_start * stride_vn + kv_h * stride_vh
+    k = load_tile(k_base, offs_n, stride_kn, offs_d, n_valid, d_valid, UPCAST)
+    v = load_tile(v_base, offs_n, stride_vn, offs_d, n_valid, d_valid, UPCAST)
+    offs_t, t_valid = None, None  # the head dim's tail channels, if any
+    dk_tail = tl.zeros([1, 1], dtype=tl.float32)  # (loop-carried: placeholders without a tail)
+    dv_tail = tl.zeros([1, 1], dtype=tl.float32)
+    if BLOCK_D_TAIL > 0:
+        offs_t = BLOCK_D + tl.arange(0, BLOCK_D_TAIL)
+        t_valid = offs_t < head_dim
+        dk_tail = tl.zeros([BLOCK_N, BLOCK_D_TAIL], dtype=tl.float32)
+        dv_tail = tl.zeros([BLOCK_N, BLOCK_D_TAIL], dtype=tl.float32)
+    k_tail = load_tail_tile(k_base, offs_n, stride_kn, offs_t, n_valid, t_valid, UPCAST, BLOCK_D_TAIL)
+    v_tail = load_tail_tile(v_base, offs_n, stride_vn, offs_t, n_valid, t_valid, UPCAST, BLOCK_D_TAIL)
     visible = n_valid
     if HAS_KPM:
         attend = tl.load(KEY_PADDING_MASK + b * stride_mb + offs_n.to(tl.int64) * stride_mn, mask=n_valid, other=0)
@@ -513,45 +610,54 @@ def _prefix_attention_bwd_dkdv_kernel(
             if CAUSAL:
                 offs_m = start_m + tl.arange(0, BLOCK_M)
                 visible_t = visible_t & (offs_n[:, None] <= offs_m[None, :] + (k_len - q_len))
-            dk, dv = _dkdv_tile(
+            dk, dv, dk_tail, dv_tail = _dkdv_tile(
                 dk, dv, k, v, Q, GRAD_OUT, LSE, DELTA, q_base, do_base, stat_base, stride_qm, stride_dom,
                 start_m, q_len, offs_d, d_valid, visible_t, real_lane, stat_base, seed, dropout_threshold,
                 dropout_scale, qk_scale_log2, DROPOUT, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, True, EVEN_D,
                 softcap_in, softcap_out, SOFTCAP,
                 key_pos, window_shift, window, WINDOW, bias_row, BIAS_BUCKETS, bias_center, bias_last, BIAS,
-                Q_DESC, DO_DESC, desc_batch, h, q_start, TMA, EDGE_TMA, BLOCK_D)
+                Q_DESC, DO_DESC, desc_batch, h, q_start, TMA, EDGE_TMA, BLOCK_D, dk_tail, dv_tail, k_tail, v_tail,
+                offs_t, t_valid, Q_TAIL_DESC, DO_TAIL_DESC, EVEN_TAIL, BLOCK_D_TAIL)
         for start_m in range(full_start, full_stop, BLOCK_M):
-            dk, dv = _dkdv_tile(
+            dk, dv, dk_tail, dv_tail = _dkdv_tile(
                 dk, dv, k, v, Q, GRAD_OUT, LSE, DELTA, q_base, do_base, stat_base, stride_qm, stride_dom,
                 start_m, q_len, offs_d, d_valid, visible[:, None], real_lane, stat_base, seed,
                 dropout_threshold, dropout_scale, qk_scale_log2, DROPOUT, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N,
                 False, EVEN_D, softcap_in, softcap_out, SOFTCAP,
                 key_pos, window_shift, window, WINDOW, bias_row, BIAS_BUCKETS, bias_center, bias_last, BIAS,
-                Q_DESC, DO_DESC, desc_batch, h, q_start, TMA, EDGE_TMA, BLOCK_D)
+                Q_DESC, DO_DESC, desc_batch, h, q_start, TMA, EDGE_TMA, BLOCK_D, dk_tail, dv_tail, k_tail, v_tail,
+                offs_t, t_valid, Q_TAIL_DESC, DO_TAIL_DESC, EVEN_TAIL, BLOCK_D_TAIL)
         for start_m in range(full_stop, q_end, BLOCK_M):
             visible_t = visible[:, None]
             if CAUSAL:
                 offs_m = start_m + tl.arange(0, BLOCK_M)
                 visible_t = visible_t & (offs_n[:, None] <= offs_m[None, :] + (k_len - q_len))
-            dk, dv = _dkdv_tile(
+            dk, dv, dk_tail, dv_tail = _dkdv_tile(
                 dk, dv, k, v, Q, GRAD_OUT, LSE, DELTA, q_base, do_base, stat_base, stride_qm, stride_dom,
                 start_m, q_len, offs_d, d_valid, visible_t, real_lane, stat_base, seed, dropout_threshold,
                 dropout_scale, qk_scale_log2, DROPOUT, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, True, EVEN_D,
                 softcap_in, softcap_out, SOFTCAP,
                 key_pos, window_shift, window, WINDOW, bias_row, BIAS_BUCKETS, bias_center, bias_last, BIAS,
-                Q_DESC, DO_DESC, desc_batch, h, q_start, TMA, EDGE_TMA, BLOCK_D)
+                Q_DESC, DO_DESC, desc_batch, h, q_start, TMA, EDGE_TMA, BLOCK_D, dk_tail, dv_tail, k_tail, v_tail,
+                offs_t, t_valid, Q_TAIL_DESC, DO_TAIL_DESC, EVEN_TAIL, BLOCK_D_TAIL)
     if DROPOUT or VARLEN or BIAS:  # the coordinates anew (PTX: from a fresh read of the program id)
         b, kv_h, start_n, offs_n = program_coordinates(k_len_max, num_kv_heads, BLOCK_N, PTX)
         if VARLEN:
             k_start, k_len = sequence_extent(CU_SEQLENS_K, b)
         keys = offs_n[:, None].to(tl.int64)
         kd_mask = (offs_n < k_len)[:, None] & d_valid[None, :]
-    tl.store(DK + b * stride_dkb + k_start * stride_dkn + kv_h * stride_dkh + keys * stride_dkn + offs_d[None, :],
-             (dk * scale).to(DK.dtype.element_ty), mask=kd_mask)
+    dk_rows = DK + b * stride_dkb + k_start * stride_dkn + kv_h * stride_dkh + keys * stride_dkn
+    dv_rows = DV + b * stride_dvb + k_start * stride_dvn + kv_h * stride_dvh + keys * stride_dvn
+    tl.store(dk_rows + offs_d[None, :], (dk * scale).to(DK.dtype.element_ty), mask=kd_mask)
     if DROPOUT:  # the attention dropout's 1 / P(keep) of every kept weight (see _dkdv_tile)
         dv = dv * dropout_scale
-    tl.store(DV + b * stride_dvb + k_start * stride_dvn + kv_h * stride_dvh + keys * stride_dvn + offs_d[None, :],
-             dv.to(DV.dtype.element_ty), mask=kd_mask)
+    tl.store(dv_rows + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kd_mask)
+    if BLOCK_D_TAIL > 0:
+        kt_mask = (offs_n < k_len)[:, None] & t_valid[None, :]
+        tl.store(dk_rows + offs_t[None, :], (dk_tail * scale).to(DK.dtype.element_ty), mask=kt_mask)
+        if DROPOUT:
+            dv_tail = dv_tail * dropout_scale
+        tl.store(dv_rows + offs_t[None, :], dv_tail.to(DV.dtype.element_ty), mask=kt_mask)
 
 
 @triton.jit
@@ -575,6 +681,7 @@ def _prefix_example_dkdv(
     # LSE reads +inf): with pointer loads the packed set spilled 80 bytes at D=128, none this way, at
     # +0.3% / +2% instructions in its full / masked loops.
     EDGE_TMA: tl.constexpr = TMA
+    no_tail = tl.zeros([1, 1], dtype=tl.float32)  # (the prefix dK/dV kernel pads the head dim: no tail)
     for g in range(GROUP):
         h = kv_h * GROUP + g
         bias_row = BIAS_TABLE  # None without BIAS
@@ -590,21 +697,21 @@ def _prefix_example_dkdv(
             stat_base = (b * num_q_heads + h) * batch_q_len
         desc_batch = descriptor_batch(b, VARLEN)
         for start_m in range(0, full_stop, BLOCK_M):
-            dk, dv = _dkdv_tile(
+            dk, dv, _, _ = _dkdv_tile(
                 dk, dv, k, v, Q, GRAD_OUT, LSE, DELTA, q_base, do_base, stat_base, stride_qm, stride_dom,
                 start_m, q_len, offs_d, d_valid, visible_t, start_n, stat_base, seed, dropout_threshold,
                 dropout_scale, qk_scale_log2, DROPOUT, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, False, EVEN_D,
                 softcap_in, softcap_out, SOFTCAP,
                 key_pos, window_shift, window, WINDOW, bias_row, BIAS_BUCKETS, bias_center, bias_last, BIAS,
-                Q_DESC, DO_DESC, desc_batch, h, q_start, TMA, EDGE_TMA, BLOCK_D)
+                Q_DESC, DO_DESC, desc_batch, h, q_start, TMA, EDGE_TMA, BLOCK_D, no_tail, no_tail)
         for start_m in range(full_stop, q_end, BLOCK_M):
-            dk, dv = _dkdv_tile(
+            dk, dv, _, _ = _dkdv_tile(
                 dk, dv, k, v, Q, GRAD_OUT, LSE, DELTA, q_base, do_base, stat_base, stride_qm, stride_dom,
                 start_m, q_len, offs_d, d_valid, visible_t, start_n, stat_base, seed, dropout_threshold,
                 dropout_scale, qk_scale_log2, DROPOUT, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, True, EVEN_D,
                 softcap_in, softcap_out, SOFTCAP,
                 key_pos, window_shift, window, WINDOW, bias_row, BIAS_BUCKETS, bias_center, bias_last, BIAS,
-                Q_DESC, DO_DESC, desc_batch, h, q_start, TMA, EDGE_TMA, BLOCK_D)
+                Q_DESC, DO_DESC, desc_batch, h, q_start, TMA, EDGE_TMA, BLOCK_D, no_tail, no_tail)
     return dk, dv
 
 
@@ -911,10 +1018,12 @@ def prefix_attention_backward(
     # throughout: CUDA caps grid y/z at 65535, and B * H (or B) can exceed it.
     delta = torch.empty_like(lse)
 
-    kv_descs = tma_descriptors((k, v), (prefix_k, prefix_v), bn, bd, varlen is not None, limits)
+    # The dQ kernel tiles the head dim as the forward does (64 + a 16 / 32 tail at 64 < D <= 96).
+    dq_bd, dq_tail = split_head_dim(head_dim)
+    kv_descs = split_tma_descriptors((k, v), (prefix_k, prefix_v), bn, head_dim, varlen is not None, limits)
     launcher(_prefix_attention_bwd_dq_kernel, (q_blocks,))(
         q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, kpm, bounds, cu_q, cu_k, bias_table, bias_buckets,
-        out, grad_out, lse, delta, dq, dbias, *(kv_descs or (None,) * 4),
+        out, grad_out, lse, delta, dq, dbias, *(kv_descs or (None,) * 8),
         *qkv_strides(q, varlen),
         *qkv_strides(k, varlen),
         *qkv_strides(v, varlen),
@@ -930,9 +1039,13 @@ def prefix_attention_backward(
         NB_BLOCK=nb_block,
         HAS_KPM=key_padding_mask is not None,
         HAS_PREFIX=prefix_len > 0, **prefix_flags, TMA=kv_descs is not None,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, EVEN_D=bd == head_dim, **flags, **dq_options,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=dq_bd, EVEN_D=dq_bd <= head_dim, BLOCK_D_TAIL=dq_tail,
+        EVEN_TAIL=dq_bd + dq_tail == head_dim, **flags, **dq_options,
     )
+    # The real keys' dK/dV kernel splits the head dim as the forward does; the prefix dK/dV kernel pads it.
+    dkdv_bd, dkdv_tail = split_head_dim(head_dim)
     q_descs = tma_descriptors((q, grad_out), (), dkdv_bm, bd, varlen is not None, limits)
+    split_q_descs = split_tma_descriptors((q, grad_out), (), dkdv_bm, head_dim, varlen is not None, limits)
 
     # The dK/dV kernel reads the Philox round keys from its arguments (DROPOUT_PTX_KEYS where the
     # kernels are compiled for an NVIDIA GPU; the same bits): computed from the seed in the kernel, they
@@ -944,7 +1057,7 @@ def prefix_attention_backward(
     if k_len > 0:
         launcher(_prefix_attention_bwd_dkdv_kernel, (triton.cdiv(k_len, dkdv_bn) * batch * kv_heads,))(
             q, k, v, kpm, bounds, cu_q, cu_k, bias_table, bias_buckets, grad_out, lse, delta, dk, dv,
-            *(q_descs or (None,) * 2),
+            *(split_q_descs or (None,) * 4),
             *qkv_strides(q, varlen),
             *qkv_strides(k, varlen),
             *qkv_strides(v, varlen),
@@ -956,8 +1069,9 @@ def prefix_attention_backward(
             scale, qk_scale_log2, threshold, dropout_scale, seed, *round_keys, softcap_in, softcap_out,
             window, *bias_scalars,
             GROUP=group, VARLEN=varlen is not None, CAUSAL=causal, **softcap_flags,
-            HAS_KPM=key_padding_mask is not None, TMA=q_descs is not None,
-            BLOCK_M=dkdv_bm, BLOCK_N=dkdv_bn, BLOCK_D=bd, EVEN_D=bd == head_dim,
+            HAS_KPM=key_padding_mask is not None, TMA=split_q_descs is not None,
+            BLOCK_M=dkdv_bm, BLOCK_N=dkdv_bn, BLOCK_D=dkdv_bd, EVEN_D=dkdv_bd <= head_dim, BLOCK_D_TAIL=dkdv_tail,
+            EVEN_TAIL=dkdv_bd + dkdv_tail == head_dim,
             PTX=philox_mode(limits) == DROPOUT_PTX, **dkdv_flags, **dkdv_options,
         )
 

@@ -234,28 +234,31 @@ def consecutive_lanes_keep(seed, row_lanes, key_lane, threshold, BLOCK_R: tl.con
 
 @triton.jit
 def prefix_dropout_keep(seed, b, kv_h, which, num_kv_heads, prefix_len, head_dim, n, threshold,
-                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, FIRST_CHANNEL: tl.constexpr = 0):
     """(BLOCK_N, BLOCK_D) keep mask of P-Tuning v2's prefix dropout for example b, KV head kv_h,
-    prefix positions n (BLOCK_N,) and channels 0..BLOCK_D: ``which`` 0 for the keys, 1 for the values.
+    prefix positions n (BLOCK_N,) and channels FIRST_CHANNEL..FIRST_CHANNEL + BLOCK_D (a multiple of
+    8: the head dim's tail part, ``split_head_dim``): ``which`` 0 for the keys, 1 for the values.
 
     Lane numbering: row ((b * Hkv + kv_h) * 2 + which) * P + n has round_up(D, 8) lanes, one per
     channel, drawn as ``consecutive_lanes_keep`` draws them (8 lanes per philox call); the same for
     every query and query head that reads this KV head, and regenerated identically in backward."""
     width = (head_dim + 7) // 8 * 8
     rows = ((b * num_kv_heads + kv_h) * 2 + which) * prefix_len + n.to(tl.int64)
-    return consecutive_lanes_keep(seed, rows * width, 0, threshold, BLOCK_N, BLOCK_D)
+    return consecutive_lanes_keep(seed, rows * width, FIRST_CHANNEL, threshold, BLOCK_N, BLOCK_D)
 
 
 @triton.jit
 def drop_prefix_tile(tile, seed, b, kv_h, which, num_kv_heads, prefix_len, head_dim, n, threshold, scale,
-                     PREFIX_DROPOUT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    """A loaded (BLOCK_N, BLOCK_D) prefix K (which = 0) or V (which = 1) tile of example b with its
-    prefix dropout applied (kept elements times ``scale``, the rest 0); the tile itself without
-    PREFIX_DROPOUT."""
+                     PREFIX_DROPOUT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                     FIRST_CHANNEL: tl.constexpr = 0):
+    """A loaded (BLOCK_N, BLOCK_D) prefix K (which = 0) or V (which = 1) tile of example b, channels
+    FIRST_CHANNEL.., with its prefix dropout applied (kept elements times ``scale``, the rest 0); the
+    tile itself without PREFIX_DROPOUT, and None for a None tile (no head-dim tail)."""
     if PREFIX_DROPOUT:
-        keep = prefix_dropout_keep(seed, b, kv_h, which, num_kv_heads, prefix_len, head_dim, n, threshold,
-                                   BLOCK_N, BLOCK_D)
-        tile = tl.where(keep, tile * scale, 0.0).to(tile.dtype)
+        if tile is not None:
+            keep = prefix_dropout_keep(seed, b, kv_h, which, num_kv_heads, prefix_len, head_dim, n, threshold,
+                                       BLOCK_N, BLOCK_D, FIRST_CHANNEL)
+            tile = tl.where(keep, tile * scale, 0.0).to(tile.dtype)
     return tile
 
 
@@ -403,6 +406,53 @@ def load_edge_rows(DESC, batch, head, first_row, base, rows, stride_row, offs_d,
     else:
         tile = load_tile(base, rows, stride_row, offs_d, row_valid, d_valid, UPCAST)
     return tile
+
+
+@triton.jit
+def load_tail_tile(base, rows, stride_row, offs_t, row_valid, t_valid, UPCAST: tl.constexpr,
+                   BLOCK_D_TAIL: tl.constexpr):
+    """``load_tile`` of the head dim's tail part, channels offs_t (BLOCK_D_TAIL,) (``split_head_dim``),
+    or None without one (BLOCK_D_TAIL == 0)."""
+    tile = None
+    if BLOCK_D_TAIL > 0:
+        tile = load_tile(base, rows, stride_row, offs_t, row_valid, t_valid, UPCAST)
+    return tile
+
+
+@triton.jit
+def load_full_tail_rows(TAIL_DESC, batch, head, first_row, base, rows, stride_row, offs_t, t_valid,
+                        EVEN_TAIL: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+                        BLOCK_D_TAIL: tl.constexpr):
+    """``load_full_rows`` of the head dim's tail part: channels offs_t (BLOCK_D_TAIL,) through pointers,
+    or TAIL_DESC (a descriptor of the tensor's channels from the first tail channel on) with TMA;
+    EVEN_TAIL: every tail channel is < head_dim. None without a tail (BLOCK_D_TAIL == 0)."""
+    tile = None
+    if BLOCK_D_TAIL > 0:
+        tile = load_full_rows(TAIL_DESC, batch, head, first_row, base, rows, stride_row, offs_t, t_valid, EVEN_TAIL,
+                              UPCAST, TMA, BLOCK_ROWS, BLOCK_D_TAIL)
+    return tile
+
+
+@triton.jit
+def load_edge_tail_rows(TAIL_DESC, batch, head, first_row, base, rows, stride_row, offs_t, row_valid, t_valid,
+                        UPCAST: tl.constexpr, TMA: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+                        BLOCK_D_TAIL: tl.constexpr):
+    """``load_edge_rows`` of the head dim's tail part (as ``load_full_tail_rows``), or None without one."""
+    tile = None
+    if BLOCK_D_TAIL > 0:
+        tile = load_edge_rows(TAIL_DESC, batch, head, first_row, base, rows, stride_row, offs_t, row_valid, t_valid,
+                              UPCAST, TMA, BLOCK_ROWS, BLOCK_D_TAIL)
+    return tile
+
+
+@triton.jit
+def dot_tail(acc, a_tail, b_tail, DOT_PRECISION: tl.constexpr):
+    """acc + a_tail @ b_tail^T: the head dim's tail part's share of a product that contracts over the
+    head dim (scores q k^T, dP = dO v^T; a_tail (M, BLOCK_D_TAIL), b_tail (N, BLOCK_D_TAIL)); acc
+    itself when the tails are None (no tail)."""
+    if a_tail is not None:
+        acc = tl.dot(a_tail, tl.trans(b_tail), acc, input_precision=DOT_PRECISION)
+    return acc
 
 
 @triton.jit

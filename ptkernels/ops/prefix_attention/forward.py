@@ -36,8 +36,12 @@ from .common import (
     window_key_bounds,
     key_bounds,
     descriptor_batch,
+    dot_tail,
     load_edge_rows,
+    load_edge_tail_rows,
     load_full_rows,
+    load_full_tail_rows,
+    load_tail_tile,
     load_tile,
     log2_scores,
     prefix_dropout_keep,
@@ -69,7 +73,8 @@ from .launch import (
     mask_strides,
     qkv_strides,
     shape_bucket,
-    tma_descriptors,
+    split_head_dim,
+    split_tma_descriptors,
     forward_edge_block,
     tuned_config,
     upcast_in_interpreter,
@@ -78,10 +83,12 @@ from .launch import (
 
 @triton.jit
 def _online_softmax_step(
-    acc, m_i, l_i, s, v, seed, first_row, key_lane, dropout_threshold,
+    acc, acc_tail, m_i, l_i, s, v, v_tail, seed, first_row, key_lane, dropout_threshold,
     DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Fold one (BLOCK_M, BLOCK_N) tile of log2-domain scores s into the running (acc, m_i, l_i).
+    """Fold one (BLOCK_M, BLOCK_N) tile of log2-domain scores s into the running (acc, acc_tail,
+    m_i, l_i): acc (BLOCK_M, BLOCK_D) += p @ v, and with a head-dim tail (v_tail (BLOCK_N,
+    BLOCK_D_TAIL), not None) acc_tail (BLOCK_M, BLOCK_D_TAIL) += p @ v_tail.
 
     With DROPOUT, weight (row, key) is kept iff attention_dropout_keep(seed, first_row, key_lane) is true.
     """
@@ -96,12 +103,14 @@ def _online_softmax_step(
         keep = attention_dropout_keep(seed, first_row, key_lane, dropout_threshold, BLOCK_M, BLOCK_N, DROPOUT)
         p = tl.where(keep, p, 0.0)  # kept weights are scaled by 1 / P(keep) once, at the end
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-    return acc, m_new, l_i
+    if v_tail is not None:
+        acc_tail = acc_tail * alpha[:, None] + tl.dot(p.to(v.dtype), v_tail, input_precision=DOT_PRECISION)
+    return acc, acc_tail, m_new, l_i
 
 
 @triton.jit
 def _online_softmax_step_full(
-    acc, m_i, l_i, qk, v, qk_scale_log2, seed, first_row, key_lane, dropout_threshold,
+    acc, acc_tail, m_i, l_i, qk, v, v_tail, qk_scale_log2, seed, first_row, key_lane, dropout_threshold,
     softcap_in, softcap_out,
     DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SOFTCAP: tl.constexpr, bias_row=None, key_pos=None, query_pos=None, bias_center=0, bias_last=0,
@@ -130,14 +139,17 @@ def _online_softmax_step_full(
         # (``runtime_zero``) so that the select stays in fp32, ahead of the 16-bit conversion
         p = tl.where(keep, p, runtime_zero(qk_scale_log2))
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-    return acc, m_new, l_i
+    if v_tail is not None:
+        acc_tail = acc_tail * alpha[:, None] + tl.dot(p.to(v.dtype), v_tail, input_precision=DOT_PRECISION)
+    return acc, acc_tail, m_new, l_i
 
 
 @triton.jit(do_not_specialize=["seed"])
 def _prefix_attention_fwd_kernel(
     Q, K, V, PREFIX_K, PREFIX_V, PREFIX_INDEX, PREFIX_LENGTHS, KEY_PADDING_MASK, KEY_BOUNDS, CU_SEQLENS_Q,
     CU_SEQLENS_K, SINKS, BIAS_TABLE, BIAS_BUCKETS, OUT, LSE, K_DESC, V_DESC, PK_DESC, PV_DESC,
-    K_EDGE_DESC, V_EDGE_DESC, PK_EDGE_DESC, PV_EDGE_DESC,
+    K_EDGE_DESC, V_EDGE_DESC, PK_EDGE_DESC, PV_EDGE_DESC, K_TAIL_DESC, V_TAIL_DESC, PK_TAIL_DESC, PV_TAIL_DESC,
+    K_EDGE_TAIL_DESC, V_EDGE_TAIL_DESC, PK_EDGE_TAIL_DESC, PV_EDGE_TAIL_DESC,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -172,9 +184,15 @@ def _prefix_attention_fwd_kernel(
     PREFIX_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     EVEN_D: tl.constexpr,
+    BLOCK_D_TAIL: tl.constexpr,
+    EVEN_TAIL: tl.constexpr,
 ):
     """OUT (B, Hq, Sq, D) and LSE (B, Hq, Sq): one program per (query block, batch, query head).
-    EVEN_D: head_dim == BLOCK_D (no head-dim mask on full tiles). TMA: the full key tiles (those
+    EVEN_D: head_dim >= BLOCK_D (no head-dim mask on the full tiles' first BLOCK_D channels).
+    BLOCK_D_TAIL (``launch.split_head_dim``): 0, or the width of the head dim's tail part, channels
+    BLOCK_D.. (D = 80 / 96 as 64 + 16 / 32 instead of padded to 128): every Q / K / V / O tile then
+    comes as two, the first BLOCK_D channels and the tail (its *_TAIL_DESC descriptors view the
+    tensors from channel BLOCK_D on); EVEN_TAIL: head_dim == BLOCK_D + BLOCK_D_TAIL. TMA: the full key tiles (those
     with every key in range, the hot loops) load through the tensor descriptors K_DESC, V_DESC
     (4-D views of K, V, ``launch.tma_descriptor``) and PK_DESC, PV_DESC (of the prefix, as
     (entries, Hkv, P, D)); edge tiles too where every key they mask is past the end of K / V or of
@@ -228,16 +246,31 @@ def _prefix_attention_fwd_kernel(
     PK_PREFIX_DESC, PV_PREFIX_DESC = PK_DESC, PV_DESC
     if PREFIX_N != BLOCK_N:  # the prefix's full tiles at the masked tiles' width
         PK_PREFIX_DESC, PV_PREFIX_DESC = PK_EDGE_DESC, PV_EDGE_DESC
+    if EDGE_N == BLOCK_N:
+        K_EDGE_TAIL_DESC, V_EDGE_TAIL_DESC = K_TAIL_DESC, V_TAIL_DESC
+        PK_EDGE_TAIL_DESC, PV_EDGE_TAIL_DESC = PK_TAIL_DESC, PV_TAIL_DESC
+    PK_PREFIX_TAIL_DESC, PV_PREFIX_TAIL_DESC = PK_TAIL_DESC, PV_TAIL_DESC
+    if PREFIX_N != BLOCK_N:
+        PK_PREFIX_TAIL_DESC, PV_PREFIX_TAIL_DESC = PK_EDGE_TAIL_DESC, PV_EDGE_TAIL_DESC
     offs_d = tl.arange(0, BLOCK_D)
     m_valid = offs_m < q_len
     d_valid = offs_d < head_dim
+    offs_t, t_valid = None, None  # the head dim's tail channels, if any
+    if BLOCK_D_TAIL > 0:
+        offs_t = BLOCK_D + tl.arange(0, BLOCK_D_TAIL)
+        t_valid = offs_t < head_dim
 
-    q = load_tile(Q + b * stride_qb + q_start * stride_qm + h * stride_qh, offs_m, stride_qm, offs_d, m_valid,
-                  d_valid, UPCAST)
+    q_base = Q + b * stride_qb + q_start * stride_qm + h * stride_qh
+    q = load_tile(q_base, offs_m, stride_qm, offs_d, m_valid, d_valid, UPCAST)
+    q_tail = load_tail_tile(q_base, offs_m, stride_qm, offs_t, m_valid, t_valid, UPCAST, BLOCK_D_TAIL)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    # (a loop-carried value cannot be None: without a tail, a 1 x 1 placeholder the loops never change)
+    acc_tail = tl.zeros([1, 1], dtype=tl.float32)
+    if BLOCK_D_TAIL > 0:
+        acc_tail = tl.zeros([BLOCK_M, BLOCK_D_TAIL], dtype=tl.float32)
     first_row = (stat_base + start_m).to(tl.int64)  # dropout row id of the tile's first query
     real_lane = dropout_real_lane(prefix_len)  # the dropout lane of real key 0
     # Relative bias positions counted from real key 0: query i at Sk - Sq + i, prefix key n at n - P_b.
@@ -262,13 +295,23 @@ def _prefix_attention_fwd_kernel(
                                UPCAST, TMA, PREFIX_N, BLOCK_D)
             v = load_full_rows(PV_PREFIX_DESC, entry, kv_h, start_n, pv_base, n, stride_pvn, offs_d, d_valid, EVEN_D,
                                UPCAST, TMA, PREFIX_N, BLOCK_D)
+            k_tail = load_full_tail_rows(PK_PREFIX_TAIL_DESC, entry, kv_h, start_n, pk_base, n, stride_pkn, offs_t,
+                                         t_valid, EVEN_TAIL, UPCAST, TMA, PREFIX_N, BLOCK_D_TAIL)
+            v_tail = load_full_tail_rows(PV_PREFIX_TAIL_DESC, entry, kv_h, start_n, pv_base, n, stride_pvn, offs_t,
+                                         t_valid, EVEN_TAIL, UPCAST, TMA, PREFIX_N, BLOCK_D_TAIL)
             k = drop_prefix_tile(k, prefix_seed, b, kv_h, 0, num_kv_heads, prefix_len, head_dim, n,
                                  prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT, PREFIX_N, BLOCK_D)
             v = drop_prefix_tile(v, prefix_seed, b, kv_h, 1, num_kv_heads, prefix_len, head_dim, n,
                                  prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT, PREFIX_N, BLOCK_D)
-            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-            acc, m_i, l_i = _online_softmax_step_full(
-                acc, m_i, l_i, qk, v, qk_scale_log2, seed, first_row, start_n, dropout_threshold,
+            k_tail = drop_prefix_tile(k_tail, prefix_seed, b, kv_h, 0, num_kv_heads, prefix_len, head_dim, n,
+                                      prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT, PREFIX_N,
+                                      BLOCK_D_TAIL, BLOCK_D)
+            v_tail = drop_prefix_tile(v_tail, prefix_seed, b, kv_h, 1, num_kv_heads, prefix_len, head_dim, n,
+                                      prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT, PREFIX_N,
+                                      BLOCK_D_TAIL, BLOCK_D)
+            qk = dot_tail(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), q_tail, k_tail, DOT_PRECISION)
+            acc, acc_tail, m_i, l_i = _online_softmax_step_full(
+                acc, acc_tail, m_i, l_i, qk, v, v_tail, qk_scale_log2, seed, first_row, start_n, dropout_threshold,
                 softcap_in, softcap_out, DROPOUT, DOT_PRECISION, BLOCK_M, PREFIX_N, SOFTCAP,
                 bias_row, n - example_prefix_len, query_pos, bias_center, bias_last, BIAS)
         # The masked tiles (EDGE_N keys wide): the last partial one, or with WINDOW those the
@@ -280,11 +323,21 @@ def _prefix_attention_fwd_kernel(
                                UPCAST, TMA, EDGE_N, BLOCK_D)
             v = load_edge_rows(PV_EDGE_DESC, entry, kv_h, start_n, pv_base, n, stride_pvn, offs_d, n_valid, d_valid,
                                UPCAST, TMA, EDGE_N, BLOCK_D)
+            k_tail = load_edge_tail_rows(PK_EDGE_TAIL_DESC, entry, kv_h, start_n, pk_base, n, stride_pkn, offs_t,
+                                         n_valid, t_valid, UPCAST, TMA, EDGE_N, BLOCK_D_TAIL)
+            v_tail = load_edge_tail_rows(PV_EDGE_TAIL_DESC, entry, kv_h, start_n, pv_base, n, stride_pvn, offs_t,
+                                         n_valid, t_valid, UPCAST, TMA, EDGE_N, BLOCK_D_TAIL)
             k = drop_prefix_tile(k, prefix_seed, b, kv_h, 0, num_kv_heads, prefix_len, head_dim, n,
                                  prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT, EDGE_N, BLOCK_D)
             v = drop_prefix_tile(v, prefix_seed, b, kv_h, 1, num_kv_heads, prefix_len, head_dim, n,
                                  prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT, EDGE_N, BLOCK_D)
-            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+            k_tail = drop_prefix_tile(k_tail, prefix_seed, b, kv_h, 0, num_kv_heads, prefix_len, head_dim, n,
+                                      prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT, EDGE_N,
+                                      BLOCK_D_TAIL, BLOCK_D)
+            v_tail = drop_prefix_tile(v_tail, prefix_seed, b, kv_h, 1, num_kv_heads, prefix_len, head_dim, n,
+                                      prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT, EDGE_N,
+                                      BLOCK_D_TAIL, BLOCK_D)
+            qk = dot_tail(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), q_tail, k_tail, DOT_PRECISION)
             s = log2_scores(qk, qk_scale_log2, softcap_in, softcap_out, SOFTCAP)
             s = add_relative_bias(s, bias_row, n - example_prefix_len, query_pos, bias_center, bias_last,
                                   BIAS)
@@ -292,8 +345,8 @@ def _prefix_attention_fwd_kernel(
             if WINDOW:
                 visible_2d = visible_2d & in_window(n, offs_m + (k_len - q_len) + example_prefix_len, window)
             s = tl.where(visible_2d, s, float("-inf"))
-            acc, m_i, l_i = _online_softmax_step(
-                acc, m_i, l_i, s, v, seed, first_row, start_n, dropout_threshold, DROPOUT,
+            acc, acc_tail, m_i, l_i = _online_softmax_step(
+                acc, acc_tail, m_i, l_i, s, v, v_tail, seed, first_row, start_n, dropout_threshold, DROPOUT,
                 DOT_PRECISION, BLOCK_M, EDGE_N)
 
     # Loop 2: real keys, up to the causal bound of this query block. When the attended keys are one
@@ -335,13 +388,17 @@ def _prefix_attention_fwd_kernel(
                            UPCAST, EDGE_TMA, EDGE_N, BLOCK_D)
         v = load_edge_rows(V_EDGE_DESC, kv_batch, kv_h, k_start + start_n, v_base, n, stride_vn, offs_d, n_valid, d_valid,
                            UPCAST, EDGE_TMA, EDGE_N, BLOCK_D)
+        k_tail = load_edge_tail_rows(K_EDGE_TAIL_DESC, kv_batch, kv_h, k_start + start_n, k_base, n, stride_kn, offs_t,
+                                     n_valid, t_valid, UPCAST, EDGE_TMA, EDGE_N, BLOCK_D_TAIL)
+        v_tail = load_edge_tail_rows(V_EDGE_TAIL_DESC, kv_batch, kv_h, k_start + start_n, v_base, n, stride_vn, offs_t,
+                                     n_valid, t_valid, UPCAST, EDGE_TMA, EDGE_N, BLOCK_D_TAIL)
         visible_2d = bounded_keys_visible(n, lo_b, hi_b, offs_m, q_len, k_len, CAUSAL, window, WINDOW)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        qk = dot_tail(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), q_tail, k_tail, DOT_PRECISION)
         s = log2_scores(qk, qk_scale_log2, softcap_in, softcap_out, SOFTCAP)
         s = add_relative_bias(s, bias_row, n, query_pos, bias_center, bias_last, BIAS)
         s = tl.where(visible_2d, s, float("-inf"))
-        acc, m_i, l_i = _online_softmax_step(
-            acc, m_i, l_i, s, v, seed, first_row, real_lane + start_n, dropout_threshold, DROPOUT,
+        acc, acc_tail, m_i, l_i = _online_softmax_step(
+            acc, acc_tail, m_i, l_i, s, v, v_tail, seed, first_row, real_lane + start_n, dropout_threshold, DROPOUT,
             DOT_PRECISION, BLOCK_M, EDGE_N)
     for start_n in range(full_lo, full_hi, BLOCK_N):
         n = start_n + offs_n
@@ -349,9 +406,13 @@ def _prefix_attention_fwd_kernel(
                            UPCAST, TMA, BLOCK_N, BLOCK_D)
         v = load_full_rows(V_DESC, kv_batch, kv_h, k_start + start_n, v_base, n, stride_vn, offs_d, d_valid, EVEN_D,
                            UPCAST, TMA, BLOCK_N, BLOCK_D)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        acc, m_i, l_i = _online_softmax_step_full(
-            acc, m_i, l_i, qk, v, qk_scale_log2, seed, first_row, real_lane + start_n, dropout_threshold,
+        k_tail = load_full_tail_rows(K_TAIL_DESC, kv_batch, kv_h, k_start + start_n, k_base, n, stride_kn, offs_t,
+                                     t_valid, EVEN_TAIL, UPCAST, TMA, BLOCK_N, BLOCK_D_TAIL)
+        v_tail = load_full_tail_rows(V_TAIL_DESC, kv_batch, kv_h, k_start + start_n, v_base, n, stride_vn, offs_t,
+                                     t_valid, EVEN_TAIL, UPCAST, TMA, BLOCK_N, BLOCK_D_TAIL)
+        qk = dot_tail(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), q_tail, k_tail, DOT_PRECISION)
+        acc, acc_tail, m_i, l_i = _online_softmax_step_full(
+            acc, acc_tail, m_i, l_i, qk, v, v_tail, qk_scale_log2, seed, first_row, real_lane + start_n, dropout_threshold,
             softcap_in, softcap_out, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N, SOFTCAP,
             bias_row, n, query_pos, bias_center, bias_last, BIAS)
     for start_n in range(full_hi, edge_hi, EDGE_N):
@@ -361,13 +422,17 @@ def _prefix_attention_fwd_kernel(
                            UPCAST, EDGE_TMA, EDGE_N, BLOCK_D)
         v = load_edge_rows(V_EDGE_DESC, kv_batch, kv_h, k_start + start_n, v_base, n, stride_vn, offs_d, n_valid, d_valid,
                            UPCAST, EDGE_TMA, EDGE_N, BLOCK_D)
+        k_tail = load_edge_tail_rows(K_EDGE_TAIL_DESC, kv_batch, kv_h, k_start + start_n, k_base, n, stride_kn, offs_t,
+                                     n_valid, t_valid, UPCAST, EDGE_TMA, EDGE_N, BLOCK_D_TAIL)
+        v_tail = load_edge_tail_rows(V_EDGE_TAIL_DESC, kv_batch, kv_h, k_start + start_n, v_base, n, stride_vn, offs_t,
+                                     n_valid, t_valid, UPCAST, EDGE_TMA, EDGE_N, BLOCK_D_TAIL)
         visible_2d = bounded_keys_visible(n, lo_b, hi_b, offs_m, q_len, k_len, CAUSAL, window, WINDOW)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        qk = dot_tail(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), q_tail, k_tail, DOT_PRECISION)
         s = log2_scores(qk, qk_scale_log2, softcap_in, softcap_out, SOFTCAP)
         s = add_relative_bias(s, bias_row, n, query_pos, bias_center, bias_last, BIAS)
         s = tl.where(visible_2d, s, float("-inf"))
-        acc, m_i, l_i = _online_softmax_step(
-            acc, m_i, l_i, s, v, seed, first_row, real_lane + start_n, dropout_threshold, DROPOUT,
+        acc, acc_tail, m_i, l_i = _online_softmax_step(
+            acc, acc_tail, m_i, l_i, s, v, v_tail, seed, first_row, real_lane + start_n, dropout_threshold, DROPOUT,
             DOT_PRECISION, BLOCK_M, EDGE_N)
     if HAS_KPM:  # any other key padding mask: every tile loads its mask
         first_key, _ = window_key_bounds(0, start_m, q_len, k_len, window, BLOCK_M, BLOCK_N, WINDOW)
@@ -379,14 +444,18 @@ def _prefix_attention_fwd_kernel(
                                d_valid, UPCAST, GENERAL_TMA, EDGE_N, BLOCK_D)
             v = load_edge_rows(V_EDGE_DESC, kv_batch, kv_h, k_start + start_n, v_base, n, stride_vn, offs_d, n_valid,
                                d_valid, UPCAST, GENERAL_TMA, EDGE_N, BLOCK_D)
+            k_tail = load_edge_tail_rows(K_EDGE_TAIL_DESC, kv_batch, kv_h, k_start + start_n, k_base, n, stride_kn,
+                                         offs_t, n_valid, t_valid, UPCAST, GENERAL_TMA, EDGE_N, BLOCK_D_TAIL)
+            v_tail = load_edge_tail_rows(V_EDGE_TAIL_DESC, kv_batch, kv_h, k_start + start_n, v_base, n, stride_vn,
+                                         offs_t, n_valid, t_valid, UPCAST, GENERAL_TMA, EDGE_N, BLOCK_D_TAIL)
             visible_2d = real_keys_visible(KEY_PADDING_MASK, b, stride_mb, stride_mn, n, n_valid, offs_m, q_len,
                                            k_len, HAS_KPM, CAUSAL, window, WINDOW)
-            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+            qk = dot_tail(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), q_tail, k_tail, DOT_PRECISION)
             s = log2_scores(qk, qk_scale_log2, softcap_in, softcap_out, SOFTCAP)
             s = add_relative_bias(s, bias_row, n, query_pos, bias_center, bias_last, BIAS)
             s = tl.where(visible_2d, s, float("-inf"))
-            acc, m_i, l_i = _online_softmax_step(
-                acc, m_i, l_i, s, v, seed, first_row, real_lane + start_n, dropout_threshold, DROPOUT,
+            acc, acc_tail, m_i, l_i = _online_softmax_step(
+                acc, acc_tail, m_i, l_i, s, v, v_tail, seed, first_row, real_lane + start_n, dropout_threshold, DROPOUT,
                 DOT_PRECISION, BLOCK_M, EDGE_N)
 
     if HAS_SINKS:  # the head's sink logit joins every row's normaliser (and attends to nothing)
@@ -395,6 +464,8 @@ def _prefix_attention_fwd_kernel(
         alpha = tl.math.exp2(m_i - m_sink)  # 0 for a row that saw no key (m_i = -inf)
         l_i = l_i * alpha + tl.math.exp2(sink - m_sink)
         acc = acc * alpha[:, None]
+        if BLOCK_D_TAIL > 0:
+            acc_tail = acc_tail * alpha[:, None]
         m_i = m_sink
     has_key = l_i > 0.0
     inv_l = 1.0 / tl.where(has_key, l_i, 1.0)
@@ -406,9 +477,11 @@ def _prefix_attention_fwd_kernel(
         m_valid = offs_m < q_len
         _, _, _, _, stat_base = query_rows(CU_SEQLENS_Q, CU_SEQLENS_K, b, h, num_q_heads, q_len, k_len, stat_rows,
                                            VARLEN)
-    o_ptrs = (OUT + b * stride_ob + q_start * stride_om + h * stride_oh + offs_m[:, None].to(tl.int64) * stride_om
-              + offs_d[None, :])
-    tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=m_valid[:, None] & d_valid[None, :])
+    o_rows = OUT + b * stride_ob + q_start * stride_om + h * stride_oh + offs_m[:, None].to(tl.int64) * stride_om
+    tl.store(o_rows + offs_d[None, :], out.to(OUT.dtype.element_ty), mask=m_valid[:, None] & d_valid[None, :])
+    if BLOCK_D_TAIL > 0:
+        tl.store(o_rows + offs_t[None, :], (acc_tail * inv_l[:, None]).to(OUT.dtype.element_ty),
+                 mask=m_valid[:, None] & t_valid[None, :])
     lse = tl.where(has_key, m_i + tl.math.log2(tl.where(has_key, l_i, 1.0)), float("inf"))
     tl.store(LSE + stat_base + offs_m, lse, mask=m_valid)
 
@@ -544,22 +617,27 @@ def prefix_attention_forward(
     bounds = key_bounds_of(key_padding_mask, launcher)
     bias_table, bias_buckets, *bias_scalars = relative_bias_args(relative_bias_table, relative_bias_buckets)
 
+    bd, tail = split_head_dim(head_dim)
+
+    def descriptors(block_rows: int) -> Optional[tuple]:
+        """TMA descriptors of K, V, PK, PV, then of their tails (None without one)."""
+        return split_tma_descriptors((k, v), (prefix_k, prefix_v), block_rows, head_dim, varlen is not None, limits)
+
     def run(cfg):
         grid = (triton.cdiv(q_len, cfg["BLOCK_M"]) * batch * q_heads,)
-        descs = tma_descriptors((k, v), (prefix_k, prefix_v), cfg["BLOCK_N"], block_d(head_dim), varlen is not None,
-                                limits)
+        descs = descriptors(cfg["BLOCK_N"])
         edge_n = forward_edge_block(cfg["BLOCK_N"], head_dim, dropout=dropout_p > 0.0, padding=kpm is not None,
                                     varlen=varlen is not None, softcap=softcap > 0.0, bias=bias_table is not None,
                                     prefix_dropout=prefix_dropout_p > 0.0)
         edge_descs = descs
         if descs is not None and edge_n != cfg["BLOCK_N"]:
-            edge_descs = tma_descriptors((k, v), (prefix_k, prefix_v), edge_n, block_d(head_dim), varlen is not None,
-                                         limits)
+            edge_descs = descriptors(edge_n)
+        full = descs or (None,) * 8
+        edge = edge_descs if edge_descs is not None and edge_descs is not descs else (None,) * 8
         launcher(_prefix_attention_fwd_kernel, grid)(
             q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, kpm, bounds,
             None if varlen is None else varlen.cu_seqlens_q, None if varlen is None else varlen.cu_seqlens_k, sinks,
-            bias_table, bias_buckets, out, lse, *(descs or (None,) * 4),
-            *(edge_descs if edge_descs is not descs else (None,) * 4),
+            bias_table, bias_buckets, out, lse, *full[:4], *edge[:4], *full[4:8], *edge[4:8],
             *qkv_strides(q, varlen),
             *qkv_strides(k, varlen),
             *qkv_strides(v, varlen),
@@ -589,8 +667,10 @@ def prefix_attention_forward(
             PTX=philox_mode(limits) == DROPOUT_PTX,
             EDGE_N=edge_n,
             PREFIX_N=edge_n if prefix_dropout_p > 0.0 else cfg["BLOCK_N"],
-            BLOCK_D=block_d(head_dim),
-            EVEN_D=block_d(head_dim) == head_dim,
+            BLOCK_D=bd,
+            EVEN_D=bd <= head_dim,
+            BLOCK_D_TAIL=tail,
+            EVEN_TAIL=bd + tail == head_dim,
             enable_fp_fusion=FP_FUSION,
             **cfg,
         )

@@ -110,6 +110,23 @@ def block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
+def split_head_dim(head_dim: int) -> tuple[int, int]:
+    """(BLOCK_D, BLOCK_D_TAIL): how the forward kernel tiles the head dim. 64 < D <= 96 (Phi-2's 80,
+    Phi-3's 96) as a 64-channel part plus a 16- or 32-channel tail, each its own tile and tl.dot,
+    rather than padded to 128: on sm_90 its QK^T and PV wgmmas then run 80 / 96 channels instead of
+    128 (a static model of the D=128 loop puts it at the tensor-core bound: README, "D = 80 / 96").
+    Elsewhere (block_d(D), 0): one tile, padded to a power of two. PTKERNELS_SPLIT_HEAD_DIM=0 in the
+    environment pads every head dim (to compare the two on a GPU, or in benchmarks/static_report.py)."""
+    if 64 < head_dim <= 96 and os.environ.get("PTKERNELS_SPLIT_HEAD_DIM", "1") != "0":
+        return 64, max(16, triton.next_power_of_2(head_dim - 64))
+    return block_d(head_dim), 0
+
+
+def tail_views(tensors: tuple, first_channel: int) -> tuple:
+    """The tensors' channels first_channel.. (views, for the tail part's TMA descriptors)."""
+    return tuple(t[..., first_channel:] for t in tensors)
+
+
 def head_dim_bucket(head_dim: int) -> int:
     return min(256, max(64, block_d(head_dim)))
 
@@ -532,6 +549,19 @@ def tma_descriptors(real: tuple, prefix: tuple, block_rows: int, block_d: int, v
             d is None and t.shape[-2] > 0 for d, t in zip(descs[len(real):], prefix)):
         return None
     return tuple(descs)
+
+
+def split_tma_descriptors(real: tuple, prefix: tuple, block_rows: int, head_dim: int, varlen: bool,
+                          limits: DeviceLimits) -> Optional[tuple]:
+    """``tma_descriptors`` of the head dim's parts (``split_head_dim``): the first BLOCK_D channels' of
+    the ``real`` then the ``prefix`` tensors, then as many of their tails (views from channel
+    BLOCK_D on, BLOCK_D_TAIL-wide boxes; None without a tail), or None unless every one can be made."""
+    bd, tail = split_head_dim(head_dim)
+    descs = tma_descriptors(real, prefix, block_rows, bd, varlen, limits)
+    if descs is None or not tail:
+        return None if descs is None else descs + (None,) * len(descs)
+    tails = tma_descriptors(tail_views(real, bd), tail_views(prefix, bd), block_rows, tail, varlen, limits)
+    return None if tails is None else descs + tails
 
 
 def softcap_args(scale: float, softcap: float) -> tuple[float, float]:
