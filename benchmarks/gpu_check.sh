@@ -9,7 +9,9 @@
 #   1. headline: the `target` op rows (`ptkernels bench --config target`: issue 14's B=32, H=12,
 #      S=512, P=128, D=64 forward+backward against cat + SDPA's flash backend without a mask and the
 #      other peers, the same causal and padded, one Llama GQA row);
-#   2. the same attention rows with PTKERNELS_TMA=0 (pointer loads instead of TMA descriptors);
+#   2. the same attention rows with PTKERNELS_TMA=0 (pointer loads instead of TMA descriptors), and
+#      head dims 96 and 80 (`--config split`) as the kernels split them (64 + 32 / 16) and padded to
+#      128 (PTKERNELS_SPLIT_HEAD_DIM=0);
 #   3. the whole test suite with compiled Triton kernels (conftest uses the interpreter only without
 #      CUDA), its files split over SHARDS pytest processes run side by side (compiling the kernel
 #      variants is CPU work; SHARDS defaults to 4);
@@ -93,6 +95,10 @@ suite() {
 step headline 120 ptkernels bench --e2e none --config target --out "$out/ops"
 step headline_no_tma 60 env PTKERNELS_TMA=0 ptkernels bench --e2e none --config target --sections attention \
   --peers sdpa,ptk-triton --out "$out/ops_no_tma"
+step head_dim_split 30 ptkernels bench --e2e none --config split --sections attention --peers sdpa,ptk-triton \
+  --out "$out/ops_split"
+step head_dim_padded 30 env PTKERNELS_SPLIT_HEAD_DIM=0 ptkernels bench --e2e none --config split --sections attention \
+  --peers ptk-triton --out "$out/ops_padded"
 export -f suite
 export out SHARDS
 step suite 300 bash -c suite

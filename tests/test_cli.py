@@ -163,7 +163,8 @@ def _gpu_check_dry_run(tmp_path, budget):
 def test_gpu_check_runs_the_headline_first_and_every_step_inside_its_budget(tmp_path):
     lines = _gpu_check_dry_run(tmp_path, 540)
     steps = [line.split(":")[0] for line in lines[:-1]]
-    assert steps == ["headline", "headline_no_tma", "suite", "e2e", "packing", "adapters", "static_report"]
+    assert steps == ["headline", "headline_no_tma", "head_dim_split", "head_dim_padded", "suite", "e2e", "packing",
+                     "adapters", "static_report"]
     assert "--config target" in lines[0] and "PTKERNELS_TMA=0" in lines[1]
     limits = [int(line.split("limit ")[1].split(" s")[0]) for line in lines[:-1]]
     assert all(0 < limit <= 540 for limit in limits)
@@ -171,8 +172,13 @@ def test_gpu_check_runs_the_headline_first_and_every_step_inside_its_budget(tmp_
     from benchmarks.ops.registry import CONFIGS
     assert dict(B=32, Hq=12, S=512, P=128, D=64, causal=False, padding="none").items() <= \
         CONFIGS["target"]["attention"][0].items()
+    # the split / padded pair times head dims the kernels split (and the padded run pads them)
+    from ptkernels.ops.prefix_attention.launch import split_head_dim
+    assert {row["D"] for row in CONFIGS["split"]["attention"]} == {80, 96}
+    assert all(split_head_dim(row["D"])[1] for row in CONFIGS["split"]["attention"])
+    assert "PTKERNELS_SPLIT_HEAD_DIM=0" in lines[3] and "--config split" in lines[2] + lines[3]
 
 
 def test_gpu_check_skips_what_the_budget_cannot_hold(tmp_path):
     lines = _gpu_check_dry_run(tmp_path, 5)
-    assert len(lines) == 8 and all(line.endswith("skipped, the budget is spent") for line in lines[:-1])
+    assert len(lines) == 10 and all(line.endswith("skipped, the budget is spent") for line in lines[:-1])

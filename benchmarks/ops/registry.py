@@ -203,7 +203,21 @@ QUICK = {
     "prompt_embedding": [dict(family="tiny", V=100, E=32, B=2, S=16, P=4)],
 }
 
-CONFIGS = {"cpu": CPU_DEFAULT, "gpu": GPU_DEFAULT, "target": TARGET, "quick": QUICK}
+# Head dims 80 (Phi-2) and 96 (Phi-3-mini), which the kernels split as 64 + 16 / 32 channels
+# (launch.split_head_dim): benchmarks/gpu_check.sh times them as they are and with
+# PTKERNELS_SPLIT_HEAD_DIM=0 (padded to 128), side by side.
+HEAD_DIM_SPLIT = {
+    "name": "head-dim-split",
+    "dtype": "auto",
+    "timing": {"min_run_time": 0.3},
+    "attention": (
+        _grid("phi3", 32, 96, [1024], [64], batch=8, causal=True)
+        + _grid("phi2", 32, 80, [1024], [64], batch=8, causal=True)
+    ),
+    "prompt_embedding": [],
+}
+
+CONFIGS = {"cpu": CPU_DEFAULT, "gpu": GPU_DEFAULT, "target": TARGET, "quick": QUICK, "split": HEAD_DIM_SPLIT}
 
 
 def default_config(device: torch.device, quick: bool = False) -> dict:
