@@ -234,7 +234,7 @@ def test_prefix_dropout_matches_oracle_given_the_backends_keep_mask(backend, kin
     off: forward and gradients equal the oracle replaying the backend's own keep mask. The Triton
     prefix gradient adds each example's share into float32 partials in memory: the bank's entry 2
     (examples 0 and 2) and the shared prefix sum two examples in one program (2 splits of 2 in the
-    interpreter), the per-example prefix one. head_dim 80: the forward and dQ kernels draw the keep
+    interpreter), the per-example prefix one. head_dim 80: every attention kernel draws the keep
     mask of channels 64..79 in the head dim's tail tile (``launch.split_head_dim``)."""
     case = BankCase(kind=kind, index=(2, 0, 2, 1) if kind == "bank" else (), causal=True, padding=True,
                     lengths={"bank": (21, 6, 13), "shared": (9,), "per_example": (21, 0, 9, 16)}[kind],

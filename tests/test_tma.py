@@ -98,7 +98,7 @@ def _kernel_names(prefix: bool) -> set:
     (torch.float16, "bank", 24), (torch.float16, "shared", 72)])
 def test_tma_matches_pointer_loads(tma_switch, dtype, prefix, head_dim):
     """head_dim 24: the descriptors' 32-wide boxes read zeros past the head dim. head_dim 72: the
-    forward and dQ kernels load the head dim's 16-wide tail (channels 64..71 and 8 zeros) through
+    attention kernels load the head dim's 16-wide tail (channels 64..71 and 8 zeros) through
     descriptors of the tensors' views from channel 64 on (``launch.split_tma_descriptors``)."""
     # The interpreter's 16 x 16 tiles: one full and one partial tile of queries, keys and prefix.
     batch, q_heads, kv_heads, q_len, k_len, prefix_len = 3, 4, 2, 19, 25, 21
@@ -217,34 +217,33 @@ def test_tma_descriptor_boxes_follow_each_kernels_tiles():
 
 
 def test_tma_tail_descriptors_view_the_head_dims_tail():
-    """At D=96 the forward, dQ and dK/dV kernels take, after the first 64 channels' descriptors, the
-    same tensors' descriptors from channel 64 on with 32-wide boxes (the tail, ``launch.split_head_dim``);
-    the prefix dK/dV kernel keeps one descriptor per tensor, padded to 128 (recorded launches, no
-    compile)."""
+    """At D=96 every attention kernel (forward, dQ, dK/dV, prefix dK/dV) takes, after the first 64
+    channels' descriptors, the same tensors' descriptors from channel 64 on with 32-wide boxes (the
+    tail, ``launch.split_head_dim``) (recorded launches, no compile)."""
     from benchmarks import aot_check
 
     case = aot_check.Case(torch.bfloat16, 96, causal=True, prefix="shared", group=2)
     launches = aot_check.case_launches(case, 90, allow_interpreted=True)
+    checked = set()
     for recorded in launches:
         descs = [a for a in recorded.args if type(a).__name__ == "TensorDescriptor"]
         if not descs:
             continue
         rows = recorded.kwargs["BLOCK_M"] if "dkdv" in recorded.name else recorded.kwargs["BLOCK_N"]
-        if recorded.name != "_prefix_attention_bwd_prefix_dkdv_kernel":
-            assert (recorded.kwargs["BLOCK_D"], recorded.kwargs["BLOCK_D_TAIL"]) == (64, 32)
-            heads = [d for d in descs if d.block_shape[-1] == 64]
-            tails = [d for d in descs if d.block_shape[-1] == 32]
-            tensors = 2 if "dkdv" in recorded.name else 4  # (Q, dO) or (K, V, prefix K, prefix V)
-            assert len(heads) == len(tails) == tensors and len(descs) == 2 * tensors, recorded.name
-            for head, tail in zip(heads, tails):
-                assert tail.base.data_ptr() == head.base.data_ptr() + 64 * head.base.element_size()
-                assert list(tail.shape) == list(head.shape[:-1]) + [32]
-                # (a size-1 dim's stride is never stepped: tma_descriptor gives it a made-up one)
-                assert [s for s, n in zip(tail.strides, tail.shape) if n > 1] == [
-                    s for s, n in zip(head.strides, head.shape) if n > 1]
-                assert head.block_shape[:3] == [1, 1, rows] and tail.block_shape[:3] == [1, 1, rows]
-        else:
-            assert recorded.kwargs["BLOCK_D"] == 128 and all(d.block_shape[-1] == 128 for d in descs), recorded.name
+        assert (recorded.kwargs["BLOCK_D"], recorded.kwargs["BLOCK_D_TAIL"]) == (64, 32)
+        heads = [d for d in descs if d.block_shape[-1] == 64]
+        tails = [d for d in descs if d.block_shape[-1] == 32]
+        tensors = 2 if "dkdv" in recorded.name else 4  # (Q, dO) or (K, V, prefix K, prefix V)
+        assert len(heads) == len(tails) == tensors and len(descs) == 2 * tensors, recorded.name
+        for head, tail in zip(heads, tails):
+            assert tail.base.data_ptr() == head.base.data_ptr() + 64 * head.base.element_size()
+            assert list(tail.shape) == list(head.shape[:-1]) + [32]
+            # (a size-1 dim's stride is never stepped: tma_descriptor gives it a made-up one)
+            assert [s for s, n in zip(tail.strides, tail.shape) if n > 1] == [
+                s for s, n in zip(head.strides, head.shape) if n > 1]
+            assert head.block_shape[:3] == [1, 1, rows] and tail.block_shape[:3] == [1, 1, rows]
+        checked.add(recorded.name)
+    assert checked == _kernel_names(True)
 
 
 @pytest.mark.parametrize("head_dim, parts", [(8, (16, 0)), (64, (64, 0)), (65, (64, 16)), (72, (64, 16)),

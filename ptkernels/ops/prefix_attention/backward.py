@@ -84,7 +84,6 @@ from .launch import (
     split_tma_descriptors,
     bank_splits,
     shared_prefix_splits,
-    tma_descriptors,
     tuned_config,
     upcast_in_interpreter,
 )
@@ -516,8 +515,8 @@ def _prefix_attention_bwd_dkdv_kernel(
     coordinates anew (``program_coordinates(..., FRESH_PID=PTX)``: from a fresh read of the program
     id and divisors where PTX) instead of holding them across the query loops, which spilled them
     (56 -> 16 bytes at D=64 with dropout + causal + padding + GQA, 60 -> 0 at D=128, packed 224 -> 168
-    and 96 -> 64, relative bias 8 -> 0); elsewhere nothing spilled, and it lengthened the loops by up
-    to 1%. round_key_0..13: the seed's Philox round keys (``launch.philox_round_keys``), read where
+    and 96 -> 64, relative bias 8 -> 0; with a head-dim tail, D=96 causal + GQA 64 -> 24); elsewhere
+    nothing spilled, and it lengthened the loops by up to 1%. round_key_0..13: the seed's Philox round keys (``launch.philox_round_keys``), read where
     DROPOUT is DROPOUT_PTX_KEYS (else unused): computed from the seed, they were held in registers,
     and with dropout + causal + padding + GQA at D=64 one pointer spilled (16 bytes)."""
     if DROPOUT == DROPOUT_PTX_KEYS:  # the helpers' seed: the round keys (common.philox_keyed)
@@ -640,7 +639,7 @@ def _prefix_attention_bwd_dkdv_kernel(
                 key_pos, window_shift, window, WINDOW, bias_row, BIAS_BUCKETS, bias_center, bias_last, BIAS,
                 Q_DESC, DO_DESC, desc_batch, h, q_start, TMA, EDGE_TMA, BLOCK_D, dk_tail, dv_tail, k_tail, v_tail,
                 offs_t, t_valid, Q_TAIL_DESC, DO_TAIL_DESC, EVEN_TAIL, BLOCK_D_TAIL)
-    if DROPOUT or VARLEN or BIAS:  # the coordinates anew (PTX: from a fresh read of the program id)
+    if DROPOUT or VARLEN or BIAS or BLOCK_D_TAIL > 0:  # the coordinates anew (PTX: a fresh program id)
         b, kv_h, start_n, offs_n = program_coordinates(k_len_max, num_kv_heads, BLOCK_N, PTX)
         if VARLEN:
             k_start, k_len = sequence_extent(CU_SEQLENS_K, b)
@@ -670,18 +669,20 @@ def _prefix_example_dkdv(
     softcap_in, softcap_out, SOFTCAP: tl.constexpr, key_pos, window_shift, window, q_end, WINDOW: tl.constexpr,
     BIAS_TABLE, BIAS_BUCKETS, bias_row_len, bias_center, bias_last, BIAS: tl.constexpr,
     Q_DESC, DO_DESC, TMA: tl.constexpr, BLOCK_D: tl.constexpr,
+    dk_tail, dv_tail, k_tail, v_tail, offs_t, t_valid, Q_TAIL_DESC, DO_TAIL_DESC, EVEN_TAIL: tl.constexpr,
+    BLOCK_D_TAIL: tl.constexpr,
 ):
-    """Example b's contribution to one prefix block's (dk, dv): its GROUP query heads, full query tiles
-    [0, full_stop) unmasked, then the rest masked (q_len: the example's query count, q_start its
-    first row under VARLEN; batch_q_len: the rows per (example, head) of LSE when not VARLEN; q_end:
-    the end of the masked query tiles, q_len or, with WINDOW, where the block leaves the window)."""
+    """Example b's contribution to one prefix block's (dk, dv, dk_tail, dv_tail): its GROUP query
+    heads, full query tiles [0, full_stop) unmasked, then the rest masked (q_len: the example's query
+    count, q_start its first row under VARLEN; batch_q_len: the rows per (example, head) of LSE when
+    not VARLEN; q_end: the end of the masked query tiles, q_len or, with WINDOW, where the block
+    leaves the window). The head dim's tail (k_tail, ..., BLOCK_D_TAIL) as in ``_dkdv_tile``."""
     # Masked query tiles through TMA too (``load_edge_rows``); unlike the dK/dV kernel also under
     # dropout (its masked loops compiled 10-12% shorter with it) and for packed sequences, whose last
     # query tile then reads the next sequence's first rows, weighted 0 as rows past q_len are (their
     # LSE reads +inf): with pointer loads the packed set spilled 80 bytes at D=128, none this way, at
     # +0.3% / +2% instructions in its full / masked loops.
     EDGE_TMA: tl.constexpr = TMA
-    no_tail = tl.zeros([1, 1], dtype=tl.float32)  # (the prefix dK/dV kernel pads the head dim: no tail)
     for g in range(GROUP):
         h = kv_h * GROUP + g
         bias_row = BIAS_TABLE  # None without BIAS
@@ -697,28 +698,30 @@ def _prefix_example_dkdv(
             stat_base = (b * num_q_heads + h) * batch_q_len
         desc_batch = descriptor_batch(b, VARLEN)
         for start_m in range(0, full_stop, BLOCK_M):
-            dk, dv, _, _ = _dkdv_tile(
+            dk, dv, dk_tail, dv_tail = _dkdv_tile(
                 dk, dv, k, v, Q, GRAD_OUT, LSE, DELTA, q_base, do_base, stat_base, stride_qm, stride_dom,
                 start_m, q_len, offs_d, d_valid, visible_t, start_n, stat_base, seed, dropout_threshold,
                 dropout_scale, qk_scale_log2, DROPOUT, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, False, EVEN_D,
                 softcap_in, softcap_out, SOFTCAP,
                 key_pos, window_shift, window, WINDOW, bias_row, BIAS_BUCKETS, bias_center, bias_last, BIAS,
-                Q_DESC, DO_DESC, desc_batch, h, q_start, TMA, EDGE_TMA, BLOCK_D, no_tail, no_tail)
+                Q_DESC, DO_DESC, desc_batch, h, q_start, TMA, EDGE_TMA, BLOCK_D, dk_tail, dv_tail, k_tail, v_tail,
+                offs_t, t_valid, Q_TAIL_DESC, DO_TAIL_DESC, EVEN_TAIL, BLOCK_D_TAIL)
         for start_m in range(full_stop, q_end, BLOCK_M):
-            dk, dv, _, _ = _dkdv_tile(
+            dk, dv, dk_tail, dv_tail = _dkdv_tile(
                 dk, dv, k, v, Q, GRAD_OUT, LSE, DELTA, q_base, do_base, stat_base, stride_qm, stride_dom,
                 start_m, q_len, offs_d, d_valid, visible_t, start_n, stat_base, seed, dropout_threshold,
                 dropout_scale, qk_scale_log2, DROPOUT, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, True, EVEN_D,
                 softcap_in, softcap_out, SOFTCAP,
                 key_pos, window_shift, window, WINDOW, bias_row, BIAS_BUCKETS, bias_center, bias_last, BIAS,
-                Q_DESC, DO_DESC, desc_batch, h, q_start, TMA, EDGE_TMA, BLOCK_D, no_tail, no_tail)
-    return dk, dv
+                Q_DESC, DO_DESC, desc_batch, h, q_start, TMA, EDGE_TMA, BLOCK_D, dk_tail, dv_tail, k_tail, v_tail,
+                offs_t, t_valid, Q_TAIL_DESC, DO_TAIL_DESC, EVEN_TAIL, BLOCK_D_TAIL)
+    return dk, dv, dk_tail, dv_tail
 
 
 @triton.jit(do_not_specialize=["seed", "prefix_seed", *ROUND_KEY_ARGS])
 def _prefix_attention_bwd_prefix_dkdv_kernel(
     Q, PREFIX_K, PREFIX_V, PREFIX_LENGTHS, EXAMPLE_ORDER, ENTRY_OFFSETS, CU_SEQLENS_Q, BIAS_TABLE, BIAS_BUCKETS,
-    GRAD_OUT, LSE, DELTA, DPREFIX_K, DPREFIX_V, Q_DESC, DO_DESC,
+    GRAD_OUT, LSE, DELTA, DPREFIX_K, DPREFIX_V, Q_DESC, DO_DESC, Q_TAIL_DESC, DO_TAIL_DESC,
     stride_qb, stride_qh, stride_qm,
     stride_pkb, stride_pkh, stride_pkn,
     stride_pvb, stride_pvh, stride_pvn,
@@ -736,8 +739,11 @@ def _prefix_attention_bwd_prefix_dkdv_kernel(
     HAS_LENGTHS: tl.constexpr, PREFIX_DROPOUT: tl.constexpr,
     DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr, PTX: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+    BLOCK_D_TAIL: tl.constexpr, EVEN_TAIL: tl.constexpr,
 ):
     """DPREFIX_K, DPREFIX_V (A * splits, Hkv, P, D): one program per (prefix block, kv head, entry, split).
+    EVEN_D, BLOCK_D_TAIL, EVEN_TAIL (Q_TAIL_DESC, DO_TAIL_DESC): the head dim's parts as in the
+    forward kernel.
 
     Every prefix is a bank of A entries here, and each entry's gradient is the sum over the examples
     that read it, split s of entry a summing its share of them in a fixed order into its own slice
@@ -785,9 +791,20 @@ def _prefix_attention_bwd_prefix_dkdv_kernel(
     # A shared prefix has batch stride 0, so this reads the same (Hkv, P, D) rows for every entry.
     pk_base = PREFIX_K + entry * stride_pkb + kv_h * stride_pkh
     pv_base = PREFIX_V + entry * stride_pvb + kv_h * stride_pvh
+    offs_t, t_valid = None, None  # the head dim's tail channels, if any
+    dk_tail = tl.zeros([1, 1], dtype=tl.float32)  # (loop-carried: placeholders without a tail)
+    dv_tail = tl.zeros([1, 1], dtype=tl.float32)
+    if BLOCK_D_TAIL > 0:
+        offs_t = BLOCK_D + tl.arange(0, BLOCK_D_TAIL)
+        t_valid = offs_t < head_dim
+        if not PREFIX_DROPOUT:
+            dk_tail = tl.zeros([BLOCK_N, BLOCK_D_TAIL], dtype=tl.float32)
+            dv_tail = tl.zeros([BLOCK_N, BLOCK_D_TAIL], dtype=tl.float32)
     if not PREFIX_DROPOUT:  # (with it, each example loads the raw tiles anew: fewer live registers)
         k_raw = load_tile(pk_base, offs_n, stride_pkn, offs_d, n_valid, d_valid, UPCAST)
         v_raw = load_tile(pv_base, offs_n, stride_pvn, offs_d, n_valid, d_valid, UPCAST)
+        k_raw_tail = load_tail_tile(pk_base, offs_n, stride_pkn, offs_t, n_valid, t_valid, UPCAST, BLOCK_D_TAIL)
+        v_raw_tail = load_tail_tile(pv_base, offs_n, stride_pvn, offs_t, n_valid, t_valid, UPCAST, BLOCK_D_TAIL)
     visible_t = n_valid[:, None]
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -827,14 +844,29 @@ def _prefix_attention_bwd_prefix_dkdv_kernel(
             k = tl.where(keep_k, k * prefix_dropout_scale, 0.0).to(k.dtype)
             v = load_tile(pv_base, rows, stride_pvn, offs_d, rows_valid, d_valid, UPCAST)
             v = tl.where(keep_v, v * prefix_dropout_scale, 0.0).to(v.dtype)
-            dk_b, dv_b = _prefix_example_dkdv(
+            k_tail = load_tail_tile(pk_base, rows, stride_pkn, offs_t, rows_valid, t_valid, UPCAST, BLOCK_D_TAIL)
+            v_tail = load_tail_tile(pv_base, rows, stride_pvn, offs_t, rows_valid, t_valid, UPCAST, BLOCK_D_TAIL)
+            k_tail = drop_prefix_tile(k_tail, prefix_seed, b, kv_h, 0, num_kv_heads, prefix_len, head_dim, rows,
+                                      prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT, BLOCK_N,
+                                      BLOCK_D_TAIL, BLOCK_D)
+            v_tail = drop_prefix_tile(v_tail, prefix_seed, b, kv_h, 1, num_kv_heads, prefix_len, head_dim, rows,
+                                      prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT, BLOCK_N,
+                                      BLOCK_D_TAIL, BLOCK_D)
+            dk_b_tail = tl.zeros([1, 1], dtype=tl.float32)
+            dv_b_tail = tl.zeros([1, 1], dtype=tl.float32)
+            if BLOCK_D_TAIL > 0:
+                dk_b_tail = tl.zeros([BLOCK_N, BLOCK_D_TAIL], dtype=tl.float32)
+                dv_b_tail = tl.zeros([BLOCK_N, BLOCK_D_TAIL], dtype=tl.float32)
+            dk_b, dv_b, dk_b_tail, dv_b_tail = _prefix_example_dkdv(
                 tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32), tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32),
                 k, v, Q, GRAD_OUT, LSE, DELTA, b, kv_h, q_start, example_q_len, full_stop, stat_rows, num_q_heads,
                 q_len, stride_qb, stride_qh, stride_qm, stride_dob, stride_doh, stride_dom, offs_d, d_valid,
                 visible_t, start_n, seed, dropout_threshold, dropout_scale, qk_scale_log2,
                 GROUP, VARLEN, DROPOUT, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, EVEN_D,
                 softcap_in, softcap_out, SOFTCAP, offs_n, window_shift, window, q_end, WINDOW,
-                BIAS_TABLE, BIAS_BUCKETS, bias_row_len, bias_center, bias_last, BIAS, Q_DESC, DO_DESC, TMA, BLOCK_D)
+                BIAS_TABLE, BIAS_BUCKETS, bias_row_len, bias_center, bias_last, BIAS, Q_DESC, DO_DESC, TMA, BLOCK_D,
+                dk_b_tail, dv_b_tail, k_tail, v_tail, offs_t, t_valid, Q_TAIL_DESC, DO_TAIL_DESC, EVEN_TAIL,
+                BLOCK_D_TAIL)
             # The running sums live in DPREFIX_K / DPREFIX_V (float32, zeroed by the launcher), not in
             # registers: four fp32 tiles (the example's and the running dK, dV) beside the raw ones
             # spilled 4 KB at D=128. This program alone writes these rows; the barrier orders one
@@ -847,19 +879,37 @@ def _prefix_attention_bwd_prefix_dkdv_kernel(
             dv_sum = tl.load(dv_ptrs, mask=rows_mask, other=0.0)
             tl.store(dv_ptrs, dv_sum + tl.where(keep_v, dv_b * (prefix_dropout_scale * dv_scale), 0.0),
                      mask=rows_mask)
+            if BLOCK_D_TAIL > 0:  # the tail's channels likewise, with their own keep lanes
+                tail_mask = (rows < prefix_len)[:, None] & t_valid[None, :]
+                keep_k = prefix_dropout_keep(prefix_seed, b, kv_h, 0, num_kv_heads, prefix_len, head_dim, rows,
+                                             prefix_dropout_threshold, BLOCK_N, BLOCK_D_TAIL, BLOCK_D)
+                dk_ptrs = (DPREFIX_K + outer * stride_dpks + kv_h * stride_dpkh + rows_2d * stride_dpkn
+                           + offs_t[None, :])
+                dk_sum = tl.load(dk_ptrs, mask=tail_mask, other=0.0)
+                tl.store(dk_ptrs, dk_sum + tl.where(keep_k, dk_b_tail * (prefix_dropout_scale * scale), 0.0),
+                         mask=tail_mask)
+                keep_v = prefix_dropout_keep(prefix_seed, b, kv_h, 1, num_kv_heads, prefix_len, head_dim, rows,
+                                             prefix_dropout_threshold, BLOCK_N, BLOCK_D_TAIL, BLOCK_D)
+                dv_ptrs = (DPREFIX_V + outer * stride_dpvs + kv_h * stride_dpvh + rows_2d * stride_dpvn
+                           + offs_t[None, :])
+                dv_sum = tl.load(dv_ptrs, mask=tail_mask, other=0.0)
+                tl.store(dv_ptrs, dv_sum + tl.where(keep_v, dv_b_tail * (prefix_dropout_scale * dv_scale), 0.0),
+                         mask=tail_mask)
             tl.debug_barrier()
         else:
             key_pos = offs_n
             if BIAS:  # the keys' positions computed in the loop: the bias gathers' tiles are not held across it
                 key_pos = offs_n + loop_variant_zero(i, PTX)
                 visible_t = (key_pos < entry_prefix_len)[:, None]
-            dk, dv = _prefix_example_dkdv(
+            dk, dv, dk_tail, dv_tail = _prefix_example_dkdv(
                 dk, dv, k_raw, v_raw, Q, GRAD_OUT, LSE, DELTA, b, kv_h, q_start, example_q_len, full_stop, stat_rows,
                 num_q_heads, q_len, stride_qb, stride_qh, stride_qm, stride_dob, stride_doh, stride_dom, offs_d,
                 d_valid, visible_t, start_n, seed, dropout_threshold, dropout_scale, qk_scale_log2,
                 GROUP, VARLEN, DROPOUT, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, EVEN_D,
                 softcap_in, softcap_out, SOFTCAP, key_pos, window_shift, window, q_end, WINDOW,
-                BIAS_TABLE, BIAS_BUCKETS, bias_row_len, bias_center, bias_last, BIAS, Q_DESC, DO_DESC, TMA, BLOCK_D)
+                BIAS_TABLE, BIAS_BUCKETS, bias_row_len, bias_center, bias_last, BIAS, Q_DESC, DO_DESC, TMA, BLOCK_D,
+                dk_tail, dv_tail, k_raw_tail, v_raw_tail, offs_t, t_valid, Q_TAIL_DESC, DO_TAIL_DESC, EVEN_TAIL,
+                BLOCK_D_TAIL)
     if not PREFIX_DROPOUT:
         # With attention dropout the coordinates anew, not held across the loops (64 -> 32, 148 -> 120,
         # 80 -> 32, 12 -> 0 bytes; packed sequences spilled more, 80 -> 100)
@@ -871,6 +921,12 @@ def _prefix_attention_bwd_prefix_dkdv_kernel(
                  (dk * scale).to(DPREFIX_K.dtype.element_ty), mask=kd_mask)
         tl.store(DPREFIX_V + outer * stride_dpvs + kv_h * stride_dpvh + keys * stride_dpvn + offs_d[None, :],
                  (dv * dv_scale).to(DPREFIX_V.dtype.element_ty), mask=kd_mask)
+        if BLOCK_D_TAIL > 0:
+            kt_mask = (offs_n < prefix_len)[:, None] & t_valid[None, :]
+            tl.store(DPREFIX_K + outer * stride_dpks + kv_h * stride_dpkh + keys * stride_dpkn + offs_t[None, :],
+                     (dk_tail * scale).to(DPREFIX_K.dtype.element_ty), mask=kt_mask)
+            tl.store(DPREFIX_V + outer * stride_dpvs + kv_h * stride_dpvh + keys * stride_dpvn + offs_t[None, :],
+                     (dv_tail * dv_scale).to(DPREFIX_V.dtype.element_ty), mask=kt_mask)
 
 
 @triton.jit
@@ -1042,10 +1098,9 @@ def prefix_attention_backward(
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=dq_bd, EVEN_D=dq_bd <= head_dim, BLOCK_D_TAIL=dq_tail,
         EVEN_TAIL=dq_bd + dq_tail == head_dim, **flags, **dq_options,
     )
-    # The real keys' dK/dV kernel splits the head dim as the forward does; the prefix dK/dV kernel pads it.
+    # Both dK/dV kernels split the head dim as the forward does.
     dkdv_bd, dkdv_tail = split_head_dim(head_dim)
-    q_descs = tma_descriptors((q, grad_out), (), dkdv_bm, bd, varlen is not None, limits)
-    split_q_descs = split_tma_descriptors((q, grad_out), (), dkdv_bm, head_dim, varlen is not None, limits)
+    q_descs = split_tma_descriptors((q, grad_out), (), dkdv_bm, head_dim, varlen is not None, limits)
 
     # The dK/dV kernel reads the Philox round keys from its arguments (DROPOUT_PTX_KEYS where the
     # kernels are compiled for an NVIDIA GPU; the same bits): computed from the seed in the kernel, they
@@ -1057,7 +1112,7 @@ def prefix_attention_backward(
     if k_len > 0:
         launcher(_prefix_attention_bwd_dkdv_kernel, (triton.cdiv(k_len, dkdv_bn) * batch * kv_heads,))(
             q, k, v, kpm, bounds, cu_q, cu_k, bias_table, bias_buckets, grad_out, lse, delta, dk, dv,
-            *(split_q_descs or (None,) * 4),
+            *(q_descs or (None,) * 4),
             *qkv_strides(q, varlen),
             *qkv_strides(k, varlen),
             *qkv_strides(v, varlen),
@@ -1069,7 +1124,7 @@ def prefix_attention_backward(
             scale, qk_scale_log2, threshold, dropout_scale, seed, *round_keys, softcap_in, softcap_out,
             window, *bias_scalars,
             GROUP=group, VARLEN=varlen is not None, CAUSAL=causal, **softcap_flags,
-            HAS_KPM=key_padding_mask is not None, TMA=split_q_descs is not None,
+            HAS_KPM=key_padding_mask is not None, TMA=q_descs is not None,
             BLOCK_M=dkdv_bm, BLOCK_N=dkdv_bn, BLOCK_D=dkdv_bd, EVEN_D=dkdv_bd <= head_dim, BLOCK_D_TAIL=dkdv_tail,
             EVEN_TAIL=dkdv_bd + dkdv_tail == head_dim,
             PTX=philox_mode(limits) == DROPOUT_PTX, **dkdv_flags, **dkdv_options,
@@ -1112,7 +1167,7 @@ def prefix_attention_backward(
     keyed_flags = dkdv_flags if bd > 64 else flags
     launcher(_prefix_attention_bwd_prefix_dkdv_kernel, (prefix_blocks * kv_heads * entries * splits,))(
         q, prefix_k, prefix_v, prefix_lengths, example_order, entry_offsets, cu_q, bias_table, bias_buckets, grad_out,
-        lse, delta, dpk, dpv, *(q_descs or (None,) * 2),
+        lse, delta, dpk, dpv, *(q_descs or (None,) * 4),
         *qkv_strides(q, varlen),
         *batch_strides(prefix_k, 3), *batch_strides(prefix_v, 3),
         *qkv_strides(grad_out, varlen),
@@ -1121,8 +1176,9 @@ def prefix_attention_backward(
         examples_per_entry, examples_per_split, splits, q_heads, kv_heads, q_len, k_len, prefix_len, head_dim,
         stat_rows, scale, qk_scale_log2, threshold, dropout_scale, seed, *round_keys, *prefix_dropout_args,
         softcap_in, softcap_out, window, *bias_scalars,
-        GROUP=group, VARLEN=varlen is not None, **softcap_flags, BLOCK_M=dkdv_bm, BLOCK_N=dkdv_bn, BLOCK_D=bd,
-        EVEN_D=bd == head_dim, **prefix_flags, **keyed_flags, TMA=q_descs is not None,
+        GROUP=group, VARLEN=varlen is not None, **softcap_flags, BLOCK_M=dkdv_bm, BLOCK_N=dkdv_bn,
+        BLOCK_D=dkdv_bd, EVEN_D=dkdv_bd <= head_dim, BLOCK_D_TAIL=dkdv_tail, EVEN_TAIL=dkdv_bd + dkdv_tail == head_dim,
+        **prefix_flags, **keyed_flags, TMA=q_descs is not None,
         PTX=philox_mode(limits) == DROPOUT_PTX, **dkdv_options,
     )
     # Fixed-order sum of the fp32 partials: deterministic.
