@@ -257,12 +257,13 @@ def _prefix_attention_bwd_dq_kernel(
                                  prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT, BLOCK_N, BLOCK_D)
             v = drop_prefix_tile(v, prefix_seed, b, kv_h, 1, num_kv_heads, prefix_len, head_dim, n,
                                  prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT, BLOCK_N, BLOCK_D)
-            k_tail = drop_prefix_tile(k_tail, prefix_seed, b, kv_h, 0, num_kv_heads, prefix_len, head_dim, n,
-                                      prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT, BLOCK_N,
-                                      BLOCK_D_TAIL, BLOCK_D)
-            v_tail = drop_prefix_tile(v_tail, prefix_seed, b, kv_h, 1, num_kv_heads, prefix_len, head_dim, n,
-                                      prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT, BLOCK_N,
-                                      BLOCK_D_TAIL, BLOCK_D)
+            if BLOCK_D_TAIL > 0:  # (a None tile cannot pass through a function that returns it)
+                k_tail = drop_prefix_tile(k_tail, prefix_seed, b, kv_h, 0, num_kv_heads, prefix_len, head_dim, n,
+                                          prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT, BLOCK_N,
+                                          BLOCK_D_TAIL, BLOCK_D)
+                v_tail = drop_prefix_tile(v_tail, prefix_seed, b, kv_h, 1, num_kv_heads, prefix_len, head_dim, n,
+                                          prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT, BLOCK_N,
+                                          BLOCK_D_TAIL, BLOCK_D)
             dq, dq_tail, dbias = _dq_tile(dq, dq_tail, q, do, lse, delta, k, v, q_tail, do_tail, k_tail, v_tail, all_visible, seed, first_row, start_n, dropout_threshold,
                                  qk_scale_log2, dropout_scale, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N, False,
                                  softcap_in, softcap_out, SOFTCAP, dbias, bias_row, BIAS_BUCKETS,
@@ -282,12 +283,13 @@ def _prefix_attention_bwd_dq_kernel(
                                  prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT, BLOCK_N, BLOCK_D)
             v = drop_prefix_tile(v, prefix_seed, b, kv_h, 1, num_kv_heads, prefix_len, head_dim, n,
                                  prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT, BLOCK_N, BLOCK_D)
-            k_tail = drop_prefix_tile(k_tail, prefix_seed, b, kv_h, 0, num_kv_heads, prefix_len, head_dim, n,
-                                      prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT, BLOCK_N,
-                                      BLOCK_D_TAIL, BLOCK_D)
-            v_tail = drop_prefix_tile(v_tail, prefix_seed, b, kv_h, 1, num_kv_heads, prefix_len, head_dim, n,
-                                      prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT, BLOCK_N,
-                                      BLOCK_D_TAIL, BLOCK_D)
+            if BLOCK_D_TAIL > 0:  # (a None tile cannot pass through a function that returns it)
+                k_tail = drop_prefix_tile(k_tail, prefix_seed, b, kv_h, 0, num_kv_heads, prefix_len, head_dim, n,
+                                          prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT, BLOCK_N,
+                                          BLOCK_D_TAIL, BLOCK_D)
+                v_tail = drop_prefix_tile(v_tail, prefix_seed, b, kv_h, 1, num_kv_heads, prefix_len, head_dim, n,
+                                          prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT, BLOCK_N,
+                                          BLOCK_D_TAIL, BLOCK_D)
             visible_2d = n_valid[None, :]
             if WINDOW:
                 visible_2d = visible_2d & in_window(n, offs_m + (k_len - q_len) + example_prefix_len, window)
@@ -846,12 +848,13 @@ def _prefix_attention_bwd_prefix_dkdv_kernel(
             v = tl.where(keep_v, v * prefix_dropout_scale, 0.0).to(v.dtype)
             k_tail = load_tail_tile(pk_base, rows, stride_pkn, offs_t, rows_valid, t_valid, UPCAST, BLOCK_D_TAIL)
             v_tail = load_tail_tile(pv_base, rows, stride_pvn, offs_t, rows_valid, t_valid, UPCAST, BLOCK_D_TAIL)
-            k_tail = drop_prefix_tile(k_tail, prefix_seed, b, kv_h, 0, num_kv_heads, prefix_len, head_dim, rows,
-                                      prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT, BLOCK_N,
-                                      BLOCK_D_TAIL, BLOCK_D)
-            v_tail = drop_prefix_tile(v_tail, prefix_seed, b, kv_h, 1, num_kv_heads, prefix_len, head_dim, rows,
-                                      prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT, BLOCK_N,
-                                      BLOCK_D_TAIL, BLOCK_D)
+            if BLOCK_D_TAIL > 0:  # (a None tile cannot pass through a function that returns it)
+                k_tail = drop_prefix_tile(k_tail, prefix_seed, b, kv_h, 0, num_kv_heads, prefix_len, head_dim, rows,
+                                          prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT, BLOCK_N,
+                                          BLOCK_D_TAIL, BLOCK_D)
+                v_tail = drop_prefix_tile(v_tail, prefix_seed, b, kv_h, 1, num_kv_heads, prefix_len, head_dim, rows,
+                                          prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT, BLOCK_N,
+                                          BLOCK_D_TAIL, BLOCK_D)
             dk_b_tail = tl.zeros([1, 1], dtype=tl.float32)
             dv_b_tail = tl.zeros([1, 1], dtype=tl.float32)
             if BLOCK_D_TAIL > 0:

@@ -253,12 +253,11 @@ def drop_prefix_tile(tile, seed, b, kv_h, which, num_kv_heads, prefix_len, head_
                      FIRST_CHANNEL: tl.constexpr = 0):
     """A loaded (BLOCK_N, BLOCK_D) prefix K (which = 0) or V (which = 1) tile of example b, channels
     FIRST_CHANNEL.., with its prefix dropout applied (kept elements times ``scale``, the rest 0); the
-    tile itself without PREFIX_DROPOUT, and None for a None tile (no head-dim tail)."""
+    tile itself without PREFIX_DROPOUT."""
     if PREFIX_DROPOUT:
-        if tile is not None:
-            keep = prefix_dropout_keep(seed, b, kv_h, which, num_kv_heads, prefix_len, head_dim, n, threshold,
-                                       BLOCK_N, BLOCK_D, FIRST_CHANNEL)
-            tile = tl.where(keep, tile * scale, 0.0).to(tile.dtype)
+        keep = prefix_dropout_keep(seed, b, kv_h, which, num_kv_heads, prefix_len, head_dim, n, threshold,
+                                   BLOCK_N, BLOCK_D, FIRST_CHANNEL)
+        tile = tl.where(keep, tile * scale, 0.0).to(tile.dtype)
     return tile
 
 

@@ -303,12 +303,13 @@ def _prefix_attention_fwd_kernel(
                                  prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT, PREFIX_N, BLOCK_D)
             v = drop_prefix_tile(v, prefix_seed, b, kv_h, 1, num_kv_heads, prefix_len, head_dim, n,
                                  prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT, PREFIX_N, BLOCK_D)
-            k_tail = drop_prefix_tile(k_tail, prefix_seed, b, kv_h, 0, num_kv_heads, prefix_len, head_dim, n,
-                                      prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT, PREFIX_N,
-                                      BLOCK_D_TAIL, BLOCK_D)
-            v_tail = drop_prefix_tile(v_tail, prefix_seed, b, kv_h, 1, num_kv_heads, prefix_len, head_dim, n,
-                                      prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT, PREFIX_N,
-                                      BLOCK_D_TAIL, BLOCK_D)
+            if BLOCK_D_TAIL > 0:  # (a None tile cannot pass through a function that returns it)
+                k_tail = drop_prefix_tile(k_tail, prefix_seed, b, kv_h, 0, num_kv_heads, prefix_len, head_dim, n,
+                                          prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT, PREFIX_N,
+                                          BLOCK_D_TAIL, BLOCK_D)
+                v_tail = drop_prefix_tile(v_tail, prefix_seed, b, kv_h, 1, num_kv_heads, prefix_len, head_dim, n,
+                                          prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT, PREFIX_N,
+                                          BLOCK_D_TAIL, BLOCK_D)
             qk = dot_tail(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), q_tail, k_tail, DOT_PRECISION)
             acc, acc_tail, m_i, l_i = _online_softmax_step_full(
                 acc, acc_tail, m_i, l_i, qk, v, v_tail, qk_scale_log2, seed, first_row, start_n, dropout_threshold,
@@ -331,12 +332,13 @@ def _prefix_attention_fwd_kernel(
                                  prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT, EDGE_N, BLOCK_D)
             v = drop_prefix_tile(v, prefix_seed, b, kv_h, 1, num_kv_heads, prefix_len, head_dim, n,
                                  prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT, EDGE_N, BLOCK_D)
-            k_tail = drop_prefix_tile(k_tail, prefix_seed, b, kv_h, 0, num_kv_heads, prefix_len, head_dim, n,
-                                      prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT, EDGE_N,
-                                      BLOCK_D_TAIL, BLOCK_D)
-            v_tail = drop_prefix_tile(v_tail, prefix_seed, b, kv_h, 1, num_kv_heads, prefix_len, head_dim, n,
-                                      prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT, EDGE_N,
-                                      BLOCK_D_TAIL, BLOCK_D)
+            if BLOCK_D_TAIL > 0:  # (a None tile cannot pass through a function that returns it)
+                k_tail = drop_prefix_tile(k_tail, prefix_seed, b, kv_h, 0, num_kv_heads, prefix_len, head_dim, n,
+                                          prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT, EDGE_N,
+                                          BLOCK_D_TAIL, BLOCK_D)
+                v_tail = drop_prefix_tile(v_tail, prefix_seed, b, kv_h, 1, num_kv_heads, prefix_len, head_dim, n,
+                                          prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT, EDGE_N,
+                                          BLOCK_D_TAIL, BLOCK_D)
             qk = dot_tail(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), q_tail, k_tail, DOT_PRECISION)
             s = log2_scores(qk, qk_scale_log2, softcap_in, softcap_out, SOFTCAP)
             s = add_relative_bias(s, bias_row, n - example_prefix_len, query_pos, bias_center, bias_last,
