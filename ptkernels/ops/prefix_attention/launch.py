@@ -111,10 +111,11 @@ def block_d(head_dim: int) -> int:
 
 
 def split_head_dim(head_dim: int) -> tuple[int, int]:
-    """(BLOCK_D, BLOCK_D_TAIL): how the forward kernel tiles the head dim. 64 < D <= 96 (Phi-2's 80,
-    Phi-3's 96) as a 64-channel part plus a 16- or 32-channel tail, each its own tile and tl.dot,
-    rather than padded to 128: on sm_90 its QK^T and PV wgmmas then run 80 / 96 channels instead of
-    128 (a static model of the D=128 loop puts it at the tensor-core bound: README, "D = 80 / 96").
+    """(BLOCK_D, BLOCK_D_TAIL): how the attention kernels (forward, dQ, dK/dV, prefix dK/dV) tile the
+    head dim. 64 < D <= 96 (Phi-2's 80, Phi-3's 96) as a 64-channel part plus a 16- or 32-channel
+    tail, each its own tile and tl.dot, rather than padded to 128: on sm_90 their wgmmas then run
+    80 / 96 channels instead of 128 (a static model puts the D=128 loops at the tensor-core bound:
+    README, "D = 80 and 96").
     Elsewhere (block_d(D), 0): one tile, padded to a power of two. PTKERNELS_SPLIT_HEAD_DIM=0 in the
     environment pads every head dim (to compare the two on a GPU, or in benchmarks/static_report.py)."""
     if 64 < head_dim <= 96 and os.environ.get("PTKERNELS_SPLIT_HEAD_DIM", "1") != "0":
