@@ -47,7 +47,7 @@ def test_quick_cases_launch_every_kernel_with_the_targets_limits():
     # the attention kernels ask for floating-point contraction (launch.FP_FUSION).
     from benchmarks import aot_check
     from ptkernels.ops.prefix_attention.common import DROPOUT_PTX, DROPOUT_PTX_KEYS
-    from ptkernels.ops.prefix_attention.launch import backward_config, forward_config
+    from ptkernels.ops.prefix_attention.launch import backward_config, block_d, forward_config
 
     for arch in (90, 80):
         limits = aot_check.target_limits(arch)
@@ -60,8 +60,10 @@ def test_quick_cases_launch_every_kernel_with_the_targets_limits():
                 if "DROPOUT" in launch.kwargs:
                     want_dropout = DROPOUT_PTX if case.dropout or launch.name == "_dropout_keep_mask_kernel" else 0
                     if want_dropout and (launch.name == "_prefix_attention_bwd_dkdv_kernel" or (
-                            launch.name == "_prefix_attention_bwd_prefix_dkdv_kernel" and launch.kwargs["BLOCK_D"] > 64)):
-                        want_dropout = DROPOUT_PTX_KEYS  # their round keys are kernel arguments
+                            launch.name == "_prefix_attention_bwd_prefix_dkdv_kernel" and block_d(case.head_dim) > 64)):
+                        # their round keys are kernel arguments (the prefix dK/dV kernel's above D=64,
+                        # the head dim split as 64 + a tail included)
+                        want_dropout = DROPOUT_PTX_KEYS
                     assert launch.kwargs["DROPOUT"] == want_dropout, (arch, str(case), launch.name)
                 if launch.name == "_prefix_attention_fwd_kernel":
                     want = forward_config(case.head_dim, case.dtype, limits, dropout=case.dropout,

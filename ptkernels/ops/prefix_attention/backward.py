@@ -1166,7 +1166,8 @@ def prefix_attention_backward(
     dpv = alloc(shape, device=q.device, dtype=partial_dtype)
     # At D=128 the prefix dK/dV kernel reads the Philox round keys from its arguments too: computed in
     # the kernel they spilled (32-120 bytes); at D=64 nothing spilled, and the argument reads cost its
-    # loops 1-1.7%, so it computes them from the seed there (the same bits).
+    # loops 1-1.7%, so it computes them from the seed there (the same bits). Above D=64 means the padded
+    # head dim: D = 80 / 96, split as 64 + a tail, take them as arguments too.
     keyed_flags = dkdv_flags if bd > 64 else flags
     launcher(_prefix_attention_bwd_prefix_dkdv_kernel, (prefix_blocks * kv_heads * entries * splits,))(
         q, prefix_k, prefix_v, prefix_lengths, example_order, entry_offsets, cu_q, bias_table, bias_buckets, grad_out,
