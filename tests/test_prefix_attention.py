@@ -102,6 +102,10 @@ CASES = [
     Case(padding="all", prefix_len=2),  # only the prefix is visible
     Case(q_heads=4, kv_heads=1, causal=True),  # MQA
     Case(q_heads=3, kv_heads=3, head_dim=80, q_len=13, k_len=13),
+    # 64 < D <= 96: the head dim as 64 + a tail (launch.split_head_dim): one valid tail channel with
+    # no prefix, and a tail with no padding (D = 96) with a per-example prefix and padding
+    Case(head_dim=65, prefix_len=0, causal=True, q_len=17, k_len=21),
+    Case(head_dim=96, prefix="per_example", prefix_len=17, padding="random", q_len=18, k_len=18),
     Case(head_dim=16, prefix_len=40, q_len=5, k_len=7),  # prefix longer than the sequence
     Case(head_dim=8, q_len=6, k_len=6),  # head dim below tl.dot's 16: padded in registers
     Case(head_dim=24, batch=3, prefix_len=7, padding="random"),
