@@ -91,7 +91,8 @@ from .launch import (
 
 @triton.jit
 def _tile_probs_and_grad(
-    q, do, lse, delta, k, v, q_tail, do_tail, k_tail, v_tail, s_visible, seed, first_row, key_lane, dropout_threshold, qk_scale_log2, dropout_scale,
+    q, do, lse, delta, k, v, q_tail, do_tail, k_tail, v_tail, s_visible, seed, first_row, key_lane, dropout_threshold,
+    qk_scale_log2, dropout_scale,
     DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MASKED: tl.constexpr, softcap_in, softcap_out, SOFTCAP: tl.constexpr,
     bias_row, key_pos, query_pos, bias_center, bias_last, BIAS: tl.constexpr,
@@ -131,7 +132,8 @@ def _tile_probs_and_grad(
 
 @triton.jit
 def _dq_tile(
-    dq, dq_tail, q, do, lse, delta, k, v, q_tail, do_tail, k_tail, v_tail, s_visible, seed, first_row, key_lane, dropout_threshold, qk_scale_log2,
+    dq, dq_tail, q, do, lse, delta, k, v, q_tail, do_tail, k_tail, v_tail, s_visible, seed, first_row, key_lane,
+    dropout_threshold, qk_scale_log2,
     dropout_scale, DROPOUT: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MASKED: tl.constexpr, softcap_in, softcap_out, SOFTCAP: tl.constexpr,
     dbias, bias_row, BIAS_BUCKETS, key_pos, query_pos, bias_center, bias_last, BIAS: tl.constexpr,
@@ -141,7 +143,8 @@ def _dq_tile(
     softmax scale; dq_tail: the head dim's tail part, with k_tail not None), from
     ``_tile_probs_and_grad``'s dS; with BIAS_GRAD dS summed per bucket joins dbias (NB_BLOCK,)."""
     _, ds = _tile_probs_and_grad(
-        q, do, lse, delta, k, v, q_tail, do_tail, k_tail, v_tail, s_visible, seed, first_row, key_lane, dropout_threshold, qk_scale_log2,
+        q, do, lse, delta, k, v, q_tail, do_tail, k_tail, v_tail, s_visible, seed, first_row, key_lane,
+        dropout_threshold, qk_scale_log2,
         dropout_scale, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N, MASKED, softcap_in, softcap_out, SOFTCAP,
         bias_row, key_pos, query_pos, bias_center, bias_last, BIAS)
     if BIAS_GRAD:  # the bias adds to the scores after the scale: its gradient is dS itself
@@ -264,10 +267,11 @@ def _prefix_attention_bwd_dq_kernel(
                 v_tail = drop_prefix_tile(v_tail, prefix_seed, b, kv_h, 1, num_kv_heads, prefix_len, head_dim, n,
                                           prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT, BLOCK_N,
                                           BLOCK_D_TAIL, BLOCK_D)
-            dq, dq_tail, dbias = _dq_tile(dq, dq_tail, q, do, lse, delta, k, v, q_tail, do_tail, k_tail, v_tail, all_visible, seed, first_row, start_n, dropout_threshold,
-                                 qk_scale_log2, dropout_scale, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N, False,
-                                 softcap_in, softcap_out, SOFTCAP, dbias, bias_row, BIAS_BUCKETS,
-                                 n - example_prefix_len, query_pos, bias_center, bias_last, BIAS, BIAS_GRAD, NB_BLOCK)
+            dq, dq_tail, dbias = _dq_tile(
+                dq, dq_tail, q, do, lse, delta, k, v, q_tail, do_tail, k_tail, v_tail, all_visible, seed, first_row,
+                start_n, dropout_threshold, qk_scale_log2, dropout_scale, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N,
+                False, softcap_in, softcap_out, SOFTCAP, dbias, bias_row, BIAS_BUCKETS, n - example_prefix_len,
+                query_pos, bias_center, bias_last, BIAS, BIAS_GRAD, NB_BLOCK)
         for start_n in range(masked_from, example_prefix_len, BLOCK_N):
             n = start_n + offs_n
             n_valid = n < example_prefix_len
@@ -293,10 +297,11 @@ def _prefix_attention_bwd_dq_kernel(
             visible_2d = n_valid[None, :]
             if WINDOW:
                 visible_2d = visible_2d & in_window(n, offs_m + (k_len - q_len) + example_prefix_len, window)
-            dq, dq_tail, dbias = _dq_tile(dq, dq_tail, q, do, lse, delta, k, v, q_tail, do_tail, k_tail, v_tail, visible_2d, seed, first_row, start_n,
-                                 dropout_threshold, qk_scale_log2, dropout_scale, DROPOUT, DOT_PRECISION, BLOCK_M,
-                                 BLOCK_N, True, softcap_in, softcap_out, SOFTCAP, dbias, bias_row, BIAS_BUCKETS,
-                                 n - example_prefix_len, query_pos, bias_center, bias_last, BIAS, BIAS_GRAD, NB_BLOCK)
+            dq, dq_tail, dbias = _dq_tile(
+                dq, dq_tail, q, do, lse, delta, k, v, q_tail, do_tail, k_tail, v_tail, visible_2d, seed, first_row,
+                start_n, dropout_threshold, qk_scale_log2, dropout_scale, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N,
+                True, softcap_in, softcap_out, SOFTCAP, dbias, bias_row, BIAS_BUCKETS, n - example_prefix_len,
+                query_pos, bias_center, bias_last, BIAS, BIAS_GRAD, NB_BLOCK)
 
     # Real keys: as in the forward (full tiles of a contiguous run of attended keys without masks,
     # bounds-masked edge tiles, padded tiles skipped; mask loads only for other masks).
@@ -330,10 +335,11 @@ def _prefix_attention_bwd_dq_kernel(
             v_tail = load_edge_tail_rows(V_TAIL_DESC, kv_batch, kv_h, k_start + start_n, v_base, n, stride_vn,
                                          offs_t, n_valid, t_valid, UPCAST, EDGE_TMA, BLOCK_N, BLOCK_D_TAIL)
             visible_2d = bounded_keys_visible(n, lo_b, hi_b, offs_m, q_len, k_len, CAUSAL, window, WINDOW)
-            dq, dq_tail, dbias = _dq_tile(dq, dq_tail, q, do, lse, delta, k, v, q_tail, do_tail, k_tail, v_tail, visible_2d, seed, first_row, real_lane + start_n,
-                                 dropout_threshold, qk_scale_log2, dropout_scale, DROPOUT, DOT_PRECISION, BLOCK_M,
-                                 BLOCK_N, True, softcap_in, softcap_out, SOFTCAP, dbias, bias_row, BIAS_BUCKETS, n,
-                                 query_pos, bias_center, bias_last, BIAS, BIAS_GRAD, NB_BLOCK)
+            dq, dq_tail, dbias = _dq_tile(
+                dq, dq_tail, q, do, lse, delta, k, v, q_tail, do_tail, k_tail, v_tail, visible_2d, seed, first_row,
+                real_lane + start_n, dropout_threshold, qk_scale_log2, dropout_scale, DROPOUT, DOT_PRECISION,
+                BLOCK_M, BLOCK_N, True, softcap_in, softcap_out, SOFTCAP, dbias, bias_row, BIAS_BUCKETS, n,
+                query_pos, bias_center, bias_last, BIAS, BIAS_GRAD, NB_BLOCK)
         for start_n in range(full_lo, full_hi, BLOCK_N):
             n = start_n + offs_n
             k = load_full_rows(K_DESC, kv_batch, kv_h, k_start + start_n, k_base, n, stride_kn, offs_d, d_valid,
@@ -344,10 +350,11 @@ def _prefix_attention_bwd_dq_kernel(
                                          offs_t, t_valid, EVEN_TAIL, UPCAST, TMA, BLOCK_N, BLOCK_D_TAIL)
             v_tail = load_full_tail_rows(V_TAIL_DESC, kv_batch, kv_h, k_start + start_n, v_base, n, stride_vn,
                                          offs_t, t_valid, EVEN_TAIL, UPCAST, TMA, BLOCK_N, BLOCK_D_TAIL)
-            dq, dq_tail, dbias = _dq_tile(dq, dq_tail, q, do, lse, delta, k, v, q_tail, do_tail, k_tail, v_tail, all_visible, seed, first_row, real_lane + start_n,
-                                 dropout_threshold, qk_scale_log2, dropout_scale, DROPOUT, DOT_PRECISION, BLOCK_M,
-                                 BLOCK_N, False, softcap_in, softcap_out, SOFTCAP, dbias, bias_row, BIAS_BUCKETS, n,
-                                 query_pos, bias_center, bias_last, BIAS, BIAS_GRAD, NB_BLOCK)
+            dq, dq_tail, dbias = _dq_tile(
+                dq, dq_tail, q, do, lse, delta, k, v, q_tail, do_tail, k_tail, v_tail, all_visible, seed, first_row,
+                real_lane + start_n, dropout_threshold, qk_scale_log2, dropout_scale, DROPOUT, DOT_PRECISION,
+                BLOCK_M, BLOCK_N, False, softcap_in, softcap_out, SOFTCAP, dbias, bias_row, BIAS_BUCKETS, n,
+                query_pos, bias_center, bias_last, BIAS, BIAS_GRAD, NB_BLOCK)
         for start_n in range(full_hi, edge_hi, BLOCK_N):
             n = start_n + offs_n
             n_valid = n < hi_b
@@ -360,10 +367,11 @@ def _prefix_attention_bwd_dq_kernel(
             v_tail = load_edge_tail_rows(V_TAIL_DESC, kv_batch, kv_h, k_start + start_n, v_base, n, stride_vn,
                                          offs_t, n_valid, t_valid, UPCAST, EDGE_TMA, BLOCK_N, BLOCK_D_TAIL)
             visible_2d = bounded_keys_visible(n, lo_b, hi_b, offs_m, q_len, k_len, CAUSAL, window, WINDOW)
-            dq, dq_tail, dbias = _dq_tile(dq, dq_tail, q, do, lse, delta, k, v, q_tail, do_tail, k_tail, v_tail, visible_2d, seed, first_row, real_lane + start_n,
-                                 dropout_threshold, qk_scale_log2, dropout_scale, DROPOUT, DOT_PRECISION, BLOCK_M,
-                                 BLOCK_N, True, softcap_in, softcap_out, SOFTCAP, dbias, bias_row, BIAS_BUCKETS, n,
-                                 query_pos, bias_center, bias_last, BIAS, BIAS_GRAD, NB_BLOCK)
+            dq, dq_tail, dbias = _dq_tile(
+                dq, dq_tail, q, do, lse, delta, k, v, q_tail, do_tail, k_tail, v_tail, visible_2d, seed, first_row,
+                real_lane + start_n, dropout_threshold, qk_scale_log2, dropout_scale, DROPOUT, DOT_PRECISION,
+                BLOCK_M, BLOCK_N, True, softcap_in, softcap_out, SOFTCAP, dbias, bias_row, BIAS_BUCKETS, n,
+                query_pos, bias_center, bias_last, BIAS, BIAS_GRAD, NB_BLOCK)
     else:
         first_key, _ = window_key_bounds(0, start_m, q_len, k_len, window, BLOCK_M, BLOCK_N, WINDOW)
         for start_n in range(first_key // BLOCK_N * BLOCK_N, hi, BLOCK_N):
@@ -379,10 +387,11 @@ def _prefix_attention_bwd_dq_kernel(
                                          offs_t, n_valid, t_valid, UPCAST, GENERAL_TMA, BLOCK_N, BLOCK_D_TAIL)
             visible_2d = real_keys_visible(KEY_PADDING_MASK, b, stride_mb, stride_mn, n, n_valid, offs_m, q_len,
                                            k_len, HAS_KPM, CAUSAL, window, WINDOW)
-            dq, dq_tail, dbias = _dq_tile(dq, dq_tail, q, do, lse, delta, k, v, q_tail, do_tail, k_tail, v_tail, visible_2d, seed, first_row, real_lane + start_n,
-                                 dropout_threshold, qk_scale_log2, dropout_scale, DROPOUT, DOT_PRECISION, BLOCK_M,
-                                 BLOCK_N, True, softcap_in, softcap_out, SOFTCAP, dbias, bias_row, BIAS_BUCKETS, n,
-                                 query_pos, bias_center, bias_last, BIAS, BIAS_GRAD, NB_BLOCK)
+            dq, dq_tail, dbias = _dq_tile(
+                dq, dq_tail, q, do, lse, delta, k, v, q_tail, do_tail, k_tail, v_tail, visible_2d, seed, first_row,
+                real_lane + start_n, dropout_threshold, qk_scale_log2, dropout_scale, DROPOUT, DOT_PRECISION,
+                BLOCK_M, BLOCK_N, True, softcap_in, softcap_out, SOFTCAP, dbias, bias_row, BIAS_BUCKETS, n,
+                query_pos, bias_center, bias_last, BIAS, BIAS_GRAD, NB_BLOCK)
 
     dq_rows = DQ + b * stride_dqb + q_start * stride_dqm + h * stride_dqh + rows * stride_dqm
     tl.store(dq_rows + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=qd_mask)
@@ -450,7 +459,8 @@ def _dkdv_tile(
         # the scores live (no layout conversion); P and dS reach the dV / dK matmuls transposed,
         # through shared memory. dV's 1 / P(keep) is applied once, when the kernels store dV.
         p_kept, ds = _tile_probs_and_grad(
-            q, do, lse, delta, k, v, q_tail, do_tail, k_tail, v_tail, tl.trans(key_visible_t), seed, (row_base + start_m).to(tl.int64), key_lane,
+            q, do, lse, delta, k, v, q_tail, do_tail, k_tail, v_tail, tl.trans(key_visible_t), seed,
+            (row_base + start_m).to(tl.int64), key_lane,
             dropout_threshold, qk_scale_log2, dropout_scale, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N, MASKED,
             softcap_in, softcap_out, SOFTCAP, bias_row, key_pos, offs_m + window_shift, bias_center, bias_last, BIAS)
         dv += tl.dot(tl.trans(p_kept.to(do.dtype)), do, input_precision=DOT_PRECISION)
@@ -518,7 +528,8 @@ def _prefix_attention_bwd_dkdv_kernel(
     id and divisors where PTX) instead of holding them across the query loops, which spilled them
     (56 -> 16 bytes at D=64 with dropout + causal + padding + GQA, 60 -> 0 at D=128, packed 224 -> 168
     and 96 -> 64, relative bias 8 -> 0; with a head-dim tail, D=96 causal + GQA 64 -> 24); elsewhere
-    nothing spilled, and it lengthened the loops by up to 1%. round_key_0..13: the seed's Philox round keys (``launch.philox_round_keys``), read where
+    nothing spilled, and it lengthened the loops by up to 1%. round_key_0..13: the seed's Philox round
+    keys (``launch.philox_round_keys``), read where
     DROPOUT is DROPOUT_PTX_KEYS (else unused): computed from the seed, they were held in registers,
     and with dropout + causal + padding + GQA at D=64 one pointer spilled (16 bytes)."""
     if DROPOUT == DROPOUT_PTX_KEYS:  # the helpers' seed: the round keys (common.philox_keyed)
