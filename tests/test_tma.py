@@ -258,6 +258,22 @@ def test_split_head_dim(head_dim, parts, monkeypatch):
     assert launch.split_head_dim(head_dim) == (launch.block_d(head_dim), 0)
 
 
+def test_half_width_edge_tiles_through_tma_only_where_ptxas_compiles_them(monkeypatch):
+    """Triton 3.6's ptxas crashed on the D = 80 / 96 / 128 forward whose half-width masked tiles load
+    through TMA: there they load through pointers (D=64 compiled either way; triton 3.9's ptxas
+    compiles all), and the forward launcher passes the choice to its kernel."""
+    assert launch.half_width_edge_tma(128, (3, 6)) is False and launch.half_width_edge_tma(96, (3, 8)) is False
+    assert launch.half_width_edge_tma(64, (3, 6)) is True and launch.half_width_edge_tma(128, (3, 9)) is True
+    from benchmarks import aot_check
+
+    for allowed in (False, True):  # (as triton 3.6 / 3.9 decide it)
+        monkeypatch.setattr(forward, "half_width_edge_tma", lambda head_dim, allowed=allowed: allowed)
+        case = aot_check.Case(torch.bfloat16, 128, prefix="shared", dropout=True)
+        fwd = next(x for x in aot_check.case_launches(case, 90, allow_interpreted=True)
+                   if x.name == "_prefix_attention_fwd_kernel")
+        assert fwd.kwargs["HALF_EDGE_TMA"] is allowed
+
+
 def test_tma_falls_back_to_pointer_loads(tma_switch):
     """A k whose storage starts 2 bytes past a 16-byte boundary cannot be a TMA source: the forward
     then loads through pointers (TMA off for all of its tensors: a kernel takes all descriptors or

@@ -76,6 +76,7 @@ from .launch import (
     split_head_dim,
     split_tma_descriptors,
     forward_edge_block,
+    half_width_edge_tma,
     tuned_config,
     upcast_in_interpreter,
 )
@@ -186,8 +187,11 @@ def _prefix_attention_fwd_kernel(
     EVEN_D: tl.constexpr,
     BLOCK_D_TAIL: tl.constexpr,
     EVEN_TAIL: tl.constexpr,
+    HALF_EDGE_TMA: tl.constexpr,
 ):
     """OUT (B, Hq, Sq, D) and LSE (B, Hq, Sq): one program per (query block, batch, query head).
+    HALF_EDGE_TMA: the real keys' masked tiles may load through TMA when narrower than the full ones
+    (``launch.half_width_edge_tma``: not with triton 3.6's ptxas above D=64).
     EVEN_D: head_dim >= BLOCK_D (no head-dim mask on the full tiles' first BLOCK_D channels).
     BLOCK_D_TAIL (``launch.split_head_dim``): 0, or the width of the head dim's tail part, channels
     BLOCK_D.. (D = 80 / 96 as 64 + 16 / 32 instead of padded to 128): every Q / K / V / O tile then
@@ -377,7 +381,7 @@ def _prefix_attention_fwd_kernel(
     kv_batch = descriptor_batch(b, VARLEN)
     # Edge tiles through TMA too where their masked keys are past the end of K / V (read as 0): no
     # padding mask, not packed (``load_edge_rows``).
-    EDGE_TMA: tl.constexpr = TMA and not HAS_KPM and not VARLEN
+    EDGE_TMA: tl.constexpr = TMA and not HAS_KPM and not VARLEN and (EDGE_N == BLOCK_N or HALF_EDGE_TMA)
     # The general mask's tiles (below) read every key before Sk anyway: through TMA as well, except
     # under attention dropout. (Their pointer loads made the forward spill with a padding mask:
     # 472 bytes at D=128, 0 with the general loop taken out, 284 through TMA; with dropout TMA
@@ -673,6 +677,7 @@ def prefix_attention_forward(
             EVEN_D=bd <= head_dim,
             BLOCK_D_TAIL=tail,
             EVEN_TAIL=bd + tail == head_dim,
+            HALF_EDGE_TMA=half_width_edge_tma(head_dim),
             enable_fp_fusion=FP_FUSION,
             **cfg,
         )
