@@ -26,7 +26,7 @@ from .common import (
     DROPOUT_PTX_KEYS,
     accumulate_bucket_grad,
     bounded_keys_visible,
-    drop_prefix_tile,
+    drop_prefix_kv,
     attention_dropout_keep,
     dropout_real_lane,
     example_prefix,
@@ -80,7 +80,7 @@ from .launch import (
     mask_strides,
     qkv_strides,
     shape_bucket,
-    split_head_dim,
+    head_dim_parts,
     split_tma_descriptors,
     bank_splits,
     shared_prefix_splits,
@@ -256,17 +256,13 @@ def _prefix_attention_bwd_dq_kernel(
                                          EVEN_TAIL, UPCAST, TMA, BLOCK_N, BLOCK_D_TAIL)
             v_tail = load_full_tail_rows(PV_TAIL_DESC, entry, kv_h, start_n, pv_base, n, stride_pvn, offs_t, t_valid,
                                          EVEN_TAIL, UPCAST, TMA, BLOCK_N, BLOCK_D_TAIL)
-            k = drop_prefix_tile(k, prefix_seed, b, kv_h, 0, num_kv_heads, prefix_len, head_dim, n,
-                                 prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT, BLOCK_N, BLOCK_D)
-            v = drop_prefix_tile(v, prefix_seed, b, kv_h, 1, num_kv_heads, prefix_len, head_dim, n,
-                                 prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT, BLOCK_N, BLOCK_D)
+            k, v = drop_prefix_kv(k, v, prefix_seed, b, kv_h, num_kv_heads, prefix_len, head_dim, n,
+                                  prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT, BLOCK_N, BLOCK_D)
             if BLOCK_D_TAIL > 0:  # (a None tile cannot pass through a function that returns it)
-                k_tail = drop_prefix_tile(k_tail, prefix_seed, b, kv_h, 0, num_kv_heads, prefix_len, head_dim, n,
-                                          prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT, BLOCK_N,
-                                          BLOCK_D_TAIL, BLOCK_D)
-                v_tail = drop_prefix_tile(v_tail, prefix_seed, b, kv_h, 1, num_kv_heads, prefix_len, head_dim, n,
-                                          prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT, BLOCK_N,
-                                          BLOCK_D_TAIL, BLOCK_D)
+                k_tail, v_tail = drop_prefix_kv(k_tail, v_tail, prefix_seed, b, kv_h,
+                                                num_kv_heads, prefix_len, head_dim, n,
+                                                prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT,
+                                                BLOCK_N, BLOCK_D_TAIL, BLOCK_D)
             dq, dq_tail, dbias = _dq_tile(
                 dq, dq_tail, q, do, lse, delta, k, v, q_tail, do_tail, k_tail, v_tail, all_visible, seed, first_row,
                 start_n, dropout_threshold, qk_scale_log2, dropout_scale, DROPOUT, DOT_PRECISION, BLOCK_M, BLOCK_N,
@@ -283,17 +279,13 @@ def _prefix_attention_bwd_dq_kernel(
                                          t_valid, UPCAST, TMA, BLOCK_N, BLOCK_D_TAIL)
             v_tail = load_edge_tail_rows(PV_TAIL_DESC, entry, kv_h, start_n, pv_base, n, stride_pvn, offs_t, n_valid,
                                          t_valid, UPCAST, TMA, BLOCK_N, BLOCK_D_TAIL)
-            k = drop_prefix_tile(k, prefix_seed, b, kv_h, 0, num_kv_heads, prefix_len, head_dim, n,
-                                 prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT, BLOCK_N, BLOCK_D)
-            v = drop_prefix_tile(v, prefix_seed, b, kv_h, 1, num_kv_heads, prefix_len, head_dim, n,
-                                 prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT, BLOCK_N, BLOCK_D)
+            k, v = drop_prefix_kv(k, v, prefix_seed, b, kv_h, num_kv_heads, prefix_len, head_dim, n,
+                                  prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT, BLOCK_N, BLOCK_D)
             if BLOCK_D_TAIL > 0:  # (a None tile cannot pass through a function that returns it)
-                k_tail = drop_prefix_tile(k_tail, prefix_seed, b, kv_h, 0, num_kv_heads, prefix_len, head_dim, n,
-                                          prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT, BLOCK_N,
-                                          BLOCK_D_TAIL, BLOCK_D)
-                v_tail = drop_prefix_tile(v_tail, prefix_seed, b, kv_h, 1, num_kv_heads, prefix_len, head_dim, n,
-                                          prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT, BLOCK_N,
-                                          BLOCK_D_TAIL, BLOCK_D)
+                k_tail, v_tail = drop_prefix_kv(k_tail, v_tail, prefix_seed, b, kv_h,
+                                                num_kv_heads, prefix_len, head_dim, n,
+                                                prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT,
+                                                BLOCK_N, BLOCK_D_TAIL, BLOCK_D)
             visible_2d = n_valid[None, :]
             if WINDOW:
                 visible_2d = visible_2d & in_window(n, offs_m + (k_len - q_len) + example_prefix_len, window)
@@ -860,12 +852,10 @@ def _prefix_attention_bwd_prefix_dkdv_kernel(
             k_tail = load_tail_tile(pk_base, rows, stride_pkn, offs_t, rows_valid, t_valid, UPCAST, BLOCK_D_TAIL)
             v_tail = load_tail_tile(pv_base, rows, stride_pvn, offs_t, rows_valid, t_valid, UPCAST, BLOCK_D_TAIL)
             if BLOCK_D_TAIL > 0:  # (a None tile cannot pass through a function that returns it)
-                k_tail = drop_prefix_tile(k_tail, prefix_seed, b, kv_h, 0, num_kv_heads, prefix_len, head_dim, rows,
-                                          prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT, BLOCK_N,
-                                          BLOCK_D_TAIL, BLOCK_D)
-                v_tail = drop_prefix_tile(v_tail, prefix_seed, b, kv_h, 1, num_kv_heads, prefix_len, head_dim, rows,
-                                          prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT, BLOCK_N,
-                                          BLOCK_D_TAIL, BLOCK_D)
+                k_tail, v_tail = drop_prefix_kv(k_tail, v_tail, prefix_seed, b, kv_h,
+                                                num_kv_heads, prefix_len, head_dim, rows,
+                                                prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT,
+                                                BLOCK_N, BLOCK_D_TAIL, BLOCK_D)
             dk_b_tail = tl.zeros([1, 1], dtype=tl.float32)
             dv_b_tail = tl.zeros([1, 1], dtype=tl.float32)
             if BLOCK_D_TAIL > 0:
@@ -1088,8 +1078,8 @@ def prefix_attention_backward(
     # throughout: CUDA caps grid y/z at 65535, and B * H (or B) can exceed it.
     delta = torch.empty_like(lse)
 
-    # The dQ kernel tiles the head dim as the forward does (64 + a 16 / 32 tail at 64 < D <= 96).
-    dq_bd, dq_tail = split_head_dim(head_dim)
+    # The backward kernels tile the head dim as the forward does (64 + a 16 / 32 tail at 64 < D <= 96).
+    head_dim_flags = head_dim_parts(head_dim)
     kv_descs = split_tma_descriptors((k, v), (prefix_k, prefix_v), bn, head_dim, varlen is not None, limits)
     launcher(_prefix_attention_bwd_dq_kernel, (q_blocks,))(
         q, k, v, prefix_k, prefix_v, prefix_index, prefix_lengths, kpm, bounds, cu_q, cu_k, bias_table, bias_buckets,
@@ -1109,11 +1099,8 @@ def prefix_attention_backward(
         NB_BLOCK=nb_block,
         HAS_KPM=key_padding_mask is not None,
         HAS_PREFIX=prefix_len > 0, **prefix_flags, TMA=kv_descs is not None,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=dq_bd, EVEN_D=dq_bd <= head_dim, BLOCK_D_TAIL=dq_tail,
-        EVEN_TAIL=dq_bd + dq_tail == head_dim, **flags, **dq_options,
+        BLOCK_M=bm, BLOCK_N=bn, **head_dim_flags, **flags, **dq_options,
     )
-    # Both dK/dV kernels split the head dim as the forward does.
-    dkdv_bd, dkdv_tail = split_head_dim(head_dim)
     q_descs = split_tma_descriptors((q, grad_out), (), dkdv_bm, head_dim, varlen is not None, limits)
 
     # The dK/dV kernel reads the Philox round keys from its arguments (DROPOUT_PTX_KEYS where the
@@ -1139,8 +1126,7 @@ def prefix_attention_backward(
             window, *bias_scalars,
             GROUP=group, VARLEN=varlen is not None, CAUSAL=causal, **softcap_flags,
             HAS_KPM=key_padding_mask is not None, TMA=q_descs is not None,
-            BLOCK_M=dkdv_bm, BLOCK_N=dkdv_bn, BLOCK_D=dkdv_bd, EVEN_D=dkdv_bd <= head_dim, BLOCK_D_TAIL=dkdv_tail,
-            EVEN_TAIL=dkdv_bd + dkdv_tail == head_dim,
+            BLOCK_M=dkdv_bm, BLOCK_N=dkdv_bn, **head_dim_flags,
             PTX=philox_mode(limits) == DROPOUT_PTX, **dkdv_flags, **dkdv_options,
         )
 
@@ -1192,7 +1178,7 @@ def prefix_attention_backward(
         stat_rows, scale, qk_scale_log2, threshold, dropout_scale, seed, *round_keys, *prefix_dropout_args,
         softcap_in, softcap_out, window, *bias_scalars,
         GROUP=group, VARLEN=varlen is not None, **softcap_flags, BLOCK_M=dkdv_bm, BLOCK_N=dkdv_bn,
-        BLOCK_D=dkdv_bd, EVEN_D=dkdv_bd <= head_dim, BLOCK_D_TAIL=dkdv_tail, EVEN_TAIL=dkdv_bd + dkdv_tail == head_dim,
+        **head_dim_flags,
         **prefix_flags, **keyed_flags, TMA=q_descs is not None,
         PTX=philox_mode(limits) == DROPOUT_PTX, **dkdv_options,
     )

@@ -248,17 +248,20 @@ def prefix_dropout_keep(seed, b, kv_h, which, num_kv_heads, prefix_len, head_dim
 
 
 @triton.jit
-def drop_prefix_tile(tile, seed, b, kv_h, which, num_kv_heads, prefix_len, head_dim, n, threshold, scale,
-                     PREFIX_DROPOUT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                     FIRST_CHANNEL: tl.constexpr = 0):
-    """A loaded (BLOCK_N, BLOCK_D) prefix K (which = 0) or V (which = 1) tile of example b, channels
-    FIRST_CHANNEL.., with its prefix dropout applied (kept elements times ``scale``, the rest 0); the
-    tile itself without PREFIX_DROPOUT."""
+def drop_prefix_kv(k, v, seed, b, kv_h, num_kv_heads, prefix_len, head_dim, n, threshold, scale,
+                   PREFIX_DROPOUT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                   FIRST_CHANNEL: tl.constexpr = 0):
+    """A loaded pair of (BLOCK_N, BLOCK_D) prefix K and V tiles of example b, channels
+    FIRST_CHANNEL.., with their prefix dropout applied (kept elements times ``scale``, the rest 0;
+    K's lanes ``which`` 0, V's 1); the tiles themselves without PREFIX_DROPOUT."""
     if PREFIX_DROPOUT:
-        keep = prefix_dropout_keep(seed, b, kv_h, which, num_kv_heads, prefix_len, head_dim, n, threshold,
-                                   BLOCK_N, BLOCK_D, FIRST_CHANNEL)
-        tile = tl.where(keep, tile * scale, 0.0).to(tile.dtype)
-    return tile
+        keep_k = prefix_dropout_keep(seed, b, kv_h, 0, num_kv_heads, prefix_len, head_dim, n, threshold,
+                                     BLOCK_N, BLOCK_D, FIRST_CHANNEL)
+        k = tl.where(keep_k, k * scale, 0.0).to(k.dtype)
+        keep_v = prefix_dropout_keep(seed, b, kv_h, 1, num_kv_heads, prefix_len, head_dim, n, threshold,
+                                     BLOCK_N, BLOCK_D, FIRST_CHANNEL)
+        v = tl.where(keep_v, v * scale, 0.0).to(v.dtype)
+    return k, v
 
 
 @triton.jit

@@ -27,7 +27,7 @@ from .common import (
     DROPOUT_PTX,
     add_relative_bias,
     bounded_keys_visible,
-    drop_prefix_tile,
+    drop_prefix_kv,
     attention_dropout_keep,
     dropout_real_lane,
     example_prefix,
@@ -73,7 +73,7 @@ from .launch import (
     mask_strides,
     qkv_strides,
     shape_bucket,
-    split_head_dim,
+    head_dim_parts,
     split_tma_descriptors,
     forward_edge_block,
     half_width_edge_tma,
@@ -303,17 +303,13 @@ def _prefix_attention_fwd_kernel(
                                          t_valid, EVEN_TAIL, UPCAST, TMA, PREFIX_N, BLOCK_D_TAIL)
             v_tail = load_full_tail_rows(PV_PREFIX_TAIL_DESC, entry, kv_h, start_n, pv_base, n, stride_pvn, offs_t,
                                          t_valid, EVEN_TAIL, UPCAST, TMA, PREFIX_N, BLOCK_D_TAIL)
-            k = drop_prefix_tile(k, prefix_seed, b, kv_h, 0, num_kv_heads, prefix_len, head_dim, n,
-                                 prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT, PREFIX_N, BLOCK_D)
-            v = drop_prefix_tile(v, prefix_seed, b, kv_h, 1, num_kv_heads, prefix_len, head_dim, n,
-                                 prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT, PREFIX_N, BLOCK_D)
+            k, v = drop_prefix_kv(k, v, prefix_seed, b, kv_h, num_kv_heads, prefix_len, head_dim, n,
+                                  prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT, PREFIX_N, BLOCK_D)
             if BLOCK_D_TAIL > 0:  # (a None tile cannot pass through a function that returns it)
-                k_tail = drop_prefix_tile(k_tail, prefix_seed, b, kv_h, 0, num_kv_heads, prefix_len, head_dim, n,
-                                          prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT, PREFIX_N,
-                                          BLOCK_D_TAIL, BLOCK_D)
-                v_tail = drop_prefix_tile(v_tail, prefix_seed, b, kv_h, 1, num_kv_heads, prefix_len, head_dim, n,
-                                          prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT, PREFIX_N,
-                                          BLOCK_D_TAIL, BLOCK_D)
+                k_tail, v_tail = drop_prefix_kv(k_tail, v_tail, prefix_seed, b, kv_h,
+                                                num_kv_heads, prefix_len, head_dim, n,
+                                                prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT,
+                                                PREFIX_N, BLOCK_D_TAIL, BLOCK_D)
             qk = dot_tail(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), q_tail, k_tail, DOT_PRECISION)
             acc, acc_tail, m_i, l_i = _online_softmax_step_full(
                 acc, acc_tail, m_i, l_i, qk, v, v_tail, qk_scale_log2, seed, first_row, start_n, dropout_threshold,
@@ -332,17 +328,13 @@ def _prefix_attention_fwd_kernel(
                                          n_valid, t_valid, UPCAST, TMA, EDGE_N, BLOCK_D_TAIL)
             v_tail = load_edge_tail_rows(PV_EDGE_TAIL_DESC, entry, kv_h, start_n, pv_base, n, stride_pvn, offs_t,
                                          n_valid, t_valid, UPCAST, TMA, EDGE_N, BLOCK_D_TAIL)
-            k = drop_prefix_tile(k, prefix_seed, b, kv_h, 0, num_kv_heads, prefix_len, head_dim, n,
-                                 prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT, EDGE_N, BLOCK_D)
-            v = drop_prefix_tile(v, prefix_seed, b, kv_h, 1, num_kv_heads, prefix_len, head_dim, n,
-                                 prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT, EDGE_N, BLOCK_D)
+            k, v = drop_prefix_kv(k, v, prefix_seed, b, kv_h, num_kv_heads, prefix_len, head_dim, n,
+                                  prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT, EDGE_N, BLOCK_D)
             if BLOCK_D_TAIL > 0:  # (a None tile cannot pass through a function that returns it)
-                k_tail = drop_prefix_tile(k_tail, prefix_seed, b, kv_h, 0, num_kv_heads, prefix_len, head_dim, n,
-                                          prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT, EDGE_N,
-                                          BLOCK_D_TAIL, BLOCK_D)
-                v_tail = drop_prefix_tile(v_tail, prefix_seed, b, kv_h, 1, num_kv_heads, prefix_len, head_dim, n,
-                                          prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT, EDGE_N,
-                                          BLOCK_D_TAIL, BLOCK_D)
+                k_tail, v_tail = drop_prefix_kv(k_tail, v_tail, prefix_seed, b, kv_h,
+                                                num_kv_heads, prefix_len, head_dim, n,
+                                                prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT,
+                                                EDGE_N, BLOCK_D_TAIL, BLOCK_D)
             qk = dot_tail(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), q_tail, k_tail, DOT_PRECISION)
             s = log2_scores(qk, qk_scale_log2, softcap_in, softcap_out, SOFTCAP)
             s = add_relative_bias(s, bias_row, n - example_prefix_len, query_pos, bias_center, bias_last,
@@ -623,8 +615,6 @@ def prefix_attention_forward(
     bounds = key_bounds_of(key_padding_mask, launcher)
     bias_table, bias_buckets, *bias_scalars = relative_bias_args(relative_bias_table, relative_bias_buckets)
 
-    bd, tail = split_head_dim(head_dim)
-
     def descriptors(block_rows: int) -> Optional[tuple]:
         """TMA descriptors of K, V, PK, PV, then of their tails (None without one)."""
         return split_tma_descriptors((k, v), (prefix_k, prefix_v), block_rows, head_dim, varlen is not None, limits)
@@ -673,10 +663,7 @@ def prefix_attention_forward(
             PTX=philox_mode(limits) == DROPOUT_PTX,
             EDGE_N=edge_n,
             PREFIX_N=edge_n if prefix_dropout_p > 0.0 else cfg["BLOCK_N"],
-            BLOCK_D=bd,
-            EVEN_D=bd <= head_dim,
-            BLOCK_D_TAIL=tail,
-            EVEN_TAIL=bd + tail == head_dim,
+            **head_dim_parts(head_dim),
             HALF_EDGE_TMA=half_width_edge_tma(head_dim),
             enable_fp_fusion=FP_FUSION,
             **cfg,

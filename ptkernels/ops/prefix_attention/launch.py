@@ -123,6 +123,14 @@ def split_head_dim(head_dim: int) -> tuple[int, int]:
     return block_d(head_dim), 0
 
 
+def head_dim_parts(head_dim: int) -> dict:
+    """The attention kernels' head-dim constexprs (``split_head_dim``): BLOCK_D, EVEN_D (the first
+    BLOCK_D channels all lie below head_dim), BLOCK_D_TAIL and EVEN_TAIL (head_dim == BLOCK_D +
+    BLOCK_D_TAIL, no mask on the tail's channels)."""
+    bd, tail = split_head_dim(head_dim)
+    return dict(BLOCK_D=bd, EVEN_D=bd <= head_dim, BLOCK_D_TAIL=tail, EVEN_TAIL=bd + tail == head_dim)
+
+
 def tail_views(tensors: tuple, first_channel: int) -> tuple:
     """The tensors' channels first_channel.. (views, for the tail part's TMA descriptors)."""
     return tuple(t[..., first_channel:] for t in tensors)
