@@ -423,6 +423,8 @@ def main(argv=None) -> int:
     parser.add_argument("--head-dims", type=int, nargs="+", default=list(HEAD_DIMS),
                         help="head dims to compile (default 64 128; 96 / 80 show the head-dim split, "
                              "PTKERNELS_SPLIT_HEAD_DIM=0 the same padded to 128)")
+    parser.add_argument("--dtypes", nargs="+", default=None, choices=sorted(DTYPES),
+                        help="dtypes to compile (default fp16 bf16; --quick: bf16)")
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--skip-exit-code", type=int, default=0,
                         help="exit with this code when this triton cannot compile for NVIDIA GPUs")
@@ -435,10 +437,8 @@ def main(argv=None) -> int:
         return args.skip_exit_code
     start = time.perf_counter()
     head_dims = tuple(args.head_dims)
-    if args.quick:
-        records = run(arch, QUICK_FEATURE_SETS, args.workers, QUICK_DTYPES, head_dims)
-    else:
-        records = run(arch, FEATURE_SETS, args.workers, head_dims=head_dims)
+    dtypes = tuple(args.dtypes or (QUICK_DTYPES if args.quick else DTYPES))
+    records = run(arch, QUICK_FEATURE_SETS if args.quick else FEATURE_SETS, args.workers, dtypes, head_dims)
     print(table(records))
     if args.json:
         with open(args.json, "w") as f:

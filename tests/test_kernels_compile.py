@@ -156,6 +156,25 @@ def test_forward_edge_block_halves_where_whole_masked_tiles_spilled():
     assert forward_edge_block(64, 256, dropout=True) == 64
 
 
+def test_static_report_compiles_the_dtypes_and_head_dims_asked_for(monkeypatch, capsys):
+    # (.ci/run compiles every feature set at D = 96 / 128 in bf16 with triton 3.6 this way)
+    from benchmarks import aot_check, static_report
+
+    asked = []
+    monkeypatch.setattr(aot_check, "unavailable_reason", lambda: None)
+    monkeypatch.setattr(static_report, "run", lambda arch, sets, workers, dtypes, head_dims:
+                        asked.append((arch, sets, dtypes, head_dims)) or [])
+    assert static_report.main(["--arch", "sm_90", "--head-dims", "96", "128", "--dtypes", "bf16"]) == 0
+    assert static_report.main(["--arch", "sm_80", "--quick", "--head-dims", "64"]) == 0
+    assert static_report.main(["--arch", "sm_90"]) == 0
+    assert asked == [(90, static_report.FEATURE_SETS, ("bf16",), (96, 128)),
+                     (80, static_report.QUICK_FEATURE_SETS, ("bf16",), (64,)),
+                     (90, static_report.FEATURE_SETS, ("fp16", "bf16"), (64, 128))]
+    with pytest.raises(SystemExit):
+        static_report.main(["--dtypes", "fp32"])
+    assert "--dtypes" in capsys.readouterr().err
+
+
 def test_spill_baseline_logic():
     from benchmarks.static_report import spilling
 

@@ -1,5 +1,6 @@
 """The kernels must compile with the oldest triton ptkernels supports (3.6, the GPU image's), while CI
-installs the newest. CI cannot afford a second triton, so this checks what broke before: every
+installs the newest. ``.ci/run`` ends by compiling them with triton 3.6 (a second install); this
+test, in the README's test command, checks in a second on any machine what broke before: every
 ``tl.<name>`` (and ``tl.math.<name>``) the kernels use must exist in triton 3.6's
 ``triton.language``, whose public names are recorded in ``tests/triton_language_names.json``
 (``dir(triton.language)`` in a venv with triton==3.6.0). ``tl.to_tensor``, which triton 3.6 does
