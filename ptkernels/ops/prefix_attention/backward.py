@@ -487,6 +487,42 @@ def _dkdv_tile(
     return dk, dv, dk_tail, dv_tail
 
 
+@triton.jit
+def _dkdv_query_ranges(KEY_BOUNDS, b, start_n, q_len, k_len, window, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
+                       WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(lo, full_start, full_stop, q_end) of the query tiles that see the key block at start_n of
+    example b (q_len queries, k_len keys): tiles [lo, full_start) and [full_stop, q_end) with masks
+    (above the causal diagonal of this key block, the last partial query tile, a key block that is
+    partial or padded, or with WINDOW one that leaves the window), [full_start, full_stop) without
+    any (every query sees every key of the block)."""
+    lo = 0
+    if CAUSAL:
+        # query i sees key j iff i >= j - (Sk - Sq): skip the query blocks entirely above that.
+        first_query = tl.maximum(start_n - (k_len - q_len), 0)
+        lo = (first_query // BLOCK_M) * BLOCK_M
+    full_start = lo
+    if CAUSAL:
+        last_key_query = tl.maximum(start_n + BLOCK_N - 1 - (k_len - q_len), 0)  # first query seeing all keys
+        full_start = tl.minimum(tl.maximum(lo, tl.cdiv(last_key_query, BLOCK_M) * BLOCK_M),
+                                tl.cdiv(q_len, BLOCK_M) * BLOCK_M)
+    full_stop = (q_len // BLOCK_M) * BLOCK_M
+    lo_b, hi_b, contiguous = key_bounds(KEY_BOUNDS, b, k_len, HAS_KPM)
+    # every key of the block is padding: nothing to do (dK = dV = 0)
+    skip = contiguous & ((start_n >= hi_b) | (start_n + BLOCK_N <= lo_b))
+    lo = tl.where(skip, q_len, lo)
+    full_start = tl.where(skip, q_len, full_start)
+    # only a block of attended keys has unmasked query tiles
+    key_full = contiguous & (start_n >= lo_b) & (start_n + BLOCK_N <= hi_b)
+    full_stop = tl.where(key_full, tl.maximum(full_stop, full_start), full_start)
+    q_end = q_len
+    if WINDOW:  # queries past the window of the block's last key see none of it; full tiles need its first
+        window_shift = k_len - q_len  # query i sits at key position i + Sk - Sq
+        q_end = tl.minimum(q_len, start_n + BLOCK_N - 1 - window_shift + window)
+        full_stop = tl.maximum(tl.minimum(full_stop, (start_n - window_shift + window) // BLOCK_M * BLOCK_M),
+                               full_start)
+    return lo, full_start, full_stop, q_end
+
+
 @triton.jit(do_not_specialize=["seed", *ROUND_KEY_ARGS])
 def _prefix_attention_bwd_dkdv_kernel(
     Q, K, V, KEY_PADDING_MASK, KEY_BOUNDS, CU_SEQLENS_Q, CU_SEQLENS_K, BIAS_TABLE, BIAS_BUCKETS, GRAD_OUT, LSE, DELTA,
@@ -564,35 +600,9 @@ def _prefix_attention_bwd_dkdv_kernel(
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    # Query tiles: [lo, full_start) and [full_stop, q_len) with masks (above the causal diagonal of
-    # this key block, the last partial query tile, or a key block that is partial or padded), and
-    # [full_start, full_stop) without any (every query sees every key of the block).
-    lo = 0
-    if CAUSAL:
-        # query i sees key j iff i >= j - (Sk - Sq): skip the query blocks entirely above that.
-        first_query = tl.maximum(start_n - (k_len - q_len), 0)
-        lo = (first_query // BLOCK_M) * BLOCK_M
-    full_start = lo
-    if CAUSAL:
-        last_key_query = tl.maximum(start_n + BLOCK_N - 1 - (k_len - q_len), 0)  # first query seeing all keys
-        full_start = tl.minimum(tl.maximum(lo, tl.cdiv(last_key_query, BLOCK_M) * BLOCK_M),
-                                tl.cdiv(q_len, BLOCK_M) * BLOCK_M)
-    full_stop = (q_len // BLOCK_M) * BLOCK_M
-    lo_b, hi_b, contiguous = key_bounds(KEY_BOUNDS, b, k_len, HAS_KPM)
-    # every key of the block is padding: nothing to do (dK = dV = 0)
-    skip = contiguous & ((start_n >= hi_b) | (start_n + BLOCK_N <= lo_b))
-    lo = tl.where(skip, q_len, lo)
-    full_start = tl.where(skip, q_len, full_start)
-    # only a block of attended keys has unmasked query tiles
-    key_full = contiguous & (start_n >= lo_b) & (start_n + BLOCK_N <= hi_b)
-    full_stop = tl.where(key_full, tl.maximum(full_stop, full_start), full_start)
+    lo, full_start, full_stop, q_end = _dkdv_query_ranges(KEY_BOUNDS, b, start_n, q_len, k_len, window, CAUSAL,
+                                                          HAS_KPM, WINDOW, BLOCK_M, BLOCK_N)
     key_pos = offs_n
-    window_shift = k_len - q_len  # query i sits at key position i + Sk - Sq
-    q_end = q_len
-    if WINDOW:  # queries past the window of the block's last key see none of it; full tiles need its first
-        q_end = tl.minimum(q_len, start_n + BLOCK_N - 1 - window_shift + window)
-        full_stop = tl.maximum(tl.minimum(full_stop, (start_n - window_shift + window) // BLOCK_M * BLOCK_M),
-                               full_start)
     real_lane = dropout_real_lane(prefix_len) + start_n
     desc_batch = descriptor_batch(b, VARLEN)
     # Masked query tiles through TMA too (``load_edge_rows``), but for packed sequences and under
@@ -600,49 +610,61 @@ def _prefix_attention_bwd_dkdv_kernel(
     EDGE_TMA: tl.constexpr = TMA and not VARLEN and not DROPOUT
     for g in range(GROUP):
         h = kv_h * GROUP + g
+        seq_q_start, seq_q_len, seq_k_len = q_start, q_len, k_len
+        g_lo, g_full_start, g_full_stop, g_q_end = lo, full_start, full_stop, q_end
+        if VARLEN:  # the sequence's lengths and query tiles anew for each query head, from an index the
+            # compiler cannot see is b (``loop_variant_zero``): held across the heads' query loops, they
+            # spilled (168 bytes at D=64, 64 at D=128, reloaded for each head; now none, with the masked
+            # loops 2-4% shorter and D=64's unmasked one 3% longer: 325 -> 335 instructions)
+            seq = b + loop_variant_zero(g, PTX)
+            seq_q_len = sequence_extent(CU_SEQLENS_Q, seq)[1]
+            seq_k_len = sequence_extent(CU_SEQLENS_K, seq)[1]
+            g_lo, g_full_start, g_full_stop, g_q_end = _dkdv_query_ranges(
+                KEY_BOUNDS, seq, start_n, seq_q_len, seq_k_len, window, CAUSAL, HAS_KPM, WINDOW, BLOCK_M, BLOCK_N)
+        window_shift = seq_k_len - seq_q_len  # query i sits at key position i + Sk - Sq
         bias_row = BIAS_TABLE  # None without BIAS
         if BIAS:
             bias_row = BIAS_TABLE + h * bias_row_len
-        q_base = b * stride_qb + q_start * stride_qm + h * stride_qh
-        do_base = b * stride_dob + q_start * stride_dom + h * stride_doh
+        q_base = b * stride_qb + seq_q_start * stride_qm + h * stride_qh
+        do_base = b * stride_dob + seq_q_start * stride_dom + h * stride_doh
         if VARLEN:
-            stat_base = h * stat_rows + q_start
+            stat_base = h * stat_rows + seq_q_start
         else:
             stat_base = (b * num_q_heads + h) * q_len_max
-        for start_m in range(lo, full_start, BLOCK_M):
+        for start_m in range(g_lo, g_full_start, BLOCK_M):
             visible_t = visible[:, None]
             if CAUSAL:
                 offs_m = start_m + tl.arange(0, BLOCK_M)
-                visible_t = visible_t & (offs_n[:, None] <= offs_m[None, :] + (k_len - q_len))
+                visible_t = visible_t & (offs_n[:, None] <= offs_m[None, :] + window_shift)
             dk, dv, dk_tail, dv_tail = _dkdv_tile(
                 dk, dv, k, v, Q, GRAD_OUT, LSE, DELTA, q_base, do_base, stat_base, stride_qm, stride_dom,
-                start_m, q_len, offs_d, d_valid, visible_t, real_lane, stat_base, seed, dropout_threshold,
+                start_m, seq_q_len, offs_d, d_valid, visible_t, real_lane, stat_base, seed, dropout_threshold,
                 dropout_scale, qk_scale_log2, DROPOUT, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, True, EVEN_D,
                 softcap_in, softcap_out, SOFTCAP,
                 key_pos, window_shift, window, WINDOW, bias_row, BIAS_BUCKETS, bias_center, bias_last, BIAS,
-                Q_DESC, DO_DESC, desc_batch, h, q_start, TMA, EDGE_TMA, BLOCK_D, dk_tail, dv_tail, k_tail, v_tail,
+                Q_DESC, DO_DESC, desc_batch, h, seq_q_start, TMA, EDGE_TMA, BLOCK_D, dk_tail, dv_tail, k_tail, v_tail,
                 offs_t, t_valid, Q_TAIL_DESC, DO_TAIL_DESC, EVEN_TAIL, BLOCK_D_TAIL)
-        for start_m in range(full_start, full_stop, BLOCK_M):
+        for start_m in range(g_full_start, g_full_stop, BLOCK_M):
             dk, dv, dk_tail, dv_tail = _dkdv_tile(
                 dk, dv, k, v, Q, GRAD_OUT, LSE, DELTA, q_base, do_base, stat_base, stride_qm, stride_dom,
-                start_m, q_len, offs_d, d_valid, visible[:, None], real_lane, stat_base, seed,
+                start_m, seq_q_len, offs_d, d_valid, visible[:, None], real_lane, stat_base, seed,
                 dropout_threshold, dropout_scale, qk_scale_log2, DROPOUT, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N,
                 False, EVEN_D, softcap_in, softcap_out, SOFTCAP,
                 key_pos, window_shift, window, WINDOW, bias_row, BIAS_BUCKETS, bias_center, bias_last, BIAS,
-                Q_DESC, DO_DESC, desc_batch, h, q_start, TMA, EDGE_TMA, BLOCK_D, dk_tail, dv_tail, k_tail, v_tail,
+                Q_DESC, DO_DESC, desc_batch, h, seq_q_start, TMA, EDGE_TMA, BLOCK_D, dk_tail, dv_tail, k_tail, v_tail,
                 offs_t, t_valid, Q_TAIL_DESC, DO_TAIL_DESC, EVEN_TAIL, BLOCK_D_TAIL)
-        for start_m in range(full_stop, q_end, BLOCK_M):
+        for start_m in range(g_full_stop, g_q_end, BLOCK_M):
             visible_t = visible[:, None]
             if CAUSAL:
                 offs_m = start_m + tl.arange(0, BLOCK_M)
-                visible_t = visible_t & (offs_n[:, None] <= offs_m[None, :] + (k_len - q_len))
+                visible_t = visible_t & (offs_n[:, None] <= offs_m[None, :] + window_shift)
             dk, dv, dk_tail, dv_tail = _dkdv_tile(
                 dk, dv, k, v, Q, GRAD_OUT, LSE, DELTA, q_base, do_base, stat_base, stride_qm, stride_dom,
-                start_m, q_len, offs_d, d_valid, visible_t, real_lane, stat_base, seed, dropout_threshold,
+                start_m, seq_q_len, offs_d, d_valid, visible_t, real_lane, stat_base, seed, dropout_threshold,
                 dropout_scale, qk_scale_log2, DROPOUT, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, True, EVEN_D,
                 softcap_in, softcap_out, SOFTCAP,
                 key_pos, window_shift, window, WINDOW, bias_row, BIAS_BUCKETS, bias_center, bias_last, BIAS,
-                Q_DESC, DO_DESC, desc_batch, h, q_start, TMA, EDGE_TMA, BLOCK_D, dk_tail, dv_tail, k_tail, v_tail,
+                Q_DESC, DO_DESC, desc_batch, h, seq_q_start, TMA, EDGE_TMA, BLOCK_D, dk_tail, dv_tail, k_tail, v_tail,
                 offs_t, t_valid, Q_TAIL_DESC, DO_TAIL_DESC, EVEN_TAIL, BLOCK_D_TAIL)
     if DROPOUT or VARLEN or BIAS or BLOCK_D_TAIL > 0:  # the coordinates anew (PTX: a fresh program id)
         b, kv_h, start_n, offs_n = program_coordinates(k_len_max, num_kv_heads, BLOCK_N, PTX)
