@@ -612,15 +612,22 @@ def _prefix_attention_bwd_dkdv_kernel(
         h = kv_h * GROUP + g
         seq_q_start, seq_q_len, seq_k_len = q_start, q_len, k_len
         g_lo, g_full_start, g_full_stop, g_q_end = lo, full_start, full_stop, q_end
-        if VARLEN:  # the sequence's lengths and query tiles anew for each query head, from an index the
-            # compiler cannot see is b (``loop_variant_zero``): held across the heads' query loops, they
-            # spilled (168 bytes at D=64, 64 at D=128, reloaded for each head; now none, with the masked
-            # loops 2-4% shorter and D=64's unmasked one 3% longer: 325 -> 335 instructions)
+        # The query tiles' ranges anew for each query head, from an example index (with GQA also a key
+        # block) the compiler cannot see is b (start_n) (``loop_variant_zero``), not held across the heads'
+        # query loops: packed sequences (with their lengths) spilled them (168 bytes at D=64, 64 at
+        # D=128, reloaded for each head; now none, the masked loops 2-4% shorter, D=64's unmasked one
+        # 325 -> 335 instructions); with GQA triton 3.6 spilled them (prefix + GQA 256 bytes at D=64,
+        # 124 at D=128; now none, the loops 1-4% shorter), and triton 3.9's loops moved by -1% to +0.6%.
+        if VARLEN:
             seq = b + loop_variant_zero(g, PTX)
             seq_q_len = sequence_extent(CU_SEQLENS_Q, seq)[1]
             seq_k_len = sequence_extent(CU_SEQLENS_K, seq)[1]
             g_lo, g_full_start, g_full_stop, g_q_end = _dkdv_query_ranges(
                 KEY_BOUNDS, seq, start_n, seq_q_len, seq_k_len, window, CAUSAL, HAS_KPM, WINDOW, BLOCK_M, BLOCK_N)
+        elif GROUP > 1:
+            g_lo, g_full_start, g_full_stop, g_q_end = _dkdv_query_ranges(
+                KEY_BOUNDS, b + loop_variant_zero(g, PTX), start_n + loop_variant_zero(g, PTX), q_len, k_len, window,
+                CAUSAL, HAS_KPM, WINDOW, BLOCK_M, BLOCK_N)
         window_shift = seq_k_len - seq_q_len  # query i sits at key position i + Sk - Sq
         bias_row = BIAS_TABLE  # None without BIAS
         if BIAS:
