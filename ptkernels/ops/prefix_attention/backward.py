@@ -610,7 +610,7 @@ def _prefix_attention_bwd_dkdv_kernel(
     EDGE_TMA: tl.constexpr = TMA and not VARLEN and not DROPOUT
     for g in range(GROUP):
         h = kv_h * GROUP + g
-        seq_q_start, seq_q_len, seq_k_len = q_start, q_len, k_len
+        seq_q_len, seq_k_len = q_len, k_len
         g_lo, g_full_start, g_full_stop, g_q_end = lo, full_start, full_stop, q_end
         # The query tiles' ranges anew for each query head, from an example index (with GQA also a key
         # block) the compiler cannot see is b (start_n) (``loop_variant_zero``), not held across the heads'
@@ -632,10 +632,10 @@ def _prefix_attention_bwd_dkdv_kernel(
         bias_row = BIAS_TABLE  # None without BIAS
         if BIAS:
             bias_row = BIAS_TABLE + h * bias_row_len
-        q_base = b * stride_qb + seq_q_start * stride_qm + h * stride_qh
-        do_base = b * stride_dob + seq_q_start * stride_dom + h * stride_doh
+        q_base = b * stride_qb + q_start * stride_qm + h * stride_qh
+        do_base = b * stride_dob + q_start * stride_dom + h * stride_doh
         if VARLEN:
-            stat_base = h * stat_rows + seq_q_start
+            stat_base = h * stat_rows + q_start
         else:
             stat_base = (b * num_q_heads + h) * q_len_max
         for start_m in range(g_lo, g_full_start, BLOCK_M):
@@ -649,7 +649,7 @@ def _prefix_attention_bwd_dkdv_kernel(
                 dropout_scale, qk_scale_log2, DROPOUT, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, True, EVEN_D,
                 softcap_in, softcap_out, SOFTCAP,
                 key_pos, window_shift, window, WINDOW, bias_row, BIAS_BUCKETS, bias_center, bias_last, BIAS,
-                Q_DESC, DO_DESC, desc_batch, h, seq_q_start, TMA, EDGE_TMA, BLOCK_D, dk_tail, dv_tail, k_tail, v_tail,
+                Q_DESC, DO_DESC, desc_batch, h, q_start, TMA, EDGE_TMA, BLOCK_D, dk_tail, dv_tail, k_tail, v_tail,
                 offs_t, t_valid, Q_TAIL_DESC, DO_TAIL_DESC, EVEN_TAIL, BLOCK_D_TAIL)
         for start_m in range(g_full_start, g_full_stop, BLOCK_M):
             dk, dv, dk_tail, dv_tail = _dkdv_tile(
@@ -658,7 +658,7 @@ def _prefix_attention_bwd_dkdv_kernel(
                 dropout_threshold, dropout_scale, qk_scale_log2, DROPOUT, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N,
                 False, EVEN_D, softcap_in, softcap_out, SOFTCAP,
                 key_pos, window_shift, window, WINDOW, bias_row, BIAS_BUCKETS, bias_center, bias_last, BIAS,
-                Q_DESC, DO_DESC, desc_batch, h, seq_q_start, TMA, EDGE_TMA, BLOCK_D, dk_tail, dv_tail, k_tail, v_tail,
+                Q_DESC, DO_DESC, desc_batch, h, q_start, TMA, EDGE_TMA, BLOCK_D, dk_tail, dv_tail, k_tail, v_tail,
                 offs_t, t_valid, Q_TAIL_DESC, DO_TAIL_DESC, EVEN_TAIL, BLOCK_D_TAIL)
         for start_m in range(g_full_stop, g_q_end, BLOCK_M):
             visible_t = visible[:, None]
@@ -671,7 +671,7 @@ def _prefix_attention_bwd_dkdv_kernel(
                 dropout_scale, qk_scale_log2, DROPOUT, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, True, EVEN_D,
                 softcap_in, softcap_out, SOFTCAP,
                 key_pos, window_shift, window, WINDOW, bias_row, BIAS_BUCKETS, bias_center, bias_last, BIAS,
-                Q_DESC, DO_DESC, desc_batch, h, seq_q_start, TMA, EDGE_TMA, BLOCK_D, dk_tail, dv_tail, k_tail, v_tail,
+                Q_DESC, DO_DESC, desc_batch, h, q_start, TMA, EDGE_TMA, BLOCK_D, dk_tail, dv_tail, k_tail, v_tail,
                 offs_t, t_valid, Q_TAIL_DESC, DO_TAIL_DESC, EVEN_TAIL, BLOCK_D_TAIL)
     if DROPOUT or VARLEN or BIAS or BLOCK_D_TAIL > 0:  # the coordinates anew (PTX: a fresh program id)
         b, kv_h, start_n, offs_n = program_coordinates(k_len_max, num_kv_heads, BLOCK_N, PTX)
