@@ -23,8 +23,12 @@ from ptkernels.ops.prefix_attention.common import (  # noqa: E402
     DROPOUT_PTX_KEYS,
     PHILOX_ROUNDS,
     attention_dropout_keep,
+    consecutive_lanes_keep,
+    consecutive_lanes_keep_bits,
+    opaque,
     philox,
     philox_keyed,
+    unpack_keep_bits,
 )
 from ptkernels.ops.prefix_attention.forward import dropout_keep_mask  # noqa: E402
 from ptkernels.ops.prefix_attention.launch import (  # noqa: E402
@@ -257,3 +261,46 @@ def test_draws_look_independent():
         agree = (a == b).float().mean().item()
         m = a.numel()
         assert abs(agree - expected_agreement) < 5 * (expected_agreement * (1 - expected_agreement) / m) ** 0.5
+
+
+# ----------------------------------------------------------------------------------------------
+# The prefix dropout's keep mask packed into words (the prefix dK/dV kernel holds it that way)
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _packed_keep_kernel(MASK, UNPACKED, WORDS, first_lane, threshold, seed, BLOCK_R: tl.constexpr,
+                        BLOCK_K: tl.constexpr, PTX: tl.constexpr):
+    """MASK, UNPACKED (BLOCK_R, BLOCK_K) int8: consecutive_lanes_keep, and the same lanes packed by
+    consecutive_lanes_keep_bits and unpacked again; WORDS (BLOCK_R, BLOCK_K // min(32, BLOCK_K)) the words."""
+    WORD: tl.constexpr = min(32, BLOCK_K)
+    r = tl.arange(0, BLOCK_R)
+    k = tl.arange(0, BLOCK_K)
+    row_lanes = first_lane + r.to(tl.int64) * (BLOCK_K + 24)  # rows a philox call apart, as a prefix row's D
+    mask = consecutive_lanes_keep(seed, row_lanes, 8, threshold, BLOCK_R, BLOCK_K)
+    words = consecutive_lanes_keep_bits(seed, row_lanes, 8, threshold, BLOCK_R, BLOCK_K)
+    unpacked = unpack_keep_bits(opaque(words, PTX), BLOCK_R, BLOCK_K)
+    tl.store(MASK + r[:, None] * BLOCK_K + k[None, :], mask.to(tl.int8))
+    tl.store(UNPACKED + r[:, None] * BLOCK_K + k[None, :], unpacked.to(tl.int8))
+    w = tl.arange(0, BLOCK_K // WORD)
+    tl.store(WORDS + r[:, None] * (BLOCK_K // WORD) + w[None, :], words)
+
+
+@pytest.mark.parametrize("block_k", [8, 16, 32, 64, 128])
+@pytest.mark.parametrize("threshold", [1, 26214, 65535])
+def test_packed_prefix_keep_words_hold_the_keep_mask_bit_for_bit(block_k, threshold):
+    """Bit j of word w of a row is element WORD * w + j of the mask (WORD = min(32, BLOCK_K)), and
+    unpacking gives the mask back, at every tile width a head dim can take and at the extreme
+    thresholds (1, which Triton specialises, and 65535); the words use all 32 bits."""
+    block_r, word = 16, min(32, block_k)
+    mask = torch.empty(block_r, block_k, dtype=torch.int8, device=DEVICE)
+    unpacked = torch.empty_like(mask)
+    words = torch.empty(block_r, block_k // word, dtype=torch.int32, device=DEVICE)
+    ptx = philox_mode(device_limits(DEVICE)) == DROPOUT_PTX
+    _packed_keep_kernel[(1,)](mask, unpacked, words, 2**33 + 40, threshold, 2**40 + 9, BLOCK_R=block_r,
+                              BLOCK_K=block_k, PTX=ptx)
+    mask, unpacked, words = mask.cpu(), unpacked.cpu(), words.cpu().to(torch.int64) & 0xFFFFFFFF
+    assert torch.equal(unpacked, mask)
+    bits = (words[:, :, None] >> torch.arange(word)) & 1  # (rows, words, bit)
+    assert torch.equal(bits.reshape(block_r, block_k).to(torch.int8), mask)
+    if threshold == 26214:  # p = 0.4: both values of a bit occur, the top bit among them
+        assert 0 < mask.float().mean().item() < 1 and bool(((words >> (word - 1)) & 1).any())

@@ -167,6 +167,43 @@ def test_bank_backward_is_bitwise_deterministic():
         assert torch.equal(a, b)
 
 
+def test_bank_prefix_dropout_backward_is_bitwise_deterministic():
+    """With prefix dropout the prefix dK/dV kernel adds each example's share into float32 sums in
+    memory (relaxed atomic adds, each element by one thread in example order): the same bits every
+    run. The interpreter runs the adds in order whatever the code; the GPU version of this test
+    (below) is the one that could catch a reordering."""
+    case = BankCase(batch=3, entries=2, index=(0, 1, 0), lengths=(21, 12), causal=True, q_len=5, k_len=7)
+    q, k, v, pk, pv, mask, index, lengths = make_bank_inputs(case)
+    grad_out = torch.randn(case.batch, case.q_heads, case.q_len, case.head_dim).to(DEVICE)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        out = run_bank(case, "triton", q, k, v, pk, pv, mask, index, lengths, prefix_dropout_p=0.3)
+        runs.append(grads_of(out, (q, k, v, pk, pv), grad_out))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_bank_prefix_dropout_backward_deterministic_50x(dtype):
+    """Compiled (D=128: the kernel's packed keep words and atomic adds), 8 examples over 3 entries."""
+    case = BankCase(batch=8, entries=3, index=(0, 1, 2, 0, 1, 2, 0, 0), q_heads=8, kv_heads=2, q_len=200,
+                    k_len=200, prefix_len=160, head_dim=128, causal=True, lengths=(160, 100, 37))
+    q, k, v, pk, pv, mask, index, lengths = make_bank_inputs(case, dtype=dtype, device="cuda")
+    grad_out = torch.randn(case.batch, case.q_heads, case.q_len, case.head_dim, device="cuda", dtype=dtype)
+
+    def grads():
+        torch.manual_seed(7)
+        out = run_bank(case, "triton", q, k, v, pk, pv, mask, index, lengths, prefix_dropout_p=0.1)
+        return grads_of(out, (q, k, v, pk, pv), grad_out)
+
+    first = grads()
+    for _ in range(50):
+        for a, b in zip(first, grads()):
+            assert torch.equal(a, b)
+
+
 def test_bank_of_one_entry_equals_shared_prefix_and_per_example_bank_equals_per_example():
     """Two ways to say the same thing must give the same bits (Triton): a bank of one entry read by
     every example is the shared prefix; a bank read by arange(B) is the per-example prefix."""

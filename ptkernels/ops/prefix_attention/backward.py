@@ -7,6 +7,8 @@ Three kernels after a small preprocessing step (delta = rowsum(grad_out * out)):
 - dK/dV of the prefix: one program per (prefix block, kv head, batch split). A shared prefix loops
   over its slice of the batch in a fixed order, so the batch reduction needs no atomics; with more
   than one split, the fp32 partials (splits, Hkv, P, D) are summed in a fixed order afterwards.
+  (Under P-Tuning v2's prefix dropout each example's share is added into those partials with
+  atomic adds that no two threads ever issue to one element: the same order every run.)
   The result is deterministic: the same inputs give the same bits.
 All probabilities are recomputed from the saved log-sum-exp; dropout is regenerated from the seed.
 """
@@ -43,7 +45,9 @@ from .common import (
     load_tail_tile,
     load_tile,
     loop_variant_zero,
+    opaque,
     prefix_dropout_keep,
+    unpack_keep_bits,
     relative_bias,
     relative_bucket,
     tanh,
@@ -752,6 +756,31 @@ def _prefix_example_dkdv(
     return dk, dv, dk_tail, dv_tail
 
 
+@triton.jit
+def _add_dropped_prefix_grad(DST, stride_row, grad, keep_words, grad_scale, offs_n, prefix_len, head_dim,
+                             PTX: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr):
+    """One example's share of a dropped prefix block's gradient, added into its float32 running sum:
+    DST[n, d] += grad[n, d] * grad_scale where the example kept element (n, d), for the rows
+    n = offs_n (BLOCK_N,) below prefix_len and the channels d < head_dim of the tile's BLOCK_D.
+    DST: the sum's row 0 (row n at DST + n * stride_row); grad (BLOCK_N, BLOCK_D) float32;
+    keep_words: the keep mask packed (``consecutive_lanes_keep_bits``).
+
+    Added with relaxed atomic adds (red.global.add.f32, 4 floats each) where a load and a store
+    held the sum's tile in registers beside the example's dK and dV (the bank + prefix dropout
+    kernel spilled 1,096 bytes at D=128). Deterministic all the same: this program alone adds to
+    these rows, and each element is added to by the same thread in example order (the one layout,
+    fixed when the kernel compiles), as the load and store did. The mask and the rows go through
+    ``opaque``, so the compiler neither reuses the mask unpacked before the loops nor builds the
+    pointer tiles ahead of them."""
+    grad = tl.where(unpack_keep_bits(opaque(keep_words, PTX), BLOCK_N, BLOCK_D), grad * grad_scale, 0.0)
+    cols = tl.arange(0, BLOCK_D)
+    rows = opaque(offs_n, PTX)
+    mask = (rows < prefix_len)[:, None]
+    if not EVEN_D:
+        mask = mask & (cols < head_dim)[None, :]
+    tl.atomic_add(DST + rows[:, None] * stride_row + cols[None, :], grad, mask=mask, sem="relaxed")
+
+
 @triton.jit(do_not_specialize=["seed", "prefix_seed", *ROUND_KEY_ARGS])
 def _prefix_attention_bwd_prefix_dkdv_kernel(
     Q, PREFIX_K, PREFIX_V, PREFIX_LENGTHS, EXAMPLE_ORDER, ENTRY_OFFSETS, CU_SEQLENS_Q, BIAS_TABLE, BIAS_BUCKETS,
@@ -781,7 +810,9 @@ def _prefix_attention_bwd_prefix_dkdv_kernel(
 
     Every prefix is a bank of A entries here, and each entry's gradient is the sum over the examples
     that read it, split s of entry a summing its share of them in a fixed order into its own slice
-    ``a * splits + s`` (summed in a fixed order afterwards when splits > 1). No atomics: deterministic.
+    ``a * splits + s`` (summed in a fixed order afterwards when splits > 1). Deterministic: no two
+    programs add into one element, and the atomic adds of PREFIX_DROPOUT (``_add_dropped_prefix_grad``)
+    come from one thread per element, in example order.
     - Bank (HAS_INDEX): entry a's examples are EXAMPLE_ORDER[ENTRY_OFFSETS[a]:ENTRY_OFFSETS[a + 1]]
       (prefix_index stably sorted).
     - Per-example prefix (B, Hkv, P, D): A = B, entry a is example a (examples_per_entry 1).
@@ -867,17 +898,17 @@ def _prefix_attention_bwd_prefix_dkdv_kernel(
             # The prefix rows offs_n, computed anew in each iteration (``loop_variant_zero``): the
             # pointers of the raw tiles and of the running sums below are not held across the loops.
             rows = offs_n + loop_variant_zero(i, PTX)
-            rows_2d = rows[:, None].to(tl.int64)
-            rows_mask = (rows < prefix_len)[:, None] & d_valid[None, :]
             rows_valid = rows < entry_prefix_len
-            keep_k = prefix_dropout_keep(prefix_seed, b, kv_h, 0, num_kv_heads, prefix_len, head_dim, rows,
-                                         prefix_dropout_threshold, BLOCK_N, BLOCK_D)
-            keep_v = prefix_dropout_keep(prefix_seed, b, kv_h, 1, num_kv_heads, prefix_len, head_dim, rows,
-                                         prefix_dropout_threshold, BLOCK_N, BLOCK_D)
+            # The keep masks packed into int32 words (32 elements each): the epilogue needs them
+            # again after the loops, and across the loops unpacked they spilled.
+            keep_k_words = prefix_dropout_keep(prefix_seed, b, kv_h, 0, num_kv_heads, prefix_len, head_dim, rows,
+                                               prefix_dropout_threshold, BLOCK_N, BLOCK_D, PACKED=True)
+            keep_v_words = prefix_dropout_keep(prefix_seed, b, kv_h, 1, num_kv_heads, prefix_len, head_dim, rows,
+                                               prefix_dropout_threshold, BLOCK_N, BLOCK_D, PACKED=True)
             k = load_tile(pk_base, rows, stride_pkn, offs_d, rows_valid, d_valid, UPCAST)
-            k = tl.where(keep_k, k * prefix_dropout_scale, 0.0).to(k.dtype)
+            k = tl.where(unpack_keep_bits(keep_k_words, BLOCK_N, BLOCK_D), k * prefix_dropout_scale, 0.0).to(k.dtype)
             v = load_tile(pv_base, rows, stride_pvn, offs_d, rows_valid, d_valid, UPCAST)
-            v = tl.where(keep_v, v * prefix_dropout_scale, 0.0).to(v.dtype)
+            v = tl.where(unpack_keep_bits(keep_v_words, BLOCK_N, BLOCK_D), v * prefix_dropout_scale, 0.0).to(v.dtype)
             k_tail = load_tail_tile(pk_base, rows, stride_pkn, offs_t, rows_valid, t_valid, UPCAST, BLOCK_D_TAIL)
             v_tail = load_tail_tile(pv_base, rows, stride_pvn, offs_t, rows_valid, t_valid, UPCAST, BLOCK_D_TAIL)
             if BLOCK_D_TAIL > 0:  # (a None tile cannot pass through a function that returns it)
@@ -902,33 +933,27 @@ def _prefix_attention_bwd_prefix_dkdv_kernel(
                 BLOCK_D_TAIL)
             # The running sums live in DPREFIX_K / DPREFIX_V (float32, zeroed by the launcher), not in
             # registers: four fp32 tiles (the example's and the running dK, dV) beside the raw ones
-            # spilled 4 KB at D=128. This program alone writes these rows; the barrier orders one
-            # example's stores before the next one's loads (a load's layout may give an element to
-            # another thread). The scales fold in here (dK's softmax scale, dV's 1 / P(keep)).
-            dk_ptrs = DPREFIX_K + outer * stride_dpks + kv_h * stride_dpkh + rows_2d * stride_dpkn + offs_d[None, :]
-            dk_sum = tl.load(dk_ptrs, mask=rows_mask, other=0.0)
-            tl.store(dk_ptrs, dk_sum + tl.where(keep_k, dk_b * (prefix_dropout_scale * scale), 0.0), mask=rows_mask)
-            dv_ptrs = DPREFIX_V + outer * stride_dpvs + kv_h * stride_dpvh + rows_2d * stride_dpvn + offs_d[None, :]
-            dv_sum = tl.load(dv_ptrs, mask=rows_mask, other=0.0)
-            tl.store(dv_ptrs, dv_sum + tl.where(keep_v, dv_b * (prefix_dropout_scale * dv_scale), 0.0),
-                     mask=rows_mask)
-            if BLOCK_D_TAIL > 0:  # the tail's channels likewise, with their own keep lanes
-                tail_mask = (rows < prefix_len)[:, None] & t_valid[None, :]
-                keep_k = prefix_dropout_keep(prefix_seed, b, kv_h, 0, num_kv_heads, prefix_len, head_dim, rows,
-                                             prefix_dropout_threshold, BLOCK_N, BLOCK_D_TAIL, BLOCK_D)
-                dk_ptrs = (DPREFIX_K + outer * stride_dpks + kv_h * stride_dpkh + rows_2d * stride_dpkn
-                           + offs_t[None, :])
-                dk_sum = tl.load(dk_ptrs, mask=tail_mask, other=0.0)
-                tl.store(dk_ptrs, dk_sum + tl.where(keep_k, dk_b_tail * (prefix_dropout_scale * scale), 0.0),
-                         mask=tail_mask)
-                keep_v = prefix_dropout_keep(prefix_seed, b, kv_h, 1, num_kv_heads, prefix_len, head_dim, rows,
-                                             prefix_dropout_threshold, BLOCK_N, BLOCK_D_TAIL, BLOCK_D)
-                dv_ptrs = (DPREFIX_V + outer * stride_dpvs + kv_h * stride_dpvh + rows_2d * stride_dpvn
-                           + offs_t[None, :])
-                dv_sum = tl.load(dv_ptrs, mask=tail_mask, other=0.0)
-                tl.store(dv_ptrs, dv_sum + tl.where(keep_v, dv_b_tail * (prefix_dropout_scale * dv_scale), 0.0),
-                         mask=tail_mask)
-            tl.debug_barrier()
+            # spilled 4 KB at D=128. This program alone adds into these rows, one thread per element
+            # in example order (``_add_dropped_prefix_grad``: no barrier needed between examples, as
+            # the load and store that did this before needed one). The scales fold in here (dK's
+            # softmax scale, dV's 1 / P(keep)).
+            _add_dropped_prefix_grad(DPREFIX_K + outer * stride_dpks + kv_h * stride_dpkh, stride_dpkn, dk_b,
+                                     keep_k_words, prefix_dropout_scale * scale, offs_n, prefix_len, head_dim,
+                                     PTX, BLOCK_N, BLOCK_D, EVEN_D)
+            _add_dropped_prefix_grad(DPREFIX_V + outer * stride_dpvs + kv_h * stride_dpvh, stride_dpvn, dv_b,
+                                     keep_v_words, prefix_dropout_scale * dv_scale, offs_n, prefix_len, head_dim,
+                                     PTX, BLOCK_N, BLOCK_D, EVEN_D)
+            if BLOCK_D_TAIL > 0:  # the tail's channels likewise, their keep lanes drawn anew here
+                keep_k_words = prefix_dropout_keep(prefix_seed, b, kv_h, 0, num_kv_heads, prefix_len, head_dim, rows,
+                                                   prefix_dropout_threshold, BLOCK_N, BLOCK_D_TAIL, BLOCK_D, True)
+                _add_dropped_prefix_grad(DPREFIX_K + outer * stride_dpks + kv_h * stride_dpkh + BLOCK_D, stride_dpkn,
+                                         dk_b_tail, keep_k_words, prefix_dropout_scale * scale, offs_n, prefix_len,
+                                         head_dim - BLOCK_D, PTX, BLOCK_N, BLOCK_D_TAIL, EVEN_TAIL)
+                keep_v_words = prefix_dropout_keep(prefix_seed, b, kv_h, 1, num_kv_heads, prefix_len, head_dim, rows,
+                                                   prefix_dropout_threshold, BLOCK_N, BLOCK_D_TAIL, BLOCK_D, True)
+                _add_dropped_prefix_grad(DPREFIX_V + outer * stride_dpvs + kv_h * stride_dpvh + BLOCK_D, stride_dpvn,
+                                         dv_b_tail, keep_v_words, prefix_dropout_scale * dv_scale, offs_n, prefix_len,
+                                         head_dim - BLOCK_D, PTX, BLOCK_N, BLOCK_D_TAIL, EVEN_TAIL)
         else:
             key_pos = offs_n
             if BIAS:  # the keys' positions computed in the loop: the bias gathers' tiles are not held across it

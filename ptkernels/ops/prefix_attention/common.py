@@ -123,6 +123,17 @@ def loop_variant_zero(i, PTX: tl.constexpr):
 
 
 @triton.jit
+def opaque(x, PTX: tl.constexpr):
+    """x (an int32 tensor) through an inline-PTX move the compiler cannot see through where PTX
+    (not pure: never merged with another opaque(x), never hoisted out of a loop); x itself elsewhere.
+    What is computed from it is computed where it is written: an epilogue's pointer tiles are then
+    not built ahead of the loops before it and held across them."""
+    if PTX:
+        x = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=tl.int32, is_pure=False, pack=1)
+    return x
+
+
+@triton.jit
 def program_coordinates(num_rows, num_heads, BLOCK: tl.constexpr, FRESH_PID: tl.constexpr = False):
     """(outer, head, start, offs) of this program in a 1-D grid of cdiv(num_rows, BLOCK) row blocks
     (fastest) x num_heads x outer: outer and head as int64, the block's first row ``start`` and its
@@ -233,18 +244,58 @@ def consecutive_lanes_keep(seed, row_lanes, key_lane, threshold, BLOCK_R: tl.con
 
 
 @triton.jit
+def _bitwise_or(a, b):
+    return a | b
+
+
+@triton.jit
+def consecutive_lanes_keep_bits(seed, row_lanes, key_lane, threshold, BLOCK_R: tl.constexpr,
+                                BLOCK_K: tl.constexpr):
+    """``consecutive_lanes_keep``'s mask packed into int32 words: (BLOCK_R, BLOCK_K // WORD) with
+    WORD = min(32, BLOCK_K), bit j of word (r, w) being element (r, WORD * w + j) of the mask
+    (``unpack_keep_bits`` unpacks it). A kernel that needs a mask again after its loops holds it
+    in 1/32 of the registers: 2 a thread for a 128 x 128 tile on 8 warps, where the mask takes 64.
+    Each philox call's 8 lanes become 8 bits of one word."""
+    WORD: tl.constexpr = min(32, BLOCK_K)
+    counters = (row_lanes[:, None] + key_lane) // 8 + tl.arange(0, BLOCK_K // 8)[None, :]
+    r0, r1, r2, r3 = tl.randint4x(seed, counters, n_rounds=PHILOX_ROUNDS)
+    # Element 8 c + 4 i + 2 j + h: word r_(i + 2 j)'s low (h = 0) or high (h = 1) 16 bits, the order
+    # of consecutive_lanes_keep's joins (r0, r2, r1, r3).
+    byte = ((r0 & 0xFFFF) >= threshold).to(tl.int32) | (((r0 >> 16) >= threshold).to(tl.int32) << 1)
+    byte |= (((r2 & 0xFFFF) >= threshold).to(tl.int32) << 2) | (((r2 >> 16) >= threshold).to(tl.int32) << 3)
+    byte |= (((r1 & 0xFFFF) >= threshold).to(tl.int32) << 4) | (((r1 >> 16) >= threshold).to(tl.int32) << 5)
+    byte |= (((r3 & 0xFFFF) >= threshold).to(tl.int32) << 6) | (((r3 >> 16) >= threshold).to(tl.int32) << 7)
+    bytes_of_words = tl.reshape(byte, (BLOCK_R, BLOCK_K // WORD, WORD // 8))
+    return tl.reduce(bytes_of_words << (8 * tl.arange(0, WORD // 8))[None, None, :], 2, _bitwise_or)
+
+
+@triton.jit
+def unpack_keep_bits(words, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The (BLOCK_R, BLOCK_K) keep mask that ``consecutive_lanes_keep_bits`` packed into words."""
+    WORD: tl.constexpr = min(32, BLOCK_K)
+    bits = (words[:, :, None] >> tl.arange(0, WORD)[None, None, :]) & 1
+    return tl.reshape(bits, (BLOCK_R, BLOCK_K)) != 0
+
+
+@triton.jit
 def prefix_dropout_keep(seed, b, kv_h, which, num_kv_heads, prefix_len, head_dim, n, threshold,
-                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, FIRST_CHANNEL: tl.constexpr = 0):
+                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, FIRST_CHANNEL: tl.constexpr = 0,
+                        PACKED: tl.constexpr = False):
     """(BLOCK_N, BLOCK_D) keep mask of P-Tuning v2's prefix dropout for example b, KV head kv_h,
     prefix positions n (BLOCK_N,) and channels FIRST_CHANNEL..FIRST_CHANNEL + BLOCK_D (a multiple of
     8: the head dim's tail part, ``split_head_dim``): ``which`` 0 for the keys, 1 for the values.
 
     Lane numbering: row ((b * Hkv + kv_h) * 2 + which) * P + n has round_up(D, 8) lanes, one per
     channel, drawn as ``consecutive_lanes_keep`` draws them (8 lanes per philox call); the same for
-    every query and query head that reads this KV head, and regenerated identically in backward."""
+    every query and query head that reads this KV head, and regenerated identically in backward.
+    PACKED: the same mask packed into int32 words (``consecutive_lanes_keep_bits``)."""
     width = (head_dim + 7) // 8 * 8
     rows = ((b * num_kv_heads + kv_h) * 2 + which) * prefix_len + n.to(tl.int64)
-    return consecutive_lanes_keep(seed, rows * width, FIRST_CHANNEL, threshold, BLOCK_N, BLOCK_D)
+    if PACKED:
+        keep = consecutive_lanes_keep_bits(seed, rows * width, FIRST_CHANNEL, threshold, BLOCK_N, BLOCK_D)
+    else:
+        keep = consecutive_lanes_keep(seed, rows * width, FIRST_CHANNEL, threshold, BLOCK_N, BLOCK_D)
+    return keep
 
 
 @triton.jit
