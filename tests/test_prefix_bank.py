@@ -170,8 +170,9 @@ def test_bank_backward_is_bitwise_deterministic():
 def test_bank_prefix_dropout_backward_is_bitwise_deterministic():
     """With prefix dropout the prefix dK/dV kernel adds each example's share into float32 sums in
     memory (relaxed atomic adds, each element by one thread in example order): the same bits every
-    run. The interpreter runs the adds in order whatever the code; the GPU version of this test
-    (below) is the one that could catch a reordering."""
+    run. In the interpreter the adds run in order whatever the code, so this catches what else could
+    differ between runs (sums not zeroed first fail it); the GPU version below is the one that could
+    catch a reordering of the adds."""
     case = BankCase(batch=3, entries=2, index=(0, 1, 0), lengths=(21, 12), causal=True, q_len=5, k_len=7)
     q, k, v, pk, pv, mask, index, lengths = make_bank_inputs(case)
     grad_out = torch.randn(case.batch, case.q_heads, case.q_len, case.head_dim).to(DEVICE)
@@ -186,8 +187,13 @@ def test_bank_prefix_dropout_backward_is_bitwise_deterministic():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_gpu_bank_prefix_dropout_backward_deterministic_50x(dtype):
-    """Compiled (D=128: the kernel's packed keep words and atomic adds), 8 examples over 3 entries."""
+def test_gpu_bank_prefix_dropout_backward_deterministic_50x(dtype, monkeypatch):
+    """Compiled (D=128: the kernel's packed keep words and atomic adds), 8 examples over 3 entries,
+    each entry's examples in one program (one split: on a GPU the launcher would otherwise give
+    each program one example, and every element one add onto zero, which no reordering changes)."""
+    from ptkernels.ops.prefix_attention import backward
+
+    monkeypatch.setattr(backward, "bank_splits", lambda *args, **kwargs: 1)
     case = BankCase(batch=8, entries=3, index=(0, 1, 2, 0, 1, 2, 0, 0), q_heads=8, kv_heads=2, q_len=200,
                     k_len=200, prefix_len=160, head_dim=128, causal=True, lengths=(160, 100, 37))
     q, k, v, pk, pv, mask, index, lengths = make_bank_inputs(case, dtype=dtype, device="cuda")
