@@ -769,7 +769,8 @@ def _add_dropped_prefix_grad(DST, stride_row, grad, keep_words, grad_scale, offs
     held the sum's tile in registers beside the example's dK and dV (the bank + prefix dropout
     kernel spilled 1,096 bytes at D=128). Deterministic all the same: this program alone adds to
     these rows, and each element is added to by the same thread in example order (the one layout,
-    fixed when the kernel compiles), as the load and store did. The mask and the rows go through
+    fixed when the kernel compiles): the same additions in the same order as the load and store (with
+    a barrier between examples) made. The mask and the rows go through
     ``opaque``, so the compiler neither reuses the mask unpacked before the loops nor builds the
     pointer tiles ahead of them."""
     grad = tl.where(unpack_keep_bits(opaque(keep_words, PTX), BLOCK_N, BLOCK_D), grad * grad_scale, 0.0)
@@ -937,23 +938,25 @@ def _prefix_attention_bwd_prefix_dkdv_kernel(
             # in example order (``_add_dropped_prefix_grad``: no barrier needed between examples, as
             # the load and store that did this before needed one). The scales fold in here (dK's
             # softmax scale, dV's 1 / P(keep)).
-            _add_dropped_prefix_grad(DPREFIX_K + outer * stride_dpks + kv_h * stride_dpkh, stride_dpkn, dk_b,
-                                     keep_k_words, prefix_dropout_scale * scale, offs_n, prefix_len, head_dim,
-                                     PTX, BLOCK_N, BLOCK_D, EVEN_D)
-            _add_dropped_prefix_grad(DPREFIX_V + outer * stride_dpvs + kv_h * stride_dpvh, stride_dpvn, dv_b,
-                                     keep_v_words, prefix_dropout_scale * dv_scale, offs_n, prefix_len, head_dim,
-                                     PTX, BLOCK_N, BLOCK_D, EVEN_D)
+            dpk_row0 = DPREFIX_K + outer * stride_dpks + kv_h * stride_dpkh  # this program's sums, row 0
+            dpv_row0 = DPREFIX_V + outer * stride_dpvs + kv_h * stride_dpvh
+            _add_dropped_prefix_grad(dpk_row0, stride_dpkn, dk_b, keep_k_words, prefix_dropout_scale * scale, offs_n,
+                                     prefix_len, head_dim, PTX, BLOCK_N, BLOCK_D, EVEN_D)
+            _add_dropped_prefix_grad(dpv_row0, stride_dpvn, dv_b, keep_v_words, prefix_dropout_scale * dv_scale,
+                                     offs_n, prefix_len, head_dim, PTX, BLOCK_N, BLOCK_D, EVEN_D)
             if BLOCK_D_TAIL > 0:  # the tail's channels likewise, their keep lanes drawn anew here
                 keep_k_words = prefix_dropout_keep(prefix_seed, b, kv_h, 0, num_kv_heads, prefix_len, head_dim, rows,
-                                                   prefix_dropout_threshold, BLOCK_N, BLOCK_D_TAIL, BLOCK_D, True)
-                _add_dropped_prefix_grad(DPREFIX_K + outer * stride_dpks + kv_h * stride_dpkh + BLOCK_D, stride_dpkn,
-                                         dk_b_tail, keep_k_words, prefix_dropout_scale * scale, offs_n, prefix_len,
-                                         head_dim - BLOCK_D, PTX, BLOCK_N, BLOCK_D_TAIL, EVEN_TAIL)
+                                                   prefix_dropout_threshold, BLOCK_N, BLOCK_D_TAIL, BLOCK_D,
+                                                   PACKED=True)
+                _add_dropped_prefix_grad(dpk_row0 + BLOCK_D, stride_dpkn, dk_b_tail, keep_k_words,
+                                         prefix_dropout_scale * scale, offs_n, prefix_len, head_dim - BLOCK_D, PTX,
+                                         BLOCK_N, BLOCK_D_TAIL, EVEN_TAIL)
                 keep_v_words = prefix_dropout_keep(prefix_seed, b, kv_h, 1, num_kv_heads, prefix_len, head_dim, rows,
-                                                   prefix_dropout_threshold, BLOCK_N, BLOCK_D_TAIL, BLOCK_D, True)
-                _add_dropped_prefix_grad(DPREFIX_V + outer * stride_dpvs + kv_h * stride_dpvh + BLOCK_D, stride_dpvn,
-                                         dv_b_tail, keep_v_words, prefix_dropout_scale * dv_scale, offs_n, prefix_len,
-                                         head_dim - BLOCK_D, PTX, BLOCK_N, BLOCK_D_TAIL, EVEN_TAIL)
+                                                   prefix_dropout_threshold, BLOCK_N, BLOCK_D_TAIL, BLOCK_D,
+                                                   PACKED=True)
+                _add_dropped_prefix_grad(dpv_row0 + BLOCK_D, stride_dpvn, dv_b_tail, keep_v_words,
+                                         prefix_dropout_scale * dv_scale, offs_n, prefix_len, head_dim - BLOCK_D, PTX,
+                                         BLOCK_N, BLOCK_D_TAIL, EVEN_TAIL)
         else:
             key_pos = offs_n
             if BIAS:  # the keys' positions computed in the loop: the bias gathers' tiles are not held across it
