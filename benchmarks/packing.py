@@ -127,7 +127,7 @@ def run_op(lengths: list[int], prefix_len: int, device, heads=(16, 4), head_dim=
 
     hq, hkv = heads
     g = torch.Generator().manual_seed(0)
-    total, longest, num = sum(lengths), max(lengths), len(lengths)
+    total, longest = sum(lengths), max(lengths)
     q = torch.randn(total, hq, head_dim, generator=g).to(device).requires_grad_(True)
     k = torch.randn(total, hkv, head_dim, generator=g).to(device).requires_grad_(True)
     v = torch.randn(total, hkv, head_dim, generator=g).to(device).requires_grad_(True)

@@ -4,7 +4,6 @@ argument errors."""
 
 from __future__ import annotations
 
-import itertools
 
 import pytest
 import torch
