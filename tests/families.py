@@ -47,7 +47,7 @@ FAMILIES: dict[str, tuple[str, dict, Optional[str]]] = {
     "gpt_oss": (DEC, {}, None),  # attention sinks
     "gemma4_text": (DEC, {}, None),
     "bloom": (DEC, {}, "does not call transformers' attention interface"),
-    "falcon": (DEC, {}, "does not call transformers' attention interface"),
+    "falcon": (DEC, {}, None),  # (its outcome depends on the transformers release: VERSIONED_OUTCOMES)
     "deepseek_v3": (DEC, {}, "multi-head latent attention"),
     "glm4_moe_lite": (DEC, {}, "multi-head latent attention"),
     "qwen3_next": (DEC, {}, "found no self-attention module with a layer_idx"),
@@ -62,6 +62,26 @@ FAMILIES: dict[str, tuple[str, dict, Optional[str]]] = {
     "megatron-bert": (ENC, {}, "does not call transformers' attention interface"),
     "roformer": (ENC, {}, "does not call transformers' attention interface"),
 }
+
+
+def _transformers_at_least(release: str) -> bool:
+    """The installed transformers is ``release`` or newer (False when it is not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from packaging.version import Version
+
+    try:
+        return Version(version("transformers")) >= Version(release)
+    except PackageNotFoundError:
+        return False
+
+
+# Families whose outcome changed with a transformers release: (release, outcome before it, outcome
+# from it). Falcon's attention calls the attention interface from transformers 5.25 on, but its
+# decoder layer still calls the attention without **kwargs, so the prefix cannot reach it.
+VERSIONED_OUTCOMES = {"falcon": ("5.25.0", "does not call transformers' attention interface", KWARGS)}
+for _name, (_release, _before, _after) in VERSIONED_OUTCOMES.items():
+    FAMILIES[_name] = FAMILIES[_name][:2] + ((_after if _transformers_at_least(_release) else _before),)
 # P-tuning's outcome where it differs from prefix tuning's (a refusal reason).
 PTUNING_OUTCOME = {"gemma4_text": "per-layer input embeddings are computed from the token ids"}
 # Families where unpatched PEFT prefix tuning fails (so the concatenated-keys reference is used).
@@ -178,17 +198,23 @@ def markdown_table() -> str:
     """The README's table: family, kind, outcome (from FAMILIES; ``test_families.py`` checks it)."""
     from transformers import CONFIG_MAPPING
 
+    def describe(name: str, outcome: Optional[str]) -> str:
+        if outcome is None:
+            return "equal to unpatched PEFT in float64" + (" (PEFT fails: concatenated-keys reference)"
+                                                           if name in REFERENCE_CONCAT else "")
+        if outcome == KWARGS:
+            return ("prefix tuning refused at the first forward: its layers do not forward **kwargs to the "
+                    "attention; P-tuning equal to unpatched PEFT in float64")
+        return f"refused at patch time: {outcome}"
+
     rows = ["| family | kind | prefix tuning (± projection), P-tuning |", "|---|---|---|"]
     for name, (kind, _, outcome) in sorted(FAMILIES.items()):
         if name not in CONFIG_MAPPING:
             continue
-        if outcome is None:
-            text = "equal to unpatched PEFT in float64" + (" (PEFT fails: concatenated-keys reference)"
-                                                           if name in REFERENCE_CONCAT else "")
-        elif outcome == KWARGS:
-            text = "refused at the first forward: its layers do not forward **kwargs to the attention"
-        else:
-            text = f"refused at patch time: {outcome}"
+        text = describe(name, outcome)
+        if name in VERSIONED_OUTCOMES:  # the same table whichever release is installed
+            release, before, after = VERSIONED_OUTCOMES[name]
+            text = f"transformers < {release}: {describe(name, before)}; from {release}: {describe(name, after)}"
         if name in PTUNING_OUTCOME:
             text = f"prefix tuning {text}; P-tuning refused at patch time: {PTUNING_OUTCOME[name]}"
         rows.append(f"| {name} | {kind} | {text} |")
