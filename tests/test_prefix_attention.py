@@ -405,9 +405,15 @@ def test_dropout_same_seed_same_output_different_seed_different_output(backend):
 
 
 # The second case: GQA, causal, a full prefix block and a full query tile at D=72 (padded to 128).
+# Above D=64 under dropout the prefix dK/dV kernel's example loop counts to examples_per_split and
+# skips the examples past its split (EXAMPLE_GUARD): 3 examples in the interpreter's 2 splits leave
+# the second split one example and one skipped iteration; a per-example prefix passes 1.
 @pytest.mark.parametrize("case", [
     _DROPOUT_CASE,
     Case(batch=2, q_heads=4, kv_heads=2, q_len=21, k_len=27, prefix_len=21, head_dim=72, causal=True, padding="random"),
+    Case(batch=3, q_heads=4, kv_heads=2, q_len=10, k_len=12, prefix_len=7, head_dim=72, causal=True, padding="random"),
+    Case(batch=3, q_heads=2, kv_heads=1, q_len=10, k_len=12, prefix_len=7, head_dim=72, padding="random",
+         prefix="per_example"),
 ], ids=str)
 def test_dropout_matches_reference_given_the_kernels_keep_mask(case):
     from ptkernels.ops.prefix_attention.forward import dropout_keep_mask

@@ -323,10 +323,15 @@ def test_prefix_dropout_same_seed_same_output_and_independent_of_attention_dropo
     assert torch.isfinite(both).all() and not torch.allclose(both, outs[0])
 
 
-def test_prefix_dropout_with_attention_dropout_matches_reference_given_both_kernel_masks():
+@pytest.mark.parametrize("head_dim, index", [(24, (2, 0, 2, 1)), (72, (2, 2, 1, 2))])
+def test_prefix_dropout_with_attention_dropout_matches_reference_given_both_kernel_masks(head_dim, index):
+    """head_dim 72: above D=64 under attention dropout the prefix dK/dV kernel's example loop counts
+    to examples_per_split (2: 4 examples in the interpreter's 2 splits) and skips what is past its
+    split of the entry's list: entry 2's examples 0, 1, 3 split as 2 + 1, entry 1's one example leaves
+    its second split empty, and entry 0 has none (its gradient is 0)."""
     from ptkernels.ops.prefix_attention.forward import dropout_keep_mask, prefix_dropout_keep_mask
 
-    case = BankCase(causal=True, lengths=(21, 4, 11))
+    case = BankCase(causal=True, lengths=(21, 4, 11), head_dim=head_dim, index=index)
     q, k, v, pk, pv, mask, index, lengths = make_bank_inputs(case)
     torch.manual_seed(8)
     out = run_bank(case, "triton", q, k, v, pk, pv, mask, index, lengths, prefix_dropout_p=0.2, dropout_p=0.3)

@@ -800,7 +800,7 @@ def _prefix_attention_bwd_prefix_dkdv_kernel(
     bias_row_len, bias_center, bias_last,
     GROUP: tl.constexpr, VARLEN: tl.constexpr, SOFTCAP: tl.constexpr, WINDOW: tl.constexpr, BIAS: tl.constexpr,
     HAS_INDEX: tl.constexpr,
-    HAS_LENGTHS: tl.constexpr, PREFIX_DROPOUT: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr, PREFIX_DROPOUT: tl.constexpr, EXAMPLE_GUARD: tl.constexpr,
     DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr, PTX: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
     BLOCK_D_TAIL: tl.constexpr, EVEN_TAIL: tl.constexpr,
@@ -881,96 +881,115 @@ def _prefix_attention_bwd_prefix_dkdv_kernel(
     dv_scale = 1.0
     if DROPOUT:  # the attention dropout's 1 / P(keep) of every kept weight (see _dkdv_tile)
         dv_scale = dropout_scale
-    for i in range(split_first, split_last):
-        if HAS_INDEX:
-            b = tl.load(EXAMPLE_ORDER + i).to(tl.int64)
-        else:
-            b = i
-        q_start = 0
-        example_q_len = q_len
-        if VARLEN:  # the sequence's own query rows
-            q_start, example_q_len = sequence_extent(CU_SEQLENS_Q, b)
-            full_stop = tl.where(block_full, (example_q_len // BLOCK_M) * BLOCK_M, 0)
-        q_end = example_q_len
-        if WINDOW:  # prefix position n leaves the window of query i (position P + Sk - Sq + i) at i >= n - ... + window
-            full_stop = 0
-            q_end = tl.minimum(example_q_len, start_n + BLOCK_N - 1 - window_shift + window)
-        if PREFIX_DROPOUT:  # example b's own dropped tiles; its gradient times its keep mask / P(keep)
-            # The prefix rows offs_n, computed anew in each iteration (``loop_variant_zero``): the
-            # pointers of the raw tiles and of the running sums below are not held across the loops.
-            rows = offs_n + loop_variant_zero(i, PTX)
-            rows_valid = rows < entry_prefix_len
-            # The keep masks packed into int32 words (32 elements each): the epilogue needs them
-            # again after the loops, and across the loops unpacked they spilled.
-            keep_k_words = prefix_dropout_keep(prefix_seed, b, kv_h, 0, num_kv_heads, prefix_len, head_dim, rows,
-                                               prefix_dropout_threshold, BLOCK_N, BLOCK_D, PACKED=True)
-            keep_v_words = prefix_dropout_keep(prefix_seed, b, kv_h, 1, num_kv_heads, prefix_len, head_dim, rows,
-                                               prefix_dropout_threshold, BLOCK_N, BLOCK_D, PACKED=True)
-            k = load_tile(pk_base, rows, stride_pkn, offs_d, rows_valid, d_valid, UPCAST)
-            k = tl.where(unpack_keep_bits(keep_k_words, BLOCK_N, BLOCK_D), k * prefix_dropout_scale, 0.0).to(k.dtype)
-            v = load_tile(pv_base, rows, stride_pvn, offs_d, rows_valid, d_valid, UPCAST)
-            v = tl.where(unpack_keep_bits(keep_v_words, BLOCK_N, BLOCK_D), v * prefix_dropout_scale, 0.0).to(v.dtype)
-            k_tail = load_tail_tile(pk_base, rows, stride_pkn, offs_t, rows_valid, t_valid, UPCAST, BLOCK_D_TAIL)
-            v_tail = load_tail_tile(pv_base, rows, stride_pvn, offs_t, rows_valid, t_valid, UPCAST, BLOCK_D_TAIL)
-            if BLOCK_D_TAIL > 0:  # (a None tile cannot pass through a function that returns it)
-                k_tail, v_tail = drop_prefix_kv(k_tail, v_tail, prefix_seed, b, kv_h,
-                                                num_kv_heads, prefix_len, head_dim, rows,
-                                                prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT,
-                                                BLOCK_N, BLOCK_D_TAIL, BLOCK_D)
-            dk_b_tail = tl.zeros([1, 1], dtype=tl.float32)
-            dv_b_tail = tl.zeros([1, 1], dtype=tl.float32)
-            if BLOCK_D_TAIL > 0:
-                dk_b_tail = tl.zeros([BLOCK_N, BLOCK_D_TAIL], dtype=tl.float32)
-                dv_b_tail = tl.zeros([BLOCK_N, BLOCK_D_TAIL], dtype=tl.float32)
-            dk_b, dv_b, dk_b_tail, dv_b_tail = _prefix_example_dkdv(
-                tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32), tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32),
-                k, v, Q, GRAD_OUT, LSE, DELTA, b, kv_h, q_start, example_q_len, full_stop, stat_rows, num_q_heads,
-                q_len, stride_qb, stride_qh, stride_qm, stride_dob, stride_doh, stride_dom, offs_d, d_valid,
-                visible_t, start_n, seed, dropout_threshold, dropout_scale, qk_scale_log2,
-                GROUP, VARLEN, DROPOUT, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, EVEN_D,
-                softcap_in, softcap_out, SOFTCAP, offs_n, window_shift, window, q_end, WINDOW,
-                BIAS_TABLE, BIAS_BUCKETS, bias_row_len, bias_center, bias_last, BIAS, Q_DESC, DO_DESC, TMA, BLOCK_D,
-                dk_b_tail, dv_b_tail, k_tail, v_tail, offs_t, t_valid, Q_TAIL_DESC, DO_TAIL_DESC, EVEN_TAIL,
-                BLOCK_D_TAIL)
-            # The running sums live in DPREFIX_K / DPREFIX_V (float32, zeroed by the launcher), not in
-            # registers: four fp32 tiles (the example's and the running dK, dV) beside the raw ones
-            # spilled 4 KB at D=128. This program alone adds into these rows, one thread per element
-            # in example order (``_add_dropped_prefix_grad``: no barrier needed between examples, as
-            # the load and store that did this before needed one). The scales fold in here (dK's
-            # softmax scale, dV's 1 / P(keep)).
-            dpk_row0 = DPREFIX_K + outer * stride_dpks + kv_h * stride_dpkh  # this program's sums, row 0
-            dpv_row0 = DPREFIX_V + outer * stride_dpvs + kv_h * stride_dpvh
-            _add_dropped_prefix_grad(dpk_row0, stride_dpkn, dk_b, keep_k_words, prefix_dropout_scale * scale, offs_n,
-                                     prefix_len, head_dim, PTX, BLOCK_N, BLOCK_D, EVEN_D)
-            _add_dropped_prefix_grad(dpv_row0, stride_dpvn, dv_b, keep_v_words, prefix_dropout_scale * dv_scale,
-                                     offs_n, prefix_len, head_dim, PTX, BLOCK_N, BLOCK_D, EVEN_D)
-            if BLOCK_D_TAIL > 0:  # the tail's channels likewise, their keep lanes drawn anew here
+    # The examples i in [split_first, split_last) of the entry's list. EXAMPLE_GUARD: the loop runs
+    # examples_per_split times (a kernel argument, read from the constant bank) and skips the
+    # iterations past split_last, so no 64-bit loop bound is held across the query loops (with
+    # attention dropout at D=128 the shared prefix's set with causal + padding + GQA spilled it).
+    loop_first = split_first
+    loop_stop = split_last
+    if EXAMPLE_GUARD:
+        loop_first = 0
+        loop_stop = examples_per_split
+    for t in range(loop_first, loop_stop):
+        i = t
+        in_split = True  # (a constexpr without EXAMPLE_GUARD: no branch)
+        if EXAMPLE_GUARD:
+            i = split_first + t
+            in_split = i < split_last
+        if in_split:
+            if HAS_INDEX:
+                b = tl.load(EXAMPLE_ORDER + i).to(tl.int64)
+            else:
+                b = i
+            q_start = 0
+            example_q_len = q_len
+            if VARLEN:  # the sequence's own query rows
+                q_start, example_q_len = sequence_extent(CU_SEQLENS_Q, b)
+                full_stop = tl.where(block_full, (example_q_len // BLOCK_M) * BLOCK_M, 0)
+            q_end = example_q_len
+            if WINDOW:  # prefix position n leaves the window of query i (position P + Sk - Sq + i) at
+                # i >= n - ... + window
+                full_stop = 0
+                q_end = tl.minimum(example_q_len, start_n + BLOCK_N - 1 - window_shift + window)
+            if PREFIX_DROPOUT:  # example b's own dropped tiles; its gradient times its keep mask / P(keep)
+                # The prefix rows offs_n, computed anew in each iteration (``loop_variant_zero``): the
+                # pointers of the raw tiles and of the running sums below are not held across the loops.
+                rows = offs_n + loop_variant_zero(i, PTX)
+                rows_valid = rows < entry_prefix_len
+                # The keep masks packed into int32 words (32 elements each): the epilogue needs them
+                # again after the loops, and across the loops unpacked they spilled.
                 keep_k_words = prefix_dropout_keep(prefix_seed, b, kv_h, 0, num_kv_heads, prefix_len, head_dim, rows,
-                                                   prefix_dropout_threshold, BLOCK_N, BLOCK_D_TAIL, BLOCK_D,
-                                                   PACKED=True)
-                _add_dropped_prefix_grad(dpk_row0 + BLOCK_D, stride_dpkn, dk_b_tail, keep_k_words,
-                                         prefix_dropout_scale * scale, offs_n, prefix_len, head_dim - BLOCK_D, PTX,
-                                         BLOCK_N, BLOCK_D_TAIL, EVEN_TAIL)
+                                                   prefix_dropout_threshold, BLOCK_N, BLOCK_D, PACKED=True)
                 keep_v_words = prefix_dropout_keep(prefix_seed, b, kv_h, 1, num_kv_heads, prefix_len, head_dim, rows,
-                                                   prefix_dropout_threshold, BLOCK_N, BLOCK_D_TAIL, BLOCK_D,
-                                                   PACKED=True)
-                _add_dropped_prefix_grad(dpv_row0 + BLOCK_D, stride_dpvn, dv_b_tail, keep_v_words,
-                                         prefix_dropout_scale * dv_scale, offs_n, prefix_len, head_dim - BLOCK_D, PTX,
-                                         BLOCK_N, BLOCK_D_TAIL, EVEN_TAIL)
-        else:
-            key_pos = offs_n
-            if BIAS:  # the keys' positions computed in the loop: the bias gathers' tiles are not held across it
-                key_pos = offs_n + loop_variant_zero(i, PTX)
-                visible_t = (key_pos < entry_prefix_len)[:, None]
-            dk, dv, dk_tail, dv_tail = _prefix_example_dkdv(
-                dk, dv, k_raw, v_raw, Q, GRAD_OUT, LSE, DELTA, b, kv_h, q_start, example_q_len, full_stop, stat_rows,
-                num_q_heads, q_len, stride_qb, stride_qh, stride_qm, stride_dob, stride_doh, stride_dom, offs_d,
-                d_valid, visible_t, start_n, seed, dropout_threshold, dropout_scale, qk_scale_log2,
-                GROUP, VARLEN, DROPOUT, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, EVEN_D,
-                softcap_in, softcap_out, SOFTCAP, key_pos, window_shift, window, q_end, WINDOW,
-                BIAS_TABLE, BIAS_BUCKETS, bias_row_len, bias_center, bias_last, BIAS, Q_DESC, DO_DESC, TMA, BLOCK_D,
-                dk_tail, dv_tail, k_raw_tail, v_raw_tail, offs_t, t_valid, Q_TAIL_DESC, DO_TAIL_DESC, EVEN_TAIL,
-                BLOCK_D_TAIL)
+                                                   prefix_dropout_threshold, BLOCK_N, BLOCK_D, PACKED=True)
+                k = load_tile(pk_base, rows, stride_pkn, offs_d, rows_valid, d_valid, UPCAST)
+                k = tl.where(unpack_keep_bits(keep_k_words, BLOCK_N, BLOCK_D), k * prefix_dropout_scale,
+                             0.0).to(k.dtype)
+                v = load_tile(pv_base, rows, stride_pvn, offs_d, rows_valid, d_valid, UPCAST)
+                v = tl.where(unpack_keep_bits(keep_v_words, BLOCK_N, BLOCK_D), v * prefix_dropout_scale,
+                             0.0).to(v.dtype)
+                k_tail = load_tail_tile(pk_base, rows, stride_pkn, offs_t, rows_valid, t_valid, UPCAST, BLOCK_D_TAIL)
+                v_tail = load_tail_tile(pv_base, rows, stride_pvn, offs_t, rows_valid, t_valid, UPCAST, BLOCK_D_TAIL)
+                if BLOCK_D_TAIL > 0:  # (a None tile cannot pass through a function that returns it)
+                    k_tail, v_tail = drop_prefix_kv(k_tail, v_tail, prefix_seed, b, kv_h,
+                                                    num_kv_heads, prefix_len, head_dim, rows,
+                                                    prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT,
+                                                    BLOCK_N, BLOCK_D_TAIL, BLOCK_D)
+                dk_b_tail = tl.zeros([1, 1], dtype=tl.float32)
+                dv_b_tail = tl.zeros([1, 1], dtype=tl.float32)
+                if BLOCK_D_TAIL > 0:
+                    dk_b_tail = tl.zeros([BLOCK_N, BLOCK_D_TAIL], dtype=tl.float32)
+                    dv_b_tail = tl.zeros([BLOCK_N, BLOCK_D_TAIL], dtype=tl.float32)
+                dk_b, dv_b, dk_b_tail, dv_b_tail = _prefix_example_dkdv(
+                    tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32), tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32),
+                    k, v, Q, GRAD_OUT, LSE, DELTA, b, kv_h, q_start, example_q_len, full_stop, stat_rows, num_q_heads,
+                    q_len, stride_qb, stride_qh, stride_qm, stride_dob, stride_doh, stride_dom, offs_d, d_valid,
+                    visible_t, start_n, seed, dropout_threshold, dropout_scale, qk_scale_log2,
+                    GROUP, VARLEN, DROPOUT, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, EVEN_D,
+                    softcap_in, softcap_out, SOFTCAP, offs_n, window_shift, window, q_end, WINDOW,
+                    BIAS_TABLE, BIAS_BUCKETS, bias_row_len, bias_center, bias_last, BIAS, Q_DESC, DO_DESC, TMA, BLOCK_D,
+                    dk_b_tail, dv_b_tail, k_tail, v_tail, offs_t, t_valid, Q_TAIL_DESC, DO_TAIL_DESC, EVEN_TAIL,
+                    BLOCK_D_TAIL)
+                # The running sums live in DPREFIX_K / DPREFIX_V (float32, zeroed by the launcher), not in
+                # registers: four fp32 tiles (the example's and the running dK, dV) beside the raw ones
+                # spilled 4 KB at D=128. This program alone adds into these rows, one thread per element
+                # in example order (``_add_dropped_prefix_grad``: no barrier needed between examples, as
+                # the load and store that did this before needed one). The scales fold in here (dK's
+                # softmax scale, dV's 1 / P(keep)).
+                dpk_row0 = DPREFIX_K + outer * stride_dpks + kv_h * stride_dpkh  # this program's sums, row 0
+                dpv_row0 = DPREFIX_V + outer * stride_dpvs + kv_h * stride_dpvh
+                _add_dropped_prefix_grad(dpk_row0, stride_dpkn, dk_b, keep_k_words, prefix_dropout_scale * scale,
+                                         offs_n, prefix_len, head_dim, PTX, BLOCK_N, BLOCK_D, EVEN_D)
+                _add_dropped_prefix_grad(dpv_row0, stride_dpvn, dv_b, keep_v_words, prefix_dropout_scale * dv_scale,
+                                         offs_n, prefix_len, head_dim, PTX, BLOCK_N, BLOCK_D, EVEN_D)
+                if BLOCK_D_TAIL > 0:  # the tail's channels likewise, their keep lanes drawn anew here
+                    keep_k_words = prefix_dropout_keep(prefix_seed, b, kv_h, 0, num_kv_heads, prefix_len, head_dim,
+                                                       rows, prefix_dropout_threshold, BLOCK_N, BLOCK_D_TAIL, BLOCK_D,
+                                                       PACKED=True)
+                    _add_dropped_prefix_grad(dpk_row0 + BLOCK_D, stride_dpkn, dk_b_tail, keep_k_words,
+                                             prefix_dropout_scale * scale, offs_n, prefix_len, head_dim - BLOCK_D, PTX,
+                                             BLOCK_N, BLOCK_D_TAIL, EVEN_TAIL)
+                    keep_v_words = prefix_dropout_keep(prefix_seed, b, kv_h, 1, num_kv_heads, prefix_len, head_dim,
+                                                       rows, prefix_dropout_threshold, BLOCK_N, BLOCK_D_TAIL, BLOCK_D,
+                                                       PACKED=True)
+                    _add_dropped_prefix_grad(dpv_row0 + BLOCK_D, stride_dpvn, dv_b_tail, keep_v_words,
+                                             prefix_dropout_scale * dv_scale, offs_n, prefix_len, head_dim - BLOCK_D,
+                                             PTX, BLOCK_N, BLOCK_D_TAIL, EVEN_TAIL)
+            else:
+                key_pos = offs_n
+                if BIAS:  # the keys' positions computed in the loop: the bias gathers' tiles are not held across it
+                    key_pos = offs_n + loop_variant_zero(i, PTX)
+                    visible_t = (key_pos < entry_prefix_len)[:, None]
+                dk, dv, dk_tail, dv_tail = _prefix_example_dkdv(
+                    dk, dv, k_raw, v_raw, Q, GRAD_OUT, LSE, DELTA, b, kv_h, q_start, example_q_len, full_stop,
+                    stat_rows, num_q_heads, q_len, stride_qb, stride_qh, stride_qm, stride_dob, stride_doh,
+                    stride_dom, offs_d, d_valid, visible_t, start_n, seed, dropout_threshold, dropout_scale,
+                    qk_scale_log2,
+                    GROUP, VARLEN, DROPOUT, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, EVEN_D,
+                    softcap_in, softcap_out, SOFTCAP, key_pos, window_shift, window, q_end, WINDOW,
+                    BIAS_TABLE, BIAS_BUCKETS, bias_row_len, bias_center, bias_last, BIAS, Q_DESC, DO_DESC, TMA, BLOCK_D,
+                    dk_tail, dv_tail, k_raw_tail, v_raw_tail, offs_t, t_valid, Q_TAIL_DESC, DO_TAIL_DESC, EVEN_TAIL,
+                    BLOCK_D_TAIL)
     if not PREFIX_DROPOUT:
         # With attention dropout the coordinates anew, not held across the loops (64 -> 32, 148 -> 120,
         # 80 -> 32, 12 -> 0 bytes; packed sequences spilled more, 80 -> 100)
@@ -1223,6 +1242,14 @@ def prefix_attention_backward(
     # loops 1-1.7%, so it computes them from the seed there (the same bits). Above D=64 means the padded
     # head dim: D = 80 / 96, split as 64 + a tail, take them as arguments too.
     keyed_flags = dkdv_flags if bd > 64 else flags
+    # With attention dropout above D=64 the example loop counts to examples_per_split and skips the
+    # examples past its split (EXAMPLE_GUARD): at D=128 the shared prefix's set with causal + padding
+    # + GQA spilled 16 -> 0 bytes, and the loops of the shared and the per-example prefix with dropout
+    # shortened 698 -> 674 (the same within 0.6% at D=80 / 96; at D=64, or without attention dropout,
+    # the guard cost up to 4% or saved nothing, so they keep the plain loop). A per-example prefix's
+    # entry is one example: 1 there, which Triton specialises, so the loop compiles to one iteration.
+    example_guard = bd > 64 and dropout_p > 0.0
+    kernel_examples_per_split = 1 if example_guard and per_example and prefix_index is None else examples_per_split
     launcher(_prefix_attention_bwd_prefix_dkdv_kernel, (prefix_blocks * kv_heads * entries * splits,))(
         q, prefix_k, prefix_v, prefix_lengths, example_order, entry_offsets, cu_q, bias_table, bias_buckets, grad_out,
         lse, delta, dpk, dpv, *(q_descs or (None,) * 4),
@@ -1231,12 +1258,13 @@ def prefix_attention_backward(
         *qkv_strides(grad_out, varlen),
         dpk.stride(1), dpk.stride(2), dpk.stride(3),
         dpv.stride(1), dpv.stride(2), dpv.stride(3),
-        examples_per_entry, examples_per_split, splits, q_heads, kv_heads, q_len, k_len, prefix_len, head_dim,
+        examples_per_entry, kernel_examples_per_split, splits, q_heads,
+        kv_heads, q_len, k_len, prefix_len, head_dim,
         stat_rows, scale, qk_scale_log2, threshold, dropout_scale, seed, *round_keys, *prefix_dropout_args,
         softcap_in, softcap_out, window, *bias_scalars,
         GROUP=group, VARLEN=varlen is not None, **softcap_flags, BLOCK_M=dkdv_bm, BLOCK_N=dkdv_bn,
         **head_dim_flags,
-        **prefix_flags, **keyed_flags, TMA=q_descs is not None,
+        **prefix_flags, **keyed_flags, TMA=q_descs is not None, EXAMPLE_GUARD=example_guard,
         PTX=philox_mode(limits) == DROPOUT_PTX, **dkdv_options,
     )
     # Fixed-order sum of the fp32 partials: deterministic.
