@@ -269,6 +269,30 @@ def test_mixed_generate_matches_each_adapter_alone(arch, kinds):
     assert torch.equal(_generate(model, ids, mask, adapter_names=["a0"] * len(NAMES)), all_a0)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mixed_batch_under_inference_mode_equals_no_grad(backend):
+    """Under torch.inference_mode the adapter index and the entries' lengths are made inside the
+    forward; the op checks their values (prefix_index, prefix_lengths) like any others: forward and
+    generate give what they give under no_grad (they failed with "Inference tensors do not track
+    version counter")."""
+    model = make_multi("llama", "CAUSAL_LM", ("prefix_proj", "prefix", "prefix"), seed=4)
+    tiny_models.without_peft_oracle_shim(model)
+    patch(model, backend=backend)
+    model.eval()
+    ids, mask, _ = make_rows("CAUSAL_LM", left_pad=True)
+    if backend == "triton":
+        model.float()
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask, adapter_names=NAMES).logits
+    want_tokens = _generate(model, ids, mask, adapter_names=NAMES)
+    with torch.inference_mode():
+        got = model(input_ids=ids, attention_mask=mask, adapter_names=NAMES).logits
+        got_tokens = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                                    pad_token_id=0, use_cache=True, adapter_names=NAMES)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    assert torch.equal(got_tokens, want_tokens)
+
+
 def test_mixed_generate_num_return_sequences():
     """generate() expands each row k times; adapter_names given per input row follows the expansion."""
     model = make_multi("llama", "CAUSAL_LM", ("prefix", "prefix_proj"), sizes=(2, 4))

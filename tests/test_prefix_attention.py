@@ -519,6 +519,12 @@ BAD_INPUTS = [
     ("dropout", dict(dropout_p=1.0), ValueError, "dropout_p must be a float in"),
     ("dropout neg", dict(dropout_p=-0.1), ValueError, "dropout_p must be a float in"),
     ("scale", dict(scale="big"), TypeError, "scale must be a float"),
+    ("scale nan", dict(scale=float("nan")), ValueError, "scale must be a finite float.*nan"),
+    ("scale inf", dict(scale=float("inf")), ValueError, "scale must be a finite float.*inf"),
+    ("head dim 0", dict(q=torch.randn(2, 4, 5, 0), k=torch.randn(2, 2, 7, 0), v=torch.randn(2, 2, 7, 0),
+                        prefix_k=torch.randn(2, 3, 0), prefix_v=torch.randn(2, 3, 0)),
+     ValueError, r"head dim \(its last dim\) must be at least 1.*\(2, 4, 5, 0\)"),
+    ("no q heads", dict(q=torch.randn(2, 0, 5, 8)), ValueError, "at least one head each.*q heads 0"),
     ("backend", dict(backend="cuda"), ValueError, "backend must be one of"),
 ]
 

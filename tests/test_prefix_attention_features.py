@@ -148,9 +148,11 @@ def test_softcap_and_sinks_change_the_output():
 
 
 BAD = [
-    (dict(softcap=0.0), ValueError, "softcap must be a positive float"),
-    (dict(softcap=-1.0), ValueError, "softcap must be a positive float"),
-    (dict(softcap=True), ValueError, "softcap must be a positive float"),
+    (dict(softcap=0.0), ValueError, "softcap must be a positive finite float"),
+    (dict(softcap=-1.0), ValueError, "softcap must be a positive finite float"),
+    (dict(softcap=True), ValueError, "softcap must be a positive finite float"),
+    (dict(softcap=float("inf")), ValueError, "softcap must be a positive finite float.*inf"),
+    (dict(softcap=float("nan")), ValueError, "softcap must be a positive finite float.*nan"),
     (dict(sinks=torch.zeros(3)), ValueError, r"sinks must be \(Hq,\) = \(4,\)"),
     (dict(sinks=torch.zeros(4, dtype=torch.long)), TypeError, "sinks must be a floating tensor"),
     (dict(sinks=[0.0] * 4), TypeError, "sinks must be a"),

@@ -381,6 +381,10 @@ BAD_INPUTS = [
     ("causal type", dict(causal=1), TypeError, "causal must be a bool"),
     ("dropout", dict(dropout_p=1.0), ValueError, "dropout_p must be a float in"),
     ("scale", dict(scale="big"), TypeError, "scale must be a float"),
+    ("scale nan", dict(scale=float("nan")), ValueError, "scale must be a finite float.*nan"),
+    ("head dim 0", dict(q=torch.randn(9, 4, 0), k=torch.randn(9, 2, 0), v=torch.randn(9, 2, 0),
+                        prefix_k=torch.randn(2, 3, 0), prefix_v=torch.randn(2, 3, 0)),
+     ValueError, r"head dim \(its last dim\) must be at least 1"),
     ("backend", dict(backend="cuda"), ValueError, "backend must be one of"),
 ]
 

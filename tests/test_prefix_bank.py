@@ -352,6 +352,53 @@ def test_prefix_dropout_with_attention_dropout_matches_reference_given_both_kern
         torch.testing.assert_close(g, w, atol=5e-5, rtol=5e-5, msg=name)
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch", "reference"])
+def test_index_and_lengths_made_under_inference_mode(backend):
+    """prefix_index / prefix_lengths that are inference tensors (made inside torch.inference_mode, as a
+    patched model's generate() makes them) have no version counter: the same output as under no_grad,
+    not "Inference tensors do not track version counter" from the value check's cache."""
+    case = BankCase(causal=True, lengths=(21, 4, 11))
+    device = DEVICE if backend == "triton" else "cpu"
+    q, k, v, pk, pv, mask, index, lengths = make_bank_inputs(case, device=device)
+    with torch.no_grad():
+        want = run_bank(case, backend, q, k, v, pk, pv, mask, index, lengths)
+    with torch.inference_mode():
+        index_inf, lengths_inf = index.clone(), lengths.clone()
+        assert index_inf.is_inference()
+        for _ in range(2):  # (a second call: nothing cached wrongly either)
+            got = run_bank(case, backend, q, k, v, pk, pv, mask, index_inf, lengths_inf)
+            torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+def test_cpu_index_written_behind_the_version_counter_is_checked_again():
+    """On the CPU every call checks the values (the cache is for a GPU's sync): an index made invalid
+    through .numpy() after a good call (which leaves its version unchanged) still raises."""
+    case = BankCase()
+    q, k, v, pk, pv, _, index, _ = make_bank_inputs(case, device="cpu")
+    with torch.no_grad():
+        run_bank(case, "torch", q, k, v, pk, pv, None, index, None)
+        version = index._version
+        index.numpy()[1] = 1000
+        assert index._version == version
+        with pytest.raises(ValueError, match=r"prefix_index must be in \[0, A\).*to 1000"):
+            run_bank(case, "torch", q, k, v, pk, pv, None, index, None)
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference", "triton"])
+def test_bank_with_no_prefix_keys_and_no_keys_gives_zeros(backend):
+    """P = 0 and Sk = 0 with a bank of A != B entries: no key at all, zeros (the PyTorch path's
+    no-key shortcut once read the (A, Hkv, 0, D) bank as a per-example prefix and failed)."""
+    device = DEVICE if backend == "triton" else "cpu"
+    q = torch.randn(2, 2, 3, 8, device=device, requires_grad=True)
+    k = v = torch.randn(2, 1, 0, 8, device=device)
+    bank = torch.randn(3, 1, 0, 8, device=device)
+    index = torch.tensor([2, 0], device=device)
+    out = ptkernels.prefix_attention(q, k, v, bank, bank, prefix_index=index, backend=backend)
+    assert torch.equal(out, torch.zeros_like(out))
+    out.sum().backward()
+    assert torch.equal(q.grad, torch.zeros_like(q))
+
+
 # ----------------------------------------------------------------------------------------------
 # Bad input
 

@@ -449,7 +449,10 @@ def _select_adapters(model, adapter_names, batch_size: int, device) -> _Selectio
         model.__dict__[_STATE]["prefix_support_checked"] = True
     if len(names) == 1:
         return _Selection(names, configs, None, None)
-    index = torch.tensor([names.index(n) for n in adapter_names], dtype=torch.long, device=device)
+    # A normal tensor even inside inference_mode: on a GPU the op's range check of prefix_index is
+    # then cached by version, once per forward, not once per layer
+    with torch.inference_mode(False):
+        index = torch.tensor([names.index(n) for n in adapter_names], dtype=torch.long, device=device)
     return _Selection(names, configs, index, adapter_names)
 
 
@@ -476,7 +479,10 @@ def _compute_prefix(model, selection: _Selection) -> LayerPrefix:
     sizes = selection.num_virtual
     longest = max(sizes)
     bank = torch.stack([F.pad(s, (0, 0, 0, longest - s.shape[-2])) for s in stacks])
-    lengths = None if len(set(sizes)) == 1 else torch.tensor(sizes, device=bank.device)
+    lengths = None
+    if len(set(sizes)) > 1:
+        with torch.inference_mode(False):  # (a normal tensor, as the index above)
+            lengths = torch.tensor(sizes, device=bank.device)
     return LayerPrefix(bank, index=selection.index.to(bank.device), lengths=lengths, dropout_p=dropout_p,
                        shapes=shapes)
 

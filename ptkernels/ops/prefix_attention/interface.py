@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import weakref
 from typing import Optional
 
@@ -112,9 +113,11 @@ def check_relative_bias(table, buckets, q_heads: int, max_position: int, device,
 
 
 def check_scale_and_dropout(scale, dropout_p) -> None:
-    """scale: a float or None; dropout_p: a float in [0, 1)."""
+    """scale: a finite float or None; dropout_p: a float in [0, 1)."""
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
         raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    if scale is not None and not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite float or None, got {scale!r}")
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
 
@@ -137,23 +140,27 @@ def check_qkv(q, k, v, k_layout: str) -> None:
 
 
 def check_heads(q, k, head_axis: int) -> None:
-    """k has q's head dim (the last dim) and a head count (dim ``head_axis``) dividing q's (GQA / MQA)."""
+    """q has a head dim (the last dim) of at least 1 and k the same; k's head count (dim ``head_axis``)
+    divides q's (GQA / MQA), both at least 1."""
     head_dim, last = q.shape[-1], k.dim() - 1
+    if head_dim == 0:
+        raise ValueError(f"q's head dim (its last dim) must be at least 1, got q {tuple(q.shape)}")
     if k.shape[-1] != head_dim:
         raise ValueError(f"k must have q's head dim {head_dim} in dim {last}, got k {tuple(k.shape)}, q {tuple(q.shape)}")
     q_heads, kv_heads = q.shape[head_axis], k.shape[head_axis]
-    if kv_heads == 0 or q_heads % kv_heads != 0:
+    if q_heads == 0 or kv_heads == 0 or q_heads % kv_heads != 0:
         raise ValueError(
-            f"q's head count must be a multiple of k's (GQA/MQA), got q heads {q_heads} (q {tuple(q.shape)}) "
+            f"q and k must have at least one head each and q's head count a multiple of k's (GQA/MQA), got q "
+            f"heads {q_heads} (q {tuple(q.shape)}) "
             f"and k heads {kv_heads} (k {tuple(k.shape)})"
         )
 
 
 def check_softcap_and_sinks(softcap, sinks, q_heads: int, device) -> None:
-    """softcap: a positive float or None; sinks: a floating (Hq,) tensor on q's device or None."""
+    """softcap: a positive finite float or None; sinks: a floating (Hq,) tensor on q's device or None."""
     if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float))
-                                or not softcap > 0):
-        raise ValueError(f"softcap must be a positive float or None, got {softcap!r}")
+                                or not 0 < softcap < math.inf):
+        raise ValueError(f"softcap must be a positive finite float or None, got {softcap!r}")
     if sinks is not None:
         if not isinstance(sinks, Tensor):
             raise TypeError(f"sinks must be a (Hq,) float tensor or None, got {type(sinks).__name__}")
@@ -209,21 +216,28 @@ def _check_integer_vector(name: str, t, length: int, length_desc: str, device) -
         raise ValueError(f"{name} must be on q's device {device}, got {t.device}")
 
 
-# Index / length tensors whose values were checked: id -> (weak reference, tensor version, bounds).
-# The Hugging Face integration hands the same tensor to every layer, so the host sync of the value
-# check is paid once per forward, not once per layer. (Not a WeakKeyDictionary: its lookups compare
-# tensors with ==.) A few entries suffice; the oldest are dropped.
+# Index / length tensors on a GPU whose values were checked: id -> (weak reference, tensor version,
+# bounds). The Hugging Face integration hands the same tensor to every layer, so the host sync of the
+# value check is paid once per forward, not once per layer. (Not a WeakKeyDictionary: its lookups
+# compare tensors with ==.) A few entries suffice; the oldest are dropped.
 _checked_values: dict = {}
 
 
 def _values_in_range(t: Tensor, lo: int, hi: int) -> tuple[bool, int, int]:
-    """(all of t in [lo, hi], min, max), from the cache when t (at this version) was checked before."""
-    seen = _checked_values.get(id(t))
-    if seen is not None and seen[0]() is t and seen[1:] == (t._version, lo, hi):
-        return True, lo, hi
+    """(all of t in [lo, hi], min, max), from the cache when t (at this version) was checked before.
+
+    Cached only where the check costs a device sync (t off the CPU) and t has a version counter
+    (not an inference tensor, made under ``torch.inference_mode``): on the CPU every call checks, so
+    a write that bypasses the version counter (``.data``, ``.numpy()``) cannot go unseen there; on a
+    GPU such a write after a call is not checked again (write in place, or make a new tensor)."""
+    cacheable = t.device.type != "cpu" and not t.is_inference()
+    if cacheable:
+        seen = _checked_values.get(id(t))
+        if seen is not None and seen[0]() is t and seen[1:] == (t._version, lo, hi):
+            return True, lo, hi
     low, high = (int(t.min()), int(t.max())) if t.numel() else (lo, hi)
     ok = lo <= low and high <= hi
-    if ok and not torch.compiler.is_compiling():
+    if ok and cacheable and not torch.compiler.is_compiling():
         if len(_checked_values) >= 64:
             _checked_values.pop(next(iter(_checked_values)))
         _checked_values[id(t)] = (weakref.ref(t), t._version, lo, hi)

@@ -99,7 +99,8 @@ def prefix_attention_torch(
     prefix_len = 0 if prefix_k is None else prefix_k.shape[-2]
     total = prefix_len + k_len
     if total == 0:  # no keys at all: zeros (a sink takes all the weight), with the reference's graph
-        return prefix_attention_reference(q, k, v, prefix_k, prefix_v, causal=causal, scale=scale, sinks=sinks)
+        return prefix_attention_reference(q, k, v, prefix_k, prefix_v, causal=causal, scale=scale, sinks=sinks,
+                                          prefix_index=prefix_index, prefix_lengths=prefix_lengths)
     lengths = example_prefix_lengths(batch, prefix_index, prefix_lengths) if prefix_len else None
     prefix_k, prefix_v = select_prefix(prefix_k, prefix_index), select_prefix(prefix_v, prefix_index)
     if prefix_dropout_p > 0.0 and prefix_len:
