@@ -239,3 +239,54 @@ def test_use_prefix_generate_and_errors():
     # a prefix for fewer layers than the model has
     with pytest.raises(ValueError, match="layers"):
         model(ids, ptkernels_prefix=ptkernels.LayerPrefix(prefix[:2]))
+
+
+def test_layer_prefix_and_use_prefix_bad_arguments_name_them():
+    """Arguments that were silently ignored, cast or dropped, or that failed deep inside (an
+    AttributeError at the first forward), raise TypeError / ValueError naming them."""
+    model = ptkernels.patch(llama(), backend="torch")
+    ids = torch.randint(2, 60, (2, 5), generator=torch.Generator().manual_seed(4))
+    prefix = torch.randn(4, 2, 3, 8, dtype=torch.float64)
+    bank = prefix[None].expand(3, -1, -1, -1, -1)
+    for kwargs, exc, match in [
+        (dict(prefix=bank, index=[0, 1]), TypeError, "index must be an integer tensor or None, got list"),
+        (dict(prefix=prefix, lengths=2), TypeError, "lengths must be an integer tensor or None, got int"),
+        (dict(prefix=prefix.long()), TypeError, "prefix must be a floating-point tensor, got dtype torch.int64"),
+        (dict(prefix=prefix.to(torch.complex128)), TypeError, "floating-point tensor, got dtype torch.complex128"),
+        (dict(prefix=[(1, 2), (3, 4)]), TypeError, "prefix layer 0 must be a pair of tensors, got int"),
+        (dict(prefix=prefix, shapes=[(5, 2, 8), None]), ValueError, r"shapes\[0\] must be None or \(source layer"),
+    ]:
+        with pytest.raises(exc, match=match):
+            ptkernels.LayerPrefix(kwargs.pop("prefix"), **kwargs)
+    with pytest.raises(TypeError, match="ptkernels_prefix must be a ptkernels.LayerPrefix, got Tensor"):
+        model(ids, ptkernels_prefix=prefix)
+    for kwargs in (dict(dropout_p=0.5), dict(lengths=torch.tensor([2])), dict(index=torch.tensor([0, 0]))):
+        with pytest.raises(ValueError, match=f"{next(iter(kwargs))} given beside a LayerPrefix"):
+            with ptkernels.use_prefix(model, ptkernels.LayerPrefix(prefix), **kwargs):
+                pass
+
+
+def test_output_attentions_on_a_patched_model_raises():
+    """The kernels compute no attention weights: output_attentions=True raises rather than return none
+    (the eager model the user may have chosen for them returns one tensor per layer)."""
+    eager = llama()
+    eager.config._attn_implementation = "eager"
+    ids = torch.randint(2, 60, (2, 5), generator=torch.Generator().manual_seed(4))
+    assert len(eager(ids, output_attentions=True).attentions) == 2  # the difference the error prevents
+    model = ptkernels.patch(eager, backend="torch")
+    with pytest.raises(ValueError, match="output_attentions=True"):
+        model(ids, output_attentions=True)
+    assert model(ids).logits.shape == (2, 5, 61)
+
+
+def test_unread_prefix_error_says_what_the_prefix_has():
+    """A prefix with more layers than the model runs (or a cross prefix on a decoder-only model) is
+    caught after the forward; the error gives the prefix's layers and the layers that read it, not
+    only the model's **kwargs."""
+    model = ptkernels.patch(llama(), backend="torch")
+    ids = torch.randint(2, 60, (2, 5), generator=torch.Generator().manual_seed(4))
+    prefix = torch.randn(6, 2, 3, 8, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match=r"layers \[2\].*layers that read it: \[0, 1\].*it has 3 layers"):
+        model(ids, ptkernels_prefix=ptkernels.LayerPrefix(prefix))
+    with pytest.raises(RuntimeError, match="it has 2 layers and a cross prefix"):
+        model(ids, ptkernels_prefix=ptkernels.LayerPrefix(prefix[:4], cross=prefix[:4]))

@@ -19,6 +19,7 @@ pytest.importorskip("peft")
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 
 import ptkernels.integrations.transformers as ptk_tf  # noqa: E402
+import ptkernels  # noqa: E402
 import tiny_models  # noqa: E402
 from ptkernels.integrations import is_patched, patch, unpatch  # noqa: E402
 
@@ -291,6 +292,19 @@ def test_mixed_batch_under_inference_mode_equals_no_grad(backend):
                                     pad_token_id=0, use_cache=True, adapter_names=NAMES)
     torch.testing.assert_close(got, want, atol=0, rtol=0)
     assert torch.equal(got_tokens, want_tokens)
+
+
+def test_use_prefix_on_a_prefix_tuning_peft_model_raises():
+    """A patched PEFT prefix-tuning model supplies its adapter's prefix itself: a prefix given through
+    use_prefix would be replaced, so it is refused at once (it ended in a misleading error naming
+    the model's **kwargs)."""
+    model = make_multi("llama", "CAUSAL_LM", ("prefix", "prefix", "prefix"))
+    tiny_models.without_peft_oracle_shim(model)
+    patch(model, backend="torch")
+    prefix = torch.randn(4, 2, 3, 8, dtype=torch.float64)
+    with pytest.raises(ValueError, match="use_prefix: the model has a PEFT prefix-tuning adapter"):
+        with ptkernels.use_prefix(model, prefix):
+            pass
 
 
 def test_mixed_generate_num_return_sequences():

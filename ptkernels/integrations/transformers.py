@@ -115,6 +115,11 @@ class LayerPrefix:
             prefix = _stack_layers(prefix)
         if not isinstance(prefix, Tensor):
             raise TypeError(f"prefix must be a tensor or a list of (key, value) pairs, got {type(prefix).__name__}")
+        if not prefix.is_floating_point():
+            raise TypeError(f"prefix must be a floating-point tensor, got dtype {prefix.dtype}")
+        for name, t in (("index", index), ("lengths", lengths)):
+            if t is not None and not isinstance(t, Tensor):
+                raise TypeError(f"{name} must be an integer tensor or None, got {type(t).__name__}")
         if prefix.dim() not in (4, 5):
             raise ValueError(
                 "prefix must be (2L, Hkv, P, D) shared, (B, 2L, Hkv, P, D) per example or (A, 2L, Hkv, P, D) "
@@ -136,6 +141,10 @@ class LayerPrefix:
         self.cross = cross
         if shapes is not None and len(shapes) != self.num_layers:
             raise ValueError(f"shapes must give one entry per layer ({self.num_layers}), got {len(shapes)}")
+        for layer, shape in enumerate(shapes or ()):
+            if shape is not None and (len(shape) != 3 or not 0 <= shape[0] < self.num_layers):
+                raise ValueError(f"shapes[{layer}] must be None or (source layer in [0, {self.num_layers}), kv_heads, "
+                                 f"head_dim), got {shape!r}")
         self.shapes = shapes
         self.read: set = set()
 
@@ -185,6 +194,9 @@ def _stack_layers(pairs) -> Tensor:
         if len(pair) != 2:
             raise ValueError(f"prefix layer {layer} must be a (key, value) pair, got {len(pair)} tensors")
         key, value = pair[0], pair[1]
+        if not isinstance(key, Tensor) or not isinstance(value, Tensor):
+            raise TypeError(f"prefix layer {layer} must be a pair of tensors, got {type(key).__name__} and "
+                            f"{type(value).__name__}")
         if key.shape != value.shape or key.dim() not in (3, 4):
             raise ValueError(
                 f"prefix layer {layer}: key and value must both be (Hkv, P, D) or (B | A, Hkv, P, D), got "
@@ -389,6 +401,12 @@ def ptkernels_attention_forward(
     softcap = kwargs.get("softcap")  # Gemma 2 / VaultGemma's attn_logit_softcapping
     sinks = kwargs.get("s_aux", kwargs.get("sinks"))  # gpt-oss: per-head sink logits (Hq,)
     prefix: Optional[LayerPrefix] = kwargs.get(PREFIX_KWARG)
+    if prefix is not None and not isinstance(prefix, LayerPrefix):
+        raise TypeError(f"{PREFIX_KWARG} must be a ptkernels.LayerPrefix, got {type(prefix).__name__} (wrap the "
+                        "per-layer prefix tensor: ptkernels.LayerPrefix(prefix))")
+    if kwargs.get("output_attentions"):  # (never a silent difference: eager would return them)
+        raise ValueError(f"ptkernels attention ({type(module).__name__}) does not compute attention weights "
+                         "(output_attentions=True): pass output_attentions=False, or unpatch the model for them")
     backend = getattr(module, BACKEND_ATTR, "auto")
     prefix_k = prefix_v = None
     bank = dict(prefix_index=None, prefix_lengths=None, prefix_dropout_p=0.0)
@@ -540,10 +558,14 @@ def check_every_layer_read_the_prefix(hf_model: torch.nn.Module, args, kwargs, o
     ``**kwargs`` to the attention), raise."""
     prefix = kwargs.get(PREFIX_KWARG)
     if isinstance(prefix, LayerPrefix) and prefix.unread_layers():
+        read = sorted(layer for layer in prefix.read if isinstance(layer, int))
         raise RuntimeError(
             f"ptkernels: the prefix did not reach the attention of layers {prefix.unread_layers()} of "
-            f"{type(hf_model).__name__} (model_type {hf_model.config.model_type!r}): its layers do not forward "
-            "**kwargs to their attention, so this model cannot be prefix-tuned through ptkernels.patch"
+            f"{type(hf_model).__name__} (model_type {hf_model.config.model_type!r}; layers that read it: {read}). "
+            "Either its layers do not forward **kwargs to their attention, so this model cannot be prefix-tuned "
+            f"through ptkernels.patch, or the prefix does not fit the model: it has {prefix.num_layers} layers"
+            f"{' and a cross prefix' if prefix.cross is not None else ''}, where every layer must be one the model "
+            "runs (and a cross prefix needs cross-attention)"
         )
 
 
@@ -575,8 +597,20 @@ def use_prefix(model: torch.nn.Module, prefix, *, index: Optional[Tensor] = None
     reproduce a model that fed its prefix as ``past_key_values`` (which counts it as P past
     tokens), pass ``position_ids`` shifted by P (see examples/ptuning_v2/).
     """
-    layer_prefix = prefix if isinstance(prefix, LayerPrefix) else LayerPrefix(
-        prefix, index=index, lengths=lengths, dropout_p=dropout_p)
+    if isinstance(prefix, LayerPrefix):
+        given = [name for name, value in (("index", index), ("lengths", lengths)) if value is not None]
+        given += ["dropout_p"] if dropout_p != 0.0 else []
+        if given:
+            raise ValueError(f"use_prefix: {', '.join(given)} given beside a LayerPrefix, which holds its own; pass them "
+                             "to LayerPrefix instead")
+        layer_prefix = prefix
+    else:
+        layer_prefix = LayerPrefix(prefix, index=index, lengths=lengths, dropout_p=dropout_p)
+    peft_config = getattr(model, "peft_config", None)
+    if isinstance(peft_config, dict) and any(
+            getattr(c.peft_type, "value", c.peft_type) == "PREFIX_TUNING" for c in peft_config.values()):
+        raise ValueError("ptkernels.use_prefix: the model has a PEFT prefix-tuning adapter, whose patched forward "
+                         "supplies the prefix itself; use_prefix is for models without one")
     config = getattr(model, "config", None)
     if getattr(config, "_attn_implementation", None) != ATTN_IMPLEMENTATION:
         raise ValueError(
