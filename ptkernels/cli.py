@@ -50,6 +50,50 @@ def _csv(s: str):
     return [x.strip() for x in s.split(",") if x.strip()]
 
 
+def _names(valid):
+    """argparse type: a non-empty comma list of names from ``valid``."""
+    def parse(s: str):
+        names = _csv(s)
+        if not names:
+            raise argparse.ArgumentTypeError(f"no names given; use a comma list of {', '.join(valid)}")
+        unknown = [n for n in names if n not in valid]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown {', '.join(unknown)}; use a comma list of {', '.join(valid)}")
+        return names
+    return parse
+
+
+def _int_at_least(low: int):
+    """argparse type: an integer >= low."""
+    def parse(s: str):
+        value = int(s)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {value}")
+        return value
+    return parse
+
+
+def _tolerance(s: str) -> float:
+    value = float(s)
+    if not 0.0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {s}")
+    return value
+
+
+def _writable_file(s: str) -> str:
+    """argparse type: a path whose folder exists (checked before anything runs)."""
+    folder = Path(s).expanduser().resolve().parent
+    if not folder.is_dir():
+        raise argparse.ArgumentTypeError(f"folder {folder} does not exist")
+    return s
+
+
+VERIFY_DTYPES = ("fp32", "fp16", "bf16")
+VERIFY_OPS = ("prefix_attention", "prompt_embedding")
+VERIFY_BACKENDS = ("torch", "reference", "triton")
+BENCH_SECTIONS = ("attention", "prompt_embedding")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ptkernels", description="ptkernels: verify and benchmark the fused kernels.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -62,12 +106,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on CPU, also run the Triton kernels in Triton's interpreter (sets TRITON_INTERPRET=1; slow)")
     v.add_argument("--grid", default="default", choices=["small", "default", "full"],
                    help="shape grid: small (CI, ~6 shapes), default (~30), full (adds large shapes)")
-    v.add_argument("--dtypes", default="fp32,fp16,bf16", type=_csv, help="comma list of fp32,fp16,bf16")
-    v.add_argument("--ops", default="prefix_attention,prompt_embedding", type=_csv)
-    v.add_argument("--backends", default="torch,reference,triton", type=_csv)
+    v.add_argument("--dtypes", default="fp32,fp16,bf16", type=_names(VERIFY_DTYPES), help="comma list of fp32,fp16,bf16")
+    v.add_argument("--ops", default="prefix_attention,prompt_embedding", type=_names(VERIFY_OPS),
+                   help="comma list of prefix_attention,prompt_embedding")
+    v.add_argument("--backends", default="torch,reference,triton", type=_names(VERIFY_BACKENDS),
+                   help="comma list of torch,reference,triton")
     v.add_argument("--seed", type=int, default=0)
-    v.add_argument("--fp32-atol", type=float, default=None, help="fp32 tolerance (default 1e-3 x max(1,|ref|))")
-    v.add_argument("--json", default=None, help="also write every check to this JSON file")
+    v.add_argument("--fp32-atol", type=_tolerance, default=None, help="fp32 tolerance (default 1e-3 x max(1,|ref|))")
+    v.add_argument("--json", default=None, type=_writable_file, help="also write every check to this JSON file")
     v.add_argument("--failures-only", action="store_true", help="print only failing rows")
     v.add_argument("--inject-error", action="store_true", help=argparse.SUPPRESS)  # testing: corrupt kernel output
 
@@ -87,12 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     b.add_argument("--dtype", default=None, choices=["auto", "float32", "float16", "bfloat16"],
                    help="override the op config's dtype")
-    b.add_argument("--sections", default="attention,prompt_embedding", type=_csv,
+    b.add_argument("--sections", default="attention,prompt_embedding", type=_names(BENCH_SECTIONS),
                    help="comma list of attention, prompt_embedding")
     b.add_argument("--peers", default=None, type=_csv,
                    help="comma list of naive,peft,sdpa,flex,ptk-torch,ptk-triton (default: all)")
-    b.add_argument("--rounds", type=int, default=None, help="end-to-end: interleaved rounds (default 5; 2 for the default and smoke suites)")
-    b.add_argument("--threads", type=int, default=0,
+    b.add_argument("--rounds", type=_int_at_least(1), default=None, help="end-to-end: interleaved rounds (default 5; 2 for the default and smoke suites)")
+    b.add_argument("--threads", type=_int_at_least(0), default=0,
                    help="torch CPU threads (default: torch's choice)")
     b.add_argument("--out", default=None, help="results folder (default bench-results/<timestamp>)")
     b.add_argument("--no-plots", action="store_true")
@@ -106,10 +152,6 @@ def cmd_verify(args) -> int:
     from benchmarks.ops import verify
 
     device = env.pick_device(args.device)
-    bad = [d for d in args.dtypes if d not in ("fp32", "fp16", "bf16")]
-    if bad:
-        print(f"unknown dtype(s) {bad}; use fp32, fp16, bf16", file=sys.stderr)
-        return 2
     plan = verify.plan(device, args.grid, args.dtypes, args.ops, args.backends, args.seed, args.inject_error,
                        args.fp32_atol if args.fp32_atol is not None else verify.FP32_ATOL)
     checks = verify.run(plan, verbose=not args.failures_only)
@@ -144,6 +186,20 @@ def cmd_bench(args) -> int:
     from benchmarks.ops import registry as cases
     from benchmarks.ops import run as ops_run
 
+    configs = sorted(cases.CONFIGS) + ["none"]
+    if args.config is not None and args.config not in configs and not Path(args.config).is_file():
+        print(f"ptkernels bench: --config {args.config!r} is neither a config name ({', '.join(configs)}) nor a "
+              "JSON file", file=sys.stderr)
+        return 2
+    suites = sorted(e2e.SUITES) + ["none"]
+    if args.e2e is not None and args.e2e not in suites:
+        print(f"ptkernels bench: --e2e {args.e2e!r} is not a suite; use one of {', '.join(suites)}", file=sys.stderr)
+        return 2
+    unknown = [p for p in args.peers or () if p not in peers.PEER_ORDER]
+    if unknown or args.peers == []:
+        print(f"ptkernels bench: --peers: unknown or none {unknown}; use a comma list of "
+              f"{', '.join(peers.PEER_ORDER)}", file=sys.stderr)
+        return 2
     device = env.pick_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -164,7 +220,7 @@ def cmd_bench(args) -> int:
                             f"triton {meta['triton']}, transformers {meta['transformers']}, peft {meta['peft']}\n"]
     t0 = time.perf_counter()
     if suite != "none":
-        rounds = args.rounds or (2 if suite in ("default", "smoke") else 5)
+        rounds = args.rounds if args.rounds is not None else (2 if suite in ("default", "smoke") else 5)
         min_run_time = 0.1 if suite == "smoke" else 0.5
         e2e_records = e2e.run_suite(suite, device, out_dir, rounds=rounds, min_run_time=min_run_time,
                                     modes=("train", "infer"), progress=progress)

@@ -182,3 +182,37 @@ def test_gpu_check_runs_the_headline_first_and_every_step_inside_its_budget(tmp_
 def test_gpu_check_skips_what_the_budget_cannot_hold(tmp_path):
     lines = _gpu_check_dry_run(tmp_path, 5)
     assert len(lines) == 10 and all(line.endswith("skipped, the budget is spent") for line in lines[:-1])
+
+
+BAD_CLI_ARGS = [
+    (["verify", "--ops", "bogus"], "--ops: unknown bogus; use a comma list of prefix_attention, prompt_embedding"),
+    (["verify", "--backends", "torch,bogus"], "--backends: unknown bogus"),
+    (["verify", "--dtypes", ""], "--dtypes: no names given"),
+    (["verify", "--dtypes", "fp64"], "--dtypes: unknown fp64"),
+    (["verify", "--fp32-atol", "-1"], "--fp32-atol: must be a finite number >= 0"),
+    (["verify", "--json", "/nonexistent-ptk/dir/x.json"], "--json: folder /nonexistent-ptk/dir does not exist"),
+    (["bench", "--sections", "bogus"], "--sections: unknown bogus"),
+    (["bench", "--threads", "-1"], "--threads: must be an integer >= 0, got -1"),
+    (["bench", "--rounds", "0"], "--rounds: must be an integer >= 1, got 0"),
+    (["bench", "--config", "nosuchname", "--print-config"], "--config 'nosuchname' is neither a config name"),
+    (["bench", "--e2e", "bogus", "--config", "none"], "--e2e 'bogus' is not a suite; use one of"),
+    (["bench", "--peers", "bogus", "--e2e", "none"], r"--peers: unknown or none \['bogus'\]"),
+]
+
+
+@pytest.mark.parametrize("argv,message", BAD_CLI_ARGS, ids=[" ".join(a) for a, _ in BAD_CLI_ARGS])
+def test_bad_arguments_exit_2_naming_them_before_running(argv, message, capsys, tmp_path, monkeypatch):
+    """Each once ran to a traceback, a "RESULT: PASS" with nothing checked, or an exit 0 that ignored
+    the name; now exit status 2 and a message naming the argument, before any check or timing runs."""
+    import re
+
+    from ptkernels import cli
+
+    monkeypatch.chdir(tmp_path)  # (nothing may be written; bench would write its results here)
+    try:
+        status = cli.main(argv)
+    except SystemExit as exc:  # argparse's own errors
+        status = exc.code
+    assert status == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert list(tmp_path.iterdir()) == []
