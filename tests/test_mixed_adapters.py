@@ -286,25 +286,27 @@ def test_mixed_batch_under_inference_mode_equals_no_grad(backend):
     with torch.no_grad():
         want = model(input_ids=ids, attention_mask=mask, adapter_names=NAMES).logits
     want_tokens = _generate(model, ids, mask, adapter_names=NAMES)
-    with torch.inference_mode():
+    with torch.inference_mode():  # (_generate's no_grad inside it keeps inference mode)
         got = model(input_ids=ids, attention_mask=mask, adapter_names=NAMES).logits
-        got_tokens = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
-                                    pad_token_id=0, use_cache=True, adapter_names=NAMES)
+        got_tokens = _generate(model, ids, mask, adapter_names=NAMES)
     torch.testing.assert_close(got, want, atol=0, rtol=0)
     assert torch.equal(got_tokens, want_tokens)
 
 
 def test_use_prefix_on_a_prefix_tuning_peft_model_raises():
     """A patched PEFT prefix-tuning model supplies its adapter's prefix itself: a prefix given through
-    use_prefix would be replaced, so it is refused at once (it ended in a misleading error naming
-    the model's **kwargs)."""
+    use_prefix or as ptkernels_prefix would be replaced, so its forward refuses it (it ended in a
+    misleading error naming the model's **kwargs)."""
     model = make_multi("llama", "CAUSAL_LM", ("prefix", "prefix", "prefix"))
     tiny_models.without_peft_oracle_shim(model)
     patch(model, backend="torch")
+    ids, mask, _ = make_rows("CAUSAL_LM")
     prefix = torch.randn(4, 2, 3, 8, dtype=torch.float64)
     with pytest.raises(ValueError, match="use_prefix: the model has a PEFT prefix-tuning adapter"):
         with ptkernels.use_prefix(model, prefix):
-            pass
+            model(input_ids=ids, attention_mask=mask)
+    with pytest.raises(ValueError, match="use_prefix: the model has a PEFT prefix-tuning adapter"):
+        model(input_ids=ids, attention_mask=mask, ptkernels_prefix=ptkernels.LayerPrefix(prefix))
 
 
 def test_mixed_generate_num_return_sequences():

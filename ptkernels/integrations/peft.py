@@ -736,6 +736,7 @@ def _patched_forward(
                 "call gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False}) "
                 "(transformers' default)"
             )
+        _refuse_a_given_prefix(kwargs)
         kwargs[PREFIX_KWARG] = _compute_prefix(self, selection)
         with _per_example_heads(self, selection):
             return self.base_model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
@@ -838,6 +839,14 @@ def _seq2seq_prefix(model) -> LayerPrefix:
     return LayerPrefix(picked, dropout_p=state["prefix_dropout"])
 
 
+def _refuse_a_given_prefix(kwargs: dict) -> None:
+    """A prefix-tuning model's patched forward supplies its adapter's prefix as the ``ptkernels_prefix``
+    keyword: one given by the caller (directly or through ``use_prefix``) would be replaced."""
+    if kwargs.get(PREFIX_KWARG) is not None:
+        raise ValueError(f"ptkernels: {PREFIX_KWARG} / use_prefix: the model has a PEFT prefix-tuning adapter, whose "
+                         "patched forward supplies the prefix itself; use_prefix is for models without one")
+
+
 def _seq2seq_forward(self, input_ids, attention_mask, inputs_embeds, labels, adapter_names, kwargs: dict):
     """The patched forward of a SEQ_2_SEQ_LM prefix-tuning model: the base model with the decoder's
     prefix as the ``ptkernels_prefix`` keyword (decoder positions shifted by P in a hook, see
@@ -848,6 +857,7 @@ def _seq2seq_forward(self, input_ids, attention_mask, inputs_embeds, labels, ada
     if adapter_names is not None and adapter_names[0] != self.active_adapter:
         raise NotImplementedError("ptkernels: for SEQ_2_SEQ_LM models adapter_names must name the active adapter")
     kwargs.pop("task_ids", None)
+    _refuse_a_given_prefix(kwargs)
     kwargs[PREFIX_KWARG] = _seq2seq_prefix(self)
     return self.base_model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
                            labels=labels, **kwargs)

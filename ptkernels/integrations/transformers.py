@@ -606,11 +606,6 @@ def use_prefix(model: torch.nn.Module, prefix, *, index: Optional[Tensor] = None
         layer_prefix = prefix
     else:
         layer_prefix = LayerPrefix(prefix, index=index, lengths=lengths, dropout_p=dropout_p)
-    peft_config = getattr(model, "peft_config", None)
-    if isinstance(peft_config, dict) and any(
-            getattr(c.peft_type, "value", c.peft_type) == "PREFIX_TUNING" for c in peft_config.values()):
-        raise ValueError("ptkernels.use_prefix: the model has a PEFT prefix-tuning adapter, whose patched forward "
-                         "supplies the prefix itself; use_prefix is for models without one")
     config = getattr(model, "config", None)
     if getattr(config, "_attn_implementation", None) != ATTN_IMPLEMENTATION:
         raise ValueError(
