@@ -46,6 +46,7 @@ from .common import (
     load_tile,
     loop_variant_zero,
     opaque,
+    opaque_pointer,
     prefix_dropout_keep,
     unpack_keep_bits,
     relative_bias,
@@ -912,27 +913,36 @@ def _prefix_attention_bwd_prefix_dkdv_kernel(
                 full_stop = 0
                 q_end = tl.minimum(example_q_len, start_n + BLOCK_N - 1 - window_shift + window)
             if PREFIX_DROPOUT:  # example b's own dropped tiles; its gradient times its keep mask / P(keep)
-                # The prefix rows offs_n, computed anew in each iteration (``loop_variant_zero``): the
-                # pointers of the raw tiles and of the running sums below are not held across the loops.
-                rows = offs_n + loop_variant_zero(i, PTX)
+                # What the example needs is computed anew in each iteration where PTX, not held across
+                # the loops of the example before it (the kernel spilled them, 96 bytes at D=128): the
+                # program's coordinates from a fresh read of its id, the entry's length read again,
+                # prefix_len through ``opaque`` (ptxas held its parameter's register) and, below, LSE
+                # and DELTA through ``opaque_pointer`` (LLVM hoisted their per-thread row pointers).
+                outer_i, kv_h_i, start_n_i, rows = program_coordinates(prefix_len, num_kv_heads, BLOCK_N, PTX)
+                entry_i = outer_i // splits
+                pk_base_i = PREFIX_K + entry_i * stride_pkb + kv_h_i * stride_pkh
+                pv_base_i = PREFIX_V + entry_i * stride_pvb + kv_h_i * stride_pvh
+                if HAS_LENGTHS:
+                    entry_prefix_len = tl.load(PREFIX_LENGTHS + entry_i)
                 rows_valid = rows < entry_prefix_len
+                prefix_len_i = opaque(prefix_len, PTX)
                 # The keep masks packed into int32 words (32 elements each): the epilogue needs them
                 # again after the loops, and across the loops unpacked they spilled.
-                keep_k_words = prefix_dropout_keep(prefix_seed, b, kv_h, 0, num_kv_heads, prefix_len, head_dim, rows,
-                                                   prefix_dropout_threshold, BLOCK_N, BLOCK_D, PACKED=True)
-                keep_v_words = prefix_dropout_keep(prefix_seed, b, kv_h, 1, num_kv_heads, prefix_len, head_dim, rows,
-                                                   prefix_dropout_threshold, BLOCK_N, BLOCK_D, PACKED=True)
-                k = load_tile(pk_base, rows, stride_pkn, offs_d, rows_valid, d_valid, UPCAST)
+                keep_k_words = prefix_dropout_keep(prefix_seed, b, kv_h_i, 0, num_kv_heads, prefix_len_i, head_dim,
+                                                   rows, prefix_dropout_threshold, BLOCK_N, BLOCK_D, PACKED=True)
+                keep_v_words = prefix_dropout_keep(prefix_seed, b, kv_h_i, 1, num_kv_heads, prefix_len_i, head_dim,
+                                                   rows, prefix_dropout_threshold, BLOCK_N, BLOCK_D, PACKED=True)
+                k = load_tile(pk_base_i, rows, stride_pkn, offs_d, rows_valid, d_valid, UPCAST)
                 k = tl.where(unpack_keep_bits(keep_k_words, BLOCK_N, BLOCK_D), k * prefix_dropout_scale,
                              0.0).to(k.dtype)
-                v = load_tile(pv_base, rows, stride_pvn, offs_d, rows_valid, d_valid, UPCAST)
+                v = load_tile(pv_base_i, rows, stride_pvn, offs_d, rows_valid, d_valid, UPCAST)
                 v = tl.where(unpack_keep_bits(keep_v_words, BLOCK_N, BLOCK_D), v * prefix_dropout_scale,
                              0.0).to(v.dtype)
-                k_tail = load_tail_tile(pk_base, rows, stride_pkn, offs_t, rows_valid, t_valid, UPCAST, BLOCK_D_TAIL)
-                v_tail = load_tail_tile(pv_base, rows, stride_pvn, offs_t, rows_valid, t_valid, UPCAST, BLOCK_D_TAIL)
+                k_tail = load_tail_tile(pk_base_i, rows, stride_pkn, offs_t, rows_valid, t_valid, UPCAST, BLOCK_D_TAIL)
+                v_tail = load_tail_tile(pv_base_i, rows, stride_pvn, offs_t, rows_valid, t_valid, UPCAST, BLOCK_D_TAIL)
                 if BLOCK_D_TAIL > 0:  # (a None tile cannot pass through a function that returns it)
-                    k_tail, v_tail = drop_prefix_kv(k_tail, v_tail, prefix_seed, b, kv_h,
-                                                    num_kv_heads, prefix_len, head_dim, rows,
+                    k_tail, v_tail = drop_prefix_kv(k_tail, v_tail, prefix_seed, b, kv_h_i,
+                                                    num_kv_heads, prefix_len_i, head_dim, rows,
                                                     prefix_dropout_threshold, prefix_dropout_scale, PREFIX_DROPOUT,
                                                     BLOCK_N, BLOCK_D_TAIL, BLOCK_D)
                 dk_b_tail = tl.zeros([1, 1], dtype=tl.float32)
@@ -942,11 +952,12 @@ def _prefix_attention_bwd_prefix_dkdv_kernel(
                     dv_b_tail = tl.zeros([BLOCK_N, BLOCK_D_TAIL], dtype=tl.float32)
                 dk_b, dv_b, dk_b_tail, dv_b_tail = _prefix_example_dkdv(
                     tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32), tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32),
-                    k, v, Q, GRAD_OUT, LSE, DELTA, b, kv_h, q_start, example_q_len, full_stop, stat_rows, num_q_heads,
-                    q_len, stride_qb, stride_qh, stride_qm, stride_dob, stride_doh, stride_dom, offs_d, d_valid,
-                    visible_t, start_n, seed, dropout_threshold, dropout_scale, qk_scale_log2,
+                    k, v, Q, GRAD_OUT, opaque_pointer(LSE, PTX), opaque_pointer(DELTA, PTX), b, kv_h_i, q_start,
+                    example_q_len, full_stop, stat_rows, num_q_heads, q_len, stride_qb, stride_qh, stride_qm,
+                    stride_dob, stride_doh, stride_dom, offs_d, d_valid,
+                    rows_valid[:, None], start_n_i, seed, dropout_threshold, dropout_scale, qk_scale_log2,
                     GROUP, VARLEN, DROPOUT, UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, EVEN_D,
-                    softcap_in, softcap_out, SOFTCAP, offs_n, window_shift, window, q_end, WINDOW,
+                    softcap_in, softcap_out, SOFTCAP, rows, window_shift, window, q_end, WINDOW,
                     BIAS_TABLE, BIAS_BUCKETS, bias_row_len, bias_center, bias_last, BIAS, Q_DESC, DO_DESC, TMA, BLOCK_D,
                     dk_b_tail, dv_b_tail, k_tail, v_tail, offs_t, t_valid, Q_TAIL_DESC, DO_TAIL_DESC, EVEN_TAIL,
                     BLOCK_D_TAIL)
@@ -956,24 +967,25 @@ def _prefix_attention_bwd_prefix_dkdv_kernel(
                 # in example order (``_add_dropped_prefix_grad``: no barrier needed between examples, as
                 # the load and store that did this before needed one). The scales fold in here (dK's
                 # softmax scale, dV's 1 / P(keep)).
-                dpk_row0 = DPREFIX_K + outer * stride_dpks + kv_h * stride_dpkh  # this program's sums, row 0
-                dpv_row0 = DPREFIX_V + outer * stride_dpvs + kv_h * stride_dpvh
+                outer_e, kv_h_e, _, rows_e = program_coordinates(prefix_len, num_kv_heads, BLOCK_N, PTX)  # (anew)
+                dpk_row0 = DPREFIX_K + outer_e * stride_dpks + kv_h_e * stride_dpkh  # this program's sums, row 0
+                dpv_row0 = DPREFIX_V + outer_e * stride_dpvs + kv_h_e * stride_dpvh
                 _add_dropped_prefix_grad(dpk_row0, stride_dpkn, dk_b, keep_k_words, prefix_dropout_scale * scale,
-                                         offs_n, prefix_len, head_dim, PTX, BLOCK_N, BLOCK_D, EVEN_D)
+                                         rows_e, prefix_len, head_dim, PTX, BLOCK_N, BLOCK_D, EVEN_D)
                 _add_dropped_prefix_grad(dpv_row0, stride_dpvn, dv_b, keep_v_words, prefix_dropout_scale * dv_scale,
-                                         offs_n, prefix_len, head_dim, PTX, BLOCK_N, BLOCK_D, EVEN_D)
+                                         rows_e, prefix_len, head_dim, PTX, BLOCK_N, BLOCK_D, EVEN_D)
                 if BLOCK_D_TAIL > 0:  # the tail's channels likewise, their keep lanes drawn anew here
-                    keep_k_words = prefix_dropout_keep(prefix_seed, b, kv_h, 0, num_kv_heads, prefix_len, head_dim,
-                                                       rows, prefix_dropout_threshold, BLOCK_N, BLOCK_D_TAIL, BLOCK_D,
+                    keep_k_words = prefix_dropout_keep(prefix_seed, b, kv_h_e, 0, num_kv_heads, prefix_len, head_dim,
+                                                       rows_e, prefix_dropout_threshold, BLOCK_N, BLOCK_D_TAIL, BLOCK_D,
                                                        PACKED=True)
                     _add_dropped_prefix_grad(dpk_row0 + BLOCK_D, stride_dpkn, dk_b_tail, keep_k_words,
-                                             prefix_dropout_scale * scale, offs_n, prefix_len, head_dim - BLOCK_D, PTX,
+                                             prefix_dropout_scale * scale, rows_e, prefix_len, head_dim - BLOCK_D, PTX,
                                              BLOCK_N, BLOCK_D_TAIL, EVEN_TAIL)
-                    keep_v_words = prefix_dropout_keep(prefix_seed, b, kv_h, 1, num_kv_heads, prefix_len, head_dim,
-                                                       rows, prefix_dropout_threshold, BLOCK_N, BLOCK_D_TAIL, BLOCK_D,
+                    keep_v_words = prefix_dropout_keep(prefix_seed, b, kv_h_e, 1, num_kv_heads, prefix_len, head_dim,
+                                                       rows_e, prefix_dropout_threshold, BLOCK_N, BLOCK_D_TAIL, BLOCK_D,
                                                        PACKED=True)
                     _add_dropped_prefix_grad(dpv_row0 + BLOCK_D, stride_dpvn, dv_b_tail, keep_v_words,
-                                             prefix_dropout_scale * dv_scale, offs_n, prefix_len, head_dim - BLOCK_D,
+                                             prefix_dropout_scale * dv_scale, rows_e, prefix_len, head_dim - BLOCK_D,
                                              PTX, BLOCK_N, BLOCK_D_TAIL, EVEN_TAIL)
             else:
                 key_pos = offs_n

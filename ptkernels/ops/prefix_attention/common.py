@@ -134,6 +134,19 @@ def opaque(x, PTX: tl.constexpr):
 
 
 @triton.jit
+def opaque_pointer(ptr, PTX: tl.constexpr):
+    """ptr (a scalar pointer) through an inline-PTX move the compiler cannot see through where PTX
+    (not pure); ptr itself elsewhere. Inside a loop, nothing computed from it is hoisted out of the
+    loop: LLVM reassociates a pointer's loop-invariant offsets (a tile's per-thread columns) onto a
+    kernel argument and holds the result across the loop."""
+    if PTX:
+        address = tl.inline_asm_elementwise("mov.b64 $0, $1;", "=l,l", [ptr.to(tl.int64)], dtype=tl.int64,
+                                            is_pure=False, pack=1)
+        ptr = address.to(ptr.dtype)
+    return ptr
+
+
+@triton.jit
 def program_coordinates(num_rows, num_heads, BLOCK: tl.constexpr, FRESH_PID: tl.constexpr = False):
     """(outer, head, start, offs) of this program in a 1-D grid of cdiv(num_rows, BLOCK) row blocks
     (fastest) x num_heads x outer: outer and head as int64, the block's first row ``start`` and its
