@@ -203,7 +203,7 @@ def test_spill_baseline_holds_only_for_its_triton(tmp_path):
 
 
 def test_sass_spill_bytes_counts_each_local_access_by_its_width():
-    from benchmarks.static_report import sass_spill_bytes
+    from benchmarks.static_report import sass_local_bytes, sass_spill_bytes
 
     sass = """
         /*0100*/                   STL.64 [R1+0x8], R4 ;
@@ -215,7 +215,30 @@ def test_sass_spill_bytes_counts_each_local_access_by_its_width():
         /*0160*/                   LDL.U8 R5, [R1+0x3] ;
     """
     assert sass_spill_bytes(sass) == 8 + 16 + 4 + 4 + 1
+    assert sass_local_bytes(sass) == (8 + 4, 16 + 4 + 1)
     assert sass_spill_bytes("/*0100*/ LDG.E R2, desc[UR4][R2.64] ;") == 0
+
+
+@pytest.mark.parametrize("ptxas_counts, accepted", [
+    ((4, 8), True),    # as ptxas reports
+    ((4, 4), True),    # a reload copied after ptxas counted its reloads (the D=80 bank + prefix dropout kernel)
+    ((0, 0), False),   # local stores that are not spill stores: a local array
+    ((8, 8), False),   # fewer stores than ptxas's: the reader misses some
+    ((4, 12), False),  # fewer loads than ptxas's
+])
+def test_spill_count_is_checked_against_ptxas(monkeypatch, ptxas_counts, accepted):
+    """The report's spill bytes are the SASS's LDL / STL; where there are any, ptxas -v for the same
+    cubin must report the same stores and at most as many loads (no ptxas run here: its counts are
+    given)."""
+    from benchmarks import static_report
+
+    monkeypatch.setattr(static_report, "_ptxas_spills", lambda *args: ptxas_counts)
+    sass = "/*0100*/ STL [R1], R2 ;\n/*0110*/ LDL R3, [R1] ;\n/*0120*/ LDL R4, [R1] ;\n"
+    if accepted:
+        assert static_report._checked_spill_bytes("", 90, sass, True) == 12
+    else:
+        with pytest.raises(RuntimeError, match="local array"):
+            static_report._checked_spill_bytes("", 90, sass, True)
 
 
 def test_spill_reader_reads_triton_ptx_and_fails_loudly():
