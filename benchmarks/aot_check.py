@@ -349,6 +349,14 @@ def _quick_cases() -> list[Case]:
         # the head dim as 64 + a 32-wide tail (launch.split_head_dim), with every tail load and store
         Case(torch.bfloat16, 96, causal=True, kpm=True, prefix="bank", lengths=True, prefix_dropout=True,
              dropout=True, group=2),
+        # one KV head, one query head, one query, one prefix position: ints that specialise to the
+        # constant 1 where the epilogues read the grid's sizes anew (common.program_coordinates with
+        # FRESH_PID, common.opaque), which failed to compile there until 2026-12-03
+        Case(torch.float16, 64, causal=True, prefix="bank", lengths=True, prefix_dropout=True, dropout=True,
+             kv_heads=1, group=1, q_len=1, prefix_len=1),
+        # T5's relative bias for one query: triton 3.6's pipeliner failed on the prefix dK/dV kernel with
+        # q_len specialised to 1 (it now takes 1 pipeline stage there)
+        Case(torch.bfloat16, 64, causal=True, prefix="shared", relative_bias=True, q_len=1, k_len=9),
     ]
 
 

@@ -72,6 +72,9 @@ def test_quick_cases_launch_every_kernel_with_the_targets_limits():
                     configs = backward_config(case.head_dim, case.dtype, limits, dropout=case.dropout,
                                               bias=case.relative_bias)
                     want = configs["dq" if launch.name == "_prefix_attention_bwd_dq_kernel" else "dkdv"]
+                    if launch.name == "_prefix_attention_bwd_prefix_dkdv_kernel" and case.q_len == 1:
+                        # one query tile: no pipeline (triton 3.6's pipeliner failed there with T5's bias)
+                        want = dict(want, num_stages=1)
                 else:
                     continue
                 assert {key: launch.kwargs[key] for key in want} == want, (arch, str(case), launch.name)

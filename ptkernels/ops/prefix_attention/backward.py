@@ -1262,6 +1262,9 @@ def prefix_attention_backward(
     # entry is one example: 1 there, which Triton specialises, so the loop compiles to one iteration.
     example_guard = bd > 64 and dropout_p > 0.0
     kernel_examples_per_split = 1 if example_guard and per_example and prefix_index is None else examples_per_split
+    # One query (Triton compiles q_len == 1 as a constant): one query tile, nothing to pipeline, and with
+    # T5's relative bias triton 3.6's software pipeliner fails on this kernel ("PassManager::run failed").
+    prefix_dkdv_options = dict(dkdv_options, num_stages=1) if q_len == 1 else dkdv_options
     launcher(_prefix_attention_bwd_prefix_dkdv_kernel, (prefix_blocks * kv_heads * entries * splits,))(
         q, prefix_k, prefix_v, prefix_lengths, example_order, entry_offsets, cu_q, bias_table, bias_buckets, grad_out,
         lse, delta, dpk, dpv, *(q_descs or (None,) * 4),
@@ -1277,7 +1280,7 @@ def prefix_attention_backward(
         GROUP=group, VARLEN=varlen is not None, **softcap_flags, BLOCK_M=dkdv_bm, BLOCK_N=dkdv_bn,
         **head_dim_flags,
         **prefix_flags, **keyed_flags, TMA=q_descs is not None, EXAMPLE_GUARD=example_guard,
-        PTX=philox_mode(limits) == DROPOUT_PTX, **dkdv_options,
+        PTX=philox_mode(limits) == DROPOUT_PTX, **prefix_dkdv_options,
     )
     # Fixed-order sum of the fp32 partials: deterministic.
     if splits == 1 and dpk.dtype == prefix_k.dtype:

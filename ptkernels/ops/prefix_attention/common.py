@@ -129,7 +129,8 @@ def opaque(x, PTX: tl.constexpr):
     What is computed from it is computed where it is written: an epilogue's pointer tiles are then
     not built ahead of the loops before it and held across them."""
     if PTX:
-        x = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=tl.int32, is_pure=False, pack=1)
+        x = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [tl.cast(x, tl.int32)], dtype=tl.int32, is_pure=False,
+                                      pack=1)
     return x
 
 
@@ -158,7 +159,7 @@ def program_coordinates(num_rows, num_heads, BLOCK: tl.constexpr, FRESH_PID: tl.
     if FRESH_PID:
         pid, num_rows, num_heads = tl.inline_asm_elementwise(
             "mov.u32 $0, %ctaid.x; mov.b32 $1, $3; mov.b32 $2, $4;", "=r,=r,=r,r,r",
-            [num_rows.to(tl.int32), num_heads.to(tl.int32)], dtype=(tl.int32, tl.int32, tl.int32),
+            [tl.cast(num_rows, tl.int32), tl.cast(num_heads, tl.int32)], dtype=(tl.int32, tl.int32, tl.int32),
             is_pure=False, pack=1)
     else:
         pid = tl.program_id(0)
